@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""Quantize the output layer (lm_head) to int4 + fp16 scales: compile/qwen2_qweight_bin/lm_head_*.bin.
+
+Methods (FORMAT.md 2): rtn (default; round to nearest, clamped to -8..7), trunc (the original rule,
+bit-exact), checkpoint (the lm_head GPTQ quantized; chosen by default when the checkpoint has
+lm_head.qweight). Tied embeddings (no lm_head.weight) use model.embed_tokens.weight.
+Prints the relative error ||W - W_hat|| / ||W|| of the method used.
+"""
+
+import argparse
+import logging
+import sys
+
+from vcu128.errors import run_cli
+from vcu128.lm_head import ALL_METHODS, quantize_lm_head
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="GPTQ checkpoint folder")
+    p.add_argument("--method", choices=ALL_METHODS, help="default: checkpoint if the checkpoint has lm_head.qweight, else rtn")
+    p.add_argument("--out", metavar="DIR", help="compile folder to write into (default: QDIR/compile)")
+    args = p.parse_args(argv)
+    result, method, error = quantize_lm_head(args.quantize_model, args.out, args.method)
+    log = logging.getLogger("vcu128")
+    if error is None:
+        log.info("lm_head (checkpoint): taken from the GPTQ checkpoint as quantized")
+    else:
+        log.info(f"lm_head ({method}): relative error ||W - W_hat|| / ||W|| = {error:.5f}")
+    log.info(result.line())
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

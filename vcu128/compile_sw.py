@@ -1,0 +1,74 @@
+"""Step 2: a GPTQ checkpoint to the software format (FORMAT.md 2): the constant-folding step.
+
+The zero point (8 everywhere, checked) is folded into signed ints q - 8, the scales are transposed to
+one row per output channel, and a linear without bias gets an all-zero bias file.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import GPTQCheckpoint
+from .formats import CONFIG, SW_FP16_DIR, SW_QWEIGHT_DIR, sw_fp16_path, sw_linear_paths, sw_norm_file
+from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
+from .output import StepResult, folder_stats, staged_dir
+from .progress import bar
+
+log = logging.getLogger("vcu128")
+
+BLOCK_BYTES = 32 << 20  # output written in blocks of about this size: memory stays bounded
+
+
+def rows_per_block(row_bytes: int, multiple: int = 1) -> int:
+    rows = max(1, BLOCK_BYTES // row_bytes)
+    return max(multiple, rows // multiple * multiple)
+
+
+def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path) -> None:
+    """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin."""
+    paths = sw_linear_paths(folder, name)
+    qweight = ckpt.get(f"{name}.qweight")  # int32 [chin/8, chout]: half a byte a weight
+    chin, chout = qweight.shape[0] * 8, qweight.shape[1]
+    step = rows_per_block(4 * chin)
+    with open(paths["qweight"], "wb") as f:
+        for c in range(0, chout, step):
+            ckpt.signed_weights(qweight[:, c : c + step], np.dtype("<i4")).tofile(f)
+    np.ascontiguousarray(ckpt.get(f"{name}.scales").T).astype("<f2").tofile(paths["scales"])
+    bias_name = f"{name}.bias"
+    bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")
+    bias.astype("<f2").tofile(paths["bias"])
+
+
+def write_embedding(ckpt: GPTQCheckpoint, folder: Path) -> None:
+    vocab, hidden = ckpt.dims.vocab, ckpt.dims.hidden
+    step = rows_per_block(2 * hidden)
+    with open(sw_fp16_path(folder, EMBEDDING), "wb") as f:
+        for r in range(0, vocab, step):
+            ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)).astype("<f2").tofile(f)
+
+
+def compile_software(qdir: Path, out: Path | None = None, progress: bool = True) -> StepResult:
+    start = time.perf_counter()
+    ckpt = GPTQCheckpoint(qdir)
+    out = Path(out) if out else ckpt.qdir / "compile"
+    ckpt.validate()  # every refusal happens here, before the output folder exists
+    dims = ckpt.dims
+    with staged_dir(out) as stage:
+        (stage / SW_QWEIGHT_DIR).mkdir()
+        (stage / SW_FP16_DIR).mkdir()
+        shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
+        for layer in bar(range(dims.num_layers), "compile_sw", "layer", enabled=progress):
+            for lin in LINEARS:
+                write_linear(ckpt, lin.name(layer), stage)
+            for norm, _ in LAYER_NORMS:
+                name = f"model.layers.{layer}.{norm}.weight"
+                sw_norm_file(ckpt.get_fp16(name)).tofile(sw_fp16_path(stage, name))
+        sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")).tofile(sw_fp16_path(stage, f"{FINAL_NORM}.weight"))
+        write_embedding(ckpt, stage)
+    files, nbytes = folder_stats([out])
+    return StepResult("compile_sw", out, files, nbytes, time.perf_counter() - start)

@@ -1,0 +1,61 @@
+"""Group-wise int4 quantization of a float matrix (the output layer), FORMAT.md 2 "lm_head quantization"."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import GROUP_SIZE
+
+METHODS = ("rtn", "trunc")
+
+
+def group_scales(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, groups]: max/7 when the max reaches |min|, else |min|/8, one float32 division each."""
+    mx = w.max(axis=-1)
+    mn_abs = np.abs(w.min(axis=-1))
+    return np.where(mx >= mn_abs, mx / np.float32(7), mn_abs / np.float32(8)).astype(np.float32)
+
+
+def quantize_rows(weight: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """float [rows, cols] to (int8 q [rows, cols] in -8..7, fp16 scales [rows, cols/128]).
+
+    `trunc` is the original rule kept bit-exact: q = trunc(float32(w) / float32 scale), one IEEE
+    division per weight. `rtn` rounds the same quotient to nearest (ties to even) and clamps to -8..7,
+    so its error is never larger. Both store fp16(scale), as the board reads it, and both give
+    q = 0 where the scale is 0 (an all-zero group; the original divided by zero there).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    rows, cols = weight.shape
+    w = weight.astype(np.float32, copy=False).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    scale = group_scales(w)
+    safe = np.where(scale == 0, np.float32(1), scale)[..., None]
+    quotient = w / safe  # float32 / float32: a true IEEE division, not a reciprocal multiply
+    q = np.trunc(quotient) if method == "trunc" else np.rint(quotient)
+    q = np.where(scale[..., None] == 0, 0, np.clip(q, -8, 7)).astype(np.int8)
+    return q.reshape(rows, cols), scale.astype(np.float16)
+
+
+def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """What the board computes with: q * fp16 scale, as float32 [rows, cols]."""
+    rows, cols = q.shape
+    w = q.reshape(rows, -1, GROUP_SIZE).astype(np.float32) * scales.astype(np.float32)[..., None]
+    return w.reshape(rows, cols)
+
+
+class ErrorMeter:
+    """Accumulates ||W - W_hat|| / ||W|| over row blocks, in float64."""
+
+    def __init__(self) -> None:
+        self.err = 0.0
+        self.ref = 0.0
+
+    def add(self, w: np.ndarray, w_hat: np.ndarray) -> None:
+        w = w.astype(np.float32, copy=False)
+        diff = w - w_hat
+        self.err += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+        self.ref += float(np.einsum("ij,ij->", w, w, dtype=np.float64))
+
+    @property
+    def relative(self) -> float:
+        return (self.err / self.ref) ** 0.5 if self.ref else 0.0
