@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from vcu128.compile_sw import compile_software  # noqa: E402
+from vcu128.embedding import split_embedding  # noqa: E402
+from vcu128.lm_head import quantize_lm_head  # noqa: E402
+from vcu128.pack import pack_hardware  # noqa: E402
+from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint  # noqa: E402
+
+# Qwen2.5-0.5B's widths where they matter: hidden 896 is 7 groups (an odd count, one partial chunk),
+# intermediate 2432 is 19 groups (a full chunk and a partial one); kv dim 128; vocab 1056 = 33 * 32.
+SMALL_QWEN = dict(hidden=896, intermediate=2432, num_layers=2, num_heads=14, num_kv_heads=2, vocab=1056)
+
+
+def export_all(qdir: Path, ports: int = 32, parts: int = 16, lm_method=None) -> dict:
+    """Run the four export steps; return the folders."""
+    compile_dir = qdir / "compile"
+    compile_software(qdir, compile_dir, progress=False)
+    quantize_lm_head(qdir, compile_dir, lm_method, progress=False)
+    hw = pack_hardware(compile_dir, None, ports, progress=False).out
+    split_embedding(compile_dir, hw / "Embedding", parts, progress=False)
+    return {"qdir": qdir, "compile": compile_dir, "hw": hw}
+
+
+@pytest.fixture(scope="session")
+def qwen_export(tmp_path_factory):
+    """A small Qwen2-shaped checkpoint (q/k/v bias, untied lm_head), exported once for many tests."""
+    qdir = write_gptq_checkpoint(tmp_path_factory.mktemp("qwen") / "q", SyntheticSpec(**SMALL_QWEN, seed=1))
+    return export_all(qdir, lm_method="trunc")
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    def make(name="q", **overrides):
+        spec = SyntheticSpec(**{**dict(hidden=256, intermediate=384, num_layers=2, num_heads=4, num_kv_heads=2, vocab=256), **overrides})
+        return write_gptq_checkpoint(tmp_path / name, spec)
+
+    return make

@@ -1,0 +1,148 @@
+"""FORMAT.md 3.1 / 3.2 / 3.4 rule by rule: literal words from the text, and a literal reference."""
+
+import numpy as np
+import pytest
+
+import reference as ref
+from vcu128.errors import VCUError
+from vcu128.formats import (
+    BinFile,
+    PackedLinearWriter,
+    check_embedding_split,
+    pack_bias_words,
+    pack_linear_rows,
+    pack_nibbles,
+    read_port_rows,
+    row_words,
+    rows_per_port,
+    unpack_bias_words,
+    unpack_linear_rows,
+    unpack_nibbles,
+)
+
+
+def test_nibble_order_and_twos_complement():
+    # Inputs 0..7 then -8..-1: input 8k+j in bits 4j..4j+3; -1 is 0xF, -8 is 0x8.
+    q = np.array([[0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1]], np.int32)
+    assert pack_nibbles(q).tolist() == [[0x76543210, 0xFEDCBA98]]
+    assert unpack_nibbles(np.array([[0x76543210, 0xFEDCBA98]], np.uint32)).tolist() == q.tolist()
+
+
+def test_gptq_nibbles_are_unsigned_minus_zero_point():
+    # FORMAT.md 1: nibble j of qweight[i, c] is input 8i + j; signed weight is q - 8.
+    words = np.array([[0x76543210, 0xFEDCBA98]], np.uint32)
+    assert unpack_nibbles(words, unsigned_offset=8).tolist() == [list(range(-8, 8))]
+
+
+@pytest.mark.parametrize(
+    "chin, words",
+    # FORMAT.md 4: 8 * ceil(chin / 2048) + chin / 8
+    [(896, 8 + 112), (2048, 8 + 256), (2176, 16 + 272), (3584, 464), (18944, 2448)],
+)
+def test_row_length(chin, words):
+    assert row_words(chin) == words
+
+
+@pytest.mark.parametrize(
+    "chout, rows",  # FORMAT.md 4, P = 32
+    [(3584, 112), (512, 16), (18944, 592), (152064, 4752), (70, 3), (1, 1)],
+)
+def test_rows_per_port(chout, rows):
+    assert rows_per_port(chout, 32) == rows
+
+
+def test_scale_pairing_and_padding_literal():
+    # hidden 896: 7 scales, 4 pair words (the last with a zero partner), then 4 zero words.
+    scales = np.array([[1.0, 2.0, -0.5, 0.25, 3.0, 0.125, 65504.0]], np.float16)
+    q = np.zeros((1, 896), np.int8)
+    row = pack_linear_rows(q, scales)[0]
+    assert row[:8].tolist() == [0x40003C00, 0x3400B800, 0x30004200, 0x00007BFF, 0, 0, 0, 0]
+    assert not row[8:].any()
+
+
+@pytest.mark.parametrize("chin", [896, 2048, 2432, 3584, 4864, 18944])
+def test_packed_rows_match_the_literal_reference(chin):
+    rng = np.random.default_rng(chin)
+    q = rng.integers(-8, 8, (3, chin)).astype(np.int8)
+    scales = rng.uniform(-1, 1, (3, chin // 128)).astype(np.float16)
+    rows = pack_linear_rows(q, scales)
+    assert rows.dtype == np.dtype("<u4") and rows.shape == (3, row_words(chin))
+    for r in range(3):
+        assert rows[r].tolist() == ref.packed_row(q[r], scales[r])
+
+
+def test_partial_last_chunk_positions():
+    # chin 3584 (Qwen2-7B hidden): chunk 0 = 8 scale words + 256 weight words, chunk 1 = 8 + 192.
+    chin = 3584
+    q = np.zeros((1, chin), np.int8)
+    q[0, 2047] = 7  # last input of chunk 0: word 255, nibble 7
+    q[0, 2048] = -1  # first input of chunk 1: word 256, nibble 0
+    q[0, 3583] = -8  # last input: word 447, nibble 7
+    scales = np.zeros((1, 28), np.float16)
+    scales[0, 15] = 1.0  # last scale of chunk 0: word 7, high half
+    scales[0, 16] = 2.0  # first scale of chunk 1: word 8, low half
+    scales[0, 27] = -2.0  # last scale: word 13, high half; words 14, 15 are padding
+    row = pack_linear_rows(q, scales)[0]
+    expect = np.zeros(464, np.uint32)
+    expect[7] = 0x3C00 << 16
+    expect[8 + 255] = 0x7 << 28
+    expect[264] = 0x4000  # chunk 1 starts at word 8 + 256 = 264 with its scale words
+    expect[264 + 5] = 0xC000 << 16
+    expect[264 + 8] = 0xF
+    expect[264 + 8 + 191] = 0x8 << 28
+    assert row.tolist() == expect.tolist()
+
+
+def test_unpack_inverts_pack_every_int_and_scale():
+    rng = np.random.default_rng(3)
+    for chin in (896, 2432, 3584, 18944):
+        q = rng.integers(-8, 8, (5, chin)).astype(np.int8)
+        s = rng.standard_normal((5, chin // 128)).astype(np.float16)
+        q2, s2, pad = unpack_linear_rows(pack_linear_rows(q, s), chin)
+        assert np.array_equal(q2, q)
+        assert np.array_equal(s2.view(np.uint16), s.view(np.uint16))
+        assert not pad.any()
+
+
+def test_bias_words_literal():
+    bias = np.array([0.0, 1.0, -2.0, 0.5], np.float16)
+    assert pack_bias_words(bias).tolist() == [0x3C000000, 0x3C003C00, 0x3C00C000, 0x3C003800]
+    mult, b = unpack_bias_words(pack_bias_words(bias))
+    assert mult.tolist() == [0x3C00] * 4 and b.tolist() == bias.tolist()
+
+
+@pytest.mark.parametrize("chout, ports", [(70, 32), (64, 32), (5, 4), (3, 8)])
+def test_port_split_order_and_zero_rows(tmp_path, chout, ports):
+    chin = 256
+    rows = np.arange(chout * row_words(chin), dtype=np.uint32).reshape(chout, -1) + 1  # no row is zero
+    w = PackedLinearWriter(tmp_path, "X", chin, chout, ports, source="x")
+    step = ports * 2
+    for r in range(0, chout, step):
+        w.write(rows[r : r + step])
+    records = w.close()
+    per_port = rows_per_port(chout, ports)
+    assert [r.bytes for r in records] == [per_port * row_words(chin) * 4] * ports
+    for r in range(per_port * ports):
+        port, pos = ref.port_of_row(r, ports)
+        got = ref.words_of(tmp_path / f"X_HBM_DDR_{port:02d}.bin", pos * row_words(chin), row_words(chin))
+        assert got == (rows[r].tolist() if r < chout else [0] * row_words(chin)), (r, port, pos)
+    back = read_port_rows([tmp_path / f"X_HBM_DDR_{p:02d}.bin" for p in range(ports)], chout, row_words(chin))
+    assert np.array_equal(back[:chout], rows) and not back[chout:].any()
+
+
+def test_embedding_split_refuses_uneven_vocab_and_names_working_counts():
+    assert check_embedding_split(152064, 16) == 9504
+    with pytest.raises(VCUError, match=r"vocab 1000 does not split into 16 equal parts.*: 1, 2, 4, 5, 8, 10, 20, 25, 40, 50"):
+        check_embedding_split(1000, 16)
+
+
+def test_binfile_refuses_truncated_and_long_files(tmp_path):
+    p = tmp_path / "x.qweight.bin"
+    np.zeros((4, 128), "<i4").tofile(p)
+    assert BinFile(p, "<i4", (4, 128)).read_rows(1, 3).shape == (2, 128)
+    with pytest.raises(VCUError, match=r"x.qweight.bin: 2048 bytes, expected 2560 \(int32 \[5, 128\]\): truncated"):
+        BinFile(p, "<i4", (5, 128))
+    with pytest.raises(VCUError, match="too long"):
+        BinFile(p, "<i4", (3, 128))
+    with pytest.raises(VCUError, match="missing"):
+        BinFile(tmp_path / "nope.bin", "<i4", (3, 128))
