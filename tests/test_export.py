@@ -241,3 +241,20 @@ def test_rerun_replaces_output_and_leaves_no_staging(qwen_export, tmp_path):
     pack_hardware(qwen_export["compile"], out, 32, progress=False)
     assert not (out / "stale.bin").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hw"]
+
+
+def test_single_file_checkpoint_exports_like_the_sharded_one(make_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    sharded = make_checkpoint("sharded")
+    single = tmp_path / "single"
+    single.mkdir()
+    tensors = {}
+    for shard in sorted(sharded.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    save_file(tensors, single / "model.safetensors")
+    for f in ("config.json", "quantize_config.json"):
+        (single / f).write_bytes((sharded / f).read_bytes())
+    a, b = export_all(sharded), export_all(single)
+    for f in sorted(p.relative_to(a["hw"]) for p in a["hw"].rglob("*.bin")):
+        assert (a["hw"] / f).read_bytes() == (b["hw"] / f).read_bytes(), f

@@ -195,3 +195,10 @@ def test_cli_help(script, flag):
     r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
     assert r.returncode == 0
     assert r.stdout.startswith("usage:") and flag in r.stdout and "FORMAT.md" in r.stdout
+
+
+def test_truncated_shard(make_checkpoint):
+    qdir = make_checkpoint()
+    shard = qdir / "model-00001-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_refused(qdir, r"model-00001-of-00003.safetensors: truncated: .* ends at byte \d+, the file has \d+")

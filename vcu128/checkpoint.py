@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
 from .errors import VCUError
 from .model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, ModelDims, read_model_dims
@@ -76,20 +76,60 @@ def read_quant_config(qdir: Path) -> QuantConfig:
     )
 
 
-def _safetensors_files(qdir: Path) -> dict[str, Path]:
-    """Map every tensor name to the shard that holds it."""
+# safetensors dtype names to numpy; BF16 is read as its bits and widened to float32 below.
+NUMPY_DTYPES = {"F16": "<f2", "BF16": "<u2", "F32": "<f4", "I32": "<i4", "I64": "<i8", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    path: Path
+    dtype: str  # safetensors name: F16, BF16, F32, I32, ...
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor in its file
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the data. Reading tensors with positioned reads
+    (not mmap) keeps resident memory to what the step holds, not to every page it has touched."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise VCUError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise VCUError(f"{path}: not a safetensors file (bad header)") from None
+    size = path.stat().st_size
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        if 8 + n + end > size:
+            raise VCUError(f"{path}: truncated: {name} ends at byte {8 + n + end}, the file has {size}")
+        out[name] = TensorEntry(path, meta["dtype"], tuple(meta["shape"]), 8 + n + begin)
+    return out
+
+
+def read_tensor_index(qdir: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint, single file or sharded with model.safetensors.index.json."""
     index = qdir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        shards = {name: qdir / shard for name, shard in weight_map.items()}
-        for shard in set(shards.values()):
-            if not shard.is_file():
-                raise VCUError(f"{shard}: listed in {index.name} but missing")
-        return shards
+        entries = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (qdir / shard).is_file():
+                raise VCUError(f"{qdir / shard}: listed in {index.name} but missing")
+            entries.update(read_safetensors_header(qdir / shard))
+        missing = sorted(set(weight_map) - set(entries))
+        if missing:
+            raise VCUError(f"{missing[0]}: listed in {index.name} but not in its shard {weight_map[missing[0]]}")
+        return entries
     single = qdir / "model.safetensors"
     if single.is_file():
-        with safe_open(single, "np") as f:
-            return {name: single for name in f.keys()}
+        return read_safetensors_header(single)
     raise VCUError(f"{qdir}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -102,36 +142,36 @@ class GPTQCheckpoint:
             raise VCUError(f"{self.qdir}: no such checkpoint folder")
         self.dims: ModelDims = read_model_dims(self.qdir / "config.json")
         self.quant: QuantConfig = read_quant_config(self.qdir)
-        self._where = _safetensors_files(self.qdir)
-        self._handles: dict[Path, object] = {}
+        self._tensors = read_tensor_index(self.qdir)
 
     # --- tensor access -------------------------------------------------------------------------
     def has(self, name: str) -> bool:
-        return name in self._where
+        return name in self._tensors
 
-    def _open(self, name: str):
-        if name not in self._where:
+    def _entry(self, name: str) -> TensorEntry:
+        if name not in self._tensors:
             raise VCUError(f"{name}: missing from the checkpoint {self.qdir}")
-        path = self._where[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, "np")
-        return self._handles[path]
+        return self._tensors[name]
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
-        s = self._open(name).get_slice(name)
-        return s.get_dtype(), tuple(s.get_shape())
+        e = self._entry(name)
+        return e.dtype, e.shape
 
     def get(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """The tensor (or a block of its rows); bf16 goes through torch, which numpy lacks."""
-        dtype, shape = self.info(name)
-        if rows is not None:  # safetensors refuses a slice that runs past the end
-            rows = slice(*rows.indices(shape[0]))
-        if dtype == "BF16":
-            with safe_open(self._where[name], "pt") as f:
-                t = f.get_slice(name)[rows] if rows is not None else f.get_tensor(name)
-                return t.float().numpy()
-        s = self._open(name).get_slice(name)
-        return s[rows] if rows is not None else self._open(name).get_tensor(name)
+        """The tensor, or a block of its rows (dim 0), read from disk; bf16 comes back as float32."""
+        e = self._entry(name)
+        if e.dtype not in NUMPY_DTYPES:
+            raise VCUError(f"{name}: dtype {e.dtype} is not supported")
+        dtype = np.dtype(NUMPY_DTYPES[e.dtype])
+        start, stop = (0, e.shape[0]) if rows is None or not e.shape else rows.indices(e.shape[0])[:2]
+        stop = max(start, stop)
+        row_items = int(np.prod(e.shape[1:], dtype=np.int64))
+        with open(e.path, "rb") as f:
+            data = np.fromfile(f, dtype, (stop - start) * row_items, offset=e.offset + start * row_items * dtype.itemsize)
+        data = data.reshape((stop - start, *e.shape[1:]) if e.shape else ())
+        if e.dtype == "BF16":  # bf16 is the top half of a float32
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        return data
 
     def get_fp16(self, name: str, rows: slice | None = None) -> np.ndarray:
         dtype, _ = self.info(name)

@@ -16,6 +16,7 @@ import numpy as np
 from .checkpoint import GPTQCheckpoint
 from .formats import CONFIG, SW_FP16_DIR, SW_QWEIGHT_DIR, sw_fp16_path, sw_linear_paths, sw_norm_file
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
+from .parallel import ordered_map
 from .output import StepResult, folder_stats, staged_dir
 from .progress import bar
 
@@ -36,8 +37,8 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path) -> None:
     chin, chout = qweight.shape[0] * 8, qweight.shape[1]
     step = rows_per_block(4 * chin)
     with open(paths["qweight"], "wb") as f:
-        for c in range(0, chout, step):
-            ckpt.signed_weights(qweight[:, c : c + step], np.dtype("<i4")).tofile(f)
+        for block in ordered_map(lambda c: ckpt.signed_weights(qweight[:, c : c + step], np.dtype("<i4")), range(0, chout, step)):
+            block.tofile(f)
     np.ascontiguousarray(ckpt.get(f"{name}.scales").T).astype("<f2").tofile(paths["scales"])
     bias_name = f"{name}.bias"
     bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")

@@ -19,7 +19,8 @@ from .errors import VCUError
 from .formats import SW_QWEIGHT_DIR, sw_lm_head_paths
 from .output import StepResult
 from .progress import bar
-from .quant import METHODS, ErrorMeter, dequantize_rows, quantize_rows
+from .parallel import ordered_map
+from .quant import METHODS, dequantize_rows, quantize_rows, squared_error
 
 log = logging.getLogger("vcu128")
 
@@ -56,28 +57,32 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
     (out / SW_QWEIGHT_DIR).mkdir(parents=True, exist_ok=True)
     final = sw_lm_head_paths(out)
     partial = {k: p.with_name(f".{p.name}.partial-{os.getpid()}") for k, p in final.items()}
-    meter = ErrorMeter()
-    step = rows_per_block(4 * dims.hidden)
     if method == "checkpoint":  # GPTQ layout [hidden/8, vocab] and [hidden/128, vocab]: half a byte a weight
         gptq_qweight, gptq_scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
+
+    def quantize_block(rows: slice):
+        """(int32 q, fp16 scales, squared error, squared norm) of a block of output rows."""
+        if method == "checkpoint":
+            q = ckpt.signed_weights(gptq_qweight[:, rows], np.dtype("<i4"))
+            return q, np.ascontiguousarray(gptq_scales[:, rows].T), 0.0, 0.0
+        w = ckpt.get(source, rows=rows).astype(np.float32, copy=False)
+        q, scales = quantize_rows(w, method)
+        return q.astype("<i4"), scales, *squared_error(w, dequantize_rows(q, scales))
+
+    step = rows_per_block(4 * dims.hidden)
+    blocks = [slice(r, min(r + step, dims.vocab)) for r in range(0, dims.vocab, step)]
+    err = ref = 0.0
     try:
         with open(partial["qweight"], "wb") as fq, open(partial["scales"], "wb") as fs:
-            for r in bar(range(0, dims.vocab, step), f"lm_head ({method})", "block", enabled=progress):
-                rows = slice(r, min(r + step, dims.vocab))
-                if method == "checkpoint":
-                    q = ckpt.signed_weights(gptq_qweight[:, rows])
-                    scales = np.ascontiguousarray(gptq_scales[:, rows].T)
-                else:
-                    w = ckpt.get(source, rows=rows).astype(np.float32, copy=False)
-                    q, scales = quantize_rows(w, method)
-                    meter.add(w, dequantize_rows(q, scales))
-                q.astype("<i4").tofile(fq)
+            for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
+                q.tofile(fq)
                 scales.astype("<f2").tofile(fs)
+                err, ref = err + e, ref + n
         for k in final:
             os.replace(partial[k], final[k])
     finally:
         for p in partial.values():
             p.unlink(missing_ok=True)
-    error = None if method == "checkpoint" else meter.relative
+    error = None if method == "checkpoint" else (err / ref) ** 0.5 if ref else 0.0
     nbytes = sum(p.stat().st_size for p in final.values())
     return StepResult("lm_head", out / SW_QWEIGHT_DIR, 2, nbytes, time.perf_counter() - start), method, error

@@ -28,6 +28,7 @@ from .formats import (
     sw_scales_file,
 )
 from .model import FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, ModelDims, read_model_dims
+from .parallel import ordered_map
 from .output import FileRecord, Manifest, StepResult, folder_stats, staged_dir, write_whole_file
 from .progress import bar
 
@@ -47,11 +48,15 @@ class PackJob:
     def run(self, root: Path, ports: int) -> list[FileRecord]:
         writer = PackedLinearWriter(root, self.stem, self.chin, self.chout, ports, source=self.name)
         step = rows_per_block(4 * self.chin, multiple=ports)
-        for r in range(0, self.chout, step):
-            stop = min(r + step, self.chout)
-            q = self.qweight.read_rows(r, stop)
-            check_int4_range(q, str(self.qweight.path), first_row=r)
-            writer.write(pack_linear_rows(q, self.scales.read_rows(r, stop)))
+
+        def pack_block(start: int) -> np.ndarray:
+            stop = min(start + step, self.chout)
+            q = self.qweight.read_rows(start, stop)
+            check_int4_range(q, str(self.qweight.path), first_row=start)
+            return pack_linear_rows(q, self.scales.read_rows(start, stop))
+
+        for rows in ordered_map(pack_block, range(0, self.chout, step)):
+            writer.write(rows)
         records = writer.close()
         bias = self.bias.read() if self.bias else np.zeros(self.chout, "<f2")
         records.append(write_whole_file(root, self.bias_file, pack_bias_words(bias), f"{self.name}.bias", rows=self.chout, words_per_row=1))

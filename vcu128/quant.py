@@ -29,11 +29,12 @@ def quantize_rows(weight: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarr
     rows, cols = weight.shape
     w = weight.astype(np.float32, copy=False).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
     scale = group_scales(w)
-    safe = np.where(scale == 0, np.float32(1), scale)[..., None]
-    quotient = w / safe  # float32 / float32: a true IEEE division, not a reciprocal multiply
-    q = np.trunc(quotient) if method == "trunc" else np.rint(quotient)
-    q = np.where(scale[..., None] == 0, 0, np.clip(q, -8, 7)).astype(np.int8)
-    return q.reshape(rows, cols), scale.astype(np.float16)
+    # Dividing by +inf where the scale is 0 gives q = 0 there without a second pass.
+    divisor = np.where(scale == 0, np.float32(np.inf), scale)[..., None]
+    quotient = np.divide(w, divisor)  # float32 / float32: a true IEEE division, not a reciprocal multiply
+    (np.trunc if method == "trunc" else np.rint)(quotient, out=quotient)
+    np.clip(quotient, -8, 7, out=quotient)
+    return quotient.astype(np.int8).reshape(rows, cols), scale.astype(np.float16)
 
 
 def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -43,19 +44,8 @@ def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return w.reshape(rows, cols)
 
 
-class ErrorMeter:
-    """Accumulates ||W - W_hat|| / ||W|| over row blocks, in float64."""
-
-    def __init__(self) -> None:
-        self.err = 0.0
-        self.ref = 0.0
-
-    def add(self, w: np.ndarray, w_hat: np.ndarray) -> None:
-        w = w.astype(np.float32, copy=False)
-        diff = w - w_hat
-        self.err += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
-        self.ref += float(np.einsum("ij,ij->", w, w, dtype=np.float64))
-
-    @property
-    def relative(self) -> float:
-        return (self.err / self.ref) ** 0.5 if self.ref else 0.0
+def squared_error(w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
+    """(||w - w_hat||^2, ||w||^2), each a float32 BLAS dot summed in float64 across blocks by the caller."""
+    w = w.astype(np.float32, copy=False).ravel()
+    diff = w - w_hat.ravel()
+    return float(np.dot(diff, diff)), float(np.dot(w, w))

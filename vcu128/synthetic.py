@@ -93,6 +93,15 @@ def quantized_linear(rng: np.random.Generator, chin: int, chout: int, fmt: str) 
     }
 
 
+def _normal(rng: np.random.Generator, shape: tuple[int, int], std: float, dtype) -> np.ndarray:
+    """Gaussian table built in row blocks: rng.normal's float64 would need 4x the table's memory."""
+    out = np.empty(shape, dtype)
+    step = max(1, (16 << 20) // shape[1])
+    for r in range(0, shape[0], step):
+        out[r : r + step] = rng.normal(0, std, (min(step, shape[0] - r), shape[1]))
+    return out
+
+
 def _save(tensors: dict[str, np.ndarray], path: Path, float_dtype: str) -> None:
     if float_dtype == "bfloat16":
         import torch
@@ -139,11 +148,11 @@ def write_gptq_checkpoint(qdir: Path, spec: SyntheticSpec | None = None) -> Path
             tensors[f"model.layers.{layer}.{norm}.weight"] = rng.uniform(0.5, 1.5, d.hidden).astype(fdt)
         shard(layer, tensors)
     last = {"model.norm.weight": rng.uniform(0.5, 1.5, d.hidden).astype(fdt)}
-    last[EMBEDDING] = rng.normal(0, 0.02, (d.vocab, d.hidden)).astype(fdt)
+    last[EMBEDDING] = _normal(rng, (d.vocab, d.hidden), 0.02, fdt)
     if spec.lm_head_quantized:
         last.update({f"lm_head.{k}": v for k, v in quantized_linear(rng, d.hidden, d.vocab, spec.checkpoint_format).items()})
     elif not spec.tie_word_embeddings:
-        last["lm_head.weight"] = rng.normal(0, 0.02, (d.vocab, d.hidden)).astype(fdt)
+        last["lm_head.weight"] = _normal(rng, (d.vocab, d.hidden), 0.02, fdt)
     shard(d.num_layers, last)
     (qdir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     cfg = config_json(spec)

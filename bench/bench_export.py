@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Benchmark the export steps on a synthetic checkpoint of Qwen2-7B's shape.
+
+Builds the checkpoint (random ints and scales in GPTQ layout), then runs compile_sw, lm_head,
+hardware and embedding_tokens, each as its own process so its peak RSS is its own. Each step is
+timed until its bytes are on disk (sync), and so is the baseline: the same number of bytes written
+with plain numpy in 32 MB blocks, in the same run. Prints a Markdown table.
+
+    python bench/bench_export.py                 # one decoder layer (about 5 GB written)
+    python bench/bench_export.py --layers 28     # the whole 7B model (about 40 GB of free disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vcu128.output import folder_stats  # noqa: E402
+from vcu128.synthetic import QWEN2_7B, SyntheticSpec  # noqa: E402
+
+
+def run_step(args: list[str]) -> tuple[float, int]:
+    """(seconds until the output is synced, peak RSS in bytes) of one step run as a child process."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    os.sync()
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"step failed: {' '.join(args)}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def raw_write_seconds(nbytes: int, folder: Path) -> float:
+    """Plain numpy: write `nbytes` in 32 MB blocks and sync."""
+    block = np.ones(32 << 20, np.uint8)
+    path = folder / "raw_write.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            block[: min(left, block.size)].tofile(f)
+            left -= block.size
+    os.sync()
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=1, help="decoder layers (28 = the whole 7B model)")
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "out", help="scratch folder (removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = p.parse_args()
+
+    spec = SyntheticSpec(**{**QWEN2_7B, "num_layers": args.layers})
+    # checkpoint + software files (4 bytes a weight) + packed files, with room to spare
+    weights = args.layers * 233_000_000 + 2 * 545_000_000
+    need = int(weights * (0.5 + 4 + 0.6) * 1.1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.work).free
+    if free < need:
+        raise SystemExit(f"{args.work}: {free / 1e9:.1f} GB free, this run needs about {need / 1e9:.0f} GB")
+    qdir = args.work / "qwen2-7b-shape-W4A16-gptq"
+    shutil.rmtree(qdir, ignore_errors=True)
+    # Built in a child: a child's peak RSS starts from its parent's, so the parent stays small.
+    seconds, _ = run_step(["-c", f"from vcu128.synthetic import *; write_gptq_checkpoint({str(qdir)!r}, {spec!r})"])
+    print(f"synthetic checkpoint: {args.layers} layer(s) of Qwen2-7B shape in {seconds:.1f} s", file=sys.stderr)
+
+    comp = qdir / "compile"
+    hw = comp / "QWEN_BLOCK_write_data_port32"
+    steps = [
+        ("compile_sw", ["compile_sw.py", "--quantize_model", str(qdir)], [comp]),
+        ("lm_head (rtn)", ["lm_head.py", "--quantize_model", str(qdir)], [comp / "qwen2_qweight_bin" / "lm_head_qweight.bin", comp / "qwen2_qweight_bin" / "lm_head_scales.bin"]),
+        ("hardware", ["hardware.py", "--compile_dir", str(comp)], [hw]),
+        ("embedding_tokens", ["embedding_tokens.py", "--compile_dir", str(comp)], [hw / "Embedding"]),
+    ]
+    rows = []
+    for name, cmd, outputs in steps:
+        before = folder_stats(outputs)[1] if name == "hardware" else 0
+        seconds, rss = run_step(cmd)
+        nbytes = folder_stats(outputs)[1]
+        if name == "hardware":
+            nbytes -= before
+        raw = raw_write_seconds(nbytes, args.work)
+        rows.append((name, seconds, nbytes, rss, raw))
+
+    print(f"\nQwen2-7B shape, {args.layers} layer(s); {platform.node()}: {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}, numpy {np.__version__}\n")
+    print("| step | seconds | GB written | GB/s | peak RSS (GB) | plain numpy write of the same bytes (s) | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    tot = [0.0, 0, 0, 0.0]
+    for name, s, b, rss, raw in rows:
+        print(f"| {name} | {s:.1f} | {b / 1e9:.2f} | {b / 1e9 / s:.2f} | {rss / 1e9:.2f} | {raw:.1f} | {s / raw:.2f} |")
+        tot = [tot[0] + s, tot[1] + b, max(tot[2], rss), tot[3] + raw]
+    print(f"| **all four** | {tot[0]:.1f} | {tot[1] / 1e9:.2f} | {tot[1] / 1e9 / tot[0]:.2f} | {tot[2] / 1e9:.2f} | {tot[3]:.1f} | {tot[0] / tot[3]:.2f} |")
+    if not args.keep:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
