@@ -8,10 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from vcu128.compile_sw import compile_software  # noqa: E402
-from vcu128.embedding import split_embedding  # noqa: E402
-from vcu128.lm_head import quantize_lm_head  # noqa: E402
-from vcu128.pack import pack_hardware  # noqa: E402
+from vcu128 import pipeline  # noqa: E402
 from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint  # noqa: E402
 
 # Qwen2.5-0.5B's widths where they matter: hidden 896 is 7 groups (an odd count, one partial chunk),
@@ -20,13 +17,7 @@ SMALL_QWEN = dict(hidden=896, intermediate=2432, num_layers=2, num_heads=14, num
 
 
 def export_all(qdir: Path, ports: int = 32, parts: int = 16, lm_method=None) -> dict:
-    """Run the four export steps; return the folders."""
-    compile_dir = qdir / "compile"
-    compile_software(qdir, compile_dir, progress=False)
-    quantize_lm_head(qdir, compile_dir, lm_method, progress=False)
-    hw = pack_hardware(compile_dir, None, ports, progress=False).out
-    split_embedding(compile_dir, hw / "Embedding", parts, progress=False)
-    return {"qdir": qdir, "compile": compile_dir, "hw": hw}
+    return pipeline.export_all(qdir, lm_method, ports, parts, progress=False)
 
 
 @pytest.fixture(scope="session")

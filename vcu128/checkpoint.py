@@ -148,6 +148,9 @@ class GPTQCheckpoint:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
     def _entry(self, name: str) -> TensorEntry:
         if name not in self._tensors:
             raise VCUError(f"{name}: missing from the checkpoint {self.qdir}")

@@ -1,0 +1,176 @@
+"""Step 1: GPTQ quantization with GPTQModel, W4A16, group 128, symmetric, no act-order, then a
+quality report (perplexity of fp16 and quantized model; per layer, GPTQ's output error next to
+plain round-to-nearest on the same inputs) saved as quant_report.json in the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .calibration import Calibration, build_calibration
+from .errors import VCUError
+from .model import GROUP_SIZE, KNOWN_MODEL_TYPES
+from .output import staged_dir
+
+log = logging.getLogger("vcu128")
+
+REPORT_NAME = "quant_report.json"
+CALIBRATION_META_KEY = "vcu128_calibration"
+
+
+@dataclass
+class QuantizeOptions:
+    wbits: int = 4
+    group_size: int = GROUP_SIZE
+    sym: bool = True
+    desc_act: bool = False
+    device: str = "cpu"
+    nsamples: int = 256
+    seqlen: int = 512
+    seed: int = 0
+    calib: str | None = None
+    eval_text: str | None = None
+    lm_head: bool = False
+    batch_size: int | None = None  # None: 1 on CPU, all samples at once on a GPU
+    report: bool = True
+
+
+def default_output(model: Path, wbits: int) -> Path:
+    model = Path(model)
+    return model.parent / f"{model.name}-W{wbits}A16-gptq"
+
+
+def check_model_folder(model: Path) -> dict:
+    """A local HuggingFace causal-LM folder of a type whose layer names the board layout knows."""
+    model = Path(model)
+    if not model.is_dir():
+        raise VCUError(f"{model}: no such model folder")
+    if not (model / "config.json").is_file():
+        raise VCUError(f"{model}: no config.json: not a HuggingFace model folder")
+    cfg = json.loads((model / "config.json").read_text())
+    if "quantization_config" in cfg:
+        raise VCUError(f"{model}: already quantized ({cfg['quantization_config'].get('quant_method', '?')}); pass the fp16/bf16 model")
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise VCUError(f"{model}: architectures {archs} has no *ForCausalLM: not a causal language model")
+    if cfg.get("model_type") not in KNOWN_MODEL_TYPES:
+        raise VCUError(
+            f"{model}: model_type {cfg.get('model_type')!r}: the hardware layout knows {', '.join(KNOWN_MODEL_TYPES)} "
+            "(decoder layers with q/k/v/o_proj and gate/up/down_proj)"
+        )
+    return cfg
+
+
+def check_board_settings(opts: QuantizeOptions) -> None:
+    """What --compile needs: the board runs only W4, group 128, symmetric, no act-order."""
+    bad = [
+        (opts.wbits != 4, f"--wbits {opts.wbits}"),
+        (opts.group_size != GROUP_SIZE, f"--group_size {opts.group_size}"),
+        (not opts.sym, "--no-sym"),
+        (opts.desc_act, "--desc_act"),
+    ]
+    for is_bad, flag in bad:
+        if is_bad:
+            raise VCUError(f"{flag} with --compile: the board supports only 4-bit, group size 128, symmetric, no act-order")
+
+
+def _redirect_gptqmodel_logs(folder: Path) -> None:
+    """GPTQModel writes its per-run logs to ./logs; send them into the checkpoint instead."""
+    try:
+        from gptqmodel.looper import loop_processor
+
+        loop_processor._PROJECT_LOG_DIR = folder
+    except (ImportError, AttributeError):  # another GPTQModel version: its default stays
+        log.warning("warning: could not redirect GPTQModel's logs; they go to ./logs")
+
+
+def _add_calibration_meta(folder: Path, meta: dict) -> None:
+    for name, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
+        path = folder / name
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            section = doc[key] if key else doc
+            section.setdefault("meta", {})[CALIBRATION_META_KEY] = meta
+            path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
+    """Quantize `model` into `out` with GPTQModel; returns seconds."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    _redirect_gptqmodel_logs(out / "quant_logs")
+    qc = QuantizeConfig(
+        bits=opts.wbits,
+        group_size=opts.group_size,
+        sym=opts.sym,
+        desc_act=opts.desc_act,
+        lm_head=opts.lm_head,
+        pack_impl="original",  # no 30 s extension build on first use; packing is a small part of the time
+    )
+    cpu = opts.device == "cpu"
+    batch = opts.batch_size or (1 if cpu else len(calib.samples))
+    start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    gm = GPTQModel.load(str(model), qc, dtype=torch.float16, device=opts.device)
+    gm.quantize(calib.samples, batch_size=batch)
+    gm.save(str(out))
+    seconds = time.perf_counter() - start
+    del gm
+    return seconds
+
+
+def quality_report(model: Path, qdir: Path, calib: Calibration, opts: QuantizeOptions) -> dict:
+    import torch
+
+    from .checkpoint import GPTQCheckpoint
+    from .torch_model import layer_errors, load_checkpoint_model, perplexity
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float16 if opts.device != "cpu" else torch.float32).to(opts.device).eval()
+    ppl_ref = perplexity(ref, calib.eval_ids, opts.seqlen)
+    layers = layer_errors(ref, GPTQCheckpoint(qdir), calib.eval_ids, opts.seqlen)
+    del ref
+    quant = load_checkpoint_model(qdir, opts.device, torch.float16 if opts.device != "cpu" else torch.float32)
+    ppl_q = perplexity(quant, calib.eval_ids, opts.seqlen)
+    return {"perplexity": {"fp16": ppl_ref, "gptq": ppl_q}, "eval_tokens": int(len(calib.eval_ids)), "layers": layers}
+
+
+def format_report(report: dict) -> str:
+    p = report["perplexity"]
+    lines = [
+        f"perplexity on {report['eval_tokens']} held-out tokens: fp16 {p['fp16']:.3f}, GPTQ W4 {p['gptq']:.3f} ({p['gptq'] / p['fp16'] - 1:+.2%})",
+        "layer | relative output error, GPTQ | plain RTN | GPTQ / RTN",
+    ]
+    for row in report["layers"]:
+        lines.append(f"{row['layer']:5d} | {row['gptq']:26.4f} | {row['rtn']:9.4f} | {row['gptq'] / row['rtn']:10.2f}")
+    return "\n".join(lines)
+
+
+def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tuple[Path, dict]:
+    """Quantize into `out` (default <model>-W<bits>A16-gptq), atomically; returns (out, report)."""
+    from transformers import AutoTokenizer
+
+    model = Path(model).resolve()
+    cfg = check_model_folder(model)
+    out = Path(out) if out else default_output(model, opts.wbits)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    except Exception as e:  # transformers raises many types here
+        raise VCUError(f"{model}: no usable tokenizer ({type(e).__name__}: {e})") from None
+    if opts.calib is None:
+        raise VCUError("--calib: pass a text file, a JSONL file, a saved dataset folder, or 'random'")
+    calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"))
+    report: dict = {"calibration": calib.meta, "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text")}}
+    with staged_dir(out) as stage:
+        report["seconds_quantize"] = run_gptq(model, stage, calib, opts)
+        _add_calibration_meta(stage, calib.meta)
+        if opts.report:
+            report.update(quality_report(model, stage, calib, opts))
+        (stage / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return out, report
