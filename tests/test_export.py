@@ -19,7 +19,12 @@ class Ckpt:
 
     def __init__(self, qdir):
         self.qdir = qdir
-        self.map = json.loads((qdir / "model.safetensors.index.json").read_text())["weight_map"]
+        index = qdir / "model.safetensors.index.json"
+        if index.is_file():
+            self.map = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(qdir / "model.safetensors", "pt") as f:
+                self.map = {k: "model.safetensors" for k in f.keys()}
 
     def has(self, name):
         return name in self.map

@@ -202,3 +202,10 @@ def test_truncated_shard(make_checkpoint):
     shard = qdir / "model-00001-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     assert_refused(qdir, r"model-00001-of-00003.safetensors: truncated: .* ends at byte \d+, the file has \d+")
+
+
+def test_dynamic_override_the_board_cannot_run(make_checkpoint):
+    # GPTQModel's default for --lm_head: 8 bits, group 32, written as a per-module override
+    qdir = make_checkpoint()
+    edit_quant_config(qdir, dynamic={"lm_head": {"bits": 8, "group_size": 32, "sym": True, "desc_act": False}})
+    assert_refused(qdir, r"quantization_config.dynamic\['lm_head'\] sets bits=8; the board needs bits=4, group_size=128")

@@ -28,9 +28,20 @@ class QuantConfig:
     sym: bool
     desc_act: bool
     checkpoint_format: str
+    dynamic: dict | None = None  # GPTQModel's per-module overrides: {pattern: {bits, group_size, ...}}
 
     def check_supported(self, where: str) -> None:
-        """The board runs exactly W4, G=128, symmetric, no act-order (FORMAT.md 1)."""
+        """The board runs exactly W4, G=128, symmetric, no act-order (FORMAT.md 1), for every module:
+        GPTQModel's `dynamic` overrides (it quantizes lm_head at 8 bits, group 32 by default) included."""
+        for pattern, override in (self.dynamic or {}).items():
+            if pattern.startswith("-:") or not isinstance(override, dict):
+                continue  # a module left unquantized: its missing tensors are reported by name
+            for key, want in (("bits", 4), ("group_size", GROUP_SIZE), ("sym", True), ("desc_act", False)):
+                if key in override and override[key] != want:
+                    raise VCUError(
+                        f"{where}: quantization_config.dynamic[{pattern!r}] sets {key}={override[key]!r}; "
+                        f"the board needs bits=4, group_size={GROUP_SIZE}, sym, no act-order for every module"
+                    )
         rules = [
             (self.bits == 4, f"bits={self.bits}: the board supports 4-bit weights only"),
             (self.group_size == GROUP_SIZE, f"group_size={self.group_size}: the board supports group size {GROUP_SIZE} only"),
@@ -55,7 +66,7 @@ def read_quant_config(qdir: Path) -> QuantConfig:
         raise VCUError(f"{qdir}: no quantization_config in config.json and no quantize_config.json: not a GPTQ checkpoint")
     merged: dict = {}
     for where, qc in sources.items():
-        for key in ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quant_method"):
+        for key in ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quant_method", "dynamic"):
             if key in qc:
                 if key in merged and merged[key][0] != qc[key]:
                     raise VCUError(f"{qdir}: {key} is {merged[key][0]!r} in {merged[key][1]} but {qc[key]!r} in {where}")
@@ -73,6 +84,7 @@ def read_quant_config(qdir: Path) -> QuantConfig:
         sym=bool(values.get("sym", True)),
         desc_act=bool(values.get("desc_act", False)),
         checkpoint_format=values.get("checkpoint_format") or "gptq",
+        dynamic=values.get("dynamic"),
     )
 
 

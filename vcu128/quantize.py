@@ -111,6 +111,8 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) 
         sym=opts.sym,
         desc_act=opts.desc_act,
         lm_head=opts.lm_head,
+        # GPTQModel quantizes lm_head at 8 bits, group 32 unless told otherwise; the board needs 4 / 128.
+        dynamic={"lm_head": {"bits": opts.wbits, "group_size": opts.group_size, "sym": opts.sym, "desc_act": opts.desc_act}} if opts.lm_head else None,
         pack_impl="original",  # no 30 s extension build on first use; packing is a small part of the time
     )
     cpu = opts.device == "cpu"
@@ -159,6 +161,9 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
     model = Path(model).resolve()
     cfg = check_model_folder(model)
     out = Path(out) if out else default_output(model, opts.wbits)
+    if opts.lm_head and cfg.get("tie_word_embeddings"):
+        raise VCUError(f"{model}: --lm_head with tie_word_embeddings: GPTQModel cannot quantize a tied output layer "
+                       "(leave --lm_head off; lm_head.py quantizes the tied embedding)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model))
     except Exception as e:  # transformers raises many types here
