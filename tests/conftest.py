@@ -34,3 +34,22 @@ def make_checkpoint(tmp_path):
         return write_gptq_checkpoint(tmp_path / name, spec)
 
     return make
+
+
+FAST = dict(nsamples=32, seqlen=128, calib=str(ROOT / "data" / "demo_corpus.txt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny Qwen2 trained for a few seconds on the demo corpus (weights with real structure)."""
+    from vcu128.demo import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", train_seconds=8)
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_model):
+    """(checkpoint folder, report) of GPTQModel on the tiny model, on the CPU."""
+    from vcu128.quantize import QuantizeOptions, quantize_model
+
+    return quantize_model(tiny_model, None, QuantizeOptions(**FAST))

@@ -12,7 +12,10 @@ from vcu128.formats import (
     pack_bias_words,
     pack_linear_rows,
     pack_nibbles,
+    open_port_files,
     read_port_rows,
+    scale_word_index,
+    weight_word_index,
     row_words,
     rows_per_port,
     unpack_bias_words,
@@ -126,8 +129,11 @@ def test_port_split_order_and_zero_rows(tmp_path, chout, ports):
         port, pos = ref.port_of_row(r, ports)
         got = ref.words_of(tmp_path / f"X_HBM_DDR_{port:02d}.bin", pos * row_words(chin), row_words(chin))
         assert got == (rows[r].tolist() if r < chout else [0] * row_words(chin)), (r, port, pos)
-    back = read_port_rows([tmp_path / f"X_HBM_DDR_{p:02d}.bin" for p in range(ports)], chout, row_words(chin))
+    files = open_port_files([tmp_path / f"X_HBM_DDR_{p:02d}.bin" for p in range(ports)], chout, row_words(chin))
+    back = read_port_rows(files, 0, per_port * ports)
     assert np.array_equal(back[:chout], rows) and not back[chout:].any()
+    if 2 * ports <= chout:  # a block that starts past the first round of rows
+        assert np.array_equal(read_port_rows(files, ports, 2 * ports), rows[ports : 2 * ports])
 
 
 def test_embedding_split_refuses_uneven_vocab_and_names_working_counts():
@@ -146,3 +152,20 @@ def test_binfile_refuses_truncated_and_long_files(tmp_path):
         BinFile(p, "<i4", (3, 128))
     with pytest.raises(VCUError, match="missing"):
         BinFile(tmp_path / "nope.bin", "<i4", (3, 128))
+
+
+@pytest.mark.parametrize("chin", [896, 3584, 18944])
+def test_word_index_helpers_agree_with_the_layout(chin):
+    rng = np.random.default_rng(chin)
+    for col in sorted(c for c in {0, 7, 8, 2047, 2048, chin - 1, *rng.integers(0, chin, 20).tolist()} if c < chin):
+        q = np.zeros((1, chin), np.int8)
+        q[0, col] = 1
+        row = pack_linear_rows(q, np.zeros((1, chin // 128), np.float16))[0]
+        assert np.flatnonzero(row).tolist() == [weight_word_index(col)], col
+        assert row[weight_word_index(col)] == 1 << 4 * (col % 8)
+    for g in range(chin // 128):
+        s = np.zeros((1, chin // 128), np.float16)
+        s[0, g] = 1.0
+        row = pack_linear_rows(np.zeros((1, chin), np.int8), s)[0]
+        assert np.flatnonzero(row).tolist() == [scale_word_index(g)], g
+        assert row[scale_word_index(g)] == 0x3C00 << (16 * (g % 2))

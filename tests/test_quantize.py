@@ -11,22 +11,10 @@ from safetensors import safe_open
 from conftest import ROOT, export_all
 from test_export import QKV, check_embedding, check_hardware, check_manifest, check_software
 from vcu128.calibration import build_calibration, read_texts
-from vcu128.demo import DEMO_CORPUS, build_tiny_model
+from conftest import FAST
+from vcu128.demo import DEMO_CORPUS
 from vcu128.errors import VCUError
 from vcu128.quantize import QuantizeOptions, check_board_settings, quantize_model
-
-FAST = dict(nsamples=32, seqlen=128, calib=str(DEMO_CORPUS))
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", train_seconds=8)
-
-
-@pytest.fixture(scope="session")
-def quantized(tiny_model):
-    out, report = quantize_model(tiny_model, None, QuantizeOptions(**FAST))
-    return out, report
 
 
 def test_gptq_beats_round_to_nearest(quantized):

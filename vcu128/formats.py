@@ -190,6 +190,19 @@ def unpack_linear_rows(words: np.ndarray, chin: int) -> tuple[np.ndarray, np.nda
     return unpack_nibbles(weight_words), halves[:, :groups].view("<f2"), halves[:, groups:]
 
 
+def weight_word_index(col: int) -> int:
+    """Word of a packed row holding input `col` (in nibble col % 8)."""
+    chunk = col // INPUTS_PER_CHUNK
+    return chunk * (SCALE_WORDS_PER_CHUNK + WEIGHT_WORDS_PER_CHUNK) + SCALE_WORDS_PER_CHUNK + col // 8 - chunk * WEIGHT_WORDS_PER_CHUNK
+
+
+def scale_word_index(group: int) -> int:
+    """Word of a packed row holding the scale of `group` (low half if even, high half if odd)."""
+    pair = group // 2
+    chunk = pair // SCALE_WORDS_PER_CHUNK
+    return chunk * (SCALE_WORDS_PER_CHUNK + WEIGHT_WORDS_PER_CHUNK) + pair - chunk * SCALE_WORDS_PER_CHUNK
+
+
 # FORMAT.md 3.2: the accelerator's affine unit computes x * hi + lo; hi is always fp16 1.0.
 BIAS_MULTIPLIER = 0x3C00
 
@@ -242,14 +255,21 @@ class PackedLinearWriter:
         return [f.close() for f in self.files]
 
 
-def read_port_rows(port_files: list[Path], chout: int, words: int) -> np.ndarray:
-    """Inverse of the port split: every row, padding rows included, in channel order."""
-    ports = len(port_files)
-    per_port = rows_per_port(chout, ports)
-    out = np.empty((per_port, ports, words), "<u4")
-    for p, path in enumerate(port_files):
-        out[:, p, :] = BinFile(path, "<u4", (per_port, words)).read()
-    return out.reshape(per_port * ports, words)
+def open_port_files(port_files: list[Path], chout: int, words: int) -> list[BinFile]:
+    per_port = rows_per_port(chout, len(port_files))
+    return [BinFile(path, "<u4", (per_port, words)) for path in port_files]
+
+
+def read_port_rows(ports: list[BinFile], start: int, stop: int) -> np.ndarray:
+    """Inverse of the port split: rows start..stop (multiples of the port count; padding rows
+    included) in channel order, reading rows start/P..stop/P of every port file."""
+    n = len(ports)
+    first, last = start // n, -(-stop // n)
+    words = ports[0].shape[1]
+    out = np.empty((last - first, n, words), "<u4")
+    for p, f in enumerate(ports):
+        out[:, p, :] = f.read_rows(first, last)
+    return out.reshape(-1, words)[: stop - start]
 
 
 # ---------------------------------------------------------------------------------------------

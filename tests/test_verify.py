@@ -1,0 +1,150 @@
+"""verify.py: a clean folder passes; every planted fault is caught and named."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, export_all
+from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint
+from vcu128.verify import bit_check, verify
+
+HW = "compile/QWEN_BLOCK_write_data_port32"
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    # vocab 1008 = 63 * 16: the output layer has 31.5 rows a port, so its last round has zero rows
+    spec = SyntheticSpec(hidden=896, intermediate=384, num_layers=2, num_heads=14, num_kv_heads=2, vocab=1008, seed=3)
+    qdir = write_gptq_checkpoint(tmp_path_factory.mktemp("clean") / "q", spec)
+    export_all(qdir)
+    return qdir
+
+
+@pytest.fixture
+def folder(clean, tmp_path):
+    """A fresh copy of the clean checkpoint and its packed folder, to damage."""
+    qdir = tmp_path / "q"
+    shutil.copytree(clean, qdir)
+    return qdir, qdir / HW
+
+
+def flip_word(path, word, xor):
+    w = np.fromfile(path, "<u4")
+    w[word] ^= np.uint32(xor)
+    w.tofile(path)
+
+
+def differences(folder):
+    qdir, hw = folder
+    return bit_check(qdir, hw, progress=False).differences
+
+
+def test_clean_folder_passes(folder):
+    qdir, hw = folder
+    report = bit_check(qdir, hw, progress=False)
+    assert report.ok, report.differences
+    # 2 layers x 7 x (32 + 1) + 4 norms + OutLayer (32 + 1 + 1) + 16 embedding parts
+    assert report.files_checked == 2 * 7 * 33 + 4 + 34 + 16
+
+
+# row length for chin 896 is 8 + 112 = 120 words; for chin 384 (down_proj) 8 + 48 = 56
+WEIGHT_NIBBLE = (
+    "BLOCK01/MVM_BN_RES_write_to_HBM_bin/MVMBNRES2_HBM_DDR_03.bin", 56 + 20, 0x10,
+    r"MVMBNRES2_HBM_DDR_03.bin: row 1 \(output channel 35\), word 20 \(weights of inputs 96..103\) is 0x[0-9a-f]{8}, expected 0x[0-9a-f]{8}",
+)
+SCALE_BIT = (
+    "BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN0_q_HBM_DDR_00.bin", 1, 1 << 16,
+    r"MVMBN0_q_HBM_DDR_00.bin: row 0 \(output channel 0\), word 1 \(scales of groups 2 and 3\)",
+)
+HIGH_HALF_PADDING = (
+    "BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN1_HBM_DDR_07.bin", 3, 1 << 20,
+    r"MVMBN1_HBM_DDR_07.bin: row 0 \(output channel 7\), word 3 \(scales of groups 6 \(high half must be 0\)\) is",
+)
+PADDING_WORD = (
+    "BLOCK01/MVM_BN_RES_write_to_HBM_bin/MVMBNRES0_HBM_DDR_31.bin", 120 * 2 + 5, 1,
+    r"MVMBNRES0_HBM_DDR_31.bin: row 2 \(output channel 95\), word 5 \(scale padding word \(must be 0\)\) is 0x[0-9a-f]{7}1, expected 0x00000000",
+)
+PADDING_ROW = (
+    "OutLayer/MVM_BN_write_to_HBM_bin/MVMBN_Argmax_HBM_DDR_20.bin", 120 * 31 + 100, 1,
+    r"MVMBN_Argmax_HBM_DDR_20.bin: row 31 \(output channel 1012\): padding row, word 100 is 0x00000001, expected 0",
+)
+BIAS_WORD = (
+    "BLOCK01/MVM_BN_DDR_bin/MVMBN0_k_wt_and_bias_in_DDR.bin", 17, 1 << 16,
+    r"MVMBN0_k_wt_and_bias_in_DDR.bin: word 17 \(bias of output channel 17\) is 0x3c01[0-9a-f]{4}, expected 0x3c00[0-9a-f]{4}",
+)
+NORM = (
+    "BLOCK00/LN_DDR_bin/LN1_wt_in_DDR.bin", 600, 1,
+    r"LN1_wt_in_DDR.bin: element 1200 \(post_attention_layernorm weight, then zeros\) is 5.96\d*e-08, expected 0.0",
+)
+
+
+@pytest.mark.parametrize(
+    "rel, word, xor, pattern",
+    [WEIGHT_NIBBLE, SCALE_BIT, HIGH_HALF_PADDING, PADDING_WORD, PADDING_ROW, BIAS_WORD, NORM],
+    ids=["weight nibble", "scale bit", "high-half padding", "padding word", "padding row", "bias word", "norm zero half"],
+)
+def test_one_flipped_bit_is_named(folder, rel, word, xor, pattern):
+    flip_word(folder[1] / rel, word, xor)
+    found = differences(folder)
+    assert any(__import__("re").search(pattern, d) for d in found), found
+    assert any("sha256 differs from manifest.json" in d and d.startswith(rel) for d in found), found
+
+
+def test_swapped_port_files(folder):
+    hw = folder[1]
+    a, b = hw / "BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN1_HBM_DDR_04.bin", hw / "BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN1_HBM_DDR_05.bin"
+    data = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(data)
+    found = differences(folder)
+    assert any(d.startswith("BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN1_HBM_DDR_04.bin: row 0 (output channel 4)") for d in found), found
+    assert any(d.startswith("BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN1_HBM_DDR_05.bin: sha256 differs") for d in found), found
+
+
+def test_truncated_missing_and_extra_files(folder):
+    hw = folder[1]
+    part = hw / "Embedding/Embedding_03-of-16.bin"
+    part.write_bytes(part.read_bytes()[:-2])
+    (hw / "BLOCK01/LN_DDR_bin/LN0_wt_in_DDR.bin").unlink()
+    (hw / "BLOCK00/notes.txt").write_text("x")
+    found = differences(folder)
+    assert "Embedding/Embedding_03-of-16.bin: 112894 bytes, expected 112896 (float16 [63, 896]): truncated" in found
+    assert "BLOCK01/LN_DDR_bin/LN0_wt_in_DDR.bin: missing" in found
+    assert "BLOCK00/notes.txt: extra file (not part of the board layout)" in found
+
+
+def test_embedding_row_changed(folder):
+    part = folder[1] / "Embedding/Embedding_16-of-16.bin"
+    e = np.fromfile(part, "<f2")
+    e[896 * 62 + 5] = 7.0
+    e.tofile(part)
+    assert any(d.startswith("Embedding/Embedding_16-of-16.bin: row 62, element 5 (embedding row 945+) is 7.0, expected") for d in differences(folder))
+
+
+def test_cli_exits_non_zero_and_names_the_place(folder):
+    qdir, hw = folder
+    flip_word(hw / WEIGHT_NIBBLE[0], WEIGHT_NIBBLE[1], WEIGHT_NIBBLE[2])
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "verify.py"), "--quantize_model", str(qdir), "--hardware_dir", str(hw), "--bits_only"],
+        capture_output=True, text=True, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.startswith(("difference:", "error:"))]
+    assert lines[0].startswith("difference: BLOCK01/MVM_BN_RES_write_to_HBM_bin/MVMBNRES2_HBM_DDR_03.bin: row 1 (output channel 35), word 20")
+    assert lines[-1].startswith("error: verify: 2 differences in ")
+
+
+def test_functional_check_matches_the_checkpoint_model(quantized):
+    qdir, _ = quantized
+    hw = export_all(qdir)["hw"]
+    exact = verify(qdir, hw, tokens=8, lm_head_from_checkpoint=True, progress=False)
+    assert exact["bit_check"]["ok"]
+    f = exact["functional"]["against_hardware"]["checkpoint"]
+    assert f["greedy_tokens_equal"] and f["top1_agreement"] == 1.0 and f["relative_logit_error"] < 1e-5
+    # With the int4 lm_head the board runs, the model still answers like the checkpoint.
+    board = verify(qdir, hw, tokens=8, progress=False)["functional"]["against_hardware"]["checkpoint"]
+    assert board["top1_agreement"] > 0.9 and board["relative_logit_error"] < 0.1
+    assert (hw.parent / "verify_report.json").is_file()

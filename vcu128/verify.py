@@ -1,0 +1,416 @@
+"""Prove a packed folder is the model before it goes on the board.
+
+Bit check: decode every file of the hardware folder (FORMAT.md 3) back to integers, scales, biases,
+norm weights and embedding rows and compare them with the GPTQ checkpoint (the output layer with the
+software files lm_head_*.bin), every word including padding words and rows; check the manifest
+(sizes, sha256, no missing or extra file). Functional check: run the model from the hardware files
+alone in PyTorch and compare it with the checkpoint's own model (and the fp16 original).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import GPTQCheckpoint
+from .compile_sw import rows_per_block
+from .errors import VCUError
+from .formats import (
+    BIAS_MULTIPLIER,
+    EMBEDDING_DIR,
+    OUT_BIAS_FILE,
+    OUT_NORM_FILE,
+    OUT_WEIGHT_STEM,
+    BinFile,
+    embedding_part_file,
+    hw_layer_norm_file,
+    hw_linear_stems,
+    open_port_files,
+    pack_linear_rows,
+    port_file,
+    read_port_rows,
+    row_words,
+    rows_per_port,
+    scale_word_index,
+    sw_lm_head_paths,
+    sw_qweight_file,
+    sw_scales_file,
+    unpack_bias_words,
+    unpack_linear_rows,
+    weight_word_index,
+)
+from .model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS
+from .output import MANIFEST_NAME, read_manifest, sha256_file
+from .progress import bar
+
+log = logging.getLogger("vcu128")
+
+MAX_REPORTED = 20
+
+
+@dataclass
+class BitReport:
+    differences: list[str] = field(default_factory=list)
+    files_checked: int = 0
+    bytes_checked: int = 0
+    more: int = 0  # differences found past MAX_REPORTED
+
+    def add(self, message: str) -> None:
+        if len(self.differences) < MAX_REPORTED:
+            self.differences.append(message)
+        else:
+            self.more += 1
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a packed linear back
+
+
+def linear_port_files(hw: Path, stem: str, ports: int) -> list[Path]:
+    return [hw / port_file(stem, p) for p in range(ports)]
+
+
+def read_packed_linear(hw: Path, stem: str, chin: int, chout: int, ports: int, start: int, stop: int):
+    """(int8 q, fp16 scales) of output channels start..stop from the port files."""
+    files = open_port_files(linear_port_files(hw, stem, ports), chout, row_words(chin))
+    q, scales, _ = unpack_linear_rows(read_port_rows(files, start, stop), chin)
+    return q, scales
+
+
+def _place(stem: str, row: int, ports: int) -> str:
+    return f"{port_file(stem, row % ports)}: row {row // ports} (output channel {row})"
+
+
+def check_packed_linear(report: BitReport, hw: Path, stem: str, chin: int, chout: int, ports: int, expected) -> None:
+    """Compare a linear's port files with `expected(start, stop) -> (int8 q, fp16 scales)`."""
+    words = row_words(chin)
+    try:
+        files = open_port_files(linear_port_files(hw, stem, ports), chout, words)
+    except VCUError as e:
+        return report.add(str(e).replace(str(hw) + "/", ""))
+    report.files_checked += ports
+    total = rows_per_port(chout, ports) * ports
+    report.bytes_checked += total * words * 4
+    step = rows_per_block(4 * chin, multiple=ports)
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        rows = read_port_rows(files, start, stop)
+        real = max(0, min(stop, chout) - start)
+        if real:
+            q, scales, pad = unpack_linear_rows(rows[:real], chin)
+            want_q, want_s = expected(start, start + real)
+            bad_rows = np.flatnonzero((q != want_q).any(1) | (scales.view("<u2") != want_s.view("<u2")).any(1) | pad.any(1))
+            for r in bad_rows[:3]:
+                _describe_row(report, stem, start + int(r), ports, rows[r], pack_linear_rows(want_q[r : r + 1], want_s[r : r + 1])[0], chin)
+            report.more += max(0, len(bad_rows) - 3)
+        if (rows[real:] != 0).any():
+            r = real + int(np.flatnonzero((rows[real:] != 0).any(1))[0])
+            w = int(np.flatnonzero(rows[r])[0])
+            report.add(f"{_place(stem, start + r, ports)}: padding row, word {w} is {int(rows[r, w]):#010x}, expected 0")
+
+
+def _describe_row(report: BitReport, stem: str, row: int, ports: int, got: np.ndarray, want: np.ndarray, chin: int) -> None:
+    w = int(np.flatnonzero(got != want)[0])
+    groups = chin // GROUP_SIZE
+    scale_words = {scale_word_index(g): g for g in range(0, groups, 2)}
+    weight_words = {weight_word_index(c): c for c in range(0, chin, 8)}
+    if w in weight_words:
+        c = weight_words[w]
+        what = f"weights of inputs {c}..{c + 7}"
+    elif w in scale_words:
+        g = scale_words[w]
+        what = f"scales of groups {g}" + (f" and {g + 1}" if g + 1 < groups else " (high half must be 0)")
+    else:
+        what = "scale padding word (must be 0)"
+    report.add(f"{_place(stem, row, ports)}, word {w} ({what}) is {int(got[w]):#010x}, expected {int(want[w]):#010x}")
+
+
+def check_bias_words(report: BitReport, hw: Path, rel: str, expected: np.ndarray) -> None:
+    try:
+        words = BinFile(hw / rel, "<u4", (expected.shape[0],)).read()
+    except VCUError as e:
+        return report.add(str(e).replace(str(hw) + "/", ""))
+    report.files_checked += 1
+    report.bytes_checked += words.nbytes
+    mult, bias = unpack_bias_words(words)
+    bad = np.flatnonzero((mult != BIAS_MULTIPLIER) | (bias.view("<u2") != expected.astype("<f2").view("<u2")))
+    if bad.size:
+        i = int(bad[0])
+        want = (BIAS_MULTIPLIER << 16) | int(expected.astype("<f2").view("<u2")[i])
+        report.add(f"{rel}: word {i} (bias of output channel {i}) is {int(words[i]):#010x}, expected {want:#010x}")
+
+
+def check_fp16_file(report: BitReport, hw: Path, rel: str, expected: np.ndarray, what: str, row_len: int | None = None) -> None:
+    try:
+        got = BinFile(hw / rel, "<f2", expected.shape).read()
+    except VCUError as e:
+        return report.add(str(e).replace(str(hw) + "/", ""))
+    report.files_checked += 1
+    report.bytes_checked += got.nbytes
+    bad = np.flatnonzero(got.view("<u2").ravel() != expected.astype("<f2").view("<u2").ravel())
+    if bad.size:
+        i = int(bad[0])
+        where = f"row {i // row_len}, element {i % row_len}" if row_len else f"element {i}"
+        report.add(f"{rel}: {where} ({what}) is {float(got.ravel()[i])!r}, expected {float(expected.astype('<f2').ravel()[i])!r}")
+
+
+def check_manifest(report: BitReport, hw: Path, expected_files: set[str]) -> None:
+    """Sizes and sha256 against manifest.json; missing and extra files against the layout."""
+    try:
+        doc = read_manifest(hw)
+    except VCUError as e:
+        return report.add(str(e))
+    listed = {f["path"]: f for f in doc.get("files", [])}
+    on_disk = {str(p.relative_to(hw)) for p in hw.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
+    for rel in sorted(expected_files - on_disk):
+        report.add(f"{rel}: missing")
+    for rel in sorted(on_disk - expected_files):
+        report.add(f"{rel}: extra file (not part of the board layout)")
+    for rel in sorted(expected_files - set(listed)):
+        report.add(f"{rel}: not listed in {MANIFEST_NAME}")
+    for rel, f in sorted(listed.items()):
+        path = hw / rel
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size != f["bytes"]:
+            report.add(f"{rel}: {size} bytes, {MANIFEST_NAME} says {f['bytes']}")
+        elif sha256_file(path) != f["sha256"]:
+            report.add(f"{rel}: sha256 differs from {MANIFEST_NAME} (content changed or files swapped)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole folder
+
+
+def find_compile_dir(qdir: Path, hw: Path, compile_dir: Path | None) -> Path:
+    for cand in [compile_dir, hw.parent, qdir / "compile"]:
+        if cand and sw_lm_head_paths(cand)["qweight"].is_file():
+            return Path(cand)
+    raise VCUError(f"lm_head_qweight.bin not found beside {hw} or in {qdir / 'compile'}: pass --compile_dir")
+
+
+def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: bool = True) -> BitReport:
+    ckpt = GPTQCheckpoint(qdir)
+    ckpt.validate()
+    d = ckpt.dims
+    hw = Path(hw)
+    if not hw.is_dir():
+        raise VCUError(f"{hw}: no such hardware folder")
+    doc = read_manifest(hw)
+    ports, parts = int(doc["ports"]), int(doc.get("embedding_parts", 0))
+    for key, value in d.to_json().items():
+        if doc.get("model", {}).get(key) != value:
+            raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={doc.get('model', {}).get(key)!r}, but the checkpoint's config.json says {value!r}")
+    compile_dir = find_compile_dir(ckpt.qdir, hw, compile_dir)
+    report = BitReport()
+    expected_files: set[str] = set()
+
+    for layer in bar(range(d.num_layers), "verify", "layer", enabled=progress):
+        for lin in LINEARS:
+            name = lin.name(layer)
+            chin, chout = d.linear_shape(lin)
+            stem, bias_file = hw_linear_stems(layer, lin)
+            expected_files.update(port_file(stem, p) for p in range(ports))
+            expected_files.add(bias_file)
+            qweight, scales = ckpt.get(f"{name}.qweight"), ckpt.get(f"{name}.scales")
+            check_packed_linear(
+                report, hw, stem, chin, chout, ports,
+                lambda a, b, qw=qweight, sc=scales: (ckpt.signed_weights(qw[:, a:b]), np.ascontiguousarray(sc[:, a:b].T)),
+            )
+            bias = ckpt.get_fp16(f"{name}.bias") if ckpt.has(f"{name}.bias") else np.zeros(chout, np.float16)
+            check_bias_words(report, hw, bias_file, bias)
+        for norm, board in LAYER_NORMS:
+            rel = hw_layer_norm_file(layer, board)
+            expected_files.add(rel)
+            w = ckpt.get_fp16(f"model.layers.{layer}.{norm}.weight")
+            check_fp16_file(report, hw, rel, np.concatenate([w, np.zeros_like(w)]), f"{norm} weight, then zeros")
+
+    # The output layer: ints and scales as lm_head.py wrote them, bias words of a zero bias.
+    lm = sw_lm_head_paths(compile_dir)
+    lm_q = sw_qweight_file(lm["qweight"], d.vocab, d.hidden)
+    lm_s = sw_scales_file(lm["scales"], d.vocab, d.hidden)
+    expected_files.update(port_file(OUT_WEIGHT_STEM, p) for p in range(ports))
+    expected_files.update({OUT_BIAS_FILE, OUT_NORM_FILE})
+    check_packed_linear(report, hw, OUT_WEIGHT_STEM, d.hidden, d.vocab, ports, lambda a, b: (lm_q.read_rows(a, b), lm_s.read_rows(a, b)))
+    check_bias_words(report, hw, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
+    w = ckpt.get_fp16(f"{FINAL_NORM}.weight")
+    check_fp16_file(report, hw, OUT_NORM_FILE, np.concatenate([w, np.zeros_like(w)]), "model.norm weight, then zeros")
+
+    if parts:
+        rows = d.vocab // parts
+        for i in range(parts):
+            rel = f"{EMBEDDING_DIR}/{embedding_part_file(i + 1, parts)}"
+            expected_files.add(rel)
+            check_fp16_file(report, hw, rel, ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), f"embedding row {i * rows}+", d.hidden)
+    else:
+        report.add(f"{EMBEDDING_DIR}/: no embedding parts recorded in {MANIFEST_NAME} (run embedding_tokens.py)")
+    check_manifest(report, hw, expected_files)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional check: the model as the board holds it, in PyTorch
+
+
+def load_hardware_model(qdir: Path, hw: Path, device="cpu", dtype=None, lm_head_from_checkpoint: bool = False):
+    """A transformers model whose every weight comes from the hardware folder: linears dequantized
+    from the port files, biases from the bias words, norms from the norm files, the embedding from
+    its parts, the output layer from OutLayer (or, for diagnosis, the checkpoint's float lm_head)."""
+    import torch
+
+    from .torch_model import build_empty_model, dequantize, plain_config
+
+    dtype = dtype or torch.float32
+    hw = Path(hw)
+    ckpt = GPTQCheckpoint(qdir)
+    d = ckpt.dims
+    doc = read_manifest(hw)
+    ports, parts = int(doc["ports"]), int(doc["embedding_parts"])
+    model = build_empty_model(plain_config(qdir), device, dtype)
+    params = dict(model.named_parameters())
+
+    def put(name: str, value: np.ndarray) -> None:
+        params[name].data.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+    def linear(stem: str, chin: int, chout: int) -> "torch.Tensor":
+        q, s = read_packed_linear(hw, stem, chin, chout, ports, 0, chout)
+        return dequantize(torch.from_numpy(q), torch.from_numpy(s.astype(np.float32)))
+
+    def norm(rel: str) -> np.ndarray:
+        return BinFile(hw / rel, "<f2", (2 * d.hidden,)).read()[: d.hidden]
+
+    with torch.no_grad():
+        for layer in range(d.num_layers):
+            for lin in LINEARS:
+                chin, chout = d.linear_shape(lin)
+                stem, bias_file = hw_linear_stems(layer, lin)
+                params[f"{lin.name(layer)}.weight"].data.copy_(linear(stem, chin, chout))
+                bias_name = f"{lin.name(layer)}.bias"
+                if bias_name in params:
+                    put(bias_name, unpack_bias_words(BinFile(hw / bias_file, "<u4", (chout,)).read())[1])
+            for name, board in LAYER_NORMS:
+                put(f"model.layers.{layer}.{name}.weight", norm(hw_layer_norm_file(layer, board)))
+        put(f"{FINAL_NORM}.weight", norm(OUT_NORM_FILE))
+        rows = d.vocab // parts
+        put(EMBEDDING, np.concatenate([BinFile(hw / EMBEDDING_DIR / embedding_part_file(i + 1, parts), "<f2", (rows, d.hidden)).read() for i in range(parts)]))
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie: the board has its own
+        if lm_head_from_checkpoint:
+            src = ckpt.lm_head_source()
+            lm = ckpt.get(src) if src != "lm_head" else None
+            if lm is None:
+                from .torch_model import checkpoint_linear
+
+                model.lm_head.weight.data.copy_(checkpoint_linear(ckpt, "lm_head", device))
+            else:
+                model.lm_head.weight.data.copy_(torch.from_numpy(lm.astype(np.float32)))
+        else:
+            model.lm_head.weight.data.copy_(linear(OUT_WEIGHT_STEM, d.hidden, d.vocab))
+    return model
+
+
+def compare_models(models: dict, tokenizer, prompt: str, tokens: int, eval_ids: np.ndarray, seqlen: int = 256, windows: int = 4) -> dict:
+    """Greedy continuation of `prompt` by each model; top-1 agreement and relative logit error of
+    every model against the first ('hardware') on held-out tokens."""
+    import torch
+
+    out: dict = {"prompt": prompt, "greedy": {}, "against_hardware": {}}
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    for name, m in models.items():
+        with torch.no_grad():
+            x = ids.to(next(m.parameters()).device)
+            for _ in range(tokens):  # plain greedy loop: identical in every transformers version
+                nxt = m(x).logits[:, -1].argmax(-1, keepdim=True)
+                x = torch.cat([x, nxt], 1)
+        gen = x[0, ids.shape[1] :].tolist()
+        out["greedy"][name] = {"tokens": gen, "text": tokenizer.decode(gen)}
+    n = max(1, min(windows, len(eval_ids) // seqlen))
+    seqlen = min(seqlen, len(eval_ids) // n)
+    batch = torch.from_numpy(np.asarray(eval_ids[: n * seqlen])).view(n, seqlen)
+    logits = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            logits[name] = m(batch.to(next(m.parameters()).device)).logits.float().cpu()
+    ref = logits["hardware"]
+    hw_tokens = out["greedy"]["hardware"]["tokens"]
+    for name, lg in logits.items():
+        if name == "hardware":
+            continue
+        gen = out["greedy"][name]["tokens"]
+        same = next((i for i, (a, b) in enumerate(zip(gen, hw_tokens)) if a != b), len(gen))
+        out["against_hardware"][name] = {
+            "top1_agreement": float((lg.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "relative_logit_error": float((lg - ref).norm() / lg.norm()),
+            "greedy_tokens_equal": gen == hw_tokens,
+            "greedy_common_prefix": same,
+        }
+    out["eval_tokens"] = int(n * seqlen)
+    return out
+
+
+def functional_check(qdir: Path, hw: Path, model: Path | None, text: Path, prompt: str, tokens: int, device="cpu", lm_head_from_checkpoint=False) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .torch_model import load_checkpoint_model
+
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(str(qdir))
+    models = {
+        "hardware": load_hardware_model(qdir, hw, device, dtype, lm_head_from_checkpoint),
+        "checkpoint": load_checkpoint_model(qdir, device, dtype),
+    }
+    if model:
+        models["fp16 original"] = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device).eval()
+    eval_ids = np.asarray(tokenizer(Path(text).read_text(), add_special_tokens=False)["input_ids"])
+    result = compare_models(models, tokenizer, prompt, tokens, eval_ids)
+    result["lm_head_from_checkpoint"] = lm_head_from_checkpoint
+    return result
+
+
+def format_functional(result: dict) -> str:
+    lines = [f"greedy continuation of {result['prompt']!r}:"]
+    for name, g in result["greedy"].items():
+        lines.append(f"  {name:>14}: {g['text']!r}")
+    lines.append(f"against the hardware model, on {result['eval_tokens']} held-out tokens:")
+    lines.append("  model          | top-1 agreement | relative logit error | same greedy tokens")
+    for name, r in result["against_hardware"].items():
+        same = "yes" if r["greedy_tokens_equal"] else f"first {r['greedy_common_prefix']}"
+        lines.append(f"  {name:<14} | {r['top1_agreement']:15.4f} | {r['relative_logit_error']:20.5f} | {same}")
+    return "\n".join(lines)
+
+
+def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=16,
+           device="cpu", functional=True, lm_head_from_checkpoint=False, progress=True) -> dict:
+    start = time.perf_counter()
+    hw = Path(hw)
+    report = bit_check(qdir, hw, compile_dir, progress)
+    seconds = time.perf_counter() - start
+    result = {
+        "bit_check": {
+            "ok": report.ok,
+            "files": report.files_checked,
+            "bytes": report.bytes_checked,
+            "seconds": seconds,
+            "differences": report.differences,
+            "more_differences": report.more,
+        }
+    }
+    if report.ok and functional:
+        from .demo import DEMO_CORPUS
+
+        result["functional"] = functional_check(qdir, hw, model, Path(text or DEMO_CORPUS), prompt, tokens, device, lm_head_from_checkpoint)
+    path = Path(hw).parent / "verify_report.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    result["report_path"] = str(path)
+    return result
