@@ -20,6 +20,7 @@ log = logging.getLogger("vcu128")
 
 REPORT_NAME = "quant_report.json"
 CALIBRATION_META_KEY = "vcu128_calibration"
+GPU_BATCH = 16  # calibration samples a forward pass on a GPU (plain GPTQModel: 1); see bench/bench_quantize.py
 
 
 @dataclass
@@ -35,7 +36,8 @@ class QuantizeOptions:
     calib: str | None = None
     eval_text: str | None = None
     lm_head: bool = False
-    batch_size: int | None = None  # None: 1 on CPU, all samples at once on a GPU
+    batch_size: int | None = None  # None: 1 on CPU, GPU_BATCH on a GPU
+    offload: bool | None = None  # GPTQModel's offload_to_disk; None: off on a GPU, its default on the CPU
     report: bool = True
 
 
@@ -105,6 +107,7 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) 
     from gptqmodel import GPTQModel, QuantizeConfig
 
     _redirect_gptqmodel_logs(out / "quant_logs")
+    cpu = opts.device == "cpu"
     qc = QuantizeConfig(
         bits=opts.wbits,
         group_size=opts.group_size,
@@ -114,9 +117,10 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) 
         # GPTQModel quantizes lm_head at 8 bits, group 32 unless told otherwise; the board needs 4 / 128.
         dynamic={"lm_head": {"bits": opts.wbits, "group_size": opts.group_size, "sym": opts.sym, "desc_act": opts.desc_act}} if opts.lm_head else None,
         pack_impl="original",  # no 30 s extension build on first use; packing is a small part of the time
+        # Offloading finished modules to disk saves host memory on a CPU box and costs time on a GPU one.
+        offload_to_disk=opts.offload if opts.offload is not None else cpu,
     )
-    cpu = opts.device == "cpu"
-    batch = opts.batch_size or (1 if cpu else len(calib.samples))
+    batch = opts.batch_size or (1 if cpu else GPU_BATCH)
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
     gm = GPTQModel.load(str(model), qc, dtype=torch.float16, device=opts.device)

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Benchmark GPTQ quantization on a GPU: this project's quantize step next to plain GPTQModel defaults.
+
+Builds a Qwen2-7B-shaped model with random weights (seeded, so separate runs build the same model),
+quantizes it with 256 random-token samples of 512 tokens, and reports wall time, GPU peak and host
+peak memory, and, per decoder layer, GPTQ's relative output error on held-out inputs (the same for
+every run). Each quantization runs in its own process, so its peaks are its own.
+
+    python bench/bench_quantize.py --layers 28 --runs defaults project
+    python bench/bench_quantize.py --layers 4 --runs project:bs=16 project:bs=64,offload=0
+
+A run is `defaults` (GPTQModel.load + quantize(batch_size=1) + save, nothing else set) or
+`project[:bs=N,offload=0|1]` (vcu128.quantize, this project's settings, overridable).
+Needs a CUDA GPU, GPTQModel and about 16 GB of free disk a 28-layer model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QWEN2_7B_CONFIG = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+    max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+
+
+def build(model_dir: Path, layers: int, seed: int) -> None:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from vcu128.demo import DEMO_CORPUS, train_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**QWEN2_7B_CONFIG, num_hidden_layers=layers, torch_dtype="float16")
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(cfg).to(torch.float16)
+    model.save_pretrained(model_dir)
+    train_tokenizer(DEMO_CORPUS.read_text(), 1024).save_pretrained(model_dir)
+
+
+def calibration(model_dir: Path, nsamples: int, seqlen: int):
+    from transformers import AutoTokenizer
+
+    from vcu128.calibration import build_calibration
+    from vcu128.demo import DEMO_CORPUS
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return build_calibration(tok, "random", nsamples, seqlen, seed=0, eval_text=str(DEMO_CORPUS), vocab_size=QWEN2_7B_CONFIG["vocab_size"])
+
+
+def quantize(model_dir: Path, out: Path, run: str, nsamples: int, seqlen: int) -> dict:
+    import torch
+
+    calib = calibration(model_dir, nsamples, seqlen)
+    name, _, opts = run.partition(":")
+    settings = dict(kv.split("=") for kv in opts.split(",") if kv)
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if name == "defaults":
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        gm = GPTQModel.load(str(model_dir), QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False))
+        gm.quantize(calib.samples, batch_size=1)
+        gm.save(str(out))
+    else:
+        from vcu128.quantize import QuantizeOptions, run_gptq
+
+        opts = QuantizeOptions(device="cuda:0", nsamples=nsamples, seqlen=seqlen, calib="random", report=False)
+        if "bs" in settings:
+            opts.batch_size = int(settings["bs"])
+        if "offload" in settings:
+            opts.offload = settings["offload"] == "1"
+        run_gptq(model_dir, out, calib, opts)
+    return {"run": run, "seconds": time.perf_counter() - start, "gpu_peak_gb": torch.cuda.max_memory_reserved() / 1e9}
+
+
+def errors(model_dir: Path, qdir: Path, seqlen: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vcu128.checkpoint import GPTQCheckpoint
+    from vcu128.torch_model import layer_errors
+
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float16).cuda().eval()
+    calib = calibration(model_dir, 1, seqlen)
+    return layer_errors(ref, GPTQCheckpoint(qdir), calib.eval_ids, seqlen=min(seqlen, len(calib.eval_ids) // 2), windows=2)
+
+
+def child(args: list[str]) -> tuple[dict, float]:
+    """Run this script in a child process; (its JSON result, its peak host memory in GB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"failed: {' '.join(args)}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - start
+    return result, usage.ru_maxrss / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--runs", nargs="+", default=["defaults", "project"])
+    p.add_argument("--nsamples", type=int, default=256)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_quantize"))
+    p.add_argument("--json", type=Path, help="write the results here too")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:  # inside a child process: one piece of work, JSON on the last line of stdout
+        kind, *rest = args.child
+        if kind == "build":
+            build(Path(rest[0]), int(rest[1]), 0)
+            print(json.dumps({}))
+        elif kind == "quantize":
+            print(json.dumps(quantize(Path(rest[0]), Path(rest[1]), rest[2], args.nsamples, args.seqlen)))
+        else:
+            print(json.dumps(errors(Path(rest[0]), Path(rest[1]), args.seqlen)))
+        return
+
+    import torch
+
+    model_dir = args.work / f"qwen2-7b-shape-{args.layers}L"
+    if not (model_dir / "config.json").is_file():
+        r, _ = child(["--child", "build", str(model_dir), str(args.layers)])
+        print(f"built {model_dir} in {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
+    results = []
+    for i, run in enumerate(args.runs):
+        qdir = args.work / f"q{i}"
+        q, host = child(["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--child", "quantize", str(model_dir), str(qdir), run])
+        q["host_peak_gb"] = host
+        errs, _ = child(["--seqlen", str(args.seqlen), "--child", "errors", str(model_dir), str(qdir)])
+        q["layer_errors"] = errs
+        results.append(q)
+        print(json.dumps(q), file=sys.stderr, flush=True)
+    gpu = torch.cuda.get_device_name(0)
+    import gptqmodel
+    import transformers
+
+    print(f"\n{args.layers} layers of Qwen2-7B shape, {args.nsamples} samples x {args.seqlen} tokens; {gpu}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, GPTQModel {gptqmodel.__version__}\n")
+    print("| run | seconds | s / layer | GPU peak (GB) | host peak (GB) | mean layer error | max layer error |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for q in results:
+        e = [row["gptq"] for row in q["layer_errors"]]
+        print(f"| {q['run']} | {q['seconds']:.1f} | {q['seconds'] / args.layers:.2f} | {q['gpu_peak_gb']:.1f} | {q['host_peak_gb']:.1f} | {sum(e) / len(e):.4f} | {max(e):.4f} |")
+    if len(results) > 1:
+        print(f"\nspeed-up of {results[-1]['run']} over {results[0]['run']}: {results[0]['seconds'] / results[-1]['seconds']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
