@@ -32,7 +32,7 @@ from vcu128.synthetic import QWEN2_7B, SyntheticSpec  # noqa: E402
 
 def run_step(args: list[str]) -> tuple[float, int]:
     """(seconds until the output is synced, peak RSS in bytes) of one step run as a child process."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -98,7 +98,7 @@ def errors(model_dir: Path, qdir: Path, seqlen: int) -> list[dict]:
 def child(args: list[str]) -> tuple[dict, float]:
     """Run this script in a child process; (its JSON result, its peak host memory in GB)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
@@ -127,7 +127,7 @@ def main() -> None:
         elif kind == "quantize":
             print(json.dumps(quantize(Path(rest[0]), Path(rest[1]), rest[2], args.nsamples, args.seqlen)))
         else:
-            print(json.dumps(errors(Path(rest[0]), Path(rest[1]), args.seqlen)))
+            print(json.dumps({"layers": errors(Path(rest[0]), Path(rest[1]), args.seqlen)}))
         return
 
     import torch
@@ -142,7 +142,7 @@ def main() -> None:
         q, host = child(["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--child", "quantize", str(model_dir), str(qdir), run])
         q["host_peak_gb"] = host
         errs, _ = child(["--seqlen", str(args.seqlen), "--child", "errors", str(model_dir), str(qdir)])
-        q["layer_errors"] = errs
+        q["layer_errors"] = errs["layers"]
         results.append(q)
         print(json.dumps(q), file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name(0)
