@@ -38,6 +38,7 @@ class QuantizeOptions:
     lm_head: bool = False
     batch_size: int | None = None  # None: 1 on CPU, GPU_BATCH on a GPU
     offload: bool | None = None  # GPTQModel's offload_to_disk; None: off on a GPU, its default on the CPU
+    pack_impl: str | None = None  # GPTQModel's int4 packing; None: "gpu" on a GPU, "original" on the CPU
     report: bool = True
 
 
@@ -116,7 +117,8 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) 
         lm_head=opts.lm_head,
         # GPTQModel quantizes lm_head at 8 bits, group 32 unless told otherwise; the board needs 4 / 128.
         dynamic={"lm_head": {"bits": opts.wbits, "group_size": opts.group_size, "sym": opts.sym, "desc_act": opts.desc_act}} if opts.lm_head else None,
-        pack_impl="original",  # no 30 s extension build on first use; packing is a small part of the time
+        # On the CPU, "original" avoids a 30 s extension build on first use; on a GPU, pack there.
+        pack_impl=opts.pack_impl or ("original" if cpu else "gpu"),
         # Offloading finished modules to disk saves host memory on a CPU box and costs time on a GPU one.
         offload_to_disk=opts.offload if opts.offload is not None else cpu,
     )
