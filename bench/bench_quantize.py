@@ -97,11 +97,14 @@ def errors(model_dir: Path, qdir: Path, seqlen: int) -> list[dict]:
     return layer_errors(ref, GPTQCheckpoint(qdir), calib.eval_ids, seqlen=min(seqlen, len(calib.eval_ids) // 2), windows=2)
 
 
-def child(args: list[str]) -> tuple[dict, float]:
-    """Run this script in a child process; (its JSON result, its peak host memory in GB)."""
+def child(args: list[str], log: Path) -> tuple[dict, float]:
+    """Run this script in a child process, its stdout (GPTQModel's timing tables) saved to `log`;
+    (its JSON result, its peak host memory in GB)."""
     start = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     out = proc.stdout.read()
+    log.write_bytes(out)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"failed: {' '.join(args)}")
@@ -136,14 +139,14 @@ def main() -> None:
 
     model_dir = args.work / f"qwen2-7b-shape-{args.layers}L"
     if not (model_dir / "config.json").is_file():
-        r, _ = child(["--child", "build", str(model_dir), str(args.layers)])
+        r, _ = child(["--child", "build", str(model_dir), str(args.layers)], args.work / "build.log")
         print(f"built {model_dir} in {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
     results = []
     for i, run in enumerate(args.runs):
         qdir = args.work / f"q{i}"
-        q, host = child(["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--child", "quantize", str(model_dir), str(qdir), run])
+        q, host = child(["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--child", "quantize", str(model_dir), str(qdir), run], args.work / f"q{i}.log")
         q["host_peak_gb"] = host
-        errs, _ = child(["--seqlen", str(args.seqlen), "--child", "errors", str(model_dir), str(qdir)])
+        errs, _ = child(["--seqlen", str(args.seqlen), "--child", "errors", str(model_dir), str(qdir)], args.work / f"e{i}.log")
         q["layer_errors"] = errs["layers"]
         results.append(q)
         print(json.dumps(q), file=sys.stderr, flush=True)
