@@ -10,7 +10,7 @@ every run). Each quantization runs in its own process, so its peaks are its own.
     python bench/bench_quantize.py --layers 4 --runs project:bs=16 project:bs=64,offload=0
 
 A run is `defaults` (GPTQModel.load + quantize(batch_size=1) + save, nothing else set) or
-`project[:bs=N,offload=0|1,pack=original|gpu|cpu]` (vcu128.quantize, this project's settings, overridable).
+`project[:bs=N,offload=0|1,pack=original|gpu|cpu,tf32=0|1,seq=0|1]` (vcu128.quantize, this project's settings, overridable).
 Needs a CUDA GPU, GPTQModel and about 16 GB of free disk a 28-layer model.
 """
 
@@ -81,6 +81,10 @@ def quantize(model_dir: Path, out: Path, run: str, nsamples: int, seqlen: int) -
             opts.offload = settings["offload"] == "1"
         if "pack" in settings:
             opts.pack_impl = settings["pack"]
+        if "tf32" in settings:
+            opts.tf32 = settings["tf32"] == "1"
+        if "seq" in settings:
+            opts.true_sequential = settings["seq"] == "1"
         run_gptq(model_dir, out, calib, opts)
     return {"run": run, "seconds": time.perf_counter() - start, "gpu_peak_gb": torch.cuda.max_memory_reserved() / 1e9}
 

@@ -39,6 +39,8 @@ class QuantizeOptions:
     batch_size: int | None = None  # None: 1 on CPU, GPU_BATCH on a GPU
     offload: bool | None = None  # GPTQModel's offload_to_disk; None: off on a GPU, its default on the CPU
     pack_impl: str | None = None  # GPTQModel's int4 packing; None: "gpu" on a GPU, "original" on the CPU
+    tf32: bool | None = None  # TF32 matmuls for the Hessians and their inverses; None: on for a GPU
+    true_sequential: bool = True  # one forward a group of linears in a layer (GPTQ's default) or one a layer
     report: bool = True
 
 
@@ -115,6 +117,7 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) 
         sym=opts.sym,
         desc_act=opts.desc_act,
         lm_head=opts.lm_head,
+        true_sequential=opts.true_sequential,
         # GPTQModel quantizes lm_head at 8 bits, group 32 unless told otherwise; the board needs 4 / 128.
         dynamic={"lm_head": {"bits": opts.wbits, "group_size": opts.group_size, "sym": opts.sym, "desc_act": opts.desc_act}} if opts.lm_head else None,
         # On the CPU, "original" avoids a 30 s extension build on first use; on a GPU, pack there.
@@ -123,6 +126,9 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) 
         offload_to_disk=opts.offload if opts.offload is not None else cpu,
     )
     batch = opts.batch_size or (1 if cpu else GPU_BATCH)
+    if not cpu:
+        # The Hessian X^T X of down_proj over 256 x 512 tokens is ~94 TFLOP: TF32 cuts it several-fold.
+        torch.backends.cuda.matmul.allow_tf32 = opts.tf32 if opts.tf32 is not None else True
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
     gm = GPTQModel.load(str(model), qc, dtype=torch.float16, device=opts.device)
