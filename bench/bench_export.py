@@ -2,7 +2,7 @@
 """Benchmark the export steps on a synthetic checkpoint of Qwen2-7B's shape.
 
 Builds the checkpoint (random ints and scales in GPTQ layout), then runs compile_sw, lm_head,
-hardware and embedding_tokens, each as its own process so its peak RSS is its own. Each step is
+hardware, embedding_tokens and verify's bit check, each as its own process so its peak RSS is its own. Each step is
 timed until its bytes are on disk (sync), and so is the baseline: the same number of bytes written
 with plain numpy in 32 MB blocks, in the same run. Prints a Markdown table.
 
@@ -59,6 +59,17 @@ def raw_write_seconds(nbytes: int, folder: Path) -> float:
     return seconds
 
 
+def raw_read_seconds(paths: list[Path]) -> float:
+    """Plain Python: read every file under `paths` in 32 MB blocks (the baseline of a step that only reads)."""
+    start = time.perf_counter()
+    for p in paths:
+        for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
+            with open(f, "rb") as fh:
+                while fh.read(32 << 20):
+                    pass
+    return time.perf_counter() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=1, help="decoder layers (28 = the whole 7B model)")
@@ -87,6 +98,7 @@ def main() -> None:
         ("lm_head (rtn)", ["lm_head.py", "--quantize_model", str(qdir)], [comp / "qwen2_qweight_bin" / "lm_head_qweight.bin", comp / "qwen2_qweight_bin" / "lm_head_scales.bin"]),
         ("hardware", ["hardware.py", "--compile_dir", str(comp)], [hw]),
         ("embedding_tokens", ["embedding_tokens.py", "--compile_dir", str(comp)], [hw / "Embedding"]),
+        ("verify (bit check)", ["verify.py", "--quantize_model", str(qdir), "--hardware_dir", str(hw), "--bits_only"], [hw]),
     ]
     rows = []
     for name, cmd, outputs in steps:
@@ -95,18 +107,22 @@ def main() -> None:
         nbytes = folder_stats(outputs)[1]
         if name == "hardware":
             nbytes -= before
-        raw = raw_write_seconds(nbytes, args.work)
+        if name.startswith("verify"):  # reads the packed folder (and the checkpoint): baseline is a plain read
+            raw = raw_read_seconds(outputs)
+        else:
+            raw = raw_write_seconds(nbytes, args.work)
         rows.append((name, seconds, nbytes, rss, raw))
 
     print(f"\nQwen2-7B shape, {args.layers} layer(s); {platform.node()}: {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}, numpy {np.__version__}\n")
-    print("| step | seconds | GB written | GB/s | peak RSS (GB) | plain numpy write of the same bytes (s) | ratio |")
+    print("| step | seconds | GB written (verify: GB checked) | GB/s | peak RSS (GB) | plain write of the same bytes (verify: plain read) (s) | ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     tot = [0.0, 0, 0, 0.0]
     for name, s, b, rss, raw in rows:
         print(f"| {name} | {s:.1f} | {b / 1e9:.2f} | {b / 1e9 / s:.2f} | {rss / 1e9:.2f} | {raw:.1f} | {s / raw:.2f} |")
-        tot = [tot[0] + s, tot[1] + b, max(tot[2], rss), tot[3] + raw]
-    print(f"| **all four** | {tot[0]:.1f} | {tot[1] / 1e9:.2f} | {tot[1] / 1e9 / tot[0]:.2f} | {tot[2] / 1e9:.2f} | {tot[3]:.1f} | {tot[0] / tot[3]:.2f} |")
+        if not name.startswith("verify"):
+            tot = [tot[0] + s, tot[1] + b, max(tot[2], rss), tot[3] + raw]
+    print(f"| **the four export steps** | {tot[0]:.1f} | {tot[1] / 1e9:.2f} | {tot[1] / 1e9 / tot[0]:.2f} | {tot[2] / 1e9:.2f} | {tot[3]:.1f} | {tot[0] / tot[3]:.2f} |")
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

@@ -11,7 +11,7 @@ from .errors import VCUError
 GROUP_SIZE = 128
 
 # Model types whose decoder layers carry the seven linears below under these names.
-KNOWN_MODEL_TYPES = ("qwen2", "llama", "mistral", "qwen2_5")
+KNOWN_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
 
 @dataclass(frozen=True)
