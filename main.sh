@@ -24,7 +24,7 @@ seqlen=512                         # tokens a sample
 extra_quantize_args=()             # e.g. (--lm_head) to GPTQ-quantize the output layer too
 # ------------------------------------------------------------------ end of settings
 
-set -euo pipefail
+set -Eeuo pipefail   # -E: the ERR trap below also fires inside run_step
 cd "$(dirname "$0")"
 source scripts/venv.sh
 
