@@ -1,6 +1,6 @@
 """Reading and checking a GPTQ checkpoint (FORMAT.md section 1).
 
-`GPTQCheckpoint.open()` reads config.json / quantize_config.json and the safetensors index;
+`GPTQCheckpoint(qdir)` reads config.json / quantize_config.json and the safetensors headers;
 `validate()` checks every tensor against what the board supports before a single byte is written.
 """
 

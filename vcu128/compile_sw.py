@@ -16,19 +16,11 @@ import numpy as np
 from .checkpoint import GPTQCheckpoint
 from .formats import CONFIG, SW_FP16_DIR, SW_QWEIGHT_DIR, sw_fp16_path, sw_linear_paths, sw_norm_file
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
-from .parallel import ordered_map
 from .output import StepResult, folder_stats, staged_dir
+from .parallel import ordered_map, rows_per_block
 from .progress import bar
 
 log = logging.getLogger("vcu128")
-
-BLOCK_BYTES = 32 << 20  # output written in blocks of about this size: memory stays bounded
-
-
-def rows_per_block(row_bytes: int, multiple: int = 1) -> int:
-    rows = max(1, BLOCK_BYTES // row_bytes)
-    return max(multiple, rows // multiple * multiple)
-
 
 def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path) -> None:
     """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin."""

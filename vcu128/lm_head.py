@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import GPTQCheckpoint
-from .compile_sw import rows_per_block
 from .errors import VCUError
 from .formats import SW_QWEIGHT_DIR, sw_lm_head_paths
 from .output import StepResult
 from .progress import bar
-from .parallel import ordered_map
+from .parallel import ordered_map, rows_per_block
 from .quant import METHODS, dequantize_rows, quantize_rows, squared_error
 
 log = logging.getLogger("vcu128")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .compile_sw import rows_per_block
 from .errors import VCUError
 from .formats import (
     CONFIG,
@@ -28,8 +27,8 @@ from .formats import (
     sw_scales_file,
 )
 from .model import FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, ModelDims, read_model_dims
-from .parallel import ordered_map
 from .output import FileRecord, Manifest, StepResult, folder_stats, staged_dir, write_whole_file
+from .parallel import ordered_map, rows_per_block
 from .progress import bar
 
 

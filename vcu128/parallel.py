@@ -1,5 +1,6 @@
-"""Overlap computing blocks with writing them: numpy and file writes release the GIL, so a couple of
-threads keep both cores busy while the main thread writes finished blocks in order."""
+"""Streaming in blocks of rows: memory follows a block, not a tensor. Computing blocks overlaps with
+writing them: numpy and file writes release the GIL, so a couple of threads keep both cores busy
+while the main thread writes finished blocks in order."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 WORKERS = min(4, os.cpu_count() or 1)
+BLOCK_BYTES = 32 << 20  # a block of rows is about this size
+
+
+def rows_per_block(row_bytes: int, multiple: int = 1) -> int:
+    """Rows in a block of about BLOCK_BYTES, a multiple of `multiple` (the port count when packing)."""
+    rows = max(1, BLOCK_BYTES // row_bytes)
+    return max(multiple, rows // multiple * multiple)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], ahead: int = WORKERS + 1) -> Iterator[R]:

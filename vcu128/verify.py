@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import GPTQCheckpoint
-from .compile_sw import rows_per_block
 from .errors import VCUError
 from .formats import (
     BIAS_MULTIPLIER,
@@ -46,6 +45,7 @@ from .formats import (
 )
 from .model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS
 from .output import MANIFEST_NAME, read_manifest, sha256_file
+from .parallel import rows_per_block
 from .progress import bar
 
 log = logging.getLogger("vcu128")
