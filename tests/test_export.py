@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
-from safetensors import safe_open
-
 import reference as ref
 from conftest import export_all
+from safetensors import safe_open
+
 from vcu128.model import LINEARS, read_model_dims
 
 

@@ -2,25 +2,25 @@
 
 import numpy as np
 import pytest
-
 import reference as ref
+
 from vcu128.errors import VCUError
 from vcu128.formats import (
     BinFile,
     PackedLinearWriter,
     check_embedding_split,
+    open_port_files,
     pack_bias_words,
     pack_linear_rows,
     pack_nibbles,
-    open_port_files,
     read_port_rows,
-    scale_word_index,
-    weight_word_index,
     row_words,
     rows_per_port,
+    scale_word_index,
     unpack_bias_words,
     unpack_linear_rows,
     unpack_nibbles,
+    weight_word_index,
 )
 
 

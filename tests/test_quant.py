@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 import reference as ref
+
 from vcu128.quant import dequantize_rows, quantize_rows
 
 

@@ -6,12 +6,17 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import FAST, ROOT, export_all
 from safetensors import safe_open
+from test_export import (
+    QKV,
+    check_embedding,
+    check_hardware,
+    check_manifest,
+    check_software,
+)
 
-from conftest import ROOT, export_all
-from test_export import QKV, check_embedding, check_hardware, check_manifest, check_software
 from vcu128.calibration import build_calibration, read_texts
-from conftest import FAST
 from vcu128.demo import DEMO_CORPUS
 from vcu128.errors import VCUError
 from vcu128.quantize import QuantizeOptions, check_board_settings, quantize_model

@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, export_all
 from safetensors.numpy import load_file, save_file
 
-from conftest import ROOT, export_all
 from vcu128.compile_sw import compile_software
 from vcu128.embedding import split_embedding
 from vcu128.errors import VCUError

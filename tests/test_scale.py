@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint
 
 

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, export_all
+
 from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint
 from vcu128.verify import bit_check, verify
 

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VCUError
-from .model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, ModelDims, read_model_dims
+from .model import (
+    EMBEDDING,
+    FINAL_NORM,
+    GROUP_SIZE,
+    LAYER_NORMS,
+    LINEARS,
+    ModelDims,
+    read_model_dims,
+)
 
 # Symmetric 4-bit: every stored zero-point nibble is 8 (v2) or 8 - 1 (v1 stores zero - 1).
 SYMMETRIC_ZERO_WORD = {"gptq": 0x77777777, "gptq_v2": 0x88888888}

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import GPTQCheckpoint
-from .formats import CONFIG, SW_FP16_DIR, SW_QWEIGHT_DIR, sw_fp16_path, sw_linear_paths, sw_norm_file
+from .formats import (
+    CONFIG,
+    SW_FP16_DIR,
+    SW_QWEIGHT_DIR,
+    sw_fp16_path,
+    sw_linear_paths,
+    sw_norm_file,
+)
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
 from .output import StepResult, folder_stats, staged_dir
 from .parallel import ordered_map, rows_per_block

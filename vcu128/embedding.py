@@ -6,9 +6,24 @@ import json
 import time
 from pathlib import Path
 
-from .formats import CONFIG, EMBEDDING_DIR, BinFile, check_embedding_split, embedding_part_file, sw_fp16_path
+from .formats import (
+    CONFIG,
+    EMBEDDING_DIR,
+    BinFile,
+    check_embedding_split,
+    embedding_part_file,
+    sw_fp16_path,
+)
 from .model import EMBEDDING, read_model_dims
-from .output import MANIFEST_NAME, Manifest, StepResult, folder_stats, replace_file_atomically, staged_dir, write_whole_file
+from .output import (
+    MANIFEST_NAME,
+    Manifest,
+    StepResult,
+    folder_stats,
+    replace_file_atomically,
+    staged_dir,
+    write_whole_file,
+)
 from .pack import default_hardware_dir
 from .progress import bar
 

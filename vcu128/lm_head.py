@@ -17,8 +17,8 @@ from .checkpoint import GPTQCheckpoint
 from .errors import VCUError
 from .formats import SW_QWEIGHT_DIR, sw_lm_head_paths
 from .output import StepResult
-from .progress import bar
 from .parallel import ordered_map, rows_per_block
+from .progress import bar
 from .quant import METHODS, dequantize_rows, quantize_rows, squared_error
 
 log = logging.getLogger("vcu128")

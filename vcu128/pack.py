@@ -26,8 +26,22 @@ from .formats import (
     sw_qweight_file,
     sw_scales_file,
 )
-from .model import FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, ModelDims, read_model_dims
-from .output import FileRecord, Manifest, StepResult, folder_stats, staged_dir, write_whole_file
+from .model import (
+    FINAL_NORM,
+    GROUP_SIZE,
+    LAYER_NORMS,
+    LINEARS,
+    ModelDims,
+    read_model_dims,
+)
+from .output import (
+    FileRecord,
+    Manifest,
+    StepResult,
+    folder_stats,
+    staged_dir,
+    write_whole_file,
+)
 from .parallel import ordered_map, rows_per_block
 from .progress import bar
 

@@ -141,10 +141,10 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) 
 
 def quality_report(model: Path, qdir: Path, calib: Calibration, opts: QuantizeOptions) -> dict:
     import torch
+    from transformers import AutoModelForCausalLM
 
     from .checkpoint import GPTQCheckpoint
     from .torch_model import layer_errors, load_checkpoint_model, perplexity
-    from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float16 if opts.device != "cpu" else torch.float32).to(opts.device).eval()
     ppl_ref = perplexity(ref, calib.eval_ids, opts.seqlen)

@@ -347,7 +347,7 @@ def compare_models(models: dict, tokenizer, prompt: str, tokens: int, eval_ids: 
         if name == "hardware":
             continue
         gen = out["greedy"][name]["tokens"]
-        same = next((i for i, (a, b) in enumerate(zip(gen, hw_tokens)) if a != b), len(gen))
+        same = next((i for i, (a, b) in enumerate(zip(gen, hw_tokens, strict=True)) if a != b), len(gen))
         out["against_hardware"][name] = {
             "top1_agreement": float((lg.argmax(-1) == ref.argmax(-1)).float().mean()),
             "relative_logit_error": float((lg - ref).norm() / lg.norm()),
