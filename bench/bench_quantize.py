@@ -11,7 +11,18 @@ every run). Each quantization runs in its own process, so its peaks are its own.
 
 A run is `defaults` (GPTQModel.load + quantize(batch_size=1) + save, nothing else set) or
 `project[:bs=N,offload=0|1,pack=original|gpu|cpu,tf32=0|1,seq=0|1]` (vcu128.quantize, this project's settings, overridable).
-Needs a CUDA GPU, GPTQModel and about 16 GB of free disk a 28-layer model.
+Needs a CUDA GPU, GPTQModel and about 16 GB of free disk a 28-layer model. On a GPU machine that has
+torch and transformers but no internet (Python 3.12), carry GPTQModel and what it lacks as wheels, built
+on a machine with internet and a Python 3.12:
+
+    python3.12 -m pip wheel --no-deps -w .whl pypcre==0.6.4 gptqmodel==7.6.0 device-smi==0.5.7 \
+        tokenicer==0.0.14 logbar==0.4.15 defuser==0.0.28
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+        torchao==0.18.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+    # there: pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+
+Measured results: bench/results/quantize_h100_{defaults,project}.json, and the table in README.md.
 """
 
 from __future__ import annotations
