@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPTQ-quantize a HuggingFace causal LM (Qwen2 / Llama layout) with GPTQModel: W4A16, group 128,
+"""GPTQ-quantize a HuggingFace causal LM (Qwen2 / Llama layout): W4A16, group 128,
 symmetric, no act-order, saved as a standard GPTQ (v1) checkpoint <model>-W4A16-gptq with its
 tokenizer, calibration metadata and quant_report.json (perplexity fp16 vs GPTQ; per-layer output
 error of GPTQ next to plain round-to-nearest).
@@ -29,7 +29,9 @@ def main(argv=None):
     p.add_argument("--nsamples", type=int, default=256, help="calibration samples (default 256)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens a sample (default 512)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", "--batch-size", type=int, help="calibration batch (default: 1 on CPU, all samples on a GPU)")
+    p.add_argument("--batch_size", "--batch-size", type=int, help="calibration samples a forward pass (default: 16384 tokens' worth; gptqmodel engine: 1 on CPU, 16 on a GPU)")
+    p.add_argument("--engine", choices=("vcu128", "gptqmodel"), default="vcu128",
+                   help="vcu128: this project's GPTQ, one layer at a time (default; fast on a GPU); gptqmodel: GPTQModel 7.6")
     p.add_argument("--lm_head", "--lm-head", action="store_true", help="also GPTQ-quantize the output layer")
     p.add_argument("--no_report", "--no-report", action="store_true", help="skip the perplexity / layer-error report")
     p.add_argument("--compile", action="store_true", help="run the export steps after quantizing")
@@ -40,7 +42,7 @@ def main(argv=None):
     opts = QuantizeOptions(
         wbits=args.wbits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act, device=args.device,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib=args.calib, eval_text=args.eval_text,
-        lm_head=args.lm_head, batch_size=args.batch_size, report=not args.no_report,
+        lm_head=args.lm_head, engine=args.engine, batch_size=args.batch_size, report=not args.no_report,
     )
     log = logging.getLogger("vcu128")
     if args.compile:

@@ -10,7 +10,9 @@ every run). Each quantization runs in its own process, so its peaks are its own.
     python bench/bench_quantize.py --layers 4 --runs project:bs=16 project:bs=64,offload=0
 
 A run is `defaults` (GPTQModel.load + quantize(batch_size=1) + save, nothing else set) or
-`project[:bs=N,offload=0|1,pack=original|gpu|cpu,tf32=0|1,seq=0|1]` (vcu128.quantize, this project's settings, overridable).
+`project[:engine=vcu128|gptqmodel,bs=N]` (vcu128.quantize with this project's defaults: its own GPTQ
+engine; with engine=gptqmodel also offload=0|1,pack=original|gpu|cpu,tf32=0|1,seq=0|1), or `check`
+(the CUDA-graph GPTQ block solver against the same GPTQ on the CPU, before the runs).
 Needs a CUDA GPU, GPTQModel and about 16 GB of free disk a 28-layer model. On a GPU machine that has
 torch and transformers but no internet (Python 3.12), carry GPTQModel and what it lacks as wheels, built
 on a machine with internet and a Python 3.12:
@@ -86,6 +88,7 @@ def quantize(model_dir: Path, out: Path, run: str, nsamples: int, seqlen: int) -
         from vcu128.quantize import QuantizeOptions, run_gptq
 
         opts = QuantizeOptions(device="cuda:0", nsamples=nsamples, seqlen=seqlen, calib="random", report=False)
+        opts.engine = settings.get("engine", opts.engine)
         if "bs" in settings:
             opts.batch_size = int(settings["bs"])
         if "offload" in settings:
@@ -98,6 +101,31 @@ def quantize(model_dir: Path, out: Path, run: str, nsamples: int, seqlen: int) -
             opts.true_sequential = settings["seq"] == "1"
         run_gptq(model_dir, out, calib, opts)
     return {"run": run, "seconds": time.perf_counter() - start, "gpu_peak_gb": torch.cuda.max_memory_reserved() / 1e9}
+
+
+def solver_check() -> dict:
+    """The CUDA-graph block solver against the same GPTQ run eagerly on the CPU, on one
+    down_proj-shaped matrix: how many ints differ (float rounding order only) and the output error of each."""
+    import torch
+
+    from vcu128.gptq import add_to_hessian, dequantize, gptq_quantize
+
+    torch.manual_seed(0)
+    rows, cols, n = 512, 2048, 8192
+    X = (torch.randn(n, cols, device="cuda") @ (torch.eye(cols, device="cuda") + 0.05 * torch.randn(cols, cols, device="cuda"))).half()
+    W = 0.02 * torch.randn(rows, cols, device="cuda")
+    H = torch.zeros(cols, cols, device="cuda")
+    add_to_hessian(H, X)
+    H *= 2 / n
+    q_gpu, s_gpu = gptq_quantize(W, H.clone(), "check")
+    q_cpu, s_cpu = gptq_quantize(W.cpu(), H.cpu(), "check")
+    Xf = X.float()
+
+    def err(q, s):
+        return float(((Xf @ (dequantize(q.cuda(), s.cuda()) - W).T).norm() / (Xf @ W.T).norm()))
+
+    return {"int_mismatch_fraction": float((q_gpu.cpu() != q_cpu).float().mean()), "scale_max_diff": float((s_gpu.cpu() - s_cpu).abs().max()),
+            "error_gpu_graph": err(q_gpu, s_gpu), "error_cpu_eager": err(q_cpu, s_cpu)}
 
 
 def errors(model_dir: Path, qdir: Path, seqlen: int) -> list[dict]:
@@ -140,10 +168,15 @@ def main() -> None:
     args = p.parse_args()
 
     if args.child:  # inside a child process: one piece of work, JSON on the last line of stdout
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         kind, *rest = args.child
         if kind == "build":
             build(Path(rest[0]), int(rest[1]), 0)
             print(json.dumps({}))
+        elif kind == "check":
+            print(json.dumps(solver_check()))
         elif kind == "quantize":
             print(json.dumps(quantize(Path(rest[0]), Path(rest[1]), rest[2], args.nsamples, args.seqlen)))
         else:
@@ -152,6 +185,10 @@ def main() -> None:
 
     import torch
 
+    if "check" in args.runs:
+        r, _ = child(["--child", "check"], args.work / "check.log")
+        print(f"solver check: {json.dumps(r)}", file=sys.stderr, flush=True)
+        args.runs = [run for run in args.runs if run != "check"]
     model_dir = args.work / f"qwen2-7b-shape-{args.layers}L"
     if not (model_dir / "config.json").is_file():
         r, _ = child(["--child", "build", str(model_dir), str(args.layers)], args.work / "build.log")

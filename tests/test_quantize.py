@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 from conftest import FAST, ROOT, export_all
-from safetensors import safe_open
 from test_export import (
     QKV,
     check_embedding,
@@ -17,6 +16,7 @@ from test_export import (
 )
 
 from vcu128.calibration import build_calibration, read_texts
+from vcu128.checkpoint import GPTQCheckpoint
 from vcu128.demo import DEMO_CORPUS
 from vcu128.errors import VCUError
 from vcu128.quantize import QuantizeOptions, check_board_settings, quantize_model
@@ -43,10 +43,11 @@ def test_checkpoint_is_fp16_gptq_v1_with_metadata(quantized, tiny_model):
     assert meta["seed"] == 0 and meta["nsamples"] == 32 and meta["seqlen"] == 128 and len(meta["calib_sha256"]) == 64
     assert json.loads((out / "config.json").read_text())["quantization_config"]["meta"]["vcu128_calibration"] == meta
     assert (out / "tokenizer.json").is_file() and (out / "quant_report.json").is_file()
-    with safe_open(out / "model.safetensors", "np") as f:
-        assert f.get_slice("model.layers.0.self_attn.q_proj.scales").get_dtype() == "F16"
-        assert f.get_slice("model.norm.weight").get_dtype() == "F16"
-        assert set(f.get_tensor("model.layers.1.mlp.down_proj.qzeros").view(np.uint32).ravel().tolist()) == {0x77777777}
+    ckpt = GPTQCheckpoint(out)
+    assert ckpt.info("model.layers.0.self_attn.q_proj.scales")[0] == "F16"
+    assert ckpt.info("model.norm.weight")[0] == "F16"
+    assert set(ckpt.get("model.layers.1.mlp.down_proj.qzeros").view(np.uint32).ravel().tolist()) == {0x77777777}
+    ckpt.validate()
 
 
 def test_real_checkpoint_exports_exactly(quantized):
@@ -60,17 +61,16 @@ def test_real_checkpoint_exports_exactly(quantized):
 
 def test_lm_head_quantized_by_gptq_is_taken_from_the_checkpoint(tiny_model, tmp_path):
     out, _ = quantize_model(tiny_model, tmp_path / "q", QuantizeOptions(**FAST, lm_head=True, report=False))
-    with safe_open(out / "model.safetensors", "np") as f:
-        assert "lm_head.qweight" in f.keys()
+    ckpt = GPTQCheckpoint(out)
+    assert ckpt.has("lm_head.qweight")
     from vcu128.lm_head import quantize_lm_head
 
     _, method, error = quantize_lm_head(out, progress=False)
     assert method == "checkpoint" and error is None
     q = np.fromfile(out / "compile" / "qwen2_qweight_bin" / "lm_head_qweight.bin", "<i4").reshape(512, 256)
-    with safe_open(out / "model.safetensors", "np") as f:
-        assert f.get_slice("lm_head.qweight").get_shape() == [32, 512]  # 4 bits: chin / 8 words
-        assert f.get_slice("lm_head.scales").get_shape() == [2, 512]  # group 128
-        qweight = f.get_tensor("lm_head.qweight").view(np.uint32)
+    assert ckpt.info("lm_head.qweight") == ("I32", (32, 512))  # 4 bits: chin / 8 words
+    assert ckpt.info("lm_head.scales") == ("F16", (2, 512))  # group 128
+    qweight = ckpt.get("lm_head.qweight").view(np.uint32)
     assert q[5, 9] == ((int(qweight[9 // 8, 5]) >> 4 * (9 % 8)) & 0xF) - 8
 
 

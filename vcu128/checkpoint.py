@@ -153,6 +153,19 @@ def read_tensor_index(qdir: Path) -> dict[str, TensorEntry]:
     raise VCUError(f"{qdir}: no model.safetensors or model.safetensors.index.json")
 
 
+def read_tensor(e: TensorEntry, rows: slice | None = None) -> np.ndarray:
+    """A tensor, or a block of its rows (dim 0), as stored (bf16 as its uint16 bits)."""
+    if e.dtype not in NUMPY_DTYPES:
+        raise VCUError(f"{e.path}: dtype {e.dtype} is not supported")
+    dtype = np.dtype(NUMPY_DTYPES[e.dtype])
+    start, stop = (0, e.shape[0]) if rows is None or not e.shape else rows.indices(e.shape[0])[:2]
+    stop = max(start, stop)
+    row_items = int(np.prod(e.shape[1:], dtype=np.int64))
+    with open(e.path, "rb") as f:
+        data = np.fromfile(f, dtype, (stop - start) * row_items, offset=e.offset + start * row_items * dtype.itemsize)
+    return data.reshape((stop - start, *e.shape[1:]) if e.shape else ())
+
+
 class GPTQCheckpoint:
     """A GPTQ checkpoint folder, read one tensor at a time."""
 
@@ -183,15 +196,7 @@ class GPTQCheckpoint:
     def get(self, name: str, rows: slice | None = None) -> np.ndarray:
         """The tensor, or a block of its rows (dim 0), read from disk; bf16 comes back as float32."""
         e = self._entry(name)
-        if e.dtype not in NUMPY_DTYPES:
-            raise VCUError(f"{name}: dtype {e.dtype} is not supported")
-        dtype = np.dtype(NUMPY_DTYPES[e.dtype])
-        start, stop = (0, e.shape[0]) if rows is None or not e.shape else rows.indices(e.shape[0])[:2]
-        stop = max(start, stop)
-        row_items = int(np.prod(e.shape[1:], dtype=np.int64))
-        with open(e.path, "rb") as f:
-            data = np.fromfile(f, dtype, (stop - start) * row_items, offset=e.offset + start * row_items * dtype.itemsize)
-        data = data.reshape((stop - start, *e.shape[1:]) if e.shape else ())
+        data = read_tensor(e, rows)
         if e.dtype == "BF16":  # bf16 is the top half of a float32
             data = (data.astype(np.uint32) << 16).view(np.float32)
         return data

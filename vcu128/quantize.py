@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .calibration import Calibration, build_calibration
 from .errors import VCUError
 from .model import GROUP_SIZE, KNOWN_MODEL_TYPES
@@ -36,7 +38,9 @@ class QuantizeOptions:
     calib: str | None = None
     eval_text: str | None = None
     lm_head: bool = False
-    batch_size: int | None = None  # None: 1 on CPU, GPU_BATCH on a GPU
+    engine: str = "vcu128"  # "vcu128" (this project's GPTQ, vcu128/gptq.py) or "gptqmodel"
+    batch_size: int | None = None  # samples a forward pass; None: vcu128 16384 tokens' worth, gptqmodel 1 on CPU, GPU_BATCH on a GPU
+    # GPTQModel engine only:
     offload: bool | None = None  # GPTQModel's offload_to_disk; None: off on a GPU, its default on the CPU
     pack_impl: str | None = None  # GPTQModel's int4 packing; None: "gpu" on a GPU, "original" on the CPU
     tf32: bool | None = None  # TF32 matmuls for the Hessians and their inverses; None: on for a GPU
@@ -103,7 +107,34 @@ def _add_calibration_meta(folder: Path, meta: dict) -> None:
             path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
+ENGINES = ("vcu128", "gptqmodel")
+
+
+def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> float:
+    """Quantize `model` into the empty folder `out` with the chosen engine; returns seconds."""
+    if opts.engine == "gptqmodel":
+        return run_gptqmodel(model, out, calib, opts)
+    from .gptq_model import quantize_checkpoint
+
+    start = time.perf_counter()
+    ids = np.array([s["input_ids"] for s in calib.samples], dtype=np.int64)
+    run = quantize_checkpoint(model, out, ids, opts.device, lm_head=opts.lm_head, samples_a_chunk=opts.batch_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    seconds = time.perf_counter() - start
+    log.info("quantize: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.seconds.items()) + f"; total {seconds:.1f} s")
+    return seconds
+
+
+def check_engine_settings(opts: QuantizeOptions) -> None:
+    if opts.engine not in ENGINES:
+        raise VCUError(f"--engine {opts.engine}: expected one of {', '.join(ENGINES)}")
+    if opts.engine == "vcu128" and (opts.wbits, opts.group_size, opts.sym, opts.desc_act) != (4, GROUP_SIZE, True, False):
+        raise VCUError("--engine vcu128 quantizes only what the board runs (4-bit, group size 128, symmetric, "
+                       "no act-order); pass --engine gptqmodel for other settings")
+
+
+def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
     """Quantize `model` into `out` with GPTQModel; returns seconds."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     import torch
@@ -171,10 +202,11 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
     from transformers import AutoTokenizer
 
     model = Path(model).resolve()
+    check_engine_settings(opts)
     cfg = check_model_folder(model)
     out = Path(out) if out else default_output(model, opts.wbits)
     if opts.lm_head and cfg.get("tie_word_embeddings"):
-        raise VCUError(f"{model}: --lm_head with tie_word_embeddings: GPTQModel cannot quantize a tied output layer "
+        raise VCUError(f"{model}: --lm_head with tie_word_embeddings: the output layer is the embedding "
                        "(leave --lm_head off; lm_head.py quantizes the tied embedding)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model))
@@ -185,7 +217,7 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
     calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"))
     report: dict = {"calibration": calib.meta, "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text")}}
     with staged_dir(out) as stage:
-        report["seconds_quantize"] = run_gptq(model, stage, calib, opts)
+        report["seconds_quantize"] = run_gptq(model, stage, calib, opts, tokenizer)
         _add_calibration_meta(stage, calib.meta)
         if opts.report:
             report.update(quality_report(model, stage, calib, opts))

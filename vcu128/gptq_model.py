@@ -1,0 +1,306 @@
+"""GPTQ over a whole model, one decoder layer at a time, written as a GPTQ (v1) checkpoint.
+
+Only one layer's weights are on the device (and in host memory) at a time: the model is built
+on the meta device and each layer is read from the safetensors files when its turn comes, then
+written to its own checkpoint shard by a background thread while the next layer is quantized.
+
+Inside a layer the calibration activations stay on the device, and each group of linears that
+reads the same input sees the outputs of the groups quantized before it (GPTQ's "true
+sequential" order, as GPTQModel runs it):
+
+    q, k, v   <- input_layernorm(x)
+    o         <- attention(quantized q, k, v)      (kept: it also gives the residual below)
+    gate, up  <- post_attention_layernorm(x + o(attention))
+    down      <- act(gate(.)) * up(.)
+    x         <- the layer's output with every linear quantized: the next layer's input
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import read_tensor, read_tensor_index
+from .errors import VCUError
+from .gptq import add_to_hessian, dequantize, gptq_quantize, gptq_tensors
+from .model import GROUP_SIZE
+from .progress import bar
+
+log = logging.getLogger("vcu128")
+
+TOKENS_A_CHUNK = 16384  # calibration tokens a forward pass: large enough to fill a GPU, small enough for its memory
+
+# Linears that read the same input, quantized together, in the order their inputs become known.
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+O_PROJ = ("self_attn.o_proj",)
+DOWN = ("mlp.down_proj",)
+
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+@dataclass
+class GPTQRun:
+    """What a run did: seconds in each part, and per linear group its quantization loss."""
+
+    seconds: dict = field(default_factory=lambda: {"load": 0.0, "forward_hessian": 0.0, "gptq": 0.0, "write_wait": 0.0})
+    layers: int = 0
+
+
+class SourceWeights:
+    """The fp16/bf16 model's tensors, read one at a time with positioned reads (no mmap)."""
+
+    def __init__(self, model_dir: Path):
+        self.entries = read_tensor_index(Path(model_dir))
+
+    def get(self, name: str, device, dtype) -> torch.Tensor:
+        if name not in self.entries:
+            raise VCUError(f"{name}: missing from the model's safetensors files")
+        e = self.entries[name]
+        if e.dtype not in TORCH_DTYPES:
+            raise VCUError(f"{name}: dtype {e.dtype}, expected fp16, bf16 or fp32")
+        t = torch.from_numpy(read_tensor(e)).view(TORCH_DTYPES[e.dtype])
+        return t.to(device=device, dtype=dtype, non_blocking=False)
+
+    def load_module(self, module: torch.nn.Module, prefix: str, device, dtype) -> None:
+        """Give a meta-device module real storage on `device` and fill it from the files."""
+        module.to_empty(device=device)
+        for name, p in module.named_parameters(prefix=prefix):
+            p.copy_(self.get(name, device, dtype))
+        if list(module.buffers()):
+            raise VCUError(f"{prefix}: module has buffers this loader does not fill")
+
+
+class CheckpointWriter:
+    """Writes one safetensors shard a decoder layer (plus one for the rest) on a background thread,
+    then the index; at most two shards are in flight, so host memory stays about two layers."""
+
+    def __init__(self, out: Path, shards: int):
+        self.out = Path(out)
+        self.shards = shards
+        self.weight_map: dict[str, str] = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
+        self.pending = []
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> float:
+        """Queue a shard (tensors may be on the device); returns seconds spent waiting for room."""
+        from safetensors.torch import save_file
+
+        name = f"model-{index + 1:05d}-of-{self.shards:05d}.safetensors"
+        host = {k: v.to("cpu", non_blocking=False).contiguous() for k, v in tensors.items()}
+        self.weight_map.update({k: name for k in host})
+        start = time.perf_counter()
+        while len(self.pending) >= 2:
+            self.pending.pop(0).result()
+        waited = time.perf_counter() - start
+        self.pending.append(self.pool.submit(save_file, host, str(self.out / name), {"format": "pt"}))
+        return waited
+
+    def close(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pool.shutdown()
+        index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def build_meta_model(model_dir: Path, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def chunks(n: int, size: int):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class LayerQuantizer:
+    """GPTQ of one decoder layer's linears over activations x [samples, seqlen, hidden] (on the
+    device, replaced in place by the quantized layer's output)."""
+
+    def __init__(self, layer, x: torch.Tensor, position_embeddings, samples_a_chunk: int, solvers: dict, run: GPTQRun):
+        self.layer, self.x, self.pos = layer, x, position_embeddings
+        self.parts = chunks(x.shape[0], samples_a_chunk)
+        self.solvers, self.run = solvers, run
+        self.results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _sync(self) -> float:
+        if self.x.is_cuda:
+            torch.cuda.synchronize(self.x.device)
+        return time.perf_counter()
+
+    def hessian(self, inputs) -> torch.Tensor:
+        """2/N sum x^T x over every chunk's input to a linear group, N the number of tokens."""
+        start = self._sync()
+        H = None
+        for part in self.parts:
+            a = inputs(part)
+            if H is None:
+                H = torch.zeros(a.shape[-1], a.shape[-1], dtype=torch.float32, device=a.device)
+            add_to_hessian(H, a)
+        H.mul_(2 / (self.x.shape[0] * self.x.shape[1]))
+        self.run.seconds["forward_hessian"] += self._sync() - start
+        return H
+
+    def quantize(self, names: tuple[str, ...], H: torch.Tensor, prefix: str) -> None:
+        """GPTQ the linears `names` (one input, so one Hessian) as one matrix, then put their
+        dequantized weights in place so that later groups see the quantized layer."""
+        start = self._sync()
+        mods = [self.layer.get_submodule(n) for n in names]
+        W = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
+        q, scales = gptq_quantize(W, H, f"{prefix}.{'+'.join(n.split('.')[-1] for n in names)}", self.solvers)
+        row = 0
+        for name, m in zip(names, mods, strict=True):
+            rows = m.weight.shape[0]
+            qs, ss = q[row : row + rows], scales[row : row + rows]
+            m.weight.data.copy_(dequantize(qs, ss, m.weight.dtype))
+            self.results[name] = (qs, ss)
+            row += rows
+        self.run.seconds["gptq"] += self._sync() - start
+
+    def run_layer(self, prefix: str) -> None:
+        layer, x = self.layer, self.x
+        attn, mlp = layer.self_attn, layer.mlp
+        self.quantize(QKV, self.hessian(lambda p: layer.input_layernorm(x[p])), prefix)
+
+        # The attention output before o_proj, for every sample: o_proj's input, and after o_proj
+        # the residual stream, so attention runs once a layer.
+        h = torch.empty_like(x)
+        o_proj = attn.o_proj
+        attn.o_proj = torch.nn.Identity()
+        try:
+            def attention(p):
+                h[p] = attn(hidden_states=layer.input_layernorm(x[p]), position_embeddings=self.pos, attention_mask=None)[0]
+                return h[p]
+
+            H = self.hessian(attention)
+        finally:
+            attn.o_proj = o_proj
+        self.quantize(O_PROJ, H, prefix)
+
+        def residual(p):
+            h[p] = x[p] + o_proj(h[p])
+            return layer.post_attention_layernorm(h[p])
+
+        self.quantize(GATE_UP, self.hessian(residual), prefix)
+
+        def mlp_inner(p):
+            m = layer.post_attention_layernorm(h[p])
+            return mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m)
+
+        self.quantize(DOWN, self.hessian(mlp_inner), prefix)
+        start = self._sync()
+        for p in self.parts:
+            x[p] = h[p] + mlp(layer.post_attention_layernorm(h[p]))
+        self.run.seconds["forward_hessian"] += self._sync() - start
+
+
+def layer_tensors(prefix: str, layer, results: dict) -> dict[str, torch.Tensor]:
+    """A layer's checkpoint tensors: GPTQ form for the linears, fp16 for norms and biases."""
+    out = {}
+    for name, (q, scales) in results.items():
+        for key, t in gptq_tensors(q, scales).items():
+            out[f"{prefix}.{name}.{key}"] = t
+        bias = layer.get_submodule(name).bias
+        if bias is not None:
+            out[f"{prefix}.{name}.bias"] = bias.detach().half()
+    for name, p in layer.named_parameters():
+        if not any(name.startswith(f"{n}.") for n in results):
+            out[f"{prefix}.{name}"] = p.detach().half()
+    return out
+
+
+def quantization_config(lm_head: bool) -> dict:
+    from . import __version__
+
+    return {
+        "bits": 4, "group_size": GROUP_SIZE, "sym": True, "desc_act": False, "static_groups": False,
+        "true_sequential": True, "lm_head": lm_head, "damp_percent": 0.05, "damp_auto_increment": 0.01,
+        "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
+        "meta": {"quantizer": [f"vcu128:{__version__}"]},
+    }
+
+
+@torch.no_grad()
+def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str, lm_head: bool = False,
+                        samples_a_chunk: int | None = None, progress: bool = True) -> GPTQRun:
+    """GPTQ-quantize the model in `model_dir` on calibration token ids [samples, seqlen] into the
+    folder `out`: safetensors shards, index, config.json, quantize_config.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the CPU has no fast fp16 matmul
+    run = GPTQRun()
+    start = time.perf_counter()
+    model = build_meta_model(model_dir, dtype)
+    weights = SourceWeights(model_dir)
+    inner, cfg = model.model, model.config
+    n, seqlen = ids.shape
+    samples_a_chunk = samples_a_chunk or max(1, TOKENS_A_CHUNK // seqlen)
+    num_layers = cfg.num_hidden_layers
+    writer = CheckpointWriter(out, num_layers + 1)
+
+    embed = weights.get("model.embed_tokens.weight", device, dtype)
+    x = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
+    tokens = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
+    for p in chunks(n, samples_a_chunk):
+        x[p] = torch.nn.functional.embedding(tokens[p], embed)
+    del embed
+    with device:  # a fresh rotary embedding: its inv_freq buffer is computed, not loaded
+        rotary = type(inner.rotary_emb)(config=cfg)
+    position_embeddings = rotary(x[:1], torch.arange(seqlen, device=device)[None])
+    run.seconds["load"] += time.perf_counter() - start
+
+    solvers: dict = {}
+    for i in bar(range(num_layers), desc="GPTQ", unit="layer", enabled=progress):
+        t0 = time.perf_counter()
+        prefix = f"model.layers.{i}"
+        layer = inner.layers[i]
+        weights.load_module(layer, prefix, device, dtype)
+        run.seconds["load"] += time.perf_counter() - t0
+        lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run)
+        lq.run_layer(prefix)
+        run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, layer, lq.results))
+        inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
+        del layer, lq
+        run.layers += 1
+        log.debug(f"layer {i}: {time.perf_counter() - t0:.2f} s")
+
+    last = {"model.embed_tokens.weight": weights.get("model.embed_tokens.weight", "cpu", torch.float16)}
+    norm = weights.get("model.norm.weight", device, dtype)
+    last["model.norm.weight"] = norm.half()
+    if lm_head:
+        lm = weights.get("lm_head.weight", device, dtype)
+        rms = type(inner.norm)(cfg.hidden_size, eps=cfg.rms_norm_eps).to(device=device, dtype=dtype)
+        rms.weight.data = norm
+        H = torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float32, device=device)
+        for p in chunks(n, samples_a_chunk):
+            add_to_hessian(H, rms(x[p]))
+        H.mul_(2 / (n * seqlen))
+        q, scales = gptq_quantize(lm, H, "lm_head", solvers)
+        last.update({f"lm_head.{k}": v for k, v in gptq_tensors(q, scales).items()})
+    elif not cfg.tie_word_embeddings:
+        last["lm_head.weight"] = weights.get("lm_head.weight", device, torch.float16)
+    del x
+    writer.write(num_layers, last)
+    writer.close()
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config.update({"torch_dtype": "float16", "quantization_config": quantization_config(lm_head)})
+    config.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "quantize_config.json").write_text(json.dumps(quantization_config(lm_head), indent=2) + "\n")
+    for extra in ("generation_config.json",):
+        if (Path(model_dir) / extra).is_file():
+            (out / extra).write_bytes((Path(model_dir) / extra).read_bytes())
+    return run
