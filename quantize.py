@@ -29,7 +29,8 @@ def main(argv=None):
     p.add_argument("--nsamples", type=int, default=256, help="calibration samples (default 256)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens a sample (default 512)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", "--batch-size", type=int, help="calibration samples a forward pass (default: 16384 tokens' worth; gptqmodel engine: 1 on CPU, 16 on a GPU)")
+    p.add_argument("--batch_size", "--batch-size", type=int,
+                   help="calibration samples a forward pass (default: 16384 tokens' worth; gptqmodel engine: 1 on CPU, 16 on a GPU)")
     p.add_argument("--engine", choices=("vcu128", "gptqmodel"), default="vcu128",
                    help="vcu128: this project's GPTQ, one layer at a time (default; fast on a GPU); gptqmodel: GPTQModel 7.6")
     p.add_argument("--lm_head", "--lm-head", action="store_true", help="also GPTQ-quantize the output layer")

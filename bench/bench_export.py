@@ -4,7 +4,8 @@
 Builds the checkpoint (random ints and scales in GPTQ layout), then runs compile_sw, lm_head,
 hardware, embedding_tokens and verify's bit check, each as its own process so its peak RSS is its own. Each step is
 timed until its bytes are on disk (sync), and so is the baseline: the same number of bytes written
-with plain numpy in 32 MB blocks, in the same run. Prints a Markdown table.
+with plain numpy in 32 MB blocks, in the same run. Run as root, the page cache is emptied before each
+step and each baseline, so that they start alike. Prints a Markdown table.
 
     python bench/bench_export.py                 # one decoder layer (about 5 GB written)
     python bench/bench_export.py --layers 28     # the whole 7B model (about 40 GB of free disk)
@@ -30,8 +31,21 @@ from vcu128.output import folder_stats  # noqa: E402
 from vcu128.synthetic import QWEN2_7B, SyntheticSpec  # noqa: E402
 
 
+def drop_page_cache() -> bool:
+    """Flush and empty the page cache (root only), so that a step and its baseline start alike: without
+    it, whichever runs second inherits the first one's gigabytes of cached output and pays for evicting
+    them, and the ratio swings 2x from run to run on a small VM."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def run_step(args: list[str]) -> tuple[float, int]:
     """(seconds until the output is synced, peak RSS in bytes) of one step run as a child process."""
+    drop_page_cache()
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env)
@@ -47,6 +61,7 @@ def raw_write_seconds(nbytes: int, folder: Path) -> float:
     """Plain numpy: write `nbytes` in 32 MB blocks and sync."""
     block = np.ones(32 << 20, np.uint8)
     path = folder / "raw_write.bin"
+    drop_page_cache()
     start = time.perf_counter()
     with open(path, "wb") as f:
         left = nbytes
@@ -61,6 +76,7 @@ def raw_write_seconds(nbytes: int, folder: Path) -> float:
 
 def raw_read_seconds(paths: list[Path]) -> float:
     """Plain Python: read every file under `paths` in 32 MB blocks (the baseline of a step that only reads)."""
+    drop_page_cache()
     start = time.perf_counter()
     for p in paths:
         for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
@@ -113,8 +129,9 @@ def main() -> None:
             raw = raw_write_seconds(nbytes, args.work)
         rows.append((name, seconds, nbytes, rss, raw))
 
+    cache = "page cache emptied before each step and baseline" if drop_page_cache() else "page cache NOT emptied (not root): expect noise"
     print(f"\nQwen2-7B shape, {args.layers} layer(s); {platform.node()}: {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}, numpy {np.__version__}\n")
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}, numpy {np.__version__}; {cache}\n")
     print("| step | seconds | GB written (verify: GB checked) | GB/s | peak RSS (GB) | plain write of the same bytes (verify: plain read) (s) | ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     tot = [0.0, 0, 0, 0.0]

@@ -122,10 +122,14 @@ def solver_check() -> dict:
     Xf = X.float()
 
     def err(q, s):
-        return float(((Xf @ (dequantize(q.cuda(), s.cuda()) - W).T).norm() / (Xf @ W.T).norm()))
+        return float((Xf @ (dequantize(q.cuda(), s.cuda()) - W).T).norm() / (Xf @ W.T).norm())
 
-    return {"int_mismatch_fraction": float((q_gpu.cpu() != q_cpu).float().mean()), "scale_max_diff": float((s_gpu.cpu() - s_cpu).abs().max()),
-            "error_gpu_graph": err(q_gpu, s_gpu), "error_cpu_eager": err(q_cpu, s_cpu)}
+    return {
+        "int_mismatch_fraction": float((q_gpu.cpu() != q_cpu).float().mean()),
+        "scale_max_diff": float((s_gpu.cpu() - s_cpu).abs().max()),
+        "error_gpu_graph": err(q_gpu, s_gpu),
+        "error_cpu_eager": err(q_cpu, s_cpu),
+    }
 
 
 def errors(model_dir: Path, qdir: Path, seqlen: int) -> list[dict]:

@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import read_tensor, read_tensor_index
 from .errors import VCUError
-from .gptq import add_to_hessian, dequantize, gptq_quantize, gptq_tensors
+from .gptq import DAMP_PERCENT, DAMP_STEP, add_to_hessian, dequantize, gptq_quantize, gptq_tensors
 from .model import GROUP_SIZE
 from .progress import bar
 
@@ -48,7 +48,7 @@ TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
 
 @dataclass
 class GPTQRun:
-    """What a run did: seconds in each part, and per linear group its quantization loss."""
+    """Where a run's time went (seconds), for the log and the benchmark."""
 
     seconds: dict = field(default_factory=lambda: {"load": 0.0, "forward_hessian": 0.0, "gptq": 0.0, "write_wait": 0.0})
     layers: int = 0
@@ -225,7 +225,8 @@ def quantization_config(lm_head: bool) -> dict:
 
     return {
         "bits": 4, "group_size": GROUP_SIZE, "sym": True, "desc_act": False, "static_groups": False,
-        "true_sequential": True, "lm_head": lm_head, "damp_percent": 0.05, "damp_auto_increment": 0.01,
+        "true_sequential": True, "act_group_aware": True, "lm_head": lm_head,
+        "damp_percent": DAMP_PERCENT, "damp_auto_increment": DAMP_STEP,
         "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
         "meta": {"quantizer": [f"vcu128:{__version__}"]},
     }
@@ -277,17 +278,14 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         log.debug(f"layer {i}: {time.perf_counter() - t0:.2f} s")
 
     last = {"model.embed_tokens.weight": weights.get("model.embed_tokens.weight", "cpu", torch.float16)}
-    norm = weights.get("model.norm.weight", device, dtype)
-    last["model.norm.weight"] = norm.half()
-    if lm_head:
-        lm = weights.get("lm_head.weight", device, dtype)
-        rms = type(inner.norm)(cfg.hidden_size, eps=cfg.rms_norm_eps).to(device=device, dtype=dtype)
-        rms.weight.data = norm
+    weights.load_module(inner.norm, "model.norm", device, dtype)
+    last["model.norm.weight"] = inner.norm.weight.detach().half()
+    if lm_head:  # the output layer sees the final norm of the last layer's (quantized) output
         H = torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float32, device=device)
         for p in chunks(n, samples_a_chunk):
-            add_to_hessian(H, rms(x[p]))
+            add_to_hessian(H, inner.norm(x[p]))
         H.mul_(2 / (n * seqlen))
-        q, scales = gptq_quantize(lm, H, "lm_head", solvers)
+        q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), H, "lm_head", solvers)
         last.update({f"lm_head.{k}": v for k, v in gptq_tensors(q, scales).items()})
     elif not cfg.tie_word_embeddings:
         last["lm_head.weight"] = weights.get("lm_head.weight", device, torch.float16)
