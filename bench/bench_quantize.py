@@ -125,11 +125,43 @@ def solver_check() -> dict:
         return float((Xf @ (dequantize(q.cuda(), s.cuda()) - W).T).norm() / (Xf @ W.T).norm())
 
     return {
+        "model_bf16": engine_check(),
         "int_mismatch_fraction": float((q_gpu.cpu() != q_cpu).float().mean()),
         "scale_max_diff": float((s_gpu.cpu() - s_cpu).abs().max()),
         "error_gpu_graph": err(q_gpu, s_gpu),
         "error_cpu_eager": err(q_cpu, s_cpu),
     }
+
+
+def engine_check() -> dict:
+    """The whole engine on a small bf16 Qwen2 (bf16 forward and Hessians on the GPU) against the same
+    run on the CPU (fp32 forward): mean layer output error of each checkpoint on held-out tokens."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from vcu128.checkpoint import GPTQCheckpoint
+    from vcu128.gptq_model import quantize_checkpoint
+    from vcu128.torch_model import layer_errors
+
+    work = Path(tempfile.mkdtemp())
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, torch_dtype="bfloat16")
+    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(work / "m")
+    ids = np.random.default_rng(0).integers(0, 1024, (64, 256))
+    for device in ("cuda:0", "cpu"):
+        quantize_checkpoint(work / "m", work / device, ids, device, progress=False)
+    ref = Qwen2ForCausalLM.from_pretrained(work / "m", dtype=torch.float32).eval()
+    held_out = np.random.default_rng(1).integers(0, 1024, 2 * 256)
+    result = {}
+    for device in ("cuda:0", "cpu"):
+        errs = layer_errors(ref, GPTQCheckpoint(work / device), held_out, 256, windows=2)
+        result[f"mean_layer_error_{device}"] = sum(e["gptq"] for e in errs) / len(errs)
+    result["mean_layer_error_rtn"] = sum(e["rtn"] for e in errs) / len(errs)
+    return result
 
 
 def errors(model_dir: Path, qdir: Path, seqlen: int) -> list[dict]:
@@ -193,6 +225,8 @@ def main() -> None:
         r, _ = child(["--child", "check"], args.work / "check.log")
         print(f"solver check: {json.dumps(r)}", file=sys.stderr, flush=True)
         args.runs = [run for run in args.runs if run != "check"]
+        if not args.runs:
+            return
     model_dir = args.work / f"qwen2-7b-shape-{args.layers}L"
     if not (model_dir / "config.json").is_file():
         r, _ = child(["--child", "build", str(model_dir), str(args.layers)], args.work / "build.log")

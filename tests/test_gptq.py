@@ -133,3 +133,44 @@ def test_engine_refuses_what_the_board_cannot_run(tiny_model, tmp_path):
     with pytest.raises(VCUError, match="--engine awq: expected one of vcu128, gptqmodel"):
         quantize_model(tiny_model, tmp_path / "q", QuantizeOptions(**FAST, engine="awq"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_solve_per_shared_input_in_true_sequential_order(tiny_model, tmp_path, monkeypatch):
+    """The speed of a 7B run rests on this: q/k/v and gate/up each solved as one matrix (four GPTQ
+    solves a layer, not seven), in the order their inputs become known."""
+    import json
+
+    import vcu128.gptq_model as gm
+
+    solves = []
+    real = gm.gptq_quantize
+
+    def spy(W, H, name, solvers=None):
+        solves.append((name, tuple(W.shape), W.dtype))
+        return real(W, H, name, solvers)
+
+    monkeypatch.setattr(gm, "gptq_quantize", spy)
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    h, inter, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"])
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], (4, 32))
+    gm.quantize_checkpoint(tiny_model, tmp_path / "q", ids, "cpu", progress=False)
+    per_layer = [
+        ("self_attn.q_proj+k_proj+v_proj", (h + 2 * kv, h)),
+        ("self_attn.o_proj", (h, h)),
+        ("mlp.gate_proj+up_proj", (2 * inter, h)),
+        ("mlp.down_proj", (h, inter)),
+    ]
+    want = [(f"model.layers.{i}.{n}", shape, torch.float32) for i in range(cfg["num_hidden_layers"]) for n, shape in per_layer]
+    assert solves == want
+    GPTQCheckpoint(tmp_path / "q").validate()
+
+
+def test_calibration_runs_in_the_models_16_bit_type_on_a_gpu(tmp_path):
+    import json
+
+    from vcu128.gptq_model import compute_dtype
+
+    for saved, want in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float16)):
+        (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": saved}))
+        assert compute_dtype(tmp_path, torch.device("cuda:0")) == want
+        assert compute_dtype(tmp_path, torch.device("cpu")) == torch.float32

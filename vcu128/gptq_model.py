@@ -120,6 +120,15 @@ def build_meta_model(model_dir: Path, dtype):
     return model.eval()
 
 
+def compute_dtype(model_dir: Path, device: torch.device) -> torch.dtype:
+    """The dtype the calibration forward runs in: on a GPU the model's own 16-bit type (a bf16 model's
+    activations can overflow fp16), else fp16; on the CPU fp32 (it has no fast 16-bit matmul)."""
+    if device.type != "cuda":
+        return torch.float32
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return torch.bfloat16 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "bfloat16" else torch.float16
+
+
 def chunks(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -158,7 +167,9 @@ class LayerQuantizer:
         start = self._sync()
         mods = [self.layer.get_submodule(n) for n in names]
         W = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
-        q, scales = gptq_quantize(W, H, f"{prefix}.{'+'.join(n.split('.')[-1] for n in names)}", self.solvers)
+        parent = names[0].rpartition(".")[0]  # "self_attn.q_proj+k_proj+v_proj", for messages
+        label = f"{prefix}.{parent}.{'+'.join(n.rpartition('.')[2] for n in names)}"
+        q, scales = gptq_quantize(W, H, label, self.solvers)
         row = 0
         for name, m in zip(names, mods, strict=True):
             rows = m.weight.shape[0]
@@ -240,7 +251,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the CPU has no fast fp16 matmul
+    dtype = compute_dtype(model_dir, device)
     run = GPTQRun()
     start = time.perf_counter()
     model = build_meta_model(model_dir, dtype)
