@@ -3,8 +3,9 @@
 
 Builds the checkpoint (random ints and scales in GPTQ layout), then runs compile_sw, lm_head,
 hardware, embedding_tokens and verify's bit check, each as its own process so its peak RSS is its own. Each step is
-timed until its bytes are on disk (sync), and so is the baseline: the same number of bytes written
-with plain numpy in 32 MB blocks, in the same run. Run as root, the page cache is emptied before each
+timed until its bytes are on disk (sync), and so are two baselines: the same number of bytes written
+with plain numpy in 32 MB blocks (through the page cache), and written unbuffered (O_DIRECT, as the
+steps themselves write), in the same run. Run as root, the page cache is emptied before each
 step and each baseline, so that they start alike. Prints a Markdown table.
 
     python bench/bench_export.py                 # one decoder layer (about 5 GB written)
@@ -27,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vcu128.direct_io import ALIGN, O_DIRECT, aligned_empty, read_bytes  # noqa: E402
 from vcu128.output import folder_stats  # noqa: E402
 from vcu128.synthetic import QWEN2_7B, SyntheticSpec  # noqa: E402
 
@@ -57,32 +59,44 @@ def run_step(args: list[str]) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
-def raw_write_seconds(nbytes: int, folder: Path) -> float:
-    """Plain numpy: write `nbytes` in 32 MB blocks and sync."""
-    block = np.ones(32 << 20, np.uint8)
+def raw_write_seconds(nbytes: int, folder: Path, direct: bool = False) -> float:
+    """Write `nbytes` in 32 MB blocks and sync: plain numpy `tofile` (through the page cache), or
+    with `direct` unbuffered O_DIRECT pwrites of one aligned block, the fastest way to the disk."""
+    block = aligned_empty(32 << 20)
+    block[:] = 1
     path = folder / "raw_write.bin"
     drop_page_cache()
     start = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            block[: min(left, block.size)].tofile(f)
-            left -= block.size
+    if direct:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_DIRECT, 0o644)
+        for offset in range(0, nbytes, block.size):
+            os.pwrite(fd, block[: -(-min(block.size, nbytes - offset) // ALIGN) * ALIGN], offset)
+        os.close(fd)
+    else:
+        with open(path, "wb") as f:
+            for offset in range(0, nbytes, block.size):
+                block[: min(block.size, nbytes - offset)].tofile(f)
     os.sync()
     seconds = time.perf_counter() - start
     path.unlink()
     return seconds
 
 
-def raw_read_seconds(paths: list[Path]) -> float:
-    """Plain Python: read every file under `paths` in 32 MB blocks (the baseline of a step that only reads)."""
+def raw_read_seconds(paths: list[Path], direct: bool = False) -> float:
+    """Read every file under `paths` in 32 MB blocks (the baseline of a step that only reads):
+    plain Python reads, or with `direct` unbuffered O_DIRECT reads."""
     drop_page_cache()
     start = time.perf_counter()
     for p in paths:
         for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
-            with open(f, "rb") as fh:
-                while fh.read(32 << 20):
-                    pass
+            if direct:
+                size = f.stat().st_size
+                for offset in range(0, size, 32 << 20):
+                    read_bytes(f, offset, min(32 << 20, size - offset))
+            else:
+                with open(f, "rb") as fh:
+                    while fh.read(32 << 20):
+                        pass
     return time.perf_counter() - start
 
 
@@ -124,22 +138,24 @@ def main() -> None:
         if name == "hardware":
             nbytes -= before
         if name.startswith("verify"):  # reads the packed folder (and the checkpoint): baseline is a plain read
-            raw = raw_read_seconds(outputs)
+            raw = [raw_read_seconds(outputs, direct) for direct in (False, True)]
         else:
-            raw = raw_write_seconds(nbytes, args.work)
-        rows.append((name, seconds, nbytes, rss, raw))
+            raw = [raw_write_seconds(nbytes, args.work, direct) for direct in (False, True)]
+        rows.append((name, seconds, nbytes, rss, *raw))
 
     cache = "page cache emptied before each step and baseline" if drop_page_cache() else "page cache NOT emptied (not root): expect noise"
     print(f"\nQwen2-7B shape, {args.layers} layer(s); {platform.node()}: {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python {platform.python_version()}, numpy {np.__version__}; {cache}\n")
-    print("| step | seconds | GB written (verify: GB checked) | GB/s | peak RSS (GB) | plain write of the same bytes (verify: plain read) (s) | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    tot = [0.0, 0, 0, 0.0]
-    for name, s, b, rss, raw in rows:
-        print(f"| {name} | {s:.1f} | {b / 1e9:.2f} | {b / 1e9 / s:.2f} | {rss / 1e9:.2f} | {raw:.1f} | {s / raw:.2f} |")
+    print("| step | seconds | GB written (verify: GB checked) | GB/s | peak RSS (GB) "
+          "| plain write of the same bytes (verify: read) (s) | ratio | unbuffered write (verify: read) (s) | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    tot = [0.0, 0, 0, 0.0, 0.0]
+    for name, s, b, rss, plain, direct in rows:
+        print(f"| {name} | {s:.1f} | {b / 1e9:.2f} | {b / 1e9 / s:.2f} | {rss / 1e9:.2f} | {plain:.1f} | {s / plain:.2f} | {direct:.1f} | {s / direct:.2f} |")
         if not name.startswith("verify"):
-            tot = [tot[0] + s, tot[1] + b, max(tot[2], rss), tot[3] + raw]
-    print(f"| **the four export steps** | {tot[0]:.1f} | {tot[1] / 1e9:.2f} | {tot[1] / 1e9 / tot[0]:.2f} | {tot[2] / 1e9:.2f} | {tot[3]:.1f} | {tot[0] / tot[3]:.2f} |")
+            tot = [tot[0] + s, tot[1] + b, max(tot[2], rss), tot[3] + plain, tot[4] + direct]
+    print(f"| **the four export steps** | {tot[0]:.1f} | {tot[1] / 1e9:.2f} | {tot[1] / 1e9 / tot[0]:.2f} | {tot[2] / 1e9:.2f} "
+          f"| {tot[3]:.1f} | {tot[0] / tot[3]:.2f} | {tot[4]:.1f} | {tot[0] / tot[4]:.2f} |")
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .direct_io import read_bytes
 from .errors import VCUError
 from .model import (
     EMBEDDING,
@@ -160,9 +161,8 @@ def read_tensor(e: TensorEntry, rows: slice | None = None) -> np.ndarray:
     dtype = np.dtype(NUMPY_DTYPES[e.dtype])
     start, stop = (0, e.shape[0]) if rows is None or not e.shape else rows.indices(e.shape[0])[:2]
     stop = max(start, stop)
-    row_items = int(np.prod(e.shape[1:], dtype=np.int64))
-    with open(e.path, "rb") as f:
-        data = np.fromfile(f, dtype, (stop - start) * row_items, offset=e.offset + start * row_items * dtype.itemsize)
+    row_bytes = int(np.prod(e.shape[1:], dtype=np.int64)) * dtype.itemsize
+    data = read_bytes(e.path, e.offset + start * row_bytes, (stop - start) * row_bytes).view(dtype)
     return data.reshape((stop - start, *e.shape[1:]) if e.shape else ())
 
 

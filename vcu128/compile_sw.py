@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import GPTQCheckpoint
+from .direct_io import DirectWriter
 from .formats import (
     CONFIG,
     SW_FP16_DIR,
@@ -35,9 +36,9 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path) -> None:
     qweight = ckpt.get(f"{name}.qweight")  # int32 [chin/8, chout]: half a byte a weight
     chin, chout = qweight.shape[0] * 8, qweight.shape[1]
     step = rows_per_block(4 * chin)
-    with open(paths["qweight"], "wb") as f:
+    with DirectWriter(paths["qweight"], background=True) as f:
         for block in ordered_map(lambda c: ckpt.signed_weights(qweight[:, c : c + step], np.dtype("<i4")), range(0, chout, step)):
-            block.tofile(f)
+            f.write(block)
     np.ascontiguousarray(ckpt.get(f"{name}.scales").T).astype("<f2").tofile(paths["scales"])
     bias_name = f"{name}.bias"
     bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")
@@ -47,9 +48,9 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path) -> None:
 def write_embedding(ckpt: GPTQCheckpoint, folder: Path) -> None:
     vocab, hidden = ckpt.dims.vocab, ckpt.dims.hidden
     step = rows_per_block(2 * hidden)
-    with open(sw_fp16_path(folder, EMBEDDING), "wb") as f:
+    with DirectWriter(sw_fp16_path(folder, EMBEDDING), background=True) as f:
         for r in range(0, vocab, step):
-            ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)).astype("<f2").tofile(f)
+            f.write(ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)).astype("<f2"))
 
 
 def compile_software(qdir: Path, out: Path | None = None, progress: bool = True) -> StepResult:

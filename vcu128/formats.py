@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .direct_io import read_bytes
 from .errors import VCUError
 from .model import EMBEDDING, GROUP_SIZE, Linear
 from .output import HashingWriter
@@ -52,9 +53,12 @@ def unpack_nibbles(words: np.ndarray, unsigned_offset: int | None = None, dtype=
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
     """Signed ints [rows, 8n] in -8..7 to uint32 [rows, n], each value as its two's-complement nibble."""
-    nib = (q & 0xF).astype(np.uint8) if q.dtype.itemsize > 1 else (q.view(np.uint8) & 0xF)
-    as_bytes = nib[:, 0::2] | (nib[:, 1::2] << 4)
-    return np.ascontiguousarray(as_bytes).view("<u4")
+    # The low byte of a two's-complement int holds its nibble: cast first (wrapping), then work on
+    # bytes, a quarter of the memory traffic of masking the int32s. A uint8 shift drops the high bits.
+    low = q.astype(np.uint8) if q.dtype.itemsize > 1 else q.view(np.uint8)
+    as_bytes = low[:, 0::2] & 0xF
+    as_bytes |= low[:, 1::2] << 4
+    return as_bytes.view("<u4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +109,7 @@ class BinFile:
             )
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        count = (stop - start) * self.row_bytes // self.dtype.itemsize
-        with open(self.path, "rb") as f:
-            out = np.fromfile(f, self.dtype, count, offset=start * self.row_bytes)
+        out = read_bytes(self.path, start * self.row_bytes, (stop - start) * self.row_bytes).view(self.dtype)
         return out.reshape((stop - start, *self.shape[1:]))
 
     def read(self) -> np.ndarray:

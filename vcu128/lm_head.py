@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import GPTQCheckpoint
+from .direct_io import DirectWriter
 from .errors import VCUError
 from .formats import SW_QWEIGHT_DIR, sw_lm_head_paths
 from .output import StepResult
@@ -72,10 +73,10 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
     blocks = [slice(r, min(r + step, dims.vocab)) for r in range(0, dims.vocab, step)]
     err = ref = 0.0
     try:
-        with open(partial["qweight"], "wb") as fq, open(partial["scales"], "wb") as fs:
+        with DirectWriter(partial["qweight"], background=True) as fq, DirectWriter(partial["scales"], 1 << 20) as fs:
             for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
-                q.tofile(fq)
-                scales.astype("<f2").tofile(fs)
+                fq.write(q)
+                fs.write(scales.astype("<f2"))
                 err, ref = err + e, ref + n
         for k in final:
             os.replace(partial[k], final[k])

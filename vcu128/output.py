@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import __version__
+from .direct_io import DirectWriter, read_bytes
 from .errors import VCUError
 
 MANIFEST_NAME = "manifest.json"
@@ -70,7 +71,7 @@ class HashingWriter:
     def __init__(self, root: Path, rel: str, source: str, **shape):
         self.path = Path(root) / rel
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "wb")
+        self._f = DirectWriter(self.path, stage_bytes=1 << 20)  # a packed linear has 32 open at once
         self._sha = hashlib.sha256()
         self.record = FileRecord(path=rel, source=source, **shape)
 
@@ -123,9 +124,9 @@ def read_manifest(folder: Path) -> dict:
 
 def sha256_file(path: Path, block: int = 16 << 20) -> str:
     sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            sha.update(chunk)
+    size = Path(path).stat().st_size
+    for offset in range(0, size, block):
+        sha.update(read_bytes(path, offset, min(block, size - offset)))
     return sha.hexdigest()
 
 

@@ -1,0 +1,156 @@
+"""Unbuffered file I/O (O_DIRECT) for the gigabyte streams of the export steps.
+
+A buffered write or read copies every byte through the kernel's page cache. On the 2-core VM the
+export runs on, that copy costs more CPU than the steps' own work (measured, cold cache: 6.7 GB
+written buffered in 10-17 s, 8.5-15.5 s of it kernel time; with O_DIRECT in 2.9-3.5 s, 0.3-0.7 s of
+kernel time). O_DIRECT moves data between our buffers and the disk directly, but wants buffers,
+file offsets and lengths aligned to the disk's block size: so data is staged in aligned buffers,
+the last block is padded and the file truncated to its true length. Where the filesystem refuses
+O_DIRECT (tmpfs, some network filesystems), the same classes fall back to plain I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ALIGN = 4096  # a multiple of every disk's logical block size
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer whose first byte sits on an ALIGN boundary."""
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip : skip + nbytes]
+
+
+def _open(path: Path, flags: int, direct: bool) -> tuple[int, bool]:
+    """(fd, is it O_DIRECT): O_DIRECT when asked for and the filesystem takes it."""
+    if direct and O_DIRECT:
+        try:
+            return os.open(path, flags | O_DIRECT, 0o644), True
+        except OSError:
+            pass
+    return os.open(path, flags, 0o644), False
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:  # a write may be short
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as e:
+            # Some filesystems accept O_DIRECT at open and refuse it on write: go on buffered.
+            if e.errno != errno.EINVAL or not _drop_direct(fd):
+                raise
+            continue
+        view, offset = view[n:], offset + n
+
+
+def _drop_direct(fd: int) -> bool:
+    """Turn O_DIRECT off on an open file; False if it was not on."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & O_DIRECT:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~O_DIRECT)
+    return True
+
+
+class DirectWriter:
+    """A file written front to back: `write(array)` appends its bytes, like `array.tofile(f)`.
+
+    Bytes gather in an aligned staging buffer of `stage_bytes` (a multiple of ALIGN); a full buffer
+    is written with one O_DIRECT pwrite, on a background thread when `background` (two buffers, so
+    filling one overlaps writing the other). Closing writes the padded tail and truncates the file
+    to the bytes actually given."""
+
+    def __init__(self, path: Path, stage_bytes: int = 16 << 20, background: bool = False, direct: bool = True):
+        assert stage_bytes % ALIGN == 0
+        self.path = Path(path)
+        self.fd, self.direct = _open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct)
+        self.stages = [aligned_empty(stage_bytes) for _ in range(2 if background else 1)]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="direct-writer") if background else None
+        self.inflight: Future | None = None
+        self.fill = 0  # bytes in the current stage
+        self.offset = 0  # file offset of the current stage
+        self.closed = False
+
+    def write(self, array) -> None:
+        data = np.frombuffer(memoryview(np.ascontiguousarray(array)).cast("B"), np.uint8)
+        stage = self.stages[0]
+        while data.size:
+            n = min(data.size, stage.size - self.fill)
+            stage[self.fill : self.fill + n] = data[:n]
+            self.fill += n
+            data = data[n:]
+            if self.fill == stage.size:
+                self._flush()
+                stage = self.stages[0]
+
+    def _flush(self) -> None:
+        stage, nbytes = self.stages[0], self.fill
+        length = -(-nbytes // ALIGN) * ALIGN if self.direct else nbytes
+        stage[nbytes:length] = 0  # the padding of a final partial block, truncated away on close
+        if self.inflight is not None:
+            self.inflight.result()  # the other stage is free again
+        if self.pool is not None:
+            self.inflight = self.pool.submit(_pwrite_all, self.fd, stage[:length], self.offset)
+            self.stages.reverse()
+        else:
+            _pwrite_all(self.fd, stage[:length], self.offset)
+        self.offset += nbytes
+        self.fill = 0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.fill:
+                self._flush()
+            if self.inflight is not None:
+                self.inflight.result()
+            if self.direct and self.offset % ALIGN:
+                os.ftruncate(self.fd, self.offset)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+            os.close(self.fd)
+
+    def __enter__(self) -> DirectWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_bytes(path: Path, offset: int, nbytes: int, direct: bool = True) -> np.ndarray:
+    """`nbytes` bytes of a file from `offset`, as uint8: with O_DIRECT, the aligned range around
+    them is read into an aligned buffer and the asked-for bytes returned as a view of it."""
+    fd, is_direct = _open(Path(path), os.O_RDONLY, direct)
+    try:
+        start = offset - offset % ALIGN if is_direct else offset
+        stop = -(-(offset + nbytes) // ALIGN) * ALIGN if is_direct else offset + nbytes
+        buf = aligned_empty(stop - start)
+        got = 0
+        while got < buf.size:
+            try:
+                n = os.preadv(fd, [memoryview(buf[got:])], start + got)
+            except OSError as e:  # O_DIRECT accepted at open, refused on read: read buffered
+                if e.errno != errno.EINVAL or not _drop_direct(fd):
+                    raise
+                continue
+            if n == 0:  # end of file inside the aligned tail
+                break
+            got += n
+        if got < offset - start + nbytes:
+            raise EOFError(f"{path}: {nbytes} bytes at {offset} asked for, the file ends at {start + got}")
+        return buf[offset - start : offset - start + nbytes]
+    finally:
+        os.close(fd)
