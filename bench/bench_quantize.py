@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -221,6 +222,8 @@ def main() -> None:
 
     import torch
 
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_quantize.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     if "check" in args.runs:
         r, _ = child(["--child", "check"], args.work / "check.log")
         print(f"solver check: {json.dumps(r)}", file=sys.stderr, flush=True)
@@ -228,6 +231,12 @@ def main() -> None:
         if not args.runs:
             return
     model_dir = args.work / f"qwen2-7b-shape-{args.layers}L"
+    # the fp16 model, plus a checkpoint a run (a quarter of it), with room to spare
+    need = int((args.layers * 466e6 + 2 * 1.09e9) * (1 + 0.3 * len(args.runs)) * 1.1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.work).free
+    if free < need:
+        raise SystemExit(f"{args.work}: {free / 1e9:.1f} GB free, this run needs about {need / 1e9:.0f} GB")
     if not (model_dir / "config.json").is_file():
         r, _ = child(["--child", "build", str(model_dir), str(args.layers)], args.work / "build.log")
         print(f"built {model_dir} in {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
