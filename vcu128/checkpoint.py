@@ -154,15 +154,16 @@ def read_tensor_index(qdir: Path) -> dict[str, TensorEntry]:
     raise VCUError(f"{qdir}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_tensor(e: TensorEntry, rows: slice | None = None) -> np.ndarray:
-    """A tensor, or a block of its rows (dim 0), as stored (bf16 as its uint16 bits)."""
+def read_tensor(e: TensorEntry, rows: slice | None = None, direct: bool = True) -> np.ndarray:
+    """A tensor, or a block of its rows (dim 0), as stored (bf16 as its uint16 bits). `direct`:
+    unbuffered (direct_io.py); off where the file is likely still in the page cache."""
     if e.dtype not in NUMPY_DTYPES:
         raise VCUError(f"{e.path}: dtype {e.dtype} is not supported")
     dtype = np.dtype(NUMPY_DTYPES[e.dtype])
     start, stop = (0, e.shape[0]) if rows is None or not e.shape else rows.indices(e.shape[0])[:2]
     stop = max(start, stop)
     row_bytes = int(np.prod(e.shape[1:], dtype=np.int64)) * dtype.itemsize
-    data = read_bytes(e.path, e.offset + start * row_bytes, (stop - start) * row_bytes).view(dtype)
+    data = read_bytes(e.path, e.offset + start * row_bytes, (stop - start) * row_bytes, direct).view(dtype)
     return data.reshape((stop - start, *e.shape[1:]) if e.shape else ())
 
 

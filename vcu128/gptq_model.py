@@ -66,7 +66,9 @@ class SourceWeights:
         e = self.entries[name]
         if e.dtype not in TORCH_DTYPES:
             raise VCUError(f"{name}: dtype {e.dtype}, expected fp16, bf16 or fp32")
-        t = torch.from_numpy(read_tensor(e)).view(TORCH_DTYPES[e.dtype])
+        # Buffered: a model folder is often still in the page cache (just downloaded or converted),
+        # and a GPU machine has the memory to keep it there.
+        t = torch.from_numpy(read_tensor(e, direct=False)).view(TORCH_DTYPES[e.dtype])
         return t.to(device=device, dtype=dtype, non_blocking=False)
 
     def load_module(self, module: torch.nn.Module, prefix: str, device, dtype) -> None:
