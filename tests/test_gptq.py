@@ -174,3 +174,19 @@ def test_calibration_runs_in_the_models_16_bit_type_on_a_gpu(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": saved}))
         assert compute_dtype(tmp_path, torch.device("cuda:0")) == want
         assert compute_dtype(tmp_path, torch.device("cpu")) == torch.float32
+
+
+def test_a_run_that_fails_half_way_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
+    import vcu128.gptq_model as gm
+
+    real = gm.gptq_quantize
+
+    def fail_in_layer_1(W, H, name, solvers=None):
+        if name.startswith("model.layers.1."):
+            raise VCUError(f"{name}: the Hessian is not positive definite even with 100% damping")
+        return real(W, H, name, solvers)
+
+    monkeypatch.setattr(gm, "gptq_quantize", fail_in_layer_1)
+    with pytest.raises(VCUError, match=r"model.layers.1.self_attn.q_proj\+k_proj\+v_proj: the Hessian"):
+        quantize_model(tiny_model, tmp_path / "q", QuantizeOptions(**FAST, report=False))
+    assert list(tmp_path.iterdir()) == []  # layer 0's shard was written, and removed with the stage

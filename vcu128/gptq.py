@@ -160,8 +160,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, name: str, solvers: dict | N
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Signed ints [rows, cols] times per-group scales [rows, cols/128] (any float dtype)."""
     rows, cols = q.shape
-    return (q.view(rows, -1, GROUP_SIZE).float() * scales[..., None]).view(rows, cols).to(dtype)
+    return (q.float().view(rows, -1, GROUP_SIZE) * scales.float()[..., None]).view(rows, cols).to(dtype)
 
 
 def gptq_tensors(q: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:

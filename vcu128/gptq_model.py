@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,6 @@ class GPTQRun:
     """Where a run's time went (seconds), for the log and the benchmark."""
 
     seconds: dict = field(default_factory=lambda: {"load": 0.0, "forward_hessian": 0.0, "gptq": 0.0, "write_wait": 0.0})
-    layers: int = 0
 
 
 class SourceWeights:
@@ -106,11 +105,23 @@ class CheckpointWriter:
         return waited
 
     def close(self) -> None:
-        for f in self.pending:
-            f.result()
-        self.pool.shutdown()
+        """Wait for every shard, then write the index."""
+        self.drain()
         index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+
+    def drain(self, raise_errors: bool = True) -> None:
+        """Wait for the shards in flight (also when a run fails, so that no thread writes into a
+        folder that is being removed)."""
+        pending, self.pending = self.pending, []
+        try:
+            if raise_errors:
+                for f in pending:
+                    f.result()
+            else:
+                wait(pending)
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def build_meta_model(model_dir: Path, dtype):
@@ -263,48 +274,50 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
     samples_a_chunk = samples_a_chunk or max(1, TOKENS_A_CHUNK // seqlen)
     num_layers = cfg.num_hidden_layers
     writer = CheckpointWriter(out, num_layers + 1)
-
-    embed = weights.get("model.embed_tokens.weight", device, dtype)
-    x = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
-    tokens = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
-    for p in chunks(n, samples_a_chunk):
-        x[p] = torch.nn.functional.embedding(tokens[p], embed)
-    del embed
-    with device:  # a fresh rotary embedding: its inv_freq buffer is computed, not loaded
-        rotary = type(inner.rotary_emb)(config=cfg)
-    position_embeddings = rotary(x[:1], torch.arange(seqlen, device=device)[None])
-    run.seconds["load"] += time.perf_counter() - start
-
-    solvers: dict = {}
-    for i in bar(range(num_layers), desc="GPTQ", unit="layer", enabled=progress):
-        t0 = time.perf_counter()
-        prefix = f"model.layers.{i}"
-        layer = inner.layers[i]
-        weights.load_module(layer, prefix, device, dtype)
-        run.seconds["load"] += time.perf_counter() - t0
-        lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run)
-        lq.run_layer(prefix)
-        run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, layer, lq.results))
-        inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
-        del layer, lq
-        run.layers += 1
-        log.debug(f"layer {i}: {time.perf_counter() - t0:.2f} s")
-
-    last = {"model.embed_tokens.weight": weights.get("model.embed_tokens.weight", "cpu", torch.float16)}
-    weights.load_module(inner.norm, "model.norm", device, dtype)
-    last["model.norm.weight"] = inner.norm.weight.detach().half()
-    if lm_head:  # the output layer sees the final norm of the last layer's (quantized) output
-        H = torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float32, device=device)
+    try:
+        embed = weights.get("model.embed_tokens.weight", device, dtype)
+        x = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
+        tokens = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
         for p in chunks(n, samples_a_chunk):
-            add_to_hessian(H, inner.norm(x[p]))
-        H.mul_(2 / (n * seqlen))
-        q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), H, "lm_head", solvers)
-        last.update({f"lm_head.{k}": v for k, v in gptq_tensors(q, scales).items()})
-    elif not cfg.tie_word_embeddings:
-        last["lm_head.weight"] = weights.get("lm_head.weight", device, torch.float16)
-    del x
-    writer.write(num_layers, last)
-    writer.close()
+            x[p] = torch.nn.functional.embedding(tokens[p], embed)
+        del embed
+        with device:  # a fresh rotary embedding: its inv_freq buffer is computed, not loaded
+            rotary = type(inner.rotary_emb)(config=cfg)
+        position_embeddings = rotary(x[:1], torch.arange(seqlen, device=device)[None])
+        run.seconds["load"] += time.perf_counter() - start
+
+        solvers: dict = {}
+        for i in bar(range(num_layers), desc="GPTQ", unit="layer", enabled=progress):
+            t0 = time.perf_counter()
+            prefix = f"model.layers.{i}"
+            layer = inner.layers[i]
+            weights.load_module(layer, prefix, device, dtype)
+            run.seconds["load"] += time.perf_counter() - t0
+            lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run)
+            lq.run_layer(prefix)
+            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, layer, lq.results))
+            inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
+            del layer, lq
+            log.debug(f"layer {i}: {time.perf_counter() - t0:.2f} s")
+
+        last = {"model.embed_tokens.weight": weights.get("model.embed_tokens.weight", "cpu", torch.float16)}
+        weights.load_module(inner.norm, "model.norm", device, dtype)
+        last["model.norm.weight"] = inner.norm.weight.detach().half()
+        if lm_head:  # the output layer sees the final norm of the last layer's (quantized) output
+            H = torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float32, device=device)
+            for p in chunks(n, samples_a_chunk):
+                add_to_hessian(H, inner.norm(x[p]))
+            H.mul_(2 / (n * seqlen))
+            q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), H, "lm_head", solvers)
+            last.update({f"lm_head.{k}": v for k, v in gptq_tensors(q, scales).items()})
+        elif not cfg.tie_word_embeddings:
+            last["lm_head.weight"] = weights.get("lm_head.weight", device, torch.float16)
+        del x
+        writer.write(num_layers, last)
+        writer.close()
+    except BaseException:
+        writer.drain(raise_errors=False)
+        raise
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     config.update({"torch_dtype": "float16", "quantization_config": quantization_config(lm_head)})

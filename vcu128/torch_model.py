@@ -13,13 +13,8 @@ import numpy as np
 import torch
 
 from .checkpoint import GPTQCheckpoint
+from .gptq import dequantize
 from .model import GROUP_SIZE, LINEARS
-
-
-def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Signed ints [chout, chin] times per-group scales [chout, chin/128], as float32."""
-    chout, chin = q.shape
-    return (q.float().view(chout, -1, GROUP_SIZE) * scales.float()[..., None]).view(chout, chin)
 
 
 def rtn_symmetric(w: torch.Tensor) -> torch.Tensor:

@@ -268,7 +268,8 @@ def load_hardware_model(qdir: Path, hw: Path, device="cpu", dtype=None, lm_head_
     its parts, the output layer from OutLayer (or, for diagnosis, the checkpoint's float lm_head)."""
     import torch
 
-    from .torch_model import build_empty_model, dequantize, plain_config
+    from .gptq import dequantize
+    from .torch_model import build_empty_model, plain_config
 
     dtype = dtype or torch.float32
     hw = Path(hw)
