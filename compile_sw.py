@@ -5,20 +5,20 @@ Checks the checkpoint first (4 bits, group 128, symmetric, no act-order, shapes 
 a refused checkpoint leaves nothing behind. See FORMAT.md section 2.
 """
 
-import argparse
 import logging
 import sys
 
 from vcu128.compile_sw import compile_software
-from vcu128.errors import run_cli
+from vcu128.errors import ArgumentParser, positive_int, run_cli
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="GPTQ checkpoint folder (config.json + safetensors)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: QDIR/compile)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder that compile_sw.py did not write")
     args = p.parse_args(argv)
-    result = compile_software(args.quantize_model, args.out)
+    result = compile_software(args.quantize_model, args.out, force=args.force)
     logging.getLogger("vcu128").info(result.line())
 
 

@@ -4,21 +4,21 @@
 Writes Embedding_01-of-16.bin ... in row order; a vocab that K does not divide is refused.
 """
 
-import argparse
 import logging
 import sys
 
 from vcu128.embedding import split_embedding
-from vcu128.errors import run_cli
+from vcu128.errors import ArgumentParser, positive_int, run_cli
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--compile_dir", "--compile-dir", required=True, metavar="DIR", help="folder written by compile_sw.py")
-    p.add_argument("--parts", type=int, default=16, help="number of parts (default: 16, the board's)")
+    p.add_argument("--parts", type=positive_int, default=16, help="number of parts (default: 16, the board's)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: DIR/QWEN_BLOCK_write_data_port32/Embedding)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder that embedding_tokens.py did not write")
     args = p.parse_args(argv)
-    result = split_embedding(args.compile_dir, args.out, args.parts)
+    result = split_embedding(args.compile_dir, args.out, args.parts, force=args.force)
     logging.getLogger("vcu128").info(result.line())
 
 

@@ -7,21 +7,21 @@ lm_head.qweight). Tied embeddings (no lm_head.weight) use model.embed_tokens.wei
 Prints the relative error ||W - W_hat|| / ||W|| of the method used.
 """
 
-import argparse
 import logging
 import sys
 
-from vcu128.errors import run_cli
+from vcu128.errors import ArgumentParser, positive_int, run_cli
 from vcu128.lm_head import ALL_METHODS, quantize_lm_head
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="GPTQ checkpoint folder")
     p.add_argument("--method", choices=ALL_METHODS, help="default: checkpoint if the checkpoint has lm_head.qweight, else rtn")
     p.add_argument("--out", metavar="DIR", help="compile folder to write into (default: QDIR/compile)")
+    p.add_argument("--force", action="store_true", help="write into a folder (or replace lm_head files) that lm_head.py did not write")
     args = p.parse_args(argv)
-    result, method, error = quantize_lm_head(args.quantize_model, args.out, args.method)
+    result, method, error = quantize_lm_head(args.quantize_model, args.out, args.method, force=args.force)
     log = logging.getLogger("vcu128")
     if error is None:
         log.info("lm_head (checkpoint): taken from the GPTQ checkpoint as quantized")

@@ -34,7 +34,7 @@ if [[ ${#models[@]} -eq 0 ]]; then
   model_path=demo
   nsamples=64
   seqlen=128
-  [[ -f demo/tiny-qwen2/config.json ]] || python -m vcu128.demo demo/tiny-qwen2 15
+  [[ -f demo/tiny-qwen2/config.json ]] || python -m vcu128.demo demo/tiny-qwen2
 fi
 if [[ $compile == 1 && ( $wbits != 4 || $group_size != 128 ) ]]; then
   echo "main.sh: error: compile=1 needs wbits=4 and group_size=128 (the board runs W4, group 128 only)" >&2

@@ -7,43 +7,45 @@ error of GPTQ next to plain round-to-nearest).
 With --compile, the export steps run right after: compile_sw, lm_head, hardware, embedding_tokens.
 """
 
-import argparse
 import logging
 import sys
 
-from vcu128.errors import run_cli
+from argparse import BooleanOptionalAction
+
+from vcu128.errors import ArgumentParser, positive_int, run_cli
 from vcu128.quantize import QuantizeOptions, format_report, quantize_model
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--model", required=True, help="HuggingFace model folder (fp16/bf16)")
     p.add_argument("--quantize_model", "--quantize-model", metavar="QDIR", help="output checkpoint (default: <model>-W<wbits>A16-gptq)")
-    p.add_argument("--wbits", type=int, default=4, help="weight bits (the board: 4)")
-    p.add_argument("--group_size", "--group-size", type=int, default=128, help="quantization group size (the board: 128)")
-    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="symmetric quantization (the board needs it)")
+    p.add_argument("--wbits", type=positive_int, default=4, help="weight bits (the board: 4)")
+    p.add_argument("--group_size", "--group-size", type=positive_int, default=128, help="quantization group size (the board: 128)")
+    p.add_argument("--sym", action=BooleanOptionalAction, default=True, help="symmetric quantization (the board needs it)")
     p.add_argument("--desc_act", "--desc-act", action="store_true", help="act-order (the board cannot run it)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--calib", required=True, help="calibration: text file, JSONL with 'text', saved HF dataset folder, or 'random'")
     p.add_argument("--eval_text", "--eval-text", help="held-out text for the report (default: the last 10%% of --calib)")
-    p.add_argument("--nsamples", type=int, default=256, help="calibration samples (default 256)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens a sample (default 512)")
+    p.add_argument("--nsamples", type=positive_int, default=256, help="calibration samples (default 256)")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="tokens a sample (default 512)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", "--batch-size", type=int,
+    p.add_argument("--batch_size", "--batch-size", type=positive_int,
                    help="calibration samples a forward pass (default: 16384 tokens' worth; gptqmodel engine: 1 on CPU, 16 on a GPU)")
     p.add_argument("--engine", choices=("vcu128", "gptqmodel"), default="vcu128",
                    help="vcu128: this project's GPTQ, one layer at a time (default; fast on a GPU); gptqmodel: GPTQModel 7.6")
     p.add_argument("--lm_head", "--lm-head", action="store_true", help="also GPTQ-quantize the output layer")
     p.add_argument("--no_report", "--no-report", action="store_true", help="skip the perplexity / layer-error report")
     p.add_argument("--compile", action="store_true", help="run the export steps after quantizing")
+    p.add_argument("--force", action="store_true", help="replace an existing --quantize_model folder this step did not write")
     p.add_argument("--lm_head_method", "--lm-head-method", choices=("rtn", "trunc", "checkpoint"), help="with --compile (default: automatic)")
-    p.add_argument("--ports", type=int, default=32, help="with --compile: HBM ports (default 32)")
-    p.add_argument("--embedding_parts", "--embedding-parts", type=int, default=16, help="with --compile: embedding parts (default 16)")
+    p.add_argument("--ports", type=positive_int, default=32, help="with --compile: HBM ports (default 32)")
+    p.add_argument("--embedding_parts", "--embedding-parts", type=positive_int, default=16, help="with --compile: embedding parts (default 16)")
     args = p.parse_args(argv)
     opts = QuantizeOptions(
         wbits=args.wbits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act, device=args.device,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib=args.calib, eval_text=args.eval_text,
-        lm_head=args.lm_head, engine=args.engine, batch_size=args.batch_size, report=not args.no_report,
+        lm_head=args.lm_head, engine=args.engine, batch_size=args.batch_size, report=not args.no_report, force=args.force,
     )
     log = logging.getLogger("vcu128")
     if args.compile:

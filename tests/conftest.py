@@ -44,7 +44,7 @@ def tiny_model(tmp_path_factory):
     """A tiny Qwen2 trained for a few seconds on the demo corpus (weights with real structure)."""
     from vcu128.demo import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", train_seconds=8)
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", train_steps=200)
 
 
 @pytest.fixture(scope="session")

@@ -237,14 +237,18 @@ def test_seven_b_row_widths_pack_exactly(tmp_path):
         check_linear(d, "out/X", "out/X_bias.bin", q, s, b, 32, sample_rows=2)
 
 
-def test_rerun_replaces_output_and_leaves_no_staging(qwen_export, tmp_path):
+def test_rerun_replaces_its_own_files_keeps_others_and_leaves_no_staging(qwen_export, tmp_path):
     from vcu128.pack import pack_hardware
 
     out = tmp_path / "hw"
     pack_hardware(qwen_export["compile"], out, 32, progress=False)
-    (out / "stale.bin").write_bytes(b"x")
+    packed = out / "BLOCK00/LN_DDR_bin/LN0_wt_in_DDR.bin"
+    good = packed.read_bytes()
+    packed.write_bytes(b"damaged")
+    (out / "notes.txt").write_bytes(b"a user's file")
     pack_hardware(qwen_export["compile"], out, 32, progress=False)
-    assert not (out / "stale.bin").exists()
+    assert packed.read_bytes() == good
+    assert (out / "notes.txt").read_bytes() == b"a user's file"
     assert [p.name for p in tmp_path.iterdir()] == ["hw"]
 
 

@@ -98,7 +98,7 @@ def test_calibration_is_seeded_and_reads_jsonl_and_datasets(tiny_model, tmp_path
     [
         (lambda m: (m / "config.json").unlink(), "no config.json: not a HuggingFace model folder"),
         (lambda m: patch(m, architectures=["Qwen2Model"]), r"has no \*ForCausalLM: not a causal language model"),
-        (lambda m: patch(m, model_type="falcon", architectures=["FalconForCausalLM"]), "model_type 'falcon': the hardware layout knows"),
+        (lambda m: patch(m, model_type="falcon", architectures=["FalconForCausalLM"]), "model_type 'falcon': the board runs qwen2, llama, mistral"),
         (lambda m: patch(m, quantization_config={"quant_method": "gptq"}), "already quantized"),
     ],
 )
@@ -145,3 +145,33 @@ def test_compile_refuses_settings_the_board_cannot_run(tiny_model, tmp_path, fla
     assert not (tmp_path / "q").exists()
     with pytest.raises(VCUError):
         check_board_settings(QuantizeOptions(wbits=3))
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda m, t: ["--calib", _write(t / "bin.txt", bytes(range(256)) * 10)], "error: {t}/bin.txt: not UTF-8 text (byte 128); calibration needs a text, JSONL or saved dataset"),
+        (lambda m, t: ["--calib", _mkdir(t / "plain")], "error: {t}/plain: not a dataset saved with save_to_disk (FileNotFoundError); pass a .txt or .jsonl file"),
+        (lambda m, t: ["--calib", str(DEMO_CORPUS), "--nsamples", "0"], "error: argument --nsamples: 0: must be at least 1"),
+        (lambda m, t: ["--calib", str(DEMO_CORPUS), "--seqlen", "-5"], "error: argument --seqlen: -5: must be at least 1"),
+        (lambda m, t: ["--calib", str(DEMO_CORPUS), "--quantize_model", str(m)], "error: --quantize_model {m}: is or contains the input {m}; choose another folder"),
+    ],
+    ids=["binary calib", "plain folder", "nsamples 0", "seqlen negative", "out is the model"],
+)
+def test_quantize_cli_refusals(tiny_model, tmp_path, make_args, message):
+    r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--model", str(tiny_model), *make_args(tiny_model, tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert lines[0] == message.format(t=tmp_path, m=tiny_model) and len(lines) <= 2 and "Traceback" not in r.stderr
+    assert not (tiny_model.parent / "tiny-qwen2-W4A16-gptq-x").exists()
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+def _mkdir(path):
+    path.mkdir()
+    return str(path)

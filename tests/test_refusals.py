@@ -143,7 +143,7 @@ def test_hardware_refuses_truncated_and_missing_inputs(exported):
     (comp / "qwen2_qweight_bin" / "lm_head_qweight.bin").unlink()
     with pytest.raises(VCUError, match=r"lm_head_qweight.bin: missing \(run lm_head.py first\)"):
         pack_hardware(comp, out, progress=False)
-    assert sorted(p.name for p in comp.iterdir()) == ["QWEN_BLOCK_write_data_port32", "config.json", "qwen2_fp16_weight_bin", "qwen2_qweight_bin"]
+    assert sorted(p.name for p in comp.iterdir()) == ["QWEN_BLOCK_write_data_port32", "compile_sw.json", "config.json", "lm_head.json", "qwen2_fp16_weight_bin", "qwen2_qweight_bin"]
 
 
 def test_hardware_refuses_ints_outside_int4(exported):

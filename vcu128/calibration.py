@@ -32,7 +32,10 @@ def read_texts(path: Path) -> list[str]:
             import datasets
         except ImportError:  # pragma: no cover - datasets comes with gptqmodel
             raise VCUError(f"{path}: reading a saved dataset needs the 'datasets' package") from None
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises FileNotFoundError, ValueError, ... for a plain folder
+            raise VCUError(f"{path}: not a dataset saved with save_to_disk ({type(e).__name__}); pass a .txt or .jsonl file") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         if "text" not in ds.column_names:
@@ -41,16 +44,23 @@ def read_texts(path: Path) -> list[str]:
         return rows or [t for t in ds["text"] if t.strip()]
     if not path.is_file():
         raise VCUError(f"{path}: no such calibration file or dataset folder")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VCUError(f"{path}: not UTF-8 text (byte {e.start}); calibration needs a text, JSONL or saved dataset") from None
     if path.suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
+        for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
-                    rows.append(json.loads(line)["text"])
+                    row = json.loads(line)["text"]
+                    if not isinstance(row, str):
+                        raise TypeError
+                    rows.append(row)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise VCUError(f"{path}:{i + 1}: not a JSON object with a 'text' field") from None
         return rows
-    return [path.read_text()]
+    return [text]
 
 
 def file_digest(path: Path) -> str:

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .direct_io import read_bytes
+from .board import check_board_tensors
 from .errors import VCUError
+from .jsonfile import get_bool, get_int, get_str, read_json_object
 from .model import (
     EMBEDDING,
     FINAL_NORM,
@@ -66,11 +70,13 @@ class QuantConfig:
 def read_quant_config(qdir: Path) -> QuantConfig:
     """Merge quantization_config of config.json with quantize_config.json; they must not disagree."""
     sources = {}
-    cfg = json.loads((qdir / "config.json").read_text())
+    cfg = read_json_object(qdir / "config.json")
     if "quantization_config" in cfg:
+        if not isinstance(cfg["quantization_config"], dict):
+            raise VCUError(f"{qdir / 'config.json'}: 'quantization_config' is not a JSON object")
         sources["config.json quantization_config"] = cfg["quantization_config"]
     if (qdir / "quantize_config.json").is_file():
-        sources["quantize_config.json"] = json.loads((qdir / "quantize_config.json").read_text())
+        sources["quantize_config.json"] = read_json_object(qdir / "quantize_config.json")
     if not sources:
         raise VCUError(f"{qdir}: no quantization_config in config.json and no quantize_config.json: not a GPTQ checkpoint")
     merged: dict = {}
@@ -81,19 +87,23 @@ def read_quant_config(qdir: Path) -> QuantConfig:
                     raise VCUError(f"{qdir}: {key} is {merged[key][0]!r} in {merged[key][1]} but {qc[key]!r} in {where}")
                 merged[key] = (qc[key], where)
     values = {k: v for k, (v, _) in merged.items()}
-    method = values.get("quant_method", "gptq")
+    where = Path(next(iter(sources)) if len(sources) == 1 else "quantization config")
+    method = get_str(values, "quant_method", where, "gptq")
     if method != "gptq":
         raise VCUError(f"{qdir}: quant_method={method!r}: only GPTQ checkpoints are supported")
     for key in ("bits", "group_size"):
         if key not in values:
             raise VCUError(f"{qdir}: quantization config has no '{key}'")
+    dynamic = values.get("dynamic")
+    if dynamic is not None and not isinstance(dynamic, dict):
+        raise VCUError(f"{qdir}: quantization config 'dynamic' is {dynamic!r}, expected an object")
     return QuantConfig(
-        bits=int(values["bits"]),
-        group_size=int(values["group_size"]),
-        sym=bool(values.get("sym", True)),
-        desc_act=bool(values.get("desc_act", False)),
-        checkpoint_format=values.get("checkpoint_format") or "gptq",
-        dynamic=values.get("dynamic"),
+        bits=get_int(values, "bits", where),
+        group_size=get_int(values, "group_size", where, minimum=-1),
+        sym=get_bool(values, "sym", where, True),
+        desc_act=get_bool(values, "desc_act", where, False),
+        checkpoint_format=get_str(values, "checkpoint_format", where) or "gptq",
+        dynamic=dynamic,
     )
 
 
@@ -109,44 +119,111 @@ class TensorEntry:
     offset: int  # absolute byte offset of the tensor in its file
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _header_entry(path: Path, name: str, meta) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field checked."""
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+        raise VCUError(f"{path}: damaged header: entry {name!r} needs dtype, shape and data_offsets")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if dtype not in DTYPE_BYTES:
+        raise VCUError(f"{path}: damaged header: {name} has dtype {dtype!r}")
+    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)  # noqa: E731
+    if not ints(shape) or not ints(offsets) or len(offsets) != 2:
+        raise VCUError(f"{path}: damaged header: {name} has shape {shape!r}, data_offsets {offsets!r}")
+    begin, end = offsets
+    if begin > end:
+        raise VCUError(f"{path}: damaged header: {name} has data_offsets [{begin}, {end}] (begin after end)")
+    want = DTYPE_BYTES[dtype] * math.prod(shape)
+    if end - begin != want:
+        raise VCUError(f"{path}: damaged header: {name} is {dtype} {shape}, {want} bytes, but its data_offsets span {end - begin}")
+    return dtype, tuple(shape), begin, end
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     """A safetensors file is an 8-byte little-endian header length, a JSON header of
-    {name: {dtype, shape, data_offsets}}, then the data. Reading tensors with positioned reads
-    (not mmap) keeps resident memory to what the step holds, not to every page it has touched."""
+    {name: {dtype, shape, data_offsets}}, then the data. The header is checked as strictly as the
+    format itself does (the safetensors library then validates it too); tensors are read later with
+    positioned reads (not mmap), so resident memory stays what the step holds."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise VCUError(f"{path}: truncated safetensors file")
+            raise VCUError(f"{path}: truncated safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise VCUError(f"{path}: not a safetensors file (bad header)") from None
-    size = path.stat().st_size
-    out = {}
+        if n > MAX_HEADER_BYTES:
+            raise VCUError(f"{path}: damaged safetensors file: header length {n} is over the format's limit of {MAX_HEADER_BYTES}")
+        if 8 + n > size:
+            raise VCUError(f"{path}: truncated: the header needs {8 + n} bytes, the file has {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise VCUError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise VCUError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    data_bytes = size - 8 - n
+    out, spans = {}, []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        begin, end = meta["data_offsets"]
-        if 8 + n + end > size:
+        dtype, shape, begin, end = _header_entry(path, name, meta)
+        if end > data_bytes:
             raise VCUError(f"{path}: truncated: {name} ends at byte {8 + n + end}, the file has {size}")
-        out[name] = TensorEntry(path, meta["dtype"], tuple(meta["shape"]), 8 + n + begin)
+        spans.append((begin, end, name))
+        out[name] = TensorEntry(path, dtype, shape, 8 + n + begin)
+    pos, last = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = f"overlaps {last}" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
+            raise VCUError(f"{path}: damaged header: the data of {name} (bytes {begin}..{end}) {what}")
+        pos, last = end, name
+    if pos != data_bytes:
+        raise VCUError(f"{path}: damaged file: the tensors hold {pos} bytes of data, the file has {data_bytes} after the header")
+    _library_check(path)
     return out
+
+
+def _library_check(path: Path) -> None:
+    """Let the safetensors library validate the header too (opening a file reads only its header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except Exception as e:  # SafetensorError, or whatever a damaged file provokes
+        raise VCUError(f"{path}: the safetensors library refuses it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def read_tensor_index(qdir: Path) -> dict[str, TensorEntry]:
     """Every tensor of the checkpoint, single file or sharded with model.safetensors.index.json."""
     index = qdir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        doc = read_json_object(index)
+        weight_map = doc.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise VCUError(f"{index}: 'weight_map' must be an object of tensor name -> shard file name")
         entries = {}
         for shard in sorted(set(weight_map.values())):
+            if shard in ("", ".", "..") or "/" in shard or "\\" in shard or Path(shard).is_absolute():
+                raise VCUError(f"{index}: shard {shard!r} is not a plain file name inside {qdir}")
             if not (qdir / shard).is_file():
                 raise VCUError(f"{qdir / shard}: listed in {index.name} but missing")
-            entries.update(read_safetensors_header(qdir / shard))
+            for name, e in read_safetensors_header(qdir / shard).items():
+                if name in entries:
+                    raise VCUError(f"{name}: in two shards, {entries[name].path.name} and {shard}")
+                entries[name] = e
         missing = sorted(set(weight_map) - set(entries))
         if missing:
             raise VCUError(f"{missing[0]}: listed in {index.name} but not in its shard {weight_map[missing[0]]}")
+        misplaced = sorted(n for n in weight_map if entries[n].path.name != weight_map[n])
+        if misplaced:
+            n = misplaced[0]
+            raise VCUError(f"{n}: {index.name} puts it in {weight_map[n]}, but it is in {entries[n].path.name}")
         return entries
     single = qdir / "model.safetensors"
     if single.is_file():
@@ -177,6 +254,21 @@ class GPTQCheckpoint:
         self.dims: ModelDims = read_model_dims(self.qdir / "config.json")
         self.quant: QuantConfig = read_quant_config(self.qdir)
         self._tensors = read_tensor_index(self.qdir)
+
+    def fingerprint(self) -> str:
+        """Names this checkpoint as it is now: its JSON files, and each shard's name, size,
+        modification time and header. Changes when the checkpoint is re-quantized or edited, so
+        later steps can tell that what they were made from has changed (without reading 4 GB)."""
+        sha = hashlib.sha256()
+        for name in ("config.json", "quantize_config.json", "model.safetensors.index.json"):
+            p = self.qdir / name
+            sha.update(name.encode() + (p.read_bytes() if p.is_file() else b"-"))
+        for path in sorted({e.path for e in self._tensors.values()}):
+            st = path.stat()
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                sha.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode() + f.read(n))
+        return sha.hexdigest()[:16]
 
     # --- tensor access -------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -265,13 +357,12 @@ class GPTQCheckpoint:
         """Every check of FORMAT.md section 1, for every tensor the export reads."""
         d = self.dims
         self.quant.check_supported(str(self.qdir))
+        check_board_tensors(self.names(), d, quantized=True, shape_of=lambda name: self.info(name)[1])
         for layer in range(d.num_layers):
             for lin in LINEARS:
                 self.validate_linear(lin.name(layer), *d.linear_shape(lin))
             for norm, _ in LAYER_NORMS:
                 self.expect(f"model.layers.{layer}.{norm}.weight", FLOAT_DTYPES, (d.hidden,))
-        if self.has(f"model.layers.{d.num_layers}.self_attn.q_proj.qweight"):
-            raise VCUError(f"model.layers.{d.num_layers}: the checkpoint has more layers than config.json's num_hidden_layers={d.num_layers}")
         self.expect(f"{FINAL_NORM}.weight", FLOAT_DTYPES, (d.hidden,))
         self.expect(EMBEDDING, FLOAT_DTYPES, (d.vocab, d.hidden))
         self.validate_lm_head()

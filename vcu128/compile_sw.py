@@ -24,11 +24,13 @@ from .formats import (
     sw_norm_file,
 )
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
-from .output import StepResult, folder_stats, staged_dir
+from .output import StepResult, files_under, folder_stats, read_step_record, record_owns, staged_dir, write_step_record
 from .parallel import ordered_map, rows_per_block
 from .progress import bar
 
 log = logging.getLogger("vcu128")
+STEP = "compile_sw"
+
 
 def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path) -> None:
     """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin."""
@@ -53,13 +55,36 @@ def write_embedding(ckpt: GPTQCheckpoint, folder: Path) -> None:
             f.write(ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)).astype("<f2"))
 
 
-def compile_software(qdir: Path, out: Path | None = None, progress: bool = True) -> StepResult:
+def output_bytes(dims) -> int:
+    """What compile_sw writes (FORMAT.md 2), for the free-space check."""
+    per_layer = 0
+    for lin in LINEARS:
+        chin, chout = dims.linear_shape(lin)
+        per_layer += chout * chin * 4 + chout * (chin // 128) * 2 + chout * 2
+    per_layer += len(LAYER_NORMS) * 4 * dims.hidden
+    return dims.num_layers * per_layer + 4 * dims.hidden + 2 * dims.vocab * dims.hidden
+
+
+# A compile folder is compile_sw's output when it holds its record; a folder lm_head.py created
+# first (record lm_head.json) is one too, with nothing of compile_sw's in it yet.
+_compile_sw_owns = record_owns(STEP)
+
+
+def compile_folder_owns(folder: Path) -> set[str] | None:
+    owned = _compile_sw_owns(folder)
+    if owned is None and read_step_record(folder, "lm_head") is not None:
+        return set()
+    return owned
+
+
+def compile_software(qdir: Path, out: Path | None = None, progress: bool = True, force: bool = False) -> StepResult:
     start = time.perf_counter()
     ckpt = GPTQCheckpoint(qdir)
     out = Path(out) if out else ckpt.qdir / "compile"
     ckpt.validate()  # every refusal happens here, before the output folder exists
     dims = ckpt.dims
-    with staged_dir(out) as stage:
+    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint()}
+    with staged_dir(out, STEP, compile_folder_owns, [ckpt.qdir], force, output_bytes(dims)) as stage:
         (stage / SW_QWEIGHT_DIR).mkdir()
         (stage / SW_FP16_DIR).mkdir()
         shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
@@ -71,5 +96,6 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True)
                 sw_norm_file(ckpt.get_fp16(name)).tofile(sw_fp16_path(stage, name))
         sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")).tofile(sw_fp16_path(stage, f"{FINAL_NORM}.weight"))
         write_embedding(ckpt, stage)
+        write_step_record(stage, STEP, made_from, files_under(stage))
     files, nbytes = folder_stats([out])
     return StepResult("compile_sw", out, files, nbytes, time.perf_counter() - start)

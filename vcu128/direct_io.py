@@ -34,10 +34,10 @@ def _open(path: Path, flags: int, direct: bool) -> tuple[int, bool]:
     """(fd, is it O_DIRECT): O_DIRECT when asked for and the filesystem takes it."""
     if direct and O_DIRECT:
         try:
-            return os.open(path, flags | O_DIRECT, 0o644), True
+            return os.open(path, flags | O_DIRECT, 0o666), True
         except OSError:
             pass
-    return os.open(path, flags, 0o644), False
+    return os.open(path, flags, 0o666), False
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -6,6 +6,7 @@ group; `checkpoint` takes the lm_head GPTQ already quantized (quantize.py --lm_h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -15,14 +16,16 @@ import numpy as np
 
 from .checkpoint import GPTQCheckpoint
 from .direct_io import DirectWriter
-from .errors import VCUError
+from .board import check_board_tensors
+from .errors import VCUError, set_writing
 from .formats import SW_QWEIGHT_DIR, sw_lm_head_paths
-from .output import StepResult
+from .output import StepResult, check_free_space, folder_lock, read_step_record, remove_stale, signals_deferred, write_step_record
 from .parallel import ordered_map, rows_per_block
 from .progress import bar
 from .quant import METHODS, dequantize_rows, quantize_rows, squared_error
 
 log = logging.getLogger("vcu128")
+STEP = "lm_head"
 
 ALL_METHODS = (*METHODS, "checkpoint")
 
@@ -40,8 +43,31 @@ def choose_method(ckpt: GPTQCheckpoint, method: str | None) -> str:
     return method
 
 
-def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = None, progress: bool = True):
-    """Write lm_head_qweight.bin and lm_head_scales.bin into out/qwen2_qweight_bin.
+def check_lm_head_out(out: Path, qdir: Path, force: bool) -> None:
+    """lm_head adds two files to a compile folder: refuse a target that is a file, the checkpoint
+    (or holds it), or a folder of someone else's; and lm_head files it did not write itself."""
+    out = Path(os.path.abspath(out))
+    qdir = Path(qdir).resolve()
+    if out == qdir or out in qdir.parents:
+        raise VCUError(f"--out {out}: is or contains the checkpoint {qdir}; lm_head writes into a compile folder",
+                       "the default, QDIR/compile, is the one compile_sw.py writes")
+    if out.exists() and not out.is_dir():
+        raise VCUError(f"--out {out}: exists and is not a folder; not writing into it")
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    record = read_step_record(out, STEP)
+    if record is None and read_step_record(out, "compile_sw") is None:
+        raise VCUError(f"--out {out}: not a compile folder (no compile_sw.json or lm_head.json); not writing into it",
+                       "run compile_sw.py first, or pass --force")
+    owned = set(record["files"]) if record else set()
+    for p in sw_lm_head_paths(out).values():
+        rel = str(p.relative_to(out))
+        if p.exists() and rel not in owned:
+            raise VCUError(f"{p}: exists and was not written by lm_head.py; not replacing it", "pass --force to replace it")
+
+
+def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = None, progress: bool = True, force: bool = False):
+    """Write lm_head_qweight.bin and lm_head_scales.bin into out/qwen2_qweight_bin, and lm_head.json.
     Returns (StepResult, method, relative error ||W - W_hat|| / ||W||, None for `checkpoint`)."""
     start = time.perf_counter()
     ckpt = GPTQCheckpoint(qdir)
@@ -49,14 +75,19 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
     if method == "checkpoint":
         ckpt.quant.check_supported(str(ckpt.qdir))
     ckpt.validate_lm_head()
+    check_board_tensors(ckpt.names(), ckpt.dims, quantized=True, shape_of=lambda n: ckpt.info(n)[1])
     dims = ckpt.dims
     source = ckpt.lm_head_source()
     if source == "model.embed_tokens.weight":
         log.info("lm_head: no lm_head.weight in the checkpoint (tied embeddings): quantizing model.embed_tokens.weight")
     out = Path(out) if out else ckpt.qdir / "compile"
-    (out / SW_QWEIGHT_DIR).mkdir(parents=True, exist_ok=True)
+    check_lm_head_out(out, ckpt.qdir, force)
+    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(), "method": method}
+    folder = out / SW_QWEIGHT_DIR
+    created = [p for p in (out, folder) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
     final = sw_lm_head_paths(out)
-    partial = {k: p.with_name(f".{p.name}.partial-{os.getpid()}") for k, p in final.items()}
+    set_writing(folder, dims.vocab * dims.hidden * 4 + dims.vocab * (dims.hidden // 128) * 2)
     if method == "checkpoint":  # GPTQ layout [hidden/8, vocab] and [hidden/128, vocab]: half a byte a weight
         gptq_qweight, gptq_scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
 
@@ -72,17 +103,31 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
     step = rows_per_block(4 * dims.hidden)
     blocks = [slice(r, min(r + step, dims.vocab)) for r in range(0, dims.vocab, step)]
     err = ref = 0.0
-    try:
-        with DirectWriter(partial["qweight"], background=True) as fq, DirectWriter(partial["scales"], 1 << 20) as fs:
-            for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
-                fq.write(q)
-                fs.write(scales.astype("<f2"))
-                err, ref = err + e, ref + n
-        for k in final:
-            os.replace(partial[k], final[k])
-    finally:
-        for p in partial.values():
-            p.unlink(missing_ok=True)
-    error = None if method == "checkpoint" else (err / ref) ** 0.5 if ref else 0.0
+    ok = False
+    with folder_lock(out):
+        for name in final.values():
+            remove_stale(folder, name.name)
+        check_free_space(folder / "x", dims.vocab * dims.hidden * 4)
+        partial = {k: p.with_name(f".{p.name}.partial-{os.getpid()}") for k, p in final.items()}
+        try:
+            with DirectWriter(partial["qweight"], background=True) as fq, DirectWriter(partial["scales"], 1 << 20) as fs:
+                for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
+                    fq.write(q)
+                    fs.write(scales.astype("<f2"))
+                    err, ref = err + e, ref + n
+            error = None if method == "checkpoint" else (err / ref) ** 0.5 if ref else 0.0
+            with signals_deferred():
+                for k in final:
+                    os.replace(partial[k], final[k])
+                write_step_record(out, STEP, made_from, [str(p.relative_to(out)) for p in final.values()],
+                                  relative_error=error)
+            ok = True
+        finally:
+            for p in partial.values():
+                p.unlink(missing_ok=True)
+            if not ok:
+                for p in reversed(created):
+                    with contextlib.suppress(OSError):
+                        p.rmdir()
     nbytes = sum(p.stat().st_size for p in final.values())
     return StepResult("lm_head", out / SW_QWEIGHT_DIR, 2, nbytes, time.perf_counter() - start), method, error

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import VCUError
+from .jsonfile import get_bool, get_int, get_str, read_json_object
 
 GROUP_SIZE = 128
 
-# Model types whose decoder layers carry the seven linears below under these names.
-KNOWN_MODEL_TYPES = ("qwen2", "llama", "mistral")
 
 
 @dataclass(frozen=True)
@@ -42,36 +40,42 @@ class ModelDims:
         return {**asdict(self), "q_dim": self.q_dim, "kv_dim": self.kv_dim}
 
 
-def _require(cfg: dict, key: str, path: Path) -> int:
-    if key not in cfg:
-        raise VCUError(f"{path}: missing '{key}'")
-    return cfg[key]
-
-
-def read_model_dims(config_path: Path) -> ModelDims:
+def read_model_config(config_path: Path) -> dict:
+    """config.json as a dict (a multimodal wrapper's text_config), checked to be a JSON object."""
     config_path = Path(config_path)
     if not config_path.is_file():
         raise VCUError(f"{config_path}: no such file (every step needs the model's config.json)")
-    try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise VCUError(f"{config_path}: not valid JSON ({e})") from None
-    # Multimodal wrappers keep the language model's config under text_config.
-    cfg = cfg.get("text_config", cfg)
-    hidden = _require(cfg, "hidden_size", config_path)
-    heads = _require(cfg, "num_attention_heads", config_path)
-    head_dim = cfg.get("head_dim") or hidden // heads
-    return ModelDims(
+    cfg = read_json_object(config_path)
+    text = cfg.get("text_config")  # multimodal wrappers keep the language model's config here
+    if text is not None:
+        if not isinstance(text, dict):
+            raise VCUError(f"{config_path}: 'text_config' is not a JSON object")
+        cfg = text
+    return cfg
+
+
+def read_model_dims(config_path: Path, board: bool = True) -> ModelDims:
+    """The model's dimensions from config.json; with `board`, refused unless the board runs it."""
+    config_path = Path(config_path)
+    cfg = read_model_config(config_path)
+    hidden = get_int(cfg, "hidden_size", config_path)
+    heads = get_int(cfg, "num_attention_heads", config_path)
+    dims = ModelDims(
         hidden=hidden,
-        intermediate=_require(cfg, "intermediate_size", config_path),
-        num_layers=_require(cfg, "num_hidden_layers", config_path),
+        intermediate=get_int(cfg, "intermediate_size", config_path),
+        num_layers=get_int(cfg, "num_hidden_layers", config_path),
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        vocab=_require(cfg, "vocab_size", config_path),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        model_type=cfg.get("model_type", "unknown"),
+        num_kv_heads=get_int(cfg, "num_key_value_heads", config_path, default=heads),
+        head_dim=get_int(cfg, "head_dim", config_path, default=max(1, hidden // heads)),
+        vocab=get_int(cfg, "vocab_size", config_path),
+        tie_word_embeddings=get_bool(cfg, "tie_word_embeddings", config_path, False),
+        model_type=get_str(cfg, "model_type", config_path, "unknown"),
     )
+    if board:
+        from .board import check_board_config
+
+        check_board_config(cfg, dims, config_path)
+    return dims
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from .formats import (
     hw_linear_stems,
     pack_bias_words,
     pack_linear_rows,
+    row_words,
+    rows_per_port,
     sw_fp16_path,
     sw_linear_paths,
     sw_lm_head_paths,
@@ -34,16 +36,25 @@ from .model import (
     ModelDims,
     read_model_dims,
 )
+from .jsonfile import dumps
 from .output import (
+    MANIFEST_NAME,
     FileRecord,
     Manifest,
     StepResult,
     folder_stats,
+    manifest_owns,
+    read_manifest,
+    replace_file_atomically,
     staged_dir,
     write_whole_file,
 )
+from .provenance import compile_ids, stale_compile, warn
 from .parallel import ordered_map, rows_per_block
 from .progress import bar
+
+
+STEP = "hardware"
 
 
 def default_hardware_dir(compile_dir: Path, ports: int) -> Path:
@@ -111,7 +122,18 @@ def plan(compile_dir: Path, dims: ModelDims) -> tuple[list[list[PackJob]], list[
     return layers, norms, out_layer
 
 
-def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, progress: bool = True) -> StepResult:
+def output_bytes(dims: ModelDims, ports: int) -> int:
+    """What hardware.py writes (FORMAT.md 3), for the free-space check."""
+    total = 0
+    for chin, chout in [dims.linear_shape(lin) for lin in LINEARS] * dims.num_layers + [(dims.hidden, dims.vocab)]:
+        total += rows_per_port(chout, ports) * ports * row_words(chin) * 4 + 4 * chout
+    return total + (2 * dims.num_layers + 1) * 4 * dims.hidden
+
+
+hardware_owns = manifest_owns("hardware", STEP)
+
+
+def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, progress: bool = True, force: bool = False) -> StepResult:
     start = time.perf_counter()
     compile_dir = Path(compile_dir)
     if not compile_dir.is_dir():
@@ -123,15 +145,35 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, p
         if chin % GROUP_SIZE:
             raise VCUError(f"{compile_dir / CONFIG}: {what}={chin} is not a multiple of {GROUP_SIZE}, which the board needs")
     layers, norms, out_layer = plan(compile_dir, dims)
+    warn(stale_compile(compile_dir))
     out = Path(out) if out else default_hardware_dir(compile_dir, ports)
-    manifest = Manifest("hardware", dims.to_json(), {"ports": ports, "group_size": GROUP_SIZE})
-    with staged_dir(out) as stage:
+    made_from = {**compile_ids(compile_dir), "ports": ports}
+    manifest = Manifest("hardware", dims.to_json(), {"ports": ports, "group_size": GROUP_SIZE, "made_from": made_from})
+    with staged_dir(out, STEP, hardware_owns, [compile_dir], force, output_bytes(dims, ports)) as stage:
         for jobs in bar(layers, "hardware", "layer", enabled=progress):
             for job in jobs:
                 manifest.files += job.run(stage, ports)
         manifest.files += out_layer.run(stage, ports)
         for src, rel in norms:
             manifest.files += [write_whole_file(stage, rel, src.read(), src.path.name, dtype="float16", rows=1, words_per_row=dims.hidden)]
+        for f in manifest.files:
+            f.step = STEP
         manifest.write(stage)
+        keep_embedding_entries(out, stage)
     files, nbytes = folder_stats([out])
     return StepResult("hardware", out, files, nbytes, time.perf_counter() - start)
+
+
+def keep_embedding_entries(old: Path, stage: Path) -> None:
+    """A re-run keeps embedding_tokens' parts (they are carried into the new folder): keep their
+    manifest entries too."""
+    if hardware_owns(old) is None:
+        return
+    doc = read_manifest(old)
+    kept = [f for f in doc["files"] if f.get("step") == "embedding_tokens" and (old / f["path"]).is_file()]
+    if not kept:
+        return
+    new = read_manifest(stage)
+    new["files"] += kept
+    new["embedding_parts"] = doc.get("embedding_parts")
+    replace_file_atomically(stage / MANIFEST_NAME, dumps(new).encode())

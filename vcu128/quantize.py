@@ -15,8 +15,10 @@ import numpy as np
 
 from .calibration import Calibration, build_calibration
 from .errors import VCUError
-from .model import GROUP_SIZE, KNOWN_MODEL_TYPES
-from .output import staged_dir
+from .jsonfile import dumps
+from .board import check_board_tensors
+from .model import GROUP_SIZE, read_model_config, read_model_dims
+from .output import TOOL, check_out, files_under, staged_dir
 
 log = logging.getLogger("vcu128")
 
@@ -46,6 +48,7 @@ class QuantizeOptions:
     tf32: bool | None = None  # TF32 matmuls for the Hessians and their inverses; None: on for a GPU
     true_sequential: bool = True  # one forward a group of linears in a layer (GPTQ's default) or one a layer
     report: bool = True
+    force: bool = False  # replace an existing output folder this step did not write
 
 
 def default_output(model: Path, wbits: int) -> Path:
@@ -54,23 +57,30 @@ def default_output(model: Path, wbits: int) -> Path:
 
 
 def check_model_folder(model: Path) -> dict:
-    """A local HuggingFace causal-LM folder of a type whose layer names the board layout knows."""
+    """A local HuggingFace causal-LM folder that the board runs (board.py's gate)."""
     model = Path(model)
     if not model.is_dir():
         raise VCUError(f"{model}: no such model folder")
     if not (model / "config.json").is_file():
         raise VCUError(f"{model}: no config.json: not a HuggingFace model folder")
-    cfg = json.loads((model / "config.json").read_text())
+    cfg = read_model_config(model / "config.json")
     if "quantization_config" in cfg:
-        raise VCUError(f"{model}: already quantized ({cfg['quantization_config'].get('quant_method', '?')}); pass the fp16/bf16 model")
+        qc = cfg["quantization_config"]
+        raise VCUError(f"{model}: already quantized ({qc.get('quant_method', '?') if isinstance(qc, dict) else qc}); pass the fp16/bf16 model")
     archs = cfg.get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in archs):
+    if not isinstance(archs, list) or not any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
         raise VCUError(f"{model}: architectures {archs} has no *ForCausalLM: not a causal language model")
-    if cfg.get("model_type") not in KNOWN_MODEL_TYPES:
-        raise VCUError(
-            f"{model}: model_type {cfg.get('model_type')!r}: the hardware layout knows {', '.join(KNOWN_MODEL_TYPES)} "
-            "(decoder layers with q/k/v/o_proj and gate/up/down_proj)"
-        )
+    dims = read_model_dims(model / "config.json")  # the board's gate: model type, activation, heads
+    from .checkpoint import read_tensor_index
+
+    tensors = read_tensor_index(model)
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        if name not in tensors:
+            raise VCUError(f"{name}: missing from {model}")
+        return tensors[name].shape
+
+    check_board_tensors(tensors, dims, quantized=False, shape_of=shape_of)
     return cfg
 
 
@@ -127,6 +137,9 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
 
 
 def check_engine_settings(opts: QuantizeOptions) -> None:
+    for flag, value, least in (("--nsamples", opts.nsamples, 1), ("--seqlen", opts.seqlen, 2), ("--batch_size", opts.batch_size or 1, 1)):
+        if not isinstance(value, int) or value < least:
+            raise VCUError(f"{flag} {value}: must be an integer of at least {least}")
     if opts.engine not in ENGINES:
         raise VCUError(f"--engine {opts.engine}: expected one of {', '.join(ENGINES)}")
     if opts.engine == "vcu128" and (opts.wbits, opts.group_size, opts.sym, opts.desc_act) != (4, GROUP_SIZE, True, False):
@@ -208,6 +221,8 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
     if opts.lm_head and cfg.get("tie_word_embeddings"):
         raise VCUError(f"{model}: --lm_head with tie_word_embeddings: the output layer is the embedding "
                        "(leave --lm_head off; lm_head.py quantizes the tied embedding)")
+    inputs = [model] + [Path(p) for p in (opts.calib, opts.eval_text) if p and p != "random"]
+    check_out(Path(os.path.abspath(out)), "quantize", checkpoint_owns, inputs, opts.force, "--quantize_model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model))
     except Exception as e:  # transformers raises many types here
@@ -215,11 +230,25 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
     if opts.calib is None:
         raise VCUError("--calib: pass a text file, a JSONL file, a saved dataset folder, or 'random'")
     calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"))
-    report: dict = {"calibration": calib.meta, "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text")}}
-    with staged_dir(out) as stage:
+    report: dict = {"tool": TOOL, "step": "quantize", "calibration": calib.meta,
+                    "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force")}}
+    with staged_dir(out, "quantize", checkpoint_owns, inputs, opts.force, flag="--quantize_model") as stage:
         report["seconds_quantize"] = run_gptq(model, stage, calib, opts, tokenizer)
         _add_calibration_meta(stage, calib.meta)
         if opts.report:
             report.update(quality_report(model, stage, calib, opts))
-        (stage / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        report["files"] = files_under(stage) + [REPORT_NAME]
+        (stage / REPORT_NAME).write_text(dumps(report))
     return out, report
+
+
+def checkpoint_owns(folder: Path) -> set[str] | None:
+    """A checkpoint quantize.py wrote: its quant_report.json lists the files (compile/ and whatever
+    else is in the folder is carried over to a re-run's checkpoint)."""
+    try:
+        doc = json.loads((Path(folder) / REPORT_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("tool") != TOOL or not isinstance(doc.get("files"), list):
+        return None
+    return {str(f) for f in doc["files"]}

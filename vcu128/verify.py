@@ -44,13 +44,16 @@ from .formats import (
     weight_word_index,
 )
 from .model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS
-from .output import MANIFEST_NAME, read_manifest, sha256_file
+from .jsonfile import dumps, get_int
+from .output import MANIFEST_NAME, read_manifest, replace_file_atomically, sha256_file
+from .provenance import stale_compile, stale_hardware, warn
 from .parallel import rows_per_block
 from .progress import bar
 
 log = logging.getLogger("vcu128")
 
 MAX_REPORTED = 20
+REPORT_NAME = "verify_report.json"
 
 
 @dataclass
@@ -182,9 +185,9 @@ def check_manifest(report: BitReport, hw: Path, expected_files: set[str]) -> Non
         if not path.is_file():
             continue
         size = path.stat().st_size
-        if size != f["bytes"]:
-            report.add(f"{rel}: {size} bytes, {MANIFEST_NAME} says {f['bytes']}")
-        elif sha256_file(path) != f["sha256"]:
+        if size != f.get("bytes"):
+            report.add(f"{rel}: {size} bytes, {MANIFEST_NAME} says {f.get('bytes')}")
+        elif sha256_file(path) != f.get("sha256"):
             report.add(f"{rel}: sha256 differs from {MANIFEST_NAME} (content changed or files swapped)")
 
 
@@ -207,11 +210,13 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
     if not hw.is_dir():
         raise VCUError(f"{hw}: no such hardware folder")
     doc = read_manifest(hw)
-    ports, parts = int(doc["ports"]), int(doc.get("embedding_parts", 0))
+    ports = get_int(doc, "ports", hw / MANIFEST_NAME)
+    parts = get_int(doc, "embedding_parts", hw / MANIFEST_NAME, default=0, minimum=0)
     for key, value in d.to_json().items():
         if doc.get("model", {}).get(key) != value:
             raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={doc.get('model', {}).get(key)!r}, but the checkpoint's config.json says {value!r}")
     compile_dir = find_compile_dir(ckpt.qdir, hw, compile_dir)
+    warn(stale_compile(compile_dir, ckpt.fingerprint()) + stale_hardware(doc, compile_dir))
     report = BitReport()
     expected_files: set[str] = set()
 
@@ -411,7 +416,22 @@ def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt
         from .demo import DEMO_CORPUS
 
         result["functional"] = functional_check(qdir, hw, model, Path(text or DEMO_CORPUS), prompt, tokens, device, lm_head_from_checkpoint)
-    path = Path(hw).parent / "verify_report.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    result["report_path"] = str(path)
+    path = Path(hw).parent / REPORT_NAME
+    if write_report(path, result):
+        result["report_path"] = str(path)
     return result
+
+
+def write_report(path: Path, result: dict) -> bool:
+    """verify_report.json is verify's own file: replaced when it is an earlier report, never when
+    it is something else."""
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or "bit_check" not in earlier:
+            log.warning(f"warning: {path} exists and is not a verify report: not replacing it (the result is above)")
+            return False
+    replace_file_atomically(path, dumps(result).encode())
+    return True
