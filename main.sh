@@ -34,7 +34,10 @@ if [[ ${#models[@]} -eq 0 ]]; then
   model_path=demo
   nsamples=64
   seqlen=128
-  [[ -f demo/tiny-qwen2/config.json ]] || python -m vcu128.demo demo/tiny-qwen2
+  if [[ ! -f demo/tiny-qwen2/demo_model.json ]]; then  # none yet, or one an older version built: build it anew
+    rm -rf demo/tiny-qwen2 demo/tiny-qwen2-W4A16-gptq
+    python -m vcu128.demo demo/tiny-qwen2
+  fi
 fi
 if [[ $compile == 1 && ( $wbits != 4 || $group_size != 128 ) ]]; then
   echo "main.sh: error: compile=1 needs wbits=4 and group_size=128 (the board runs W4, group 128 only)" >&2
@@ -42,6 +45,7 @@ if [[ $compile == 1 && ( $wbits != 4 || $group_size != 128 ) ]]; then
 fi
 
 mkdir -p log
+exec 3>&1
 summary=()
 current_step=""
 current_log=""
@@ -51,7 +55,9 @@ run_step() {  # run_step NAME COMMAND...: run, log, time
   current_step=$1; shift
   echo "==> [$current_model] $current_step: $*" | tee -a "$current_log"
   local start=$SECONDS
-  "$@" 2>&1 | tee -a "$current_log"
+  # The terminal gets everything as it comes (progress bars included); the log gets each bar's
+  # last state only (what follows its last carriage return), so it reads as plain lines.
+  "$@" 2>&1 | tee /dev/fd/3 | sed -u 's/.*\r//' >> "$current_log"
   summary+=("$(printf '%-28s %-16s %5d s' "$current_model" "$current_step" $((SECONDS - start)))")
 }
 

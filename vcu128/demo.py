@@ -6,6 +6,7 @@ for a fixed number of steps, so that its weights have the structure that makes G
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -80,11 +81,15 @@ def build_tiny_model(out: Path, text_path: Path = DEMO_CORPUS, train_steps: int 
     out = Path(out)
     model.to(torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / "demo_model.json").write_text(json.dumps({"train_steps": train_steps, "seed": seed, "config": spec}, indent=1) + "\n")
     return out
 
 
 if __name__ == "__main__":  # python -m vcu128.demo OUT_DIR [TRAIN_STEPS]
     import sys
 
+    from .errors import quiet_third_party
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_third_party()
     build_tiny_model(Path(sys.argv[1]), train_steps=int(sys.argv[2]) if len(sys.argv) > 2 else TRAIN_STEPS)

@@ -249,6 +249,10 @@ def checkpoint_owns(folder: Path) -> set[str] | None:
         doc = json.loads((Path(folder) / REPORT_NAME).read_bytes())
     except (OSError, ValueError):
         return None
-    if not isinstance(doc, dict) or doc.get("tool") != TOOL or not isinstance(doc.get("files"), list):
+    if not isinstance(doc, dict):
         return None
-    return {str(f) for f in doc["files"]}
+    if doc.get("tool") == TOOL and isinstance(doc.get("files"), list):
+        return {str(f) for f in doc["files"]}
+    if {"calibration", "settings", "seconds_quantize"} <= set(doc):  # an earlier version's report: its files are the top level ones
+        return {p.name for p in Path(folder).iterdir() if p.is_file()}
+    return None
