@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Software-format .bin files -> the VCU128 board's layout (QWEN_BLOCK_write_data_port32/).
 
+Writes the board's two global tables too (FORMAT.md 5): the RoPE table pos_in_4_token<MAX_TOKEN>_ch32.bin
+and the SiLU table ACT_parameter_in_DDR.bin. What the folder assumes about the board (RoPE value order,
+SiLU table, int4 code) is printed and recorded in manifest.json's "assumptions".
+
 Every linear becomes rows of 32-bit words (scales and int4 weights interleaved per 2048 inputs) spread
 over the HBM ports; biases become bias words, norms are copied. Dimensions come from the compile
 folder's config.json. Writes manifest.json (every file's bytes, sha256, source). See FORMAT.md section 3.
@@ -10,7 +14,9 @@ import logging
 import sys
 
 from vcu128.errors import ArgumentParser, positive_int, run_cli
-from vcu128.pack import pack_hardware
+from vcu128.formats import INT4_CODES
+from vcu128.pack import BoardOptions, format_assumptions, pack_hardware
+from vcu128.tables import DEFAULT_MAX_TOKEN, DEFAULT_ROPE_ORDER, ROPE_ORDERS, SILU_TABLES
 
 
 def main(argv=None):
@@ -19,9 +25,20 @@ def main(argv=None):
     p.add_argument("--ports", type=positive_int, default=32, help="HBM ports the weights are spread over (default: 32, the board's)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: DIR/QWEN_BLOCK_write_data_port<ports>)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder that hardware.py did not write")
+    p.add_argument("--max_token", "--max-token", type=positive_int, default=DEFAULT_MAX_TOKEN,
+                   help="positions in the RoPE table: the board's context buffer (default 2048), not the model's")
+    p.add_argument("--rope_table", "--rope-table", choices=ROPE_ORDERS, default=DEFAULT_ROPE_ORDER,
+                   help="value order of a RoPE row: halves (64 cos, then 64 sin; default) or pairs (cos, sin interleaved); see docs/FORMAT.md 5")
+    p.add_argument("--silu_table", "--silu-table", choices=SILU_TABLES, default="board",
+                   help="board (default): the table the accelerator's host code loads, bit for bit; fit: this project's minimax fit")
+    p.add_argument("--int4", choices=INT4_CODES, default="twos",
+                   help="int4 nibble code: twos (default; the 1128 bitstream) or sign_magnitude (the older bitstream, -7..7)")
     args = p.parse_args(argv)
-    result = pack_hardware(args.compile_dir, args.out, args.ports, force=args.force)
-    logging.getLogger("vcu128").info(result.line())
+    opts = BoardOptions(ports=args.ports, int4=args.int4, rope_table=args.rope_table, silu_table=args.silu_table, max_token=args.max_token)
+    result = pack_hardware(args.compile_dir, args.out, force=args.force, opts=opts)
+    log = logging.getLogger("vcu128")
+    log.info(format_assumptions(result.details))
+    log.info(result.line())
 
 
 if __name__ == "__main__":

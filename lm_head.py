@@ -18,10 +18,12 @@ def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="GPTQ checkpoint folder")
     p.add_argument("--method", choices=ALL_METHODS, help="default: checkpoint if the checkpoint has lm_head.qweight, else rtn")
+    p.add_argument("--int4_range", "--int4-range", type=int, choices=(8, 7), default=8,
+                   help="8: ints -8..7 (default); 7: -7..7, what a sign-magnitude board (hardware.py --int4 sign_magnitude) holds")
     p.add_argument("--out", metavar="DIR", help="compile folder to write into (default: QDIR/compile)")
     p.add_argument("--force", action="store_true", help="write into a folder (or replace lm_head files) that lm_head.py did not write")
     args = p.parse_args(argv)
-    result, method, error = quantize_lm_head(args.quantize_model, args.out, args.method, force=args.force)
+    result, method, error = quantize_lm_head(args.quantize_model, args.out, args.method, force=args.force, int4_range=args.int4_range)
     log = logging.getLogger("vcu128")
     if error is None:
         log.info("lm_head (checkpoint): taken from the GPTQ checkpoint as quantized")

@@ -34,6 +34,8 @@ def main(argv=None):
                    help="calibration samples a forward pass (default: 16384 tokens' worth; gptqmodel engine: 1 on CPU, 16 on a GPU)")
     p.add_argument("--engine", choices=("vcu128", "gptqmodel"), default="vcu128",
                    help="vcu128: this project's GPTQ, one layer at a time (default; fast on a GPU); gptqmodel: GPTQModel 7.6")
+    p.add_argument("--int4_range", "--int4-range", type=int, choices=(8, 7), default=8,
+                   help="8: the full -8..7 grid (default); 7: 15 levels -7..7, what a sign-magnitude board (hardware.py --int4 sign_magnitude) holds")
     p.add_argument("--lm_head", "--lm-head", action="store_true", help="also GPTQ-quantize the output layer")
     p.add_argument("--no_report", "--no-report", action="store_true", help="skip the perplexity / layer-error report")
     p.add_argument("--compile", action="store_true", help="run the export steps after quantizing")
@@ -45,7 +47,7 @@ def main(argv=None):
     opts = QuantizeOptions(
         wbits=args.wbits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act, device=args.device,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib=args.calib, eval_text=args.eval_text,
-        lm_head=args.lm_head, engine=args.engine, batch_size=args.batch_size, report=not args.no_report, force=args.force,
+        lm_head=args.lm_head, engine=args.engine, batch_size=args.batch_size, report=not args.no_report, force=args.force, int4_range=args.int4_range,
     )
     log = logging.getLogger("vcu128")
     if args.compile:

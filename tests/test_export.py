@@ -170,7 +170,8 @@ def test_qwen2_export_is_exact(qwen_export):
     doc = check_manifest(qwen_export["hw"])
     assert doc["ports"] == 32 and doc["model"]["hidden"] == 896 and doc["embedding_parts"] == 16
     # 2 layers x 7 linears x (32 ports + bias) + 4 norms + OutLayer (32 + bias + norm) + 16 parts
-    assert len(doc["files"]) == 2 * 7 * 33 + 4 + 34 + 16
+    # + the SiLU table (head_dim 64: no RoPE table)
+    assert len(doc["files"]) == 2 * 7 * 33 + 4 + 34 + 16 + 1
 
 
 def test_qwen2_lm_head_trunc_matches_reference(qwen_export):

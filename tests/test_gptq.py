@@ -145,9 +145,9 @@ def test_one_solve_per_shared_input_in_true_sequential_order(tiny_model, tmp_pat
     solves = []
     real = gm.gptq_quantize
 
-    def spy(W, H, name, solvers=None):
+    def spy(W, H, name, *args):
         solves.append((name, tuple(W.shape), W.dtype))
-        return real(W, H, name, solvers)
+        return real(W, H, name, *args)
 
     monkeypatch.setattr(gm, "gptq_quantize", spy)
     cfg = json.loads((tiny_model / "config.json").read_text())
@@ -181,10 +181,10 @@ def test_a_run_that_fails_half_way_leaves_nothing_behind(tiny_model, tmp_path, m
 
     real = gm.gptq_quantize
 
-    def fail_in_layer_1(W, H, name, solvers=None):
+    def fail_in_layer_1(W, H, name, *args):
         if name.startswith("model.layers.1."):
             raise VCUError(f"{name}: the Hessian is not positive definite even with 100% damping")
-        return real(W, H, name, solvers)
+        return real(W, H, name, *args)
 
     monkeypatch.setattr(gm, "gptq_quantize", fail_in_layer_1)
     with pytest.raises(VCUError, match=r"model.layers.1.self_attn.q_proj\+k_proj\+v_proj: the Hessian"):

@@ -26,7 +26,9 @@ from .formats import (
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
 from .output import StepResult, files_under, folder_stats, read_step_record, record_owns, staged_dir, write_step_record
 from .parallel import ordered_map, rows_per_block
+from .jsonfile import dumps
 from .progress import bar
+from .stats import STATS_FILE, stats_from_report
 
 log = logging.getLogger("vcu128")
 STEP = "compile_sw"
@@ -96,6 +98,9 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
                 sw_norm_file(ckpt.get_fp16(name)).tofile(sw_fp16_path(stage, name))
         sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")).tofile(sw_fp16_path(stage, f"{FINAL_NORM}.weight"))
         write_embedding(ckpt, stage)
+        stats = stats_from_report(ckpt.qdir)
+        if stats is not None:  # what the SiLU fit and the fp16 rescaling need, beside the files they shape
+            (stage / STATS_FILE).write_text(dumps(stats))
         write_step_record(stage, STEP, made_from, files_under(stage))
     files, nbytes = folder_stats([out])
     return StepResult("compile_sw", out, files, nbytes, time.perf_counter() - start)

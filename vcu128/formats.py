@@ -28,31 +28,39 @@ from .output import HashingWriter
 _HALF = np.arange(1 << 16)
 _NIBBLES_UNSIGNED = np.stack([(_HALF >> 4 * j) & 0xF for j in range(4)], axis=1)  # 0..15
 _NIBBLES_TWOS = np.where(_NIBBLES_UNSIGNED >= 8, _NIBBLES_UNSIGNED - 16, _NIBBLES_UNSIGNED)  # -8..7
+_NIBBLES_SIGN_MAGNITUDE = np.where(_NIBBLES_UNSIGNED >= 8, 8 - _NIBBLES_UNSIGNED, _NIBBLES_UNSIGNED)  # -7..7 (0x8: -0)
+
+# FORMAT.md 3.1: two's complement (the board's, the default) or the older bitstream's sign-magnitude.
+INT4_CODES = ("twos", "sign_magnitude")
 _ITEM_OF_FOUR = {1: np.dtype("<u4"), 2: np.dtype("<u8"), 4: np.dtype("<c16")}  # carriers, bits untouched
 _LUTS: dict = {}
 
 
-def _nibble_table(unsigned_offset: int | None, dtype: np.dtype) -> np.ndarray:
-    key = (unsigned_offset, dtype)
+def _nibble_table(unsigned_offset: int | None, dtype: np.dtype, code: str = "twos") -> np.ndarray:
+    key = (unsigned_offset, dtype, code)
     if key not in _LUTS:
-        lut = _NIBBLES_TWOS if unsigned_offset is None else _NIBBLES_UNSIGNED - unsigned_offset
+        signed = _NIBBLES_TWOS if code == "twos" else _NIBBLES_SIGN_MAGNITUDE
+        lut = signed if unsigned_offset is None else _NIBBLES_UNSIGNED - unsigned_offset
         _LUTS[key] = np.ascontiguousarray(lut.astype(dtype)).view(_ITEM_OF_FOUR[dtype.itemsize]).ravel()
     return _LUTS[key]
 
 
-def unpack_nibbles(words: np.ndarray, unsigned_offset: int | None = None, dtype=np.int8) -> np.ndarray:
+def unpack_nibbles(words: np.ndarray, unsigned_offset: int | None = None, dtype=np.int8, code: str = "twos") -> np.ndarray:
     """uint32 [rows, n] to signed ints [rows, 8n] of `dtype` (int8, int16 or int32, little-endian).
     With `unsigned_offset`, nibbles are unsigned and the offset is subtracted (GPTQ's q - zero);
-    without, they are two's complement (the board's)."""
+    without, they are signed in the board's `code` (two's complement, or sign-magnitude)."""
     dtype = np.dtype(dtype).newbyteorder("<")
     rows = words.shape[0]
     halves = np.ascontiguousarray(words, dtype="<u4").view("<u2")
-    items = np.take(_nibble_table(unsigned_offset, dtype), halves, mode="clip")  # every index is in range
+    items = np.take(_nibble_table(unsigned_offset, dtype, code), halves, mode="clip")  # every index is in range
     return items.view(dtype).reshape(rows, -1)
 
 
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """Signed ints [rows, 8n] in -8..7 to uint32 [rows, n], each value as its two's-complement nibble."""
+def pack_nibbles(q: np.ndarray, code: str = "twos") -> np.ndarray:
+    """Signed ints [rows, 8n] to uint32 [rows, n]: two's-complement nibbles (-8..7), or
+    sign-magnitude ones (-7..7: w, or 8 + |w| for w < 0)."""
+    if code == "sign_magnitude":
+        q = np.where(q < 0, 8 - q.astype(np.int16), q).astype(np.int8)
     # The low byte of a two's-complement int holds its nibble: cast first (wrapping), then work on
     # bytes, a quarter of the memory traffic of masking the int32s. A uint8 shift drops the high bits.
     low = q.astype(np.uint8) if q.dtype.itemsize > 1 else q.view(np.uint8)
@@ -124,14 +132,17 @@ def sw_scales_file(path: Path, chout: int, chin: int) -> BinFile:
     return BinFile(path, "<f2", (chout, chin // GROUP_SIZE))
 
 
-def check_int4_range(q: np.ndarray, where: str, first_row: int = 0) -> None:
-    """Ints outside -8..7 would silently lose bits in a nibble: refuse them."""
-    if q.size == 0 or (q.min() >= -8 and q.max() <= 7):  # two fast reductions; locate only on failure
+def check_int4_range(q: np.ndarray, where: str, first_row: int = 0, code: str = "twos") -> None:
+    """Ints outside -8..7 (-7..7 in sign-magnitude) would silently lose bits in a nibble: refuse them."""
+    lo = -8 if code == "twos" else -7
+    if q.size == 0 or (q.min() >= lo and q.max() <= 7):  # two fast reductions; locate only on failure
         return
-    bad = np.flatnonzero((q < -8) | (q > 7))
-    if bad.size:
-        r, c = divmod(int(bad[0]), q.shape[1])
-        raise VCUError(f"{where}: row {first_row + r}, input {c} holds {int(q[r, c])}, outside the int4 range -8..7")
+    bad = np.flatnonzero((q < lo) | (q > 7))
+    r, c = divmod(int(bad[0]), q.shape[1])
+    if code == "sign_magnitude" and q[r, c] == -8:
+        raise VCUError(f"{where}: row {first_row + r}, input {c} holds -8, which sign-magnitude int4 cannot hold (-7..7)",
+                       "quantize with quantize.py --int4_range 7 (and lm_head.py --int4_range 7), or pack with --int4 twos")
+    raise VCUError(f"{where}: row {first_row + r}, input {c} holds {int(q[r, c])}, outside the int4 range {lo}..7")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,11 +170,11 @@ def pack_scale_words(scales: np.ndarray) -> np.ndarray:
     return halves.view("<u4")
 
 
-def pack_linear_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def pack_linear_rows(q: np.ndarray, scales: np.ndarray, code: str = "twos") -> np.ndarray:
     """Signed ints [rows, chin] and fp16 scales [rows, chin/128] to the board's rows, uint32
     [rows, row_words(chin)]: per chunk of 2048 inputs, its 8 scale words then its weight words."""
     rows, chin = q.shape
-    weight_words = pack_nibbles(q)
+    weight_words = pack_nibbles(q, code)
     scale_words = pack_scale_words(scales)
     out = np.empty((rows, row_words(chin)), "<u4")
     pos = 0
@@ -176,7 +187,7 @@ def pack_linear_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return out
 
 
-def unpack_linear_rows(words: np.ndarray, chin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unpack_linear_rows(words: np.ndarray, chin: int, code: str = "twos") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of pack_linear_rows: (int8 [rows, chin], fp16 [rows, chin/128], uint32 padding
     half-words after the last scale, which must be zero)."""
     rows = words.shape[0]
@@ -193,7 +204,7 @@ def unpack_linear_rows(words: np.ndarray, chin: int) -> tuple[np.ndarray, np.nda
         pos += n
     groups = chin // GROUP_SIZE
     halves = scale_words.view("<u2")
-    return unpack_nibbles(weight_words), halves[:, :groups].view("<f2"), halves[:, groups:]
+    return unpack_nibbles(weight_words, code=code), halves[:, :groups].view("<f2"), halves[:, groups:]
 
 
 def weight_word_index(col: int) -> int:

@@ -73,12 +73,13 @@ def group_aware_order(diag: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return perm, group_order.tolist()
 
 
-def group_scales(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric scale of each row of one group [rows, 128]: 2 max|w| / 15, rounded to fp16 as the
-    checkpoint stores it (an all-zero group gets 2/15, as in GPTQModel)."""
+def group_scales(w: torch.Tensor, qmin: int = QMIN) -> torch.Tensor:
+    """Symmetric scale of each row of one group [rows, 128], rounded to fp16 as the checkpoint
+    stores it: 2 max|w| / 15 on the full -8..7 grid (an all-zero group gets 2/15, as in GPTQModel),
+    max|w| / 7 on the 15-level -7..7 grid (`qmin` -7, for sign-magnitude boards)."""
     amax = w.abs().amax(dim=1)
     amax = torch.where(amax == 0, torch.ones_like(amax), amax)
-    return (amax * (2 / (QMAX - QMIN))).clamp_min(2.0**-24).half().float()
+    return (amax * (2 / (QMAX - qmin))).clamp_min(2.0**-24).half().float()
 
 
 class BlockSolver:
@@ -86,7 +87,8 @@ class BlockSolver:
     column's error pushed onto the columns right of it. Works on the block transposed
     ([128, rows], so a column is contiguous) in fixed buffers, which a CUDA graph can replay."""
 
-    def __init__(self, rows: int, device: torch.device):
+    def __init__(self, rows: int, device: torch.device, qmin: int = QMIN):
+        self.qmin = qmin
         self.w = torch.empty(GROUP_SIZE, rows, device=device)  # in: the block's weights; out: each column as quantized
         self.q = torch.empty(GROUP_SIZE, rows, device=device)  # out: signed ints as floats
         self.g = torch.empty(GROUP_SIZE, GROUP_SIZE, device=device)  # in: rows of Hinv1, each divided by its diagonal
@@ -107,7 +109,7 @@ class BlockSolver:
         err = torch.empty_like(scale)
         for i in range(GROUP_SIZE):
             torch.div(w[i], scale, out=q[i])
-            q[i].round_().clamp_(QMIN, QMAX)
+            q[i].round_().clamp_(self.qmin, QMAX)
             torch.mul(q[i], scale, out=err)
             torch.sub(w[i], err, out=err)
             if i + 1 < GROUP_SIZE:
@@ -120,17 +122,17 @@ class BlockSolver:
             self._columns()
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, name: str, solvers: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, name: str, solvers: dict | None = None, qmin: int = QMIN) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-quantize W [rows, cols] (any float dtype) against the Hessian H [cols, cols] (fp32,
-    consumed). Returns (q int8 [rows, cols] in -8..7, scales float32 [rows, cols/128], fp16 values).
+    consumed). Returns (q int8 [rows, cols] in qmin..7, scales float32 [rows, cols/128], fp16 values).
     `solvers` caches a BlockSolver (and its CUDA graph) per row count across calls."""
     rows, cols = W.shape
     if cols % GROUP_SIZE:
         raise VCUError(f"{name}: {cols} inputs is not a multiple of the group size {GROUP_SIZE}")
     solvers = {} if solvers is None else solvers
-    key = (rows, W.device)
+    key = (rows, W.device, qmin)
     if key not in solvers:
-        solvers[key] = BlockSolver(rows, W.device)
+        solvers[key] = BlockSolver(rows, W.device, qmin)
     solver = solvers[key]
     dead = H.diagonal() == 0  # inputs that were always zero: any weight there is free
     H.diagonal()[dead] = 1
@@ -145,7 +147,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, name: str, solvers: dict | N
         i2 = i1 + GROUP_SIZE
         U1 = U[i1:i2, i1:i2]
         d = U1.diagonal()
-        scale = group_scales(W[:, i1:i2])
+        scale = group_scales(W[:, i1:i2], qmin)
         scales[:, group_order[b]] = scale
         solver.scale.copy_(scale)
         solver.g.copy_(U1 / d[:, None])

@@ -150,10 +150,10 @@ class LayerQuantizer:
     """GPTQ of one decoder layer's linears over activations x [samples, seqlen, hidden] (on the
     device, replaced in place by the quantized layer's output)."""
 
-    def __init__(self, layer, x: torch.Tensor, position_embeddings, samples_a_chunk: int, solvers: dict, run: GPTQRun):
+    def __init__(self, layer, x: torch.Tensor, position_embeddings, samples_a_chunk: int, solvers: dict, run: GPTQRun, qmin: int = -8):
         self.layer, self.x, self.pos = layer, x, position_embeddings
         self.parts = chunks(x.shape[0], samples_a_chunk)
-        self.solvers, self.run = solvers, run
+        self.solvers, self.run, self.qmin = solvers, run, qmin
         self.results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _sync(self) -> float:
@@ -182,7 +182,7 @@ class LayerQuantizer:
         W = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
         parent = names[0].rpartition(".")[0]  # "self_attn.q_proj+k_proj+v_proj", for messages
         label = f"{prefix}.{parent}.{'+'.join(n.rpartition('.')[2] for n in names)}"
-        q, scales = gptq_quantize(W, H, label, self.solvers)
+        q, scales = gptq_quantize(W, H, label, self.solvers, self.qmin)
         row = 0
         for name, m in zip(names, mods, strict=True):
             rows = m.weight.shape[0]
@@ -244,7 +244,7 @@ def layer_tensors(prefix: str, layer, results: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def quantization_config(lm_head: bool) -> dict:
+def quantization_config(lm_head: bool, qmin: int = -8) -> dict:
     from . import __version__
 
     return {
@@ -252,13 +252,13 @@ def quantization_config(lm_head: bool) -> dict:
         "true_sequential": True, "act_group_aware": True, "lm_head": lm_head,
         "damp_percent": DAMP_PERCENT, "damp_auto_increment": DAMP_STEP,
         "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
-        "meta": {"quantizer": [f"vcu128:{__version__}"]},
+        "meta": {"quantizer": [f"vcu128:{__version__}"], "vcu128_int4_range": -qmin},
     }
 
 
 @torch.no_grad()
 def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str, lm_head: bool = False,
-                        samples_a_chunk: int | None = None, progress: bool = True) -> GPTQRun:
+                        samples_a_chunk: int | None = None, progress: bool = True, qmin: int = -8) -> GPTQRun:
     """GPTQ-quantize the model in `model_dir` on calibration token ids [samples, seqlen] into the
     folder `out`: safetensors shards, index, config.json, quantize_config.json."""
     out = Path(out)
@@ -293,7 +293,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
             layer = inner.layers[i]
             weights.load_module(layer, prefix, device, dtype)
             run.seconds["load"] += time.perf_counter() - t0
-            lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run)
+            lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run, qmin)
             lq.run_layer(prefix)
             run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, layer, lq.results))
             inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
@@ -308,7 +308,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
             for p in chunks(n, samples_a_chunk):
                 add_to_hessian(H, inner.norm(x[p]))
             H.mul_(2 / (n * seqlen))
-            q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), H, "lm_head", solvers)
+            q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), H, "lm_head", solvers, qmin)
             last.update({f"lm_head.{k}": v for k, v in gptq_tensors(q, scales).items()})
         elif not cfg.tie_word_embeddings:
             last["lm_head.weight"] = weights.get("lm_head.weight", device, torch.float16)
@@ -320,10 +320,10 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         raise
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    config.update({"torch_dtype": "float16", "quantization_config": quantization_config(lm_head)})
+    config.update({"torch_dtype": "float16", "quantization_config": quantization_config(lm_head, qmin)})
     config.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "quantize_config.json").write_text(json.dumps(quantization_config(lm_head), indent=2) + "\n")
+    (out / "quantize_config.json").write_text(json.dumps(quantization_config(lm_head, qmin), indent=2) + "\n")
     for extra in ("generation_config.json",):
         if (Path(model_dir) / extra).is_file():
             (out / extra).write_bytes((Path(model_dir) / extra).read_bytes())

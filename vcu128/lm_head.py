@@ -66,7 +66,8 @@ def check_lm_head_out(out: Path, qdir: Path, force: bool) -> None:
             raise VCUError(f"{p}: exists and was not written by lm_head.py; not replacing it", "pass --force to replace it")
 
 
-def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = None, progress: bool = True, force: bool = False):
+def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = None, progress: bool = True, force: bool = False,
+                     int4_range: int = 8):
     """Write lm_head_qweight.bin and lm_head_scales.bin into out/qwen2_qweight_bin, and lm_head.json.
     Returns (StepResult, method, relative error ||W - W_hat|| / ||W||, None for `checkpoint`)."""
     start = time.perf_counter()
@@ -74,6 +75,8 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
     method = choose_method(ckpt, method)
     if method == "checkpoint":
         ckpt.quant.check_supported(str(ckpt.qdir))
+    if int4_range not in (7, 8) or (int4_range == 7 and method == "trunc"):
+        raise VCUError(f"--int4_range {int4_range} with --method {method}: 7 (the 15 levels -7..7) goes with rtn; trunc is the original rule, kept as it was")
     ckpt.validate_lm_head()
     check_board_tensors(ckpt.names(), ckpt.dims, quantized=True, shape_of=lambda n: ckpt.info(n)[1])
     dims = ckpt.dims
@@ -82,7 +85,7 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
         log.info("lm_head: no lm_head.weight in the checkpoint (tied embeddings): quantizing model.embed_tokens.weight")
     out = Path(out) if out else ckpt.qdir / "compile"
     check_lm_head_out(out, ckpt.qdir, force)
-    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(), "method": method}
+    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(), "method": method, "int4_range": int4_range}
     folder = out / SW_QWEIGHT_DIR
     created = [p for p in (out, folder) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +100,7 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
             q = ckpt.signed_weights(gptq_qweight[:, rows], np.dtype("<i4"))
             return q, np.ascontiguousarray(gptq_scales[:, rows].T), 0.0, 0.0
         w = ckpt.get(source, rows=rows).astype(np.float32, copy=False)
-        q, scales = quantize_rows(w, method)
+        q, scales = quantize_rows(w, method, -int4_range)
         return q.astype("<i4"), scales, *squared_error(w, dequantize_rows(q, scales))
 
     step = rows_per_block(4 * dims.hidden)

@@ -358,6 +358,7 @@ class StepResult:
     files: int
     bytes: int
     seconds: float
+    details: dict = field(default_factory=dict)
 
     def line(self) -> str:
         return f"{self.step}: {self.files} files, {self.bytes / 1e9:.3f} GB in {self.seconds:.1f} s -> {self.out}"

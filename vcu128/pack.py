@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from .formats import (
     OUT_WEIGHT_STEM,
     BinFile,
     PackedLinearWriter,
+    INT4_CODES,
     check_int4_range,
     hw_layer_norm_file,
     hw_linear_stems,
@@ -34,9 +37,25 @@ from .model import (
     LAYER_NORMS,
     LINEARS,
     ModelDims,
+    read_model_config,
     read_model_dims,
 )
 from .jsonfile import dumps
+from .stats import read_activation_stats
+from .tables import (
+    ACT_FILE,
+    ACT_FILE_BYTES,
+    BOARD_HEAD_DIM,
+    DEFAULT_FIT_RANGE,
+    DEFAULT_MAX_TOKEN,
+    DEFAULT_ROPE_ORDER,
+    ROPE_ORDERS,
+    SILU_TABLES,
+    rope_file_name,
+    rope_parameters,
+    rope_table,
+    silu_table,
+)
 from .output import (
     MANIFEST_NAME,
     FileRecord,
@@ -54,6 +73,7 @@ from .parallel import ordered_map, rows_per_block
 from .progress import bar
 
 
+log = logging.getLogger("vcu128")
 STEP = "hardware"
 
 
@@ -69,15 +89,15 @@ class PackJob:
         self.stem, self.bias_file = stem, bias_file
         self.chout, self.chin = qweight.shape
 
-    def run(self, root: Path, ports: int) -> list[FileRecord]:
+    def run(self, root: Path, ports: int, int4: str = "twos") -> list[FileRecord]:
         writer = PackedLinearWriter(root, self.stem, self.chin, self.chout, ports, source=self.name)
         step = rows_per_block(4 * self.chin, multiple=ports)
 
         def pack_block(start: int) -> np.ndarray:
             stop = min(start + step, self.chout)
             q = self.qweight.read_rows(start, stop)
-            check_int4_range(q, str(self.qweight.path), first_row=start)
-            return pack_linear_rows(q, self.scales.read_rows(start, stop))
+            check_int4_range(q, str(self.qweight.path), first_row=start, code=int4)
+            return pack_linear_rows(q, self.scales.read_rows(start, stop), int4)
 
         for rows in ordered_map(pack_block, range(0, self.chout, step)):
             writer.write(rows)
@@ -133,35 +153,105 @@ def output_bytes(dims: ModelDims, ports: int) -> int:
 hardware_owns = manifest_owns("hardware", STEP)
 
 
-def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, progress: bool = True, force: bool = False) -> StepResult:
+@dataclass(frozen=True)
+class BoardOptions:
+    """What a packed folder assumes about the board (recorded in manifest.json's `assumptions`)."""
+
+    ports: int = 32
+    int4: str = "twos"
+    rope_table: str = DEFAULT_ROPE_ORDER
+    silu_table: str = "board"
+    max_token: int = DEFAULT_MAX_TOKEN
+
+    def check(self) -> None:
+        for flag, value, allowed in (("--int4", self.int4, INT4_CODES), ("--rope_table", self.rope_table, ROPE_ORDERS),
+                                     ("--silu_table", self.silu_table, SILU_TABLES)):
+            if value not in allowed:
+                raise VCUError(f"{flag} {value}: expected one of {', '.join(allowed)}")
+        if self.ports < 1 or self.max_token < 1:
+            raise VCUError(f"--ports {self.ports}, --max_token {self.max_token}: each must be at least 1")
+
+
+def write_tables(stage: Path, cfg: dict, dims: ModelDims, opts: BoardOptions, compile_dir: Path) -> tuple[list[FileRecord], dict, dict]:
+    """The RoPE and SiLU tables at the folder's root (FORMAT.md 5): (records, assumptions, table report)."""
+    where = compile_dir / CONFIG
+    records, report = [], {}
+    assumptions = {"int4": opts.int4, "silu_table": opts.silu_table, "max_token": opts.max_token}
+    trained = cfg.get("max_position_embeddings")
+    if dims.head_dim != BOARD_HEAD_DIM:
+        assumptions["rope_table"] = f"none: head_dim {dims.head_dim} is not the board's {BOARD_HEAD_DIM}"
+        log.info(f"hardware: no RoPE table: head_dim is {dims.head_dim}, the board's RoPE unit rotates heads of {BOARD_HEAD_DIM}")
+    else:
+        assumptions["rope_table"] = opts.rope_table
+        assumptions["rope_rotation"] = "rotate-half: channel i with i + 64, as HF Qwen2/Llama (q_proj, k_proj rows as in the checkpoint)"
+        table = rope_table(cfg, opts.max_token, opts.rope_table, where)
+        name = rope_file_name(opts.max_token)
+        records.append(write_whole_file(stage, name, table, f"RoPE cos/sin, {opts.rope_table}", dtype="float16",
+                                        rows=opts.max_token, words_per_row=BOARD_HEAD_DIM // 2))
+        theta, scaling = rope_parameters(cfg, where)
+        report["rope"] = {"file": name, "theta": theta, "scaling": scaling["rope_type"], "positions": opts.max_token}
+        if isinstance(trained, int) and trained < opts.max_token:
+            log.info(f"hardware: the model was trained on {trained} positions; the RoPE table covers the board's {opts.max_token}")
+    fit_range = read_gate_range(compile_dir) if opts.silu_table == "fit" else None
+    silu = silu_table(opts.silu_table, fit_range)
+    error, at = silu.error(*DEFAULT_FIT_RANGE)
+    report["silu"] = {"file": ACT_FILE, "table": opts.silu_table, "max_error_on_-16_16": error, "at": at}
+    if fit_range:
+        report["silu"]["fit_range"] = list(fit_range)
+        report["silu"]["max_error_on_fit_range"], report["silu"]["at_on_fit_range"] = silu.error(*fit_range)
+    records.append(write_whole_file(stage, ACT_FILE, silu.pack(), f"SiLU table, {opts.silu_table}", dtype="uint8", rows=1, words_per_row=ACT_FILE_BYTES // 4))
+    return records, assumptions, report
+
+
+def read_gate_range(compile_dir: Path) -> tuple[float, float]:
+    """The range the model's gate outputs take, from the statistics compile_sw copied (else [-16, 16])."""
+    stats = read_activation_stats(compile_dir)
+    if stats and stats.get("gate_range"):
+        lo, hi = stats["gate_range"]
+        return float(lo), float(hi)
+    log.info(f"hardware: no gate statistics in {compile_dir}: the SiLU fit covers [-16, 16]")
+    return DEFAULT_FIT_RANGE
+
+
+def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, progress: bool = True, force: bool = False,
+                  opts: BoardOptions | None = None) -> StepResult:
     start = time.perf_counter()
+    opts = opts or BoardOptions(ports=ports)
+    ports = opts.ports
     compile_dir = Path(compile_dir)
     if not compile_dir.is_dir():
         raise VCUError(f"{compile_dir}: no such compile folder (run compile_sw.py first)")
-    if ports < 1:
-        raise VCUError(f"--ports {ports}: must be at least 1")
+    opts.check()
     dims = read_model_dims(compile_dir / CONFIG)
+    cfg = read_model_config(compile_dir / CONFIG)
     for what, chin in (("hidden_size", dims.hidden), ("intermediate_size", dims.intermediate), ("q dim", dims.q_dim)):
         if chin % GROUP_SIZE:
             raise VCUError(f"{compile_dir / CONFIG}: {what}={chin} is not a multiple of {GROUP_SIZE}, which the board needs")
+    if dims.head_dim == BOARD_HEAD_DIM:
+        rope_parameters(cfg, compile_dir / CONFIG)  # a scaling the table cannot hold is refused before writing
     layers, norms, out_layer = plan(compile_dir, dims)
     warn(stale_compile(compile_dir))
     out = Path(out) if out else default_hardware_dir(compile_dir, ports)
-    made_from = {**compile_ids(compile_dir), "ports": ports}
+    made_from = {**compile_ids(compile_dir), "ports": ports, **asdict(opts)}
     manifest = Manifest("hardware", dims.to_json(), {"ports": ports, "group_size": GROUP_SIZE, "made_from": made_from})
     with staged_dir(out, STEP, hardware_owns, [compile_dir], force, output_bytes(dims, ports)) as stage:
         for jobs in bar(layers, "hardware", "layer", enabled=progress):
             for job in jobs:
-                manifest.files += job.run(stage, ports)
-        manifest.files += out_layer.run(stage, ports)
+                manifest.files += job.run(stage, ports, opts.int4)
+        manifest.files += out_layer.run(stage, ports, opts.int4)
         for src, rel in norms:
             manifest.files += [write_whole_file(stage, rel, src.read(), src.path.name, dtype="float16", rows=1, words_per_row=dims.hidden)]
+        records, assumptions, tables = write_tables(stage, cfg, dims, opts, compile_dir)
+        manifest.files += records
+        manifest.params.update(assumptions=assumptions, tables=tables)
         for f in manifest.files:
             f.step = STEP
         manifest.write(stage)
         keep_embedding_entries(out, stage)
     files, nbytes = folder_stats([out])
-    return StepResult("hardware", out, files, nbytes, time.perf_counter() - start)
+    result = StepResult("hardware", out, files, nbytes, time.perf_counter() - start)
+    result.details = {"assumptions": assumptions, "tables": tables}
+    return result
 
 
 def keep_embedding_entries(old: Path, stage: Path) -> None:
@@ -177,3 +267,15 @@ def keep_embedding_entries(old: Path, stage: Path) -> None:
     new["files"] += kept
     new["embedding_parts"] = doc.get("embedding_parts")
     replace_file_atomically(stage / MANIFEST_NAME, dumps(new).encode())
+
+
+def format_assumptions(details: dict) -> str:
+    """hardware.py's summary of what the folder assumes about the board."""
+    a, t = details["assumptions"], details["tables"]
+    silu = t["silu"]
+    lines = ["assumptions (recorded in manifest.json; docs/FORMAT.md 5 gives the evidence):",
+             f"  RoPE table: {a['rope_table']}" + (f", {t['rope']['positions']} positions, theta {t['rope']['theta']:g}, scaling {t['rope']['scaling']}" if "rope" in t else ""),
+             f"  SiLU table: {a['silu_table']}, largest error {silu['max_error_on_-16_16']:.4f} on [-16, 16] (at x = {silu['at']:.3f})"
+             + (f"; {silu['max_error_on_fit_range']:.4f} on the fitted range [{silu['fit_range'][0]:.2f}, {silu['fit_range'][1]:.2f}]" if "fit_range" in silu else ""),
+             f"  int4 code: {a['int4']}"]
+    return "\n".join(lines)

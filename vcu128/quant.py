@@ -9,14 +9,17 @@ from .model import GROUP_SIZE
 METHODS = ("rtn", "trunc")
 
 
-def group_scales(w: np.ndarray) -> np.ndarray:
-    """float32 [rows, groups]: max/7 when the max reaches |min|, else |min|/8, one float32 division each."""
+def group_scales(w: np.ndarray, qmin: int = -8) -> np.ndarray:
+    """float32 [rows, groups]: max/7 when the max reaches |min|, else |min|/8, one float32 division
+    each; on the 15-level grid (qmin -7) max|w| / 7."""
     mx = w.max(axis=-1)
     mn_abs = np.abs(w.min(axis=-1))
+    if qmin == -7:
+        return (np.maximum(mx, mn_abs) / np.float32(7)).astype(np.float32)
     return np.where(mx >= mn_abs, mx / np.float32(7), mn_abs / np.float32(8)).astype(np.float32)
 
 
-def quantize_rows(weight: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(weight: np.ndarray, method: str, qmin: int = -8) -> tuple[np.ndarray, np.ndarray]:
     """float [rows, cols] to (int8 q [rows, cols] in -8..7, fp16 scales [rows, cols/128]).
 
     `trunc` is the original rule kept bit-exact: q = trunc(float32(w) / float32 scale), one IEEE
@@ -28,12 +31,12 @@ def quantize_rows(weight: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarr
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     rows, cols = weight.shape
     w = weight.astype(np.float32, copy=False).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
-    scale = group_scales(w)
+    scale = group_scales(w, qmin)
     # Dividing by +inf where the scale is 0 gives q = 0 there without a second pass.
     divisor = np.where(scale == 0, np.float32(np.inf), scale)[..., None]
     quotient = np.divide(w, divisor)  # float32 / float32: a true IEEE division, not a reciprocal multiply
     (np.trunc if method == "trunc" else np.rint)(quotient, out=quotient)
-    np.clip(quotient, -8, 7, out=quotient)
+    np.clip(quotient, qmin, 7, out=quotient)
     return quotient.astype(np.int8).reshape(rows, cols), scale.astype(np.float16)
 
 

@@ -49,6 +49,7 @@ class QuantizeOptions:
     true_sequential: bool = True  # one forward a group of linears in a layer (GPTQ's default) or one a layer
     report: bool = True
     force: bool = False  # replace an existing output folder this step did not write
+    int4_range: int = 8  # 8: the full -8..7 grid; 7: the 15 levels -7..7 that sign-magnitude boards hold
 
 
 def default_output(model: Path, wbits: int) -> Path:
@@ -128,7 +129,7 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
 
     start = time.perf_counter()
     ids = np.array([s["input_ids"] for s in calib.samples], dtype=np.int64)
-    run = quantize_checkpoint(model, out, ids, opts.device, lm_head=opts.lm_head, samples_a_chunk=opts.batch_size)
+    run = quantize_checkpoint(model, out, ids, opts.device, lm_head=opts.lm_head, samples_a_chunk=opts.batch_size, qmin=-opts.int4_range)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     seconds = time.perf_counter() - start
@@ -142,6 +143,10 @@ def check_engine_settings(opts: QuantizeOptions) -> None:
             raise VCUError(f"{flag} {value}: must be an integer of at least {least}")
     if opts.engine not in ENGINES:
         raise VCUError(f"--engine {opts.engine}: expected one of {', '.join(ENGINES)}")
+    if opts.int4_range not in (7, 8):
+        raise VCUError(f"--int4_range {opts.int4_range}: expected 8 (-8..7, the default) or 7 (-7..7, for sign-magnitude boards)")
+    if opts.int4_range == 7 and opts.engine != "vcu128":
+        raise VCUError("--int4_range 7 needs --engine vcu128 (GPTQModel has no 15-level grid)")
     if opts.engine == "vcu128" and (opts.wbits, opts.group_size, opts.sym, opts.desc_act) != (4, GROUP_SIZE, True, False):
         raise VCUError("--engine vcu128 quantizes only what the board runs (4-bit, group size 128, symmetric, "
                        "no act-order); pass --engine gptqmodel for other settings")

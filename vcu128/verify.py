@@ -22,6 +22,7 @@ from .errors import VCUError
 from .formats import (
     BIAS_MULTIPLIER,
     EMBEDDING_DIR,
+    INT4_CODES,
     OUT_BIAS_FILE,
     OUT_NORM_FILE,
     OUT_WEIGHT_STEM,
@@ -43,7 +44,18 @@ from .formats import (
     unpack_linear_rows,
     weight_word_index,
 )
-from .model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS
+from .model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, read_model_config
+from .tables import (
+    ACT_FILE,
+    BOARD_HEAD_DIM,
+    DEFAULT_MAX_TOKEN,
+    DEFAULT_ROPE_ORDER,
+    ROPE_ORDERS,
+    SILU_TABLES,
+    rope_file_name,
+    rope_table,
+    silu_table,
+)
 from .jsonfile import dumps, get_int
 from .output import MANIFEST_NAME, read_manifest, replace_file_atomically, sha256_file
 from .provenance import stale_compile, stale_hardware, warn
@@ -82,18 +94,27 @@ def linear_port_files(hw: Path, stem: str, ports: int) -> list[Path]:
     return [hw / port_file(stem, p) for p in range(ports)]
 
 
-def read_packed_linear(hw: Path, stem: str, chin: int, chout: int, ports: int, start: int, stop: int):
+def read_packed_linear(hw: Path, stem: str, chin: int, chout: int, ports: int, start: int, stop: int, int4: str = "twos"):
     """(int8 q, fp16 scales) of output channels start..stop from the port files."""
     files = open_port_files(linear_port_files(hw, stem, ports), chout, row_words(chin))
-    q, scales, _ = unpack_linear_rows(read_port_rows(files, start, stop), chin)
+    q, scales, _ = unpack_linear_rows(read_port_rows(files, start, stop), chin, int4)
     return q, scales
+
+
+def folder_layout(hw: Path) -> tuple[int, int, dict]:
+    """(ports, embedding parts, assumptions) of a packed folder, from its manifest or its files."""
+    doc = read_manifest(hw, required=False)
+    if doc is None:
+        return infer_ports(hw), infer_parts(hw), {}
+    assumptions = doc.get("assumptions") if isinstance(doc.get("assumptions"), dict) else {}
+    return get_int(doc, "ports", hw / MANIFEST_NAME), get_int(doc, "embedding_parts", hw / MANIFEST_NAME, default=0, minimum=0), assumptions
 
 
 def _place(stem: str, row: int, ports: int) -> str:
     return f"{port_file(stem, row % ports)}: row {row // ports} (output channel {row})"
 
 
-def check_packed_linear(report: BitReport, hw: Path, stem: str, chin: int, chout: int, ports: int, expected) -> None:
+def check_packed_linear(report: BitReport, hw: Path, stem: str, chin: int, chout: int, ports: int, expected, int4: str = "twos") -> None:
     """Compare a linear's port files with `expected(start, stop) -> (int8 q, fp16 scales)`."""
     words = row_words(chin)
     try:
@@ -109,11 +130,11 @@ def check_packed_linear(report: BitReport, hw: Path, stem: str, chin: int, chout
         rows = read_port_rows(files, start, stop)
         real = max(0, min(stop, chout) - start)
         if real:
-            q, scales, pad = unpack_linear_rows(rows[:real], chin)
+            q, scales, pad = unpack_linear_rows(rows[:real], chin, int4)
             want_q, want_s = expected(start, start + real)
             bad_rows = np.flatnonzero((q != want_q).any(1) | (scales.view("<u2") != want_s.view("<u2")).any(1) | pad.any(1))
             for r in bad_rows[:3]:
-                _describe_row(report, stem, start + int(r), ports, rows[r], pack_linear_rows(want_q[r : r + 1], want_s[r : r + 1])[0], chin)
+                _describe_row(report, stem, start + int(r), ports, rows[r], pack_linear_rows(want_q[r : r + 1], want_s[r : r + 1], int4)[0], chin)
             report.more += max(0, len(bad_rows) - 3)
         if (rows[real:] != 0).any():
             r = real + int(np.flatnonzero((rows[real:] != 0).any(1))[0])
@@ -209,14 +230,24 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
     hw = Path(hw)
     if not hw.is_dir():
         raise VCUError(f"{hw}: no such hardware folder")
-    doc = read_manifest(hw)
-    ports = get_int(doc, "ports", hw / MANIFEST_NAME)
-    parts = get_int(doc, "embedding_parts", hw / MANIFEST_NAME, default=0, minimum=0)
-    for key, value in d.to_json().items():
-        if doc.get("model", {}).get(key) != value:
-            raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={doc.get('model', {}).get(key)!r}, but the checkpoint's config.json says {value!r}")
+    doc = read_manifest(hw, required=False)
+    if doc is None:
+        ports, parts = infer_ports(hw), infer_parts(hw)
+        assumptions = {}
+        log.info(f"verify: {hw} has no {MANIFEST_NAME} (made by the original scripts?): {ports} ports and {parts} embedding parts "
+                 "inferred from the files; sizes and sha256 not checked against a manifest")
+    else:
+        ports = get_int(doc, "ports", hw / MANIFEST_NAME)
+        parts = get_int(doc, "embedding_parts", hw / MANIFEST_NAME, default=0, minimum=0)
+        assumptions = doc.get("assumptions") if isinstance(doc.get("assumptions"), dict) else {}
+        for key, value in d.to_json().items():
+            if doc.get("model", {}).get(key) != value:
+                raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={doc.get('model', {}).get(key)!r}, but the checkpoint's config.json says {value!r}")
+    int4 = assumptions.get("int4", "twos")
+    if int4 not in INT4_CODES:
+        raise VCUError(f"{hw / MANIFEST_NAME}: assumptions.int4 is {int4!r}, expected one of {', '.join(INT4_CODES)}")
     compile_dir = find_compile_dir(ckpt.qdir, hw, compile_dir)
-    warn(stale_compile(compile_dir, ckpt.fingerprint()) + stale_hardware(doc, compile_dir))
+    warn(stale_compile(compile_dir, ckpt.fingerprint()) + (stale_hardware(doc, compile_dir) if doc else []))
     report = BitReport()
     expected_files: set[str] = set()
 
@@ -231,6 +262,7 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
             check_packed_linear(
                 report, hw, stem, chin, chout, ports,
                 lambda a, b, qw=qweight, sc=scales: (ckpt.signed_weights(qw[:, a:b]), np.ascontiguousarray(sc[:, a:b].T)),
+                int4,
             )
             bias = ckpt.get_fp16(f"{name}.bias") if ckpt.has(f"{name}.bias") else np.zeros(chout, np.float16)
             check_bias_words(report, hw, bias_file, bias)
@@ -246,7 +278,7 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
     lm_s = sw_scales_file(lm["scales"], d.vocab, d.hidden)
     expected_files.update(port_file(OUT_WEIGHT_STEM, p) for p in range(ports))
     expected_files.update({OUT_BIAS_FILE, OUT_NORM_FILE})
-    check_packed_linear(report, hw, OUT_WEIGHT_STEM, d.hidden, d.vocab, ports, lambda a, b: (lm_q.read_rows(a, b), lm_s.read_rows(a, b)))
+    check_packed_linear(report, hw, OUT_WEIGHT_STEM, d.hidden, d.vocab, ports, lambda a, b: (lm_q.read_rows(a, b), lm_s.read_rows(a, b)), int4)
     check_bias_words(report, hw, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
     w = ckpt.get_fp16(f"{FINAL_NORM}.weight")
     check_fp16_file(report, hw, OUT_NORM_FILE, np.concatenate([w, np.zeros_like(w)]), "model.norm weight, then zeros")
@@ -259,8 +291,99 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
             check_fp16_file(report, hw, rel, ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), f"embedding row {i * rows}+", d.hidden)
     else:
         report.add(f"{EMBEDDING_DIR}/: no embedding parts recorded in {MANIFEST_NAME} (run embedding_tokens.py)")
-    check_manifest(report, hw, expected_files)
+    check_tables(report, hw, ckpt, doc, assumptions, expected_files)
+    if doc is not None:
+        check_manifest(report, hw, expected_files)
+    else:
+        check_files_present(report, hw, expected_files)
     return report
+
+
+def infer_ports(hw: Path) -> int:
+    """Ports of a folder without a manifest: the port files of layer 0's q_proj."""
+    stem, _ = hw_linear_stems(0, LINEARS[0])
+    found = sorted((hw / stem).parent.glob(f"{Path(stem).name}_HBM_DDR_*.bin"))
+    if not found:
+        raise VCUError(f"{hw}: no manifest.json and no {stem}_HBM_DDR_*.bin files: not a packed folder")
+    return len(found)
+
+
+def infer_parts(hw: Path) -> int:
+    """Embedding parts of a folder without a manifest, from the names Embedding_01-of-K.bin."""
+    names = sorted(p.name for p in (hw / EMBEDDING_DIR).glob("Embedding_*-of-*.bin"))
+    if not names:
+        return 0
+    try:
+        return int(names[0].split("-of-")[1].split(".")[0])
+    except (IndexError, ValueError):
+        raise VCUError(f"{hw / EMBEDDING_DIR}: embedding part names not of the form Embedding_01-of-16.bin") from None
+
+
+def check_files_present(report: BitReport, hw: Path, expected_files: set[str]) -> None:
+    on_disk = {str(p.relative_to(hw)) for p in hw.rglob("*") if p.is_file()}
+    for rel in sorted(on_disk - expected_files):
+        report.add(f"{rel}: extra file (not part of the board layout)")
+
+
+def check_tables(report: BitReport, hw: Path, ckpt: GPTQCheckpoint, doc: dict | None, assumptions: dict, expected_files: set[str]) -> None:
+    """The RoPE and SiLU tables, regenerated from config.json and the recorded options and compared
+    word for word. A folder from the original scripts (no manifest) may lack them: one line says so."""
+    cfg = read_model_config(ckpt.qdir / "config.json")
+    where = ckpt.qdir / "config.json"
+    max_token = get_int(assumptions, "max_token", hw / MANIFEST_NAME, default=DEFAULT_MAX_TOKEN)
+    order = assumptions.get("rope_table", DEFAULT_ROPE_ORDER)
+    rope = rope_file_name(max_token)
+    missing = []
+    if ckpt.dims.head_dim == BOARD_HEAD_DIM:
+        if order not in ROPE_ORDERS:
+            report.add(f"{MANIFEST_NAME}: assumptions.rope_table is {order!r}, expected one of {', '.join(ROPE_ORDERS)}")
+        elif doc is not None or (hw / rope).is_file():
+            expected_files.add(rope)
+            want = rope_table(cfg, max_token, order, where)
+            check_table_words(report, hw, rope, want, lambda i: _rope_place(i, max_token, order))
+        else:
+            missing.append(rope)
+    kind = assumptions.get("silu_table", "board")
+    if kind not in SILU_TABLES:
+        report.add(f"{MANIFEST_NAME}: assumptions.silu_table is {kind!r}, expected one of {', '.join(SILU_TABLES)}")
+    elif doc is not None or (hw / ACT_FILE).is_file():
+        expected_files.add(ACT_FILE)
+        fit_range = ((doc or {}).get("tables", {}).get("silu", {}).get("fit_range")) if kind == "fit" else None
+        want = silu_table(kind, tuple(fit_range) if fit_range else None).pack()
+        check_table_words(report, hw, ACT_FILE, want.view("<u2"), _silu_place)
+    else:
+        missing.append(ACT_FILE)
+    if missing:
+        log.info(f"verify: {' and '.join(missing)} missing: the board also loads them (hardware.py writes them)")
+
+
+def _rope_place(i: int, max_token: int, order: str) -> str:
+    block, rest = divmod(i, max_token * 32)
+    t, c = divmod(rest, 32)
+    channel = block * 32 + c
+    value = (("cos" if channel < 64 else "sin") + f" of frequency {channel % 64}") if order == "halves" else \
+        (("cos" if channel % 2 == 0 else "sin") + f" of frequency {channel // 2}")
+    return f"position {t}, channel {channel} ({value})"
+
+
+def _silu_place(i: int) -> str:
+    beat, k = divmod(i, 32)
+    if beat < 3 and k < 16:
+        return f"{('slope', 'offset', 'breakpoint')[beat]} {k}"
+    return f"byte {2 * i} (must be 0)"
+
+
+def check_table_words(report: BitReport, hw: Path, rel: str, want: np.ndarray, place) -> None:
+    try:
+        got = BinFile(hw / rel, "<u2", want.shape).read()
+    except VCUError as e:
+        return report.add(str(e).replace(str(hw) + "/", ""))
+    report.files_checked += 1
+    report.bytes_checked += got.nbytes
+    bad = np.flatnonzero(got.view("<u2") != want.view("<u2"))
+    if bad.size:
+        i = int(bad[0])
+        report.add(f"{rel}: fp16 word {i}, {place(i)}, is {int(got.view('<u2')[i]):#06x}, expected {int(want.view('<u2')[i]):#06x}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +403,8 @@ def load_hardware_model(qdir: Path, hw: Path, device="cpu", dtype=None, lm_head_
     hw = Path(hw)
     ckpt = GPTQCheckpoint(qdir)
     d = ckpt.dims
-    doc = read_manifest(hw)
-    ports, parts = int(doc["ports"]), int(doc["embedding_parts"])
+    ports, parts, assumptions = folder_layout(hw)
+    int4 = assumptions.get("int4", "twos")
     model = build_empty_model(plain_config(qdir), device, dtype)
     params = dict(model.named_parameters())
 
@@ -289,7 +412,7 @@ def load_hardware_model(qdir: Path, hw: Path, device="cpu", dtype=None, lm_head_
         params[name].data.copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
     def linear(stem: str, chin: int, chout: int) -> "torch.Tensor":
-        q, s = read_packed_linear(hw, stem, chin, chout, ports, 0, chout)
+        q, s = read_packed_linear(hw, stem, chin, chout, ports, 0, chout, int4)
         return dequantize(torch.from_numpy(q), torch.from_numpy(s.astype(np.float32)))
 
     def norm(rel: str) -> np.ndarray:
