@@ -2,22 +2,29 @@
 """Prove a packed folder is the model before it goes on the board.
 
 1. Bit check: decode every file of the hardware folder (docs/FORMAT.md) back to integers, scales,
-   biases, norm weights and embedding rows and compare them with the GPTQ checkpoint, every word
-   including padding; check sizes and sha256 against manifest.json; a missing or extra file is a
-   difference. Each difference names the file, row, word and the expected value.
-2. Functional check: the model's forward pass from the hardware files alone (int4 x fp16 scale) next
-   to the checkpoint's own model (and the fp16 original with --model): greedy tokens for a prompt,
-   top-1 agreement and relative logit error on held-out text. Written to verify_report.json beside
-   the hardware folder.
+   biases, norm weights, embedding rows and the RoPE and SiLU tables, and compare them with the GPTQ
+   checkpoint, every word including padding; check sizes and sha256 against manifest.json (a folder
+   without one, from the original scripts, is checked on what it holds). Each difference names the
+   file, row, word and the expected value.
+2. Functional check, streamed one decoder layer at a time (a real 7B fits in a few GB): the folder's
+   model in the board's own fp16 arithmetic (--numerics board, the default: fp16 storage with
+   saturation, fixed norm eps 1e-6, the folder's RoPE and SiLU tables; a model of the board, see
+   docs/FORMAT.md) next to the checkpoint's model in fp32 (and the unquantized original with --model):
+   greedy tokens, top-1 agreement and relative logit error on held-out tokens, every saturated fp16
+   site, and the sites whose fp32 values pass half the fp16 range. Written to verify_report.json
+   beside the hardware folder.
 
-Exit code 0 only when the bit check finds no difference.
+Exit code 0: the folder holds the checkpoint bit for bit and its model computes only finite values.
+1: a difference, or a NaN/inf anywhere (named); with --strict also fp16 saturation or top-1 agreement
+below 0.9. 2: bad input.
 """
 
 import logging
 import sys
 
 from vcu128.errors import ArgumentParser, positive_int, run_cli
-from vcu128.verify import format_functional, verify
+from vcu128.functional import format_functional
+from vcu128.verify import verify
 
 
 def main(argv=None):
@@ -26,9 +33,16 @@ def main(argv=None):
     p.add_argument("--hardware_dir", "--hardware-dir", required=True, metavar="HWDIR", help="the packed folder (QWEN_BLOCK_write_data_port32)")
     p.add_argument("--compile_dir", "--compile-dir", help="where lm_head_*.bin are (default: beside HWDIR, or QDIR/compile)")
     p.add_argument("--model", help="the fp16 original, to compare with too")
-    p.add_argument("--text", help="held-out text for the functional check (default: data/demo_corpus.txt)")
+    p.add_argument("--text", help="held-out text for the functional check (default: data/demo_corpus.txt); its last --eval_tokens tokens")
+    p.add_argument("--eval_ids", "--eval-ids", help="evaluate on these token ids instead (.npy, or a text file of integers)")
+    p.add_argument("--eval_tokens", "--eval-tokens", type=positive_int, default=256, help="evaluation tokens (default 256)")
     p.add_argument("--prompt", default="The accelerator", help="prompt for the greedy continuation")
-    p.add_argument("--tokens", type=positive_int, default=16, help="tokens to generate greedily")
+    p.add_argument("--tokens", type=positive_int, default=8, help="tokens to generate greedily (default 8)")
+    p.add_argument("--numerics", choices=("board", "fp32"), default="board",
+                   help="board (default): the folder's model in the board's fp16 arithmetic; fp32: plain PyTorch arithmetic")
+    p.add_argument("--centred_variance", "--centred-variance", action="store_true",
+                   help="board numerics: the norm divides by the centred variance, as the testbench's RMS mode does")
+    p.add_argument("--strict", action="store_true", help="also fail (exit 1) on fp16 saturation or top-1 agreement below 0.9")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bits_only", "--bits-only", action="store_true", help="only the bit check")
     p.add_argument("--lm_head_from_checkpoint", action="store_true", help="functional check with the checkpoint's float lm_head (isolates packing from lm_head quantization)")
@@ -36,17 +50,28 @@ def main(argv=None):
     log = logging.getLogger("vcu128")
     result = verify(
         args.quantize_model, args.hardware_dir, args.compile_dir, args.model, args.text, args.prompt, args.tokens,
-        args.device, not args.bits_only, args.lm_head_from_checkpoint,
+        args.device, not args.bits_only, args.lm_head_from_checkpoint, eval_tokens=args.eval_tokens, eval_ids=args.eval_ids,
+        numerics=args.numerics, centred_variance=args.centred_variance,
     )
     bits = result["bit_check"]
-    if "functional" in result:
-        log.info(format_functional(result["functional"]))
+    func = result.get("functional")
+    if func is not None:
+        log.info(format_functional(func))
     if not bits["ok"]:
         for d in bits["differences"]:
             print(f"difference: {d}", file=sys.stderr)
         more = f" (and {bits['more_differences']} more)" if bits["more_differences"] else ""
         print(f"error: verify: {len(bits['differences'])} differences{more} in {args.hardware_dir}; do not load it on the board", file=sys.stderr)
         return 1
+    if func is not None and not func["ok"]:
+        print(f"error: verify: {func['error']}; the board would compute garbage from this folder", file=sys.stderr)
+        return 1
+    if func is not None and args.strict:
+        low = func["against_hardware"]["checkpoint"]["top1_agreement"] < 0.9
+        if func["saturation"] or low:
+            why = f"{len(func['saturation'])} saturated fp16 sites" if func["saturation"] else "top-1 agreement below 0.9"
+            print(f"error: verify --strict: {why} (see above)", file=sys.stderr)
+            return 1
     report = f"; report: {result['report_path']}" if "report_path" in result else ""
     log.info(f"verify: OK: {bits['files']} files, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit "
              f"in {bits['seconds']:.1f} s{report}")

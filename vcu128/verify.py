@@ -58,6 +58,7 @@ from .tables import (
 )
 from .jsonfile import dumps, get_int
 from .output import MANIFEST_NAME, read_manifest, replace_file_atomically, sha256_file
+from .functional import FunctionalInputs, functional_check, load_eval_ids, seeded_ids
 from .provenance import stale_compile, stale_hardware, warn
 from .parallel import rows_per_block
 from .progress import bar
@@ -92,13 +93,6 @@ class BitReport:
 
 def linear_port_files(hw: Path, stem: str, ports: int) -> list[Path]:
     return [hw / port_file(stem, p) for p in range(ports)]
-
-
-def read_packed_linear(hw: Path, stem: str, chin: int, chout: int, ports: int, start: int, stop: int, int4: str = "twos"):
-    """(int8 q, fp16 scales) of output channels start..stop from the port files."""
-    files = open_port_files(linear_port_files(hw, stem, ports), chout, row_words(chin))
-    q, scales, _ = unpack_linear_rows(read_port_rows(files, start, stop), chin, int4)
-    return q, scales
 
 
 def folder_layout(hw: Path) -> tuple[int, int, dict]:
@@ -217,7 +211,7 @@ def check_manifest(report: BitReport, hw: Path, expected_files: set[str]) -> Non
 
 
 def find_compile_dir(qdir: Path, hw: Path, compile_dir: Path | None) -> Path:
-    for cand in [compile_dir, hw.parent, qdir / "compile"]:
+    for cand in [compile_dir, hw.parent, hw.parent / "compile", qdir / "compile"]:
         if cand and sw_lm_head_paths(cand)["qweight"].is_file():
             return Path(cand)
     raise VCUError(f"lm_head_qweight.bin not found beside {hw} or in {qdir / 'compile'}: pass --compile_dir")
@@ -387,140 +381,45 @@ def check_table_words(report: BitReport, hw: Path, rel: str, want: np.ndarray, p
 
 
 # ---------------------------------------------------------------------------------------------
-# Functional check: the model as the board holds it, in PyTorch
+# Functional check (functional.py): the folder's model next to the checkpoint's, streamed
 
 
-def load_hardware_model(qdir: Path, hw: Path, device="cpu", dtype=None, lm_head_from_checkpoint: bool = False):
-    """A transformers model whose every weight comes from the hardware folder: linears dequantized
-    from the port files, biases from the bias words, norms from the norm files, the embedding from
-    its parts, the output layer from OutLayer (or, for diagnosis, the checkpoint's float lm_head)."""
-    import torch
+def evaluation_inputs(qdir: Path, vocab: int, text: Path | None, eval_ids: Path | None, prompt: str, eval_tokens: int) -> FunctionalInputs:
+    """Held-out ids (the last `eval_tokens` of the text, or --eval_ids, or seeded ids when the
+    checkpoint has no tokenizer) and the greedy prompt."""
+    tokenizer = None
+    if eval_ids is None or prompt:
+        try:
+            from transformers import AutoTokenizer
 
-    from .gptq import dequantize
-    from .torch_model import build_empty_model, plain_config
+            tokenizer = AutoTokenizer.from_pretrained(str(qdir))
+        except Exception:  # no tokenizer files, or ones transformers cannot read: evaluate on ids
+            tokenizer = None
+    decode = tokenizer.decode if tokenizer is not None else None
+    if eval_ids is not None:
+        ids, source = load_eval_ids(eval_ids, vocab), f"ids from {eval_ids}"
+    elif tokenizer is not None:
+        from .demo import DEMO_CORPUS
 
-    dtype = dtype or torch.float32
-    hw = Path(hw)
-    ckpt = GPTQCheckpoint(qdir)
-    d = ckpt.dims
-    ports, parts, assumptions = folder_layout(hw)
-    int4 = assumptions.get("int4", "twos")
-    model = build_empty_model(plain_config(qdir), device, dtype)
-    params = dict(model.named_parameters())
-
-    def put(name: str, value: np.ndarray) -> None:
-        params[name].data.copy_(torch.from_numpy(np.ascontiguousarray(value)))
-
-    def linear(stem: str, chin: int, chout: int) -> "torch.Tensor":
-        q, s = read_packed_linear(hw, stem, chin, chout, ports, 0, chout, int4)
-        return dequantize(torch.from_numpy(q), torch.from_numpy(s.astype(np.float32)))
-
-    def norm(rel: str) -> np.ndarray:
-        return BinFile(hw / rel, "<f2", (2 * d.hidden,)).read()[: d.hidden]
-
-    with torch.no_grad():
-        for layer in range(d.num_layers):
-            for lin in LINEARS:
-                chin, chout = d.linear_shape(lin)
-                stem, bias_file = hw_linear_stems(layer, lin)
-                params[f"{lin.name(layer)}.weight"].data.copy_(linear(stem, chin, chout))
-                bias_name = f"{lin.name(layer)}.bias"
-                if bias_name in params:
-                    put(bias_name, unpack_bias_words(BinFile(hw / bias_file, "<u4", (chout,)).read())[1])
-            for name, board in LAYER_NORMS:
-                put(f"model.layers.{layer}.{name}.weight", norm(hw_layer_norm_file(layer, board)))
-        put(f"{FINAL_NORM}.weight", norm(OUT_NORM_FILE))
-        rows = d.vocab // parts
-        put(EMBEDDING, np.concatenate([BinFile(hw / EMBEDDING_DIR / embedding_part_file(i + 1, parts), "<f2", (rows, d.hidden)).read() for i in range(parts)]))
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie: the board has its own
-        if lm_head_from_checkpoint:
-            src = ckpt.lm_head_source()
-            lm = ckpt.get(src) if src != "lm_head" else None
-            if lm is None:
-                from .torch_model import checkpoint_linear
-
-                model.lm_head.weight.data.copy_(checkpoint_linear(ckpt, "lm_head", device))
-            else:
-                model.lm_head.weight.data.copy_(torch.from_numpy(lm.astype(np.float32)))
-        else:
-            model.lm_head.weight.data.copy_(linear(OUT_WEIGHT_STEM, d.hidden, d.vocab))
-    return model
+        path = Path(text or DEMO_CORPUS)
+        if not path.is_file():
+            raise VCUError(f"--text {path}: no such file")
+        ids = np.asarray(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"], np.int64)
+        source = f"the last tokens of {path.name}"
+    else:
+        ids, source = seeded_ids(vocab, eval_tokens), "seeded random ids: the checkpoint has no tokenizer"
+    ids = ids[-eval_tokens:]
+    if len(ids) < 2:
+        raise VCUError(f"{text or eval_ids}: fewer than 2 evaluation tokens")
+    prompt_ids = np.asarray(tokenizer(prompt, add_special_tokens=False)["input_ids"], np.int64) if tokenizer is not None and prompt else np.zeros(0, np.int64)
+    if prompt_ids.size == 0:
+        prompt_ids = ids[:4]
+    return FunctionalInputs(ids.astype(np.int64), prompt_ids.astype(np.int64), source, decode)
 
 
-def compare_models(models: dict, tokenizer, prompt: str, tokens: int, eval_ids: np.ndarray, seqlen: int = 256, windows: int = 4) -> dict:
-    """Greedy continuation of `prompt` by each model; top-1 agreement and relative logit error of
-    every model against the first ('hardware') on held-out tokens."""
-    import torch
-
-    out: dict = {"prompt": prompt, "greedy": {}, "against_hardware": {}}
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    for name, m in models.items():
-        with torch.no_grad():
-            x = ids.to(next(m.parameters()).device)
-            for _ in range(tokens):  # plain greedy loop: identical in every transformers version
-                nxt = m(x).logits[:, -1].argmax(-1, keepdim=True)
-                x = torch.cat([x, nxt], 1)
-        gen = x[0, ids.shape[1] :].tolist()
-        out["greedy"][name] = {"tokens": gen, "text": tokenizer.decode(gen)}
-    n = max(1, min(windows, len(eval_ids) // seqlen))
-    seqlen = min(seqlen, len(eval_ids) // n)
-    batch = torch.from_numpy(np.asarray(eval_ids[: n * seqlen])).view(n, seqlen)
-    logits = {}
-    with torch.no_grad():
-        for name, m in models.items():
-            logits[name] = m(batch.to(next(m.parameters()).device)).logits.float().cpu()
-    ref = logits["hardware"]
-    hw_tokens = out["greedy"]["hardware"]["tokens"]
-    for name, lg in logits.items():
-        if name == "hardware":
-            continue
-        gen = out["greedy"][name]["tokens"]
-        same = next((i for i, (a, b) in enumerate(zip(gen, hw_tokens, strict=True)) if a != b), len(gen))
-        out["against_hardware"][name] = {
-            "top1_agreement": float((lg.argmax(-1) == ref.argmax(-1)).float().mean()),
-            "relative_logit_error": float((lg - ref).norm() / lg.norm()),
-            "greedy_tokens_equal": gen == hw_tokens,
-            "greedy_common_prefix": same,
-        }
-    out["eval_tokens"] = int(n * seqlen)
-    return out
-
-
-def functional_check(qdir: Path, hw: Path, model: Path | None, text: Path, prompt: str, tokens: int, device="cpu", lm_head_from_checkpoint=False) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .torch_model import load_checkpoint_model
-
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(str(qdir))
-    models = {
-        "hardware": load_hardware_model(qdir, hw, device, dtype, lm_head_from_checkpoint),
-        "checkpoint": load_checkpoint_model(qdir, device, dtype),
-    }
-    if model:
-        models["fp16 original"] = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(device).eval()
-    eval_ids = np.asarray(tokenizer(Path(text).read_text(), add_special_tokens=False)["input_ids"])
-    result = compare_models(models, tokenizer, prompt, tokens, eval_ids)
-    result["lm_head_from_checkpoint"] = lm_head_from_checkpoint
-    return result
-
-
-def format_functional(result: dict) -> str:
-    lines = [f"greedy continuation of {result['prompt']!r}:"]
-    for name, g in result["greedy"].items():
-        lines.append(f"  {name:>14}: {g['text']!r}")
-    lines.append(f"against the hardware model, on {result['eval_tokens']} held-out tokens:")
-    lines.append("  model          | top-1 agreement | relative logit error | same greedy tokens")
-    for name, r in result["against_hardware"].items():
-        same = "yes" if r["greedy_tokens_equal"] else f"first {r['greedy_common_prefix']}"
-        lines.append(f"  {name:<14} | {r['top1_agreement']:15.4f} | {r['relative_logit_error']:20.5f} | {same}")
-    return "\n".join(lines)
-
-
-def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=16,
-           device="cpu", functional=True, lm_head_from_checkpoint=False, progress=True) -> dict:
+def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=8,
+           device="cpu", functional=True, lm_head_from_checkpoint=False, progress=True, eval_tokens: int = 256,
+           eval_ids=None, numerics: str = "board", centred_variance: bool = False) -> dict:
     start = time.perf_counter()
     hw = Path(hw)
     report = bit_check(qdir, hw, compile_dir, progress)
@@ -536,9 +435,18 @@ def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt
         }
     }
     if report.ok and functional:
-        from .demo import DEMO_CORPUS
-
-        result["functional"] = functional_check(qdir, hw, model, Path(text or DEMO_CORPUS), prompt, tokens, device, lm_head_from_checkpoint)
+        start = time.perf_counter()
+        ckpt = GPTQCheckpoint(qdir)
+        ports, parts, assumptions = folder_layout(hw)
+        doc = read_manifest(hw, required=False) or {}
+        inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
+        if device != "cpu":
+            log.info(f"verify: --device {device}: the functional check runs on the CPU in this version")
+        result["functional"] = functional_check(
+            qdir, hw, ports, parts, assumptions, inputs, tokens, numerics, model, centred_variance,
+            lm_head_from_checkpoint, doc.get("fp16_rescale"), progress,
+        )
+        result["functional"]["seconds"] = time.perf_counter() - start
     path = Path(hw).parent / REPORT_NAME
     if write_report(path, result):
         result["report_path"] = str(path)

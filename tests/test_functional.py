@@ -1,0 +1,94 @@
+"""verify.py's streamed functional check: the streamed fp32 model equals transformers' forward, the
+board's fp16 datapath answers like it, and a NaN or inf fails the check where it first appears."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, export_all
+
+from vcu128.checkpoint import GPTQCheckpoint
+from vcu128.datapath import FLUSH, FP16_MAX, Numerics
+from vcu128.functional import CompactDecoder, ModelRun, Shape, checkpoint_embedding, checkpoint_output_layer, forward
+from vcu128.model import EMBEDDING
+from vcu128.verify import verify
+
+
+@pytest.fixture(scope="module")
+def packed(quantized, tmp_path_factory):
+    """The tiny trained model's checkpoint and packed folder (a copy this module may damage)."""
+    qdir = tmp_path_factory.mktemp("functional") / "q"
+    shutil.copytree(quantized[0], qdir)
+    return qdir, export_all(qdir)["hw"]
+
+
+def test_streamed_fp32_model_equals_the_transformers_forward(packed):
+    from vcu128.functional import _fp32_rope
+    from vcu128.model import read_model_config
+    from vcu128.torch_model import load_checkpoint_model
+
+    qdir, _ = packed
+    ckpt = GPTQCheckpoint(qdir)
+    d = ckpt.dims
+    ids = np.random.default_rng(1).integers(0, d.vocab, (2, 40))
+    cfg = read_model_config(qdir / "config.json")
+    cos, sin = (torch.from_numpy(a) for a in _fp32_rope(cfg, d.head_dim, 40, qdir / "config.json"))
+    run = ModelRun("checkpoint", Numerics("checkpoint", False, cfg["rms_norm_eps"], cos, sin), CompactDecoder(ckpt),
+                   checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden),
+                   checkpoint_output_layer(ckpt), torch.from_numpy(ckpt.get_fp16("model.norm.weight").astype(np.float32)))
+    with torch.no_grad():
+        streamed = forward([run], {"checkpoint": ids}, Shape(d.num_heads, d.num_kv_heads, d.head_dim), d.num_layers)["checkpoint"]
+        whole = load_checkpoint_model(qdir, "cpu", torch.float32)(torch.from_numpy(ids)).logits
+    assert float((streamed - whole).norm() / whole.norm()) < 1e-5
+
+
+def test_board_storage_rounds_saturates_and_flushes():
+    num = Numerics("board", True, 1e-6, torch.zeros(1, 1), torch.zeros(1, 1))
+    x = torch.tensor([1e5, -7e4, 1 / 3, FLUSH / 2, -FLUSH * 2, 65504.0])
+    y = num.store(x, 3, "residual_mlp")
+    assert y.tolist() == [FP16_MAX, -FP16_MAX, float(np.float16(1 / 3)), 0.0, float(np.float16(-FLUSH * 2)), 65504.0]
+    assert num.stats.saturation_list() == [{"layer": 3, "site": "residual_mlp", "count": 2}]
+    assert num.stats.max_abs[(3, "residual_mlp")] == 1e5
+
+
+def test_a_nan_fails_the_check_and_is_named(packed, tmp_path):
+    qdir0, _ = packed
+    qdir = tmp_path / "q"
+    shutil.copytree(qdir0, qdir)
+    from safetensors.numpy import load_file, save_file
+
+    name = "model.layers.1.post_attention_layernorm.weight"
+    shard = qdir / json.loads((qdir / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].copy()
+    tensors[name][3] = np.inf
+    save_file(tensors, shard)
+    hw = export_all(qdir)["hw"]  # the bits are faithfully the checkpoint's: the bit check passes
+    r = subprocess.run([sys.executable, str(ROOT / "verify.py"), "--quantize_model", str(qdir), "--hardware_dir", str(hw)],
+                       capture_output=True, text=True, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1, r.stderr
+    assert "error: verify: hardware: non-finite value (NaN or inf) first at layer 1, post_attention_norm" in r.stderr
+    doc = json.loads((hw.parent / "verify_report.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the report"))
+    assert doc["bit_check"]["ok"] and doc["functional"]["ok"] is False
+    assert doc["functional"]["nonfinite"] == {"model": "hardware", "layer": 1, "site": "post_attention_norm"}
+
+
+def test_a_checkpoint_without_tokenizer_is_evaluated_on_seeded_ids(packed, tmp_path):
+    qdir0, _ = packed
+    qdir = tmp_path / "q"
+    shutil.copytree(qdir0, qdir)
+    for f in qdir.glob("tokenizer*"):
+        f.unlink()
+    (qdir / "special_tokens_map.json").unlink(missing_ok=True)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    f = verify(qdir, hw, progress=False, eval_tokens=64, tokens=4)["functional"]
+    assert f["ok"] and f["eval"] == {"tokens": 64, "source": "seeded random ids: the checkpoint has no tokenizer"}
+    assert len(f["greedy"]["hardware"]["tokens"]) == 4 and f["greedy"]["hardware"]["text"] is None
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3, 4 5 6 7 8 9 10")
+    f = verify(qdir, hw, progress=False, eval_ids=ids, tokens=2)["functional"]
+    assert f["eval"] == {"tokens": 10, "source": f"ids from {ids}"}

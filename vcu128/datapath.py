@@ -1,0 +1,192 @@
+"""The board's datapath, one decoder layer at a time, in the board's arithmetic or in plain fp32.
+
+This is a model of the board, not the board (FORMAT.md 6 says what is known; docs/FORMAT.md
+section "The emulator" what it assumes). In `board` numerics:
+
+- every tensor the accelerator keeps between operations is stored as fp16: rounded through fp32,
+  clamped to +-65504 (saturation, counted per site) and magnitudes below FLUSH flushed to zero,
+  as the testbench references do;
+- a matrix product (int4 x fp16 scale weights, fp16 input) is summed in fp32 and rounded once; the
+  affine unit then adds the bias (1.0 * y + bias) as its own fp16 step;
+- RMSNorm uses the board's fixed eps 1e-6 (optionally the testbench's centred variance), RoPE
+  takes cos/sin from the folder's table, softmax runs in fp32 with 1/sqrt(head_dim) folded into
+  the product, SiLU is exact or the folder's piecewise table, and the residual adds and the MLP's
+  element-wise product are separate rounded steps.
+
+In `fp32` numerics the same pipeline runs with no rounding, the model's own eps, exact SiLU and
+transformers' cos/sin: the checkpoint's model as PyTorch computes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+FP16_MAX = 65504.0
+FLUSH = 2e-5  # FORMAT.md 6: the references flush magnitudes below about 2e-5 to zero
+BOARD_EPS = 1e-6  # FORMAT.md 6: the norm unit's eps is fixed
+
+# Sites the board stores in fp16, in pipeline order (the names reports use).
+SITES = ("q", "k", "v", "attention", "o", "residual_attention", "gate", "up", "silu", "mlp_product", "down", "residual_mlp")
+
+
+class NonFinite(Exception):
+    """A NaN or inf appeared: where it first did."""
+
+    def __init__(self, model: str, layer: int | str, site: str):
+        super().__init__(f"{model}: non-finite value (NaN or inf) first at layer {layer}, {site}")
+        self.model, self.layer, self.site = model, layer, site
+
+
+@dataclass
+class SiteStats:
+    """Per (layer, site): largest |value| before storing, and how many values saturated."""
+
+    max_abs: dict = field(default_factory=dict)
+    saturated: dict = field(default_factory=dict)
+
+    def saturation_list(self) -> list[dict]:
+        return [{"layer": layer, "site": site, "count": n} for (layer, site), n in sorted(self.saturated.items(), key=_order) if n]
+
+    def headroom_list(self) -> list[dict]:
+        return [{"layer": layer, "site": site, "max_abs": v} for (layer, site), v in sorted(self.max_abs.items(), key=_order)]
+
+
+def _order(item):
+    (layer, site), _ = item
+    return (layer if isinstance(layer, int) else 1 << 30, SITES.index(site) if site in SITES else len(SITES), site)
+
+
+@dataclass
+class Numerics:
+    """How a model computes: the board's fp16 datapath, or plain fp32."""
+
+    name: str
+    board: bool
+    eps: float
+    cos: torch.Tensor  # [positions, head_dim / 2] float32 (fp16 values in board numerics)
+    sin: torch.Tensor
+    silu_table: object | None = None  # tables.SiluTable: the board's piecewise SiLU, or None for exact
+    centred_variance: bool = False
+    stats: SiteStats = field(default_factory=SiteStats)
+    track: bool = True
+
+    def store(self, x: torch.Tensor, layer, site: str) -> torch.Tensor:
+        """What the board keeps of a value: fp16 (saturating, flushing tiny magnitudes); in fp32
+        numerics the value itself. Records the site's largest |value| and saturation count, and
+        stops at the first non-finite value."""
+        if self.track:
+            amax = float(x.detach().abs().amax()) if x.numel() else 0.0
+            if not math.isfinite(amax):
+                raise NonFinite(self.name, layer, site)
+            key = (layer, site)
+            self.stats.max_abs[key] = max(self.stats.max_abs.get(key, 0.0), amax)
+            if self.board and amax > FP16_MAX:
+                self.stats.saturated[key] = self.stats.saturated.get(key, 0) + int((x.abs() > FP16_MAX).sum())
+        if not self.board:
+            return x
+        y = x.clamp(-FP16_MAX, FP16_MAX).half().float()
+        return torch.where(y.abs() < FLUSH, torch.zeros_like(y), y)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer: float32 weights [chout, chin] (what int4 x fp16 scale gives), biases, norms."""
+
+    linears: dict  # module name -> (weight, bias or None)
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+
+
+@dataclass
+class Shape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, num: Numerics, layer, site: str) -> torch.Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    if num.centred_variance:  # the testbench's RMS mode: no mean subtracted from x, but from the variance
+        var = var - x.mean(-1, keepdim=True).pow(2)
+    return num.store(weight * (x * torch.rsqrt(var + num.eps)), layer, site)
+
+
+def linear(x: torch.Tensor, wb, num: Numerics, layer, site: str) -> torch.Tensor:
+    """MVM then the affine unit: the product rounded once, then the bias added and rounded."""
+    weight, bias = wb
+    y = x @ weight.T
+    if bias is None:
+        return num.store(y, layer, site)
+    if num.board:
+        y = num.store(y, layer, f"{site}_product")
+    return num.store(y + bias, layer, site)
+
+
+def silu(x: torch.Tensor, num: Numerics) -> torch.Tensor:
+    if num.silu_table is None:
+        return torch.nn.functional.silu(x)
+    return torch.from_numpy(num.silu_table(x.double().numpy())).float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half RoPE: channel i with i + head_dim / 2. x [B, H, T, D], cos/sin [T, D/2]."""
+    c = torch.cat([cos, cos], -1)
+    s = torch.cat([sin, sin], -1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * c + rotated * s
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor | None = None  # [B, kv_heads, T, D]
+    v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], 2)
+        self.v = v if self.v is None else torch.cat([self.v, v], 2)
+        return self.k, self.v
+
+
+def decoder_layer(x: torch.Tensor, w: LayerWeights, shape: Shape, num: Numerics, layer: int, start: int = 0,
+                  cache: KVCache | None = None) -> torch.Tensor:
+    """x [B, T, hidden] (the residual stream at positions start..start+T) through one layer."""
+    B, T, _ = x.shape
+    H, KV, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    h = rms_norm(x, w.input_norm, num, layer, "input_norm")
+    q = linear(h, w.linears["self_attn.q_proj"], num, layer, "q").view(B, T, H, D).transpose(1, 2)
+    k = linear(h, w.linears["self_attn.k_proj"], num, layer, "k").view(B, T, KV, D).transpose(1, 2)
+    v = linear(h, w.linears["self_attn.v_proj"], num, layer, "v").view(B, T, KV, D).transpose(1, 2)
+    cos, sin = num.cos[start : start + T], num.sin[start : start + T]
+    q = num.store(rotate(q, cos, sin), layer, "q_rope")
+    k = num.store(rotate(k, cos, sin), layer, "k_rope")
+    if cache is not None:
+        k, v = cache.extend(k, v)
+    groups = H // KV
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)  # fp32, the scale folded into the product
+    past = k.shape[2] - T
+    mask = torch.ones(T, k.shape[2], dtype=torch.bool).tril(past)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    attn = num.store(torch.softmax(scores, -1) @ v, layer, "attention")
+    attn = attn.transpose(1, 2).reshape(B, T, H * D)
+    o = linear(attn, w.linears["self_attn.o_proj"], num, layer, "o")
+    x = num.store(x + o, layer, "residual_attention")
+    h = rms_norm(x, w.post_norm, num, layer, "post_attention_norm")
+    gate = linear(h, w.linears["mlp.gate_proj"], num, layer, "gate")
+    up = linear(h, w.linears["mlp.up_proj"], num, layer, "up")
+    product = num.store(num.store(silu(gate, num), layer, "silu") * up, layer, "mlp_product")
+    down = linear(product, w.linears["mlp.down_proj"], num, layer, "down")
+    return num.store(x + down, layer, "residual_mlp")
+
+
+def final_norm(x: torch.Tensor, weight: torch.Tensor, num: Numerics) -> torch.Tensor:
+    return rms_norm(x, weight, num, "final", "final_norm")
+
+
+def gather_rows(table_rows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(table_rows, np.float32))

@@ -1,0 +1,448 @@
+"""verify.py's functional check, streamed: the models run one decoder layer at a time, side by side
+on the same tokens, so memory follows a layer (plus one compact int4 copy of the decoder for greedy
+generation), not the model.
+
+Models: `hardware` (the folder: the board's datapath in `board` numerics, with the folder's RoPE and
+SiLU tables and its int4 output layer), `checkpoint` (the GPTQ checkpoint in fp32, its own output
+layer), `hardware, exact SiLU` (board numerics with exact SiLU: what the piecewise table costs) and,
+with --model, `fp16 original` (the unquantized model in fp32). The bit check has already shown that
+the folder's decoder holds the checkpoint's bits, so both read the decoder from one compact copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import GPTQCheckpoint, read_tensor, read_tensor_index
+from .datapath import (
+    BOARD_EPS,
+    FP16_MAX,
+    KVCache,
+    LayerWeights,
+    NonFinite,
+    Numerics,
+    Shape,
+    decoder_layer,
+    final_norm,
+)
+from .errors import VCUError
+from .formats import (
+    EMBEDDING_DIR,
+    OUT_WEIGHT_STEM,
+    BinFile,
+    embedding_part_file,
+    open_port_files,
+    read_port_rows,
+    row_words,
+    unpack_linear_rows,
+)
+from .gptq import dequantize
+from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS, read_model_config
+from .progress import bar
+from .tables import ACT_FILE, BOARD_HEAD_DIM, SiluTable, rope_cos_sin, rope_file_name, rope_from_rows, unpack_rope_table
+
+log = logging.getLogger("vcu128")
+
+VOCAB_SLICE = 16384  # output-layer rows a matrix product: bounds memory to a slice of the vocabulary
+
+
+# ---------------------------------------------------------------------------------------------
+# Where each model's weights come from
+
+
+class CompactDecoder:
+    """The checkpoint's decoder layers as read (int4 in int32 words, fp16 scales): about an eighth of
+    fp32, kept once read so that greedy decoding does not read them again; dequantized per use."""
+
+    def __init__(self, ckpt: GPTQCheckpoint, keep: bool = True):
+        self.ckpt, self.keep = ckpt, keep
+        self.layers: dict[int, dict] = {}
+
+    def raw(self, layer: int) -> dict:
+        if layer in self.layers:
+            return self.layers[layer]
+        c = self.ckpt
+        out = {}
+        for lin in LINEARS:
+            name = lin.name(layer)
+            bias = c.get_fp16(f"{name}.bias").astype(np.float32) if c.has(f"{name}.bias") else None
+            out[lin.module] = (c.get(f"{name}.qweight"), np.ascontiguousarray(c.get(f"{name}.scales").T), bias)
+        for norm, _ in LAYER_NORMS:
+            out[norm] = c.get_fp16(f"model.layers.{layer}.{norm}.weight").astype(np.float32)
+        if self.keep:
+            self.layers[layer] = out
+        return out
+
+    def layer(self, layer: int, factors: dict | None = None) -> LayerWeights:
+        """Float32 weights; `factors` (module -> power of two) rescale scales and biases as the
+        folder holds them (FORMAT.md 7)."""
+        raw = self.raw(layer)
+        linears = {}
+        for lin in LINEARS:
+            qweight, scales, bias = raw[lin.module]
+            f = (factors or {}).get(lin.module, 1.0)
+            s = torch.from_numpy(scales.astype(np.float32) * np.float32(f)).half() if f != 1.0 else torch.from_numpy(scales)
+            w = dequantize(torch.from_numpy(self.ckpt.signed_weights(qweight)), s)
+            b = None if bias is None else torch.from_numpy((bias * np.float32(f)).astype(np.float16).astype(np.float32))
+            linears[lin.module] = (w, b)
+        return LayerWeights(linears, torch.from_numpy(raw["input_layernorm"]), torch.from_numpy(raw["post_attention_layernorm"]))
+
+
+class OriginalDecoder:
+    """The unquantized model's layers (fp16/bf16/fp32 safetensors), read per use."""
+
+    def __init__(self, model_dir: Path):
+        self.entries = read_tensor_index(Path(model_dir))
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise VCUError(f"{name}: missing from the --model folder")
+        e = self.entries[name]
+        data = read_tensor(e, direct=False)
+        if e.dtype == "BF16":
+            return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
+        return torch.from_numpy(data.astype(np.float32))
+
+    def has(self, name: str) -> bool:
+        return name in self.entries
+
+    def layer(self, layer: int, factors=None) -> LayerWeights:
+        linears = {}
+        for lin in LINEARS:
+            name = lin.name(layer)
+            linears[lin.module] = (self.get(f"{name}.weight"), self.get(f"{name}.bias") if self.has(f"{name}.bias") else None)
+        return LayerWeights(linears, self.get(f"model.layers.{layer}.input_layernorm.weight"),
+                            self.get(f"model.layers.{layer}.post_attention_layernorm.weight"))
+
+
+class OutputLayer:
+    """An output layer applied in slices of the vocabulary: logits [N, vocab] for hidden [N, hidden]."""
+
+    def __init__(self, rows_fn, vocab: int):
+        self.rows_fn, self.vocab = rows_fn, vocab
+
+    def __call__(self, h: torch.Tensor, num: Numerics) -> torch.Tensor:
+        out = torch.empty(h.shape[0], self.vocab)
+        for start in range(0, self.vocab, VOCAB_SLICE):
+            stop = min(start + VOCAB_SLICE, self.vocab)
+            out[:, start:stop] = h @ self.rows_fn(start, stop).T
+        return num.store(out, "final", "logits")
+
+
+def packed_output_layer(hw: Path, hidden: int, vocab: int, ports: int, int4: str) -> OutputLayer:
+    """The folder's int4 output layer, its port words kept in memory (half a byte a weight)."""
+    files = open_port_files([hw / f"{OUT_WEIGHT_STEM}_HBM_DDR_{p:02d}.bin" for p in range(ports)], vocab, row_words(hidden))
+    words = read_port_rows(files, 0, vocab)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        q, scales, _ = unpack_linear_rows(words[start:stop], hidden, int4)
+        return dequantize(torch.from_numpy(q), torch.from_numpy(scales.astype(np.float32)))
+
+    return OutputLayer(rows, vocab)
+
+
+def checkpoint_output_layer(ckpt: GPTQCheckpoint) -> OutputLayer:
+    src, vocab = ckpt.lm_head_source(), ckpt.dims.vocab
+    if src == "lm_head":
+        qweight, scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
+
+        def rows(start, stop):
+            q = ckpt.signed_weights(qweight[:, start:stop])
+            return dequantize(torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(scales[:, start:stop].T)))
+    else:
+        def rows(start, stop):
+            return torch.from_numpy(ckpt.get(src, rows=slice(start, stop)).astype(np.float32))
+    return OutputLayer(rows, vocab)
+
+
+def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> OutputLayer:
+    name = EMBEDDING if tied or not orig.has("lm_head.weight") else "lm_head.weight"
+    e = orig.entries[name]
+
+    def rows(start, stop):
+        data = read_tensor(e, rows=slice(start, stop), direct=False)
+        if e.dtype == "BF16":
+            return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
+        return torch.from_numpy(data.astype(np.float32))
+
+    return OutputLayer(rows, vocab)
+
+
+def hardware_embedding(hw: Path, parts: int, vocab: int, hidden: int):
+    rows_a_part = vocab // parts
+    files = [BinFile(hw / EMBEDDING_DIR / embedding_part_file(i + 1, parts), "<f2", (rows_a_part, hidden)) for i in range(parts)]
+
+    def embed(ids: np.ndarray) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        out = np.empty((flat.size, hidden), np.float32)
+        for j, t in enumerate(flat):  # a few hundred tokens: one row read each
+            part, r = divmod(int(t), rows_a_part)
+            out[j] = files[part].read_rows(r, r + 1)[0]
+        return torch.from_numpy(out).view(*ids.shape, hidden)
+
+    return embed
+
+
+def checkpoint_embedding(get_rows, hidden: int):
+    def embed(ids: np.ndarray) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        out = np.stack([get_rows(int(t)) for t in flat]).astype(np.float32)
+        return torch.from_numpy(out).view(*ids.shape, hidden)
+
+    return embed
+
+
+# ---------------------------------------------------------------------------------------------
+# The models, run side by side
+
+
+@dataclass
+class ModelRun:
+    name: str
+    numerics: Numerics
+    decoder: object  # CompactDecoder or OriginalDecoder
+    embed: object
+    output: OutputLayer
+    final_norm: torch.Tensor
+    factors: dict = field(default_factory=dict)  # layer -> {module: power of two}
+
+
+def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, start: int = 0,
+            caches: dict | None = None, progress: bool = False, desc: str = "") -> dict:
+    """Every model's logits [B, T, vocab] for its ids [B, T] at positions start.., one decoder layer at
+    a time: each layer's weights are made once and used by every model that shares them."""
+    x = {m.name: m.embed(ids[m.name]) for m in models}
+    for layer in bar(range(num_layers), desc, "layer", enabled=progress):
+        made: dict = {}
+        for m in models:
+            key = (id(m.decoder), tuple(sorted(m.factors.get(layer, {}).items())))
+            if key not in made:
+                made[key] = m.decoder.layer(layer, m.factors.get(layer))
+            cache = caches[m.name][layer] if caches is not None else None
+            x[m.name] = decoder_layer(x[m.name], made[key], shape, m.numerics, layer, start, cache)
+        del made
+    out = {}
+    for m in models:
+        h = final_norm(x[m.name], m.final_norm, m.numerics)
+        B, T, hidden = h.shape
+        out[m.name] = m.output(h.reshape(B * T, hidden), m.numerics).view(B, T, -1)
+    return out
+
+
+def greedy(models: list[ModelRun], prompt: np.ndarray, tokens: int, shape: Shape, num_layers: int, progress: bool) -> dict:
+    """Each model's greedy continuation of the prompt, with a KV cache per model and layer."""
+    caches = {m.name: [KVCache() for _ in range(num_layers)] for m in models}
+    ids = {m.name: prompt[None, :] for m in models}
+    generated = {m.name: [] for m in models}
+    pos = 0
+    for _ in bar(range(tokens), "greedy", "token", enabled=progress):
+        logits = forward(models, ids, shape, num_layers, pos, caches)
+        pos += next(iter(ids.values())).shape[1]
+        for m in models:
+            nxt = int(logits[m.name][0, -1].argmax())
+            generated[m.name].append(nxt)
+            ids[m.name] = np.array([[nxt]])
+    return generated
+
+
+# ---------------------------------------------------------------------------------------------
+# The check
+
+
+@dataclass
+class FunctionalInputs:
+    eval_ids: np.ndarray  # [tokens] held-out ids
+    prompt_ids: np.ndarray
+    source: str  # where the ids came from, for the report
+    decode: object = None  # ids -> text, when there is a tokenizer
+
+
+def folder_tables(hw: Path, assumptions: dict, cfg: dict, head_dim: int, positions: int, where: Path):
+    """cos, sin [positions, head_dim/2] and the SiLU table the folder holds (decoded by the
+    conventions its manifest records), for the board-numerics model; computed when absent."""
+    order = assumptions.get("rope_table", "halves")
+    max_token = assumptions.get("max_token", 2048)
+    rope = hw / rope_file_name(max_token)
+    if head_dim == BOARD_HEAD_DIM and rope.is_file() and order in ("halves", "pairs"):
+        rows = unpack_rope_table(np.fromfile(rope, "<f2"), max_token)
+        cos, sin = rope_from_rows(rows, order)
+        if positions > max_token:
+            raise VCUError(f"{positions} positions asked for, the folder's RoPE table holds {max_token}")
+        source = f"{rope.name} ({order})"
+    else:
+        cos, sin = rope_cos_sin(cfg, head_dim, positions, where)
+        source = "computed (no table in the folder)" if head_dim == BOARD_HEAD_DIM else f"computed (head_dim {head_dim})"
+    act = hw / ACT_FILE
+    silu = SiluTable.unpack(np.fromfile(act, np.uint8)) if act.is_file() else None
+    return torch.from_numpy(cos[:positions].astype(np.float32)), torch.from_numpy(sin[:positions].astype(np.float32)), silu, source
+
+
+def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: dict, inputs: FunctionalInputs,
+                     tokens: int, numerics: str = "board", model: Path | None = None, centred_variance: bool = False,
+                     lm_head_from_checkpoint: bool = False, rescale: dict | None = None, progress: bool = True) -> dict:
+    ckpt = GPTQCheckpoint(qdir)
+    d = ckpt.dims
+    cfg = read_model_config(ckpt.qdir / "config.json")
+    shape = Shape(d.num_heads, d.num_kv_heads, d.head_dim)
+    positions = max(len(inputs.eval_ids), len(inputs.prompt_ids) + tokens)
+    model_eps = float(cfg.get("rms_norm_eps", 1e-6))
+    cos32, sin32 = (torch.from_numpy(a.astype(np.float32)) for a in _fp32_rope(cfg, d.head_dim, positions, ckpt.qdir / "config.json"))
+    cos_b, sin_b, silu, rope_source = folder_tables(hw, assumptions, cfg, d.head_dim, positions, ckpt.qdir / "config.json")
+    compact = CompactDecoder(ckpt)
+    norm = lambda name: torch.from_numpy(ckpt.get_fp16(name).astype(np.float32))  # noqa: E731
+    k = (rescale or {}).get("k", 0)
+    hw_factors = rescale_factors(rescale, d.num_layers)
+    hw_out = checkpoint_output_layer(ckpt) if lm_head_from_checkpoint else packed_output_layer(hw, d.hidden, d.vocab, ports, assumptions.get("int4", "twos"))
+    ck_embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
+    hw_embed = hardware_embedding(hw, parts, d.vocab, d.hidden) if parts else _scaled_embed(ck_embed, 2.0**-k)
+
+    board = numerics == "board"
+    hw_num = Numerics("hardware", board, BOARD_EPS if board else model_eps, cos_b if board else cos32, sin_b if board else sin32,
+                      silu if board else None, centred_variance if board else False)
+    models = [
+        ModelRun("hardware", hw_num, compact, hw_embed, hw_out, norm(f"{FINAL_NORM}.weight"), hw_factors),
+        ModelRun("checkpoint", Numerics("checkpoint", False, model_eps, cos32, sin32), compact, ck_embed,
+                 checkpoint_output_layer(ckpt), norm(f"{FINAL_NORM}.weight")),
+    ]
+    if board and silu is not None:
+        models.append(ModelRun("hardware, exact SiLU", Numerics("hardware, exact SiLU", True, BOARD_EPS, cos_b, sin_b, None, centred_variance),
+                               compact, hw_embed, hw_out, norm(f"{FINAL_NORM}.weight"), hw_factors))
+    if model:
+        orig = OriginalDecoder(model)
+        tied = bool(read_model_config(Path(model) / "config.json").get("tie_word_embeddings", False))
+        models.append(ModelRun("fp16 original", Numerics("fp16 original", False, model_eps, cos32, sin32), orig,
+                               checkpoint_embedding(lambda t: _orig_row(orig, t), d.hidden),
+                               original_output_layer(orig, tied, d.vocab), orig.get(f"{FINAL_NORM}.weight")))
+
+    result: dict = {"numerics": numerics, "eval": {"tokens": int(len(inputs.eval_ids)), "source": inputs.source},
+                    "rope": rope_source, "silu": "table " + ACT_FILE if board and silu is not None else "exact",
+                    "norm_eps": hw_num.eps, "centred_variance": hw_num.centred_variance, "lm_head_from_checkpoint": lm_head_from_checkpoint}
+    try:
+        with torch.no_grad():
+            ids = {m.name: inputs.eval_ids[None, :] for m in models}
+            logits = forward(models, ids, shape, d.num_layers, progress=progress, desc="functional")
+            result["against_hardware"] = compare(logits, "hardware")
+            result["against_checkpoint"] = {"hardware": result["against_hardware"]["checkpoint"]}
+            if "hardware, exact SiLU" in logits:
+                result["silu_effect"] = compare({"exact": logits["hardware, exact SiLU"], "table": logits["hardware"]}, "exact")["table"]
+            del logits
+            generated = greedy(models, inputs.prompt_ids, tokens, shape, d.num_layers, progress)
+    except NonFinite as e:
+        result.update(ok=False, nonfinite={"model": e.model, "layer": e.layer, "site": e.site}, error=str(e))
+        result["saturation"] = hw_num.stats.saturation_list()
+        return result
+    hw_tokens = generated["hardware"]
+    result["greedy"] = {name: {"tokens": g, "text": inputs.decode(g) if inputs.decode else None} for name, g in generated.items()}
+    result["prompt_tokens"] = [int(t) for t in inputs.prompt_ids]
+    for name, r in result["against_hardware"].items():
+        gen = generated[name]
+        r["greedy_tokens_equal"] = gen == hw_tokens
+        r["greedy_common_prefix"] = next((i for i, (a, b) in enumerate(zip(gen, hw_tokens, strict=True)) if a != b), len(gen))
+    result["saturation"] = hw_num.stats.saturation_list() if board else []
+    result["headroom"] = headroom(models[1].numerics.stats)
+    result["ok"] = True
+    return result
+
+
+def _orig_row(orig: OriginalDecoder, t: int) -> np.ndarray:
+    e = orig.entries[EMBEDDING]
+    data = read_tensor(e, rows=slice(t, t + 1), direct=False)
+    if e.dtype == "BF16":
+        return (data.astype(np.uint32) << 16).view(np.float32)[0]
+    return data.astype(np.float32)[0]
+
+
+def _scaled_embed(embed, factor: float):
+    return embed if factor == 1.0 else (lambda ids: (embed(ids) * factor).half().float())
+
+
+def _fp32_rope(cfg: dict, head_dim: int, positions: int, where: Path):
+    """transformers' cos/sin in fp32 (not rounded): the checkpoint model's."""
+    from .tables import rope_inv_freq
+
+    inv = rope_inv_freq(cfg, head_dim, where)
+    freqs = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv[None, :]
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+def rescale_factors(rescale: dict | None, num_layers: int) -> dict:
+    """layer -> {module: power of two} of a rescaled folder (FORMAT.md 7)."""
+    if not rescale:
+        return {}
+    k = rescale.get("k", 0)
+    ms = rescale.get("m") or [0] * num_layers
+    return {i: {"self_attn.o_proj": 2.0**-k, "mlp.up_proj": 2.0 ** -ms[i], "mlp.down_proj": 2.0 ** (ms[i] - k)} for i in range(num_layers)}
+
+
+def compare(logits: dict, ref_name: str) -> dict:
+    """Top-1 agreement and relative logit error of every model against `ref_name`."""
+    ref = logits[ref_name].float()
+    out = {}
+    for name, lg in logits.items():
+        if name == ref_name:
+            continue
+        lg = lg.float()
+        out[name] = {
+            "top1_agreement": float((lg.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "relative_logit_error": float((lg - ref).norm() / lg.norm()),
+        }
+    return out
+
+
+def headroom(stats) -> dict:
+    """The fp32 model's largest |value| per site, and the sites above half the fp16 range."""
+    rows = [r for r in stats.headroom_list() if isinstance(r["layer"], int)]
+    flagged = [r for r in rows if r["max_abs"] > FP16_MAX / 2]
+    by_site: dict = {}
+    for r in rows:
+        by_site[r["site"]] = max(by_site.get(r["site"], 0.0), r["max_abs"])
+    return {"max_abs_by_site": by_site, "above_half_fp16_range": flagged}
+
+
+def format_functional(result: dict) -> str:
+    lines = []
+    if not result.get("ok", False):
+        return f"functional check FAILED: {result.get('error')}"
+    p = result.get("prompt_tokens")
+    lines.append(f"greedy continuation ({len(p)} prompt tokens), {result['numerics']} numerics:")
+    for name, g in result["greedy"].items():
+        lines.append(f"  {name:>22}: {g['text']!r}" if g["text"] is not None else f"  {name:>22}: {g['tokens']}")
+    lines.append(f"against the hardware model, on {result['eval']['tokens']} evaluation tokens ({result['eval']['source']}):")
+    lines.append("  model                  | top-1 agreement | relative logit error | same greedy tokens")
+    for name, r in result["against_hardware"].items():
+        same = "yes" if r["greedy_tokens_equal"] else f"first {r['greedy_common_prefix']}"
+        lines.append(f"  {name:<22} | {r['top1_agreement']:15.4f} | {r['relative_logit_error']:20.5f} | {same}")
+    if "silu_effect" in result:
+        e = result["silu_effect"]
+        lines.append(f"the folder's piecewise SiLU against exact SiLU: top-1 agreement {e['top1_agreement']:.4f}, relative logit error {e['relative_logit_error']:.5f}")
+    sat = result.get("saturation") or []
+    if sat:
+        worst = ", ".join(f"layer {s['layer']} {s['site']} ({s['count']})" for s in sat[:6])
+        lines.append(f"fp16 saturation in the board model at {len(sat)} sites: {worst}" + (" ..." if len(sat) > 6 else ""))
+    flagged = result.get("headroom", {}).get("above_half_fp16_range") or []
+    if flagged:
+        worst = ", ".join(f"layer {f['layer']} {f['site']} ({f['max_abs']:.0f})" for f in flagged[:6])
+        lines.append(f"sites above half the fp16 range in the fp32 model: {worst}")
+    return "\n".join(lines)
+
+
+def seeded_ids(vocab: int, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, n)
+
+
+def load_eval_ids(path: Path, vocab: int) -> np.ndarray:
+    """--eval_ids: a .npy array or a text file of integers (whitespace or comma separated)."""
+    path = Path(path)
+    try:
+        ids = np.load(path) if path.suffix == ".npy" else np.array(path.read_text().replace(",", " ").split(), dtype=np.int64)
+    except (OSError, ValueError) as e:
+        raise VCUError(f"{path}: not a .npy array or a text file of token ids ({e})") from None
+    ids = np.asarray(ids).reshape(-1).astype(np.int64)
+    if ids.size < 2 or ids.min() < 0 or ids.max() >= vocab:
+        raise VCUError(f"{path}: needs at least 2 token ids, each in 0..{vocab - 1}")
+    return ids
