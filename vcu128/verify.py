@@ -388,7 +388,9 @@ def evaluation_inputs(qdir: Path, vocab: int, text: Path | None, eval_ids: Path 
     """Held-out ids (the last `eval_tokens` of the text, or --eval_ids, or seeded ids when the
     checkpoint has no tokenizer) and the greedy prompt."""
     tokenizer = None
-    if eval_ids is None or prompt:
+    # transformers 5 builds an empty tokenizer from config.json alone: only real tokenizer files count
+    has_files = any((Path(qdir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    if has_files and (eval_ids is None or prompt):
         try:
             from transformers import AutoTokenizer
 
