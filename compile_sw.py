@@ -17,8 +17,12 @@ def main(argv=None):
     p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="GPTQ checkpoint folder (config.json + safetensors)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: QDIR/compile)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder that compile_sw.py did not write")
+    p.add_argument("--fp16_rescale", "--fp16-rescale", default="auto", metavar="auto|off|measure|k=K,m=M",
+                   help="power-of-two factors that keep activations inside fp16 (FORMAT.md 7): auto (default) from quant_report.json's "
+                        "statistics, nothing without them; measure: run the model first; off; or explicit factors")
+    p.add_argument("--text", help="with --fp16_rescale measure (or a residual factor to weigh): text to measure on (default: data/demo_corpus.txt)")
     args = p.parse_args(argv)
-    result = compile_software(args.quantize_model, args.out, force=args.force)
+    result = compile_software(args.quantize_model, args.out, force=args.force, fp16_rescale=args.fp16_rescale, text=args.text)
     logging.getLogger("vcu128").info(result.line())
 
 

@@ -16,8 +16,8 @@ from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint  # noqa: E402
 SMALL_QWEN = dict(hidden=896, intermediate=2432, num_layers=2, num_heads=14, num_kv_heads=2, vocab=1056)
 
 
-def export_all(qdir: Path, ports: int = 32, parts: int = 16, lm_method=None) -> dict:
-    return pipeline.export_all(qdir, lm_method, ports, parts, progress=False)
+def export_all(qdir: Path, ports: int = 32, parts: int = 16, lm_method=None, fp16_rescale="auto") -> dict:
+    return pipeline.export_all(qdir, lm_method, ports, parts, progress=False, fp16_rescale=fp16_rescale)
 
 
 @pytest.fixture(scope="session")

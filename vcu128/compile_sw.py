@@ -6,6 +6,7 @@ one row per output channel, and a linear without bias gets an all-zero bias file
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -28,14 +29,19 @@ from .output import StepResult, files_under, folder_stats, read_step_record, rec
 from .parallel import ordered_map, rows_per_block
 from .jsonfile import dumps
 from .progress import bar
+from .jsonfile import read_json_object
+from .rescale import CONFIG_KEY as RESCALE_KEY
+from .rescale import choose_k, evaluation_tokens, is_identity, measure_stats, module_factors, parse_mode, plan_from_stats, scale_fp16
 from .stats import STATS_FILE, stats_from_report
 
 log = logging.getLogger("vcu128")
 STEP = "compile_sw"
 
 
-def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path) -> None:
-    """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin."""
+def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
+    """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin;
+    scales and bias times `factor` (a power of two: fp16 rescaling)."""
+    counter = {} if counter is None else counter
     paths = sw_linear_paths(folder, name)
     qweight = ckpt.get(f"{name}.qweight")  # int32 [chin/8, chout]: half a byte a weight
     chin, chout = qweight.shape[0] * 8, qweight.shape[1]
@@ -43,18 +49,52 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path) -> None:
     with DirectWriter(paths["qweight"], background=True) as f:
         for block in ordered_map(lambda c: ckpt.signed_weights(qweight[:, c : c + step], np.dtype("<i4")), range(0, chout, step)):
             f.write(block)
-    np.ascontiguousarray(ckpt.get(f"{name}.scales").T).astype("<f2").tofile(paths["scales"])
+    scale_fp16(np.ascontiguousarray(ckpt.get(f"{name}.scales").T), factor, counter).astype("<f2").tofile(paths["scales"])
     bias_name = f"{name}.bias"
     bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")
-    bias.astype("<f2").tofile(paths["bias"])
+    scale_fp16(bias, factor, counter).astype("<f2").tofile(paths["bias"])
 
 
-def write_embedding(ckpt: GPTQCheckpoint, folder: Path) -> None:
+def write_embedding(ckpt: GPTQCheckpoint, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
     vocab, hidden = ckpt.dims.vocab, ckpt.dims.hidden
     step = rows_per_block(2 * hidden)
     with DirectWriter(sw_fp16_path(folder, EMBEDDING), background=True) as f:
         for r in range(0, vocab, step):
-            f.write(ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)).astype("<f2"))
+            f.write(scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)), factor, {} if counter is None else counter).astype("<f2"))
+
+
+def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> dict | None:
+    """The fp16 rescaling factors (rescale.py) for --fp16_rescale `mode`, or None."""
+    kind, explicit = parse_mode(mode)
+    d = ckpt.dims
+    if kind == "off":
+        return None
+    if kind == "explicit":
+        plan = {"k": explicit["k"], "m": [explicit["m"]] * d.num_layers, "why": [f"given: --fp16_rescale {mode}"]}
+        return None if is_identity(plan) else plan
+    if kind == "auto":
+        stats = stats_from_report(ckpt.qdir)
+        if stats is None:
+            log.warning(f"warning: {ckpt.qdir}: no fp16 statistics (quant_report.json has none): not rescaled; "
+                        "--fp16_rescale measure measures them")
+            return None
+        source = "quant_report.json"
+    else:
+        tokens, where = evaluation_tokens(ckpt.qdir, d.vocab, text)
+        stats = measure_stats(ckpt.qdir, tokens)
+        source = f"measured on {where}"
+    plan = plan_from_stats(stats, d.num_layers)
+    plan["statistics"] = source
+    if is_identity(plan):
+        return None
+    if plan["k"]:
+        k = plan["k"]
+        tokens, _ = evaluation_tokens(ckpt.qdir, d.vocab, text)
+        plan, report = choose_k(ckpt.qdir, tokens, plan)
+        plan["k_choice"] = report
+        log.info(f"compile_sw: residual stream times 2^-{k}: board-numerics relative logit error {report['with_k']['relative_logit_error']:.4f}; "
+                 f"saturating instead: {report['saturating_instead']['relative_logit_error']:.4f}; kept {report['kept'].replace('_', ' ')}")
+    return None if is_identity(plan) else plan
 
 
 def output_bytes(dims) -> int:
@@ -79,28 +119,42 @@ def compile_folder_owns(folder: Path) -> set[str] | None:
     return owned
 
 
-def compile_software(qdir: Path, out: Path | None = None, progress: bool = True, force: bool = False) -> StepResult:
+def compile_software(qdir: Path, out: Path | None = None, progress: bool = True, force: bool = False,
+                     fp16_rescale: str = "auto", text: Path | None = None) -> StepResult:
     start = time.perf_counter()
     ckpt = GPTQCheckpoint(qdir)
     out = Path(out) if out else ckpt.qdir / "compile"
     ckpt.validate()  # every refusal happens here, before the output folder exists
     dims = ckpt.dims
-    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint()}
+    plan = rescale_plan(ckpt, fp16_rescale, text)
+    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(),
+                 "fp16_rescale": {"k": plan["k"], "m": plan["m"]} if plan else None}
+    counter: dict = {}
     with staged_dir(out, STEP, compile_folder_owns, [ckpt.qdir], force, output_bytes(dims)) as stage:
         (stage / SW_QWEIGHT_DIR).mkdir()
         (stage / SW_FP16_DIR).mkdir()
         shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
         for layer in bar(range(dims.num_layers), "compile_sw", "layer", enabled=progress):
+            factors = module_factors(plan, layer)
             for lin in LINEARS:
-                write_linear(ckpt, lin.name(layer), stage)
+                write_linear(ckpt, lin.name(layer), stage, factors.get(lin.module, 1.0), counter)
             for norm, _ in LAYER_NORMS:
                 name = f"model.layers.{layer}.{norm}.weight"
                 sw_norm_file(ckpt.get_fp16(name)).tofile(sw_fp16_path(stage, name))
         sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")).tofile(sw_fp16_path(stage, f"{FINAL_NORM}.weight"))
-        write_embedding(ckpt, stage)
+        write_embedding(ckpt, stage, 2.0 ** -(plan["k"] if plan else 0), counter)
+        if plan:  # config.json says so: every later step reads its factors from there
+            plan["out_of_normal_range"] = counter.get("out_of_normal_range", 0)
+            config = read_json_object(ckpt.qdir / CONFIG)
+            config[RESCALE_KEY] = plan
+            (stage / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            log.info(f"compile_sw: fp16 rescaling k = {plan['k']}, m = {plan['m']} ({'; '.join(plan['why'])}); "
+                     f"{plan['out_of_normal_range']} values pushed out of fp16's normal range")
         stats = stats_from_report(ckpt.qdir)
         if stats is not None:  # what the SiLU fit and the fp16 rescaling need, beside the files they shape
             (stage / STATS_FILE).write_text(dumps(stats))
-        write_step_record(stage, STEP, made_from, files_under(stage))
+        write_step_record(stage, STEP, made_from, files_under(stage), fp16_rescale=plan)
     files, nbytes = folder_stats([out])
-    return StepResult("compile_sw", out, files, nbytes, time.perf_counter() - start)
+    result = StepResult("compile_sw", out, files, nbytes, time.perf_counter() - start)
+    result.details = {"fp16_rescale": plan}
+    return result

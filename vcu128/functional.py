@@ -44,6 +44,7 @@ from .formats import (
 from .gptq import dequantize
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS, read_model_config
 from .progress import bar
+from .rescale import module_factors
 from .tables import ACT_FILE, BOARD_HEAD_DIM, SiluTable, rope_cos_sin, rope_file_name, rope_from_rows, unpack_rope_table
 
 log = logging.getLogger("vcu128")
@@ -296,7 +297,7 @@ def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: 
     compact = CompactDecoder(ckpt)
     norm = lambda name: torch.from_numpy(ckpt.get_fp16(name).astype(np.float32))  # noqa: E731
     k = (rescale or {}).get("k", 0)
-    hw_factors = rescale_factors(rescale, d.num_layers)
+    hw_factors = {i: module_factors(rescale, i) for i in range(d.num_layers)}
     hw_out = checkpoint_output_layer(ckpt) if lm_head_from_checkpoint else packed_output_layer(hw, d.hidden, d.vocab, ports, assumptions.get("int4", "twos"))
     ck_embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
     hw_embed = hardware_embedding(hw, parts, d.vocab, d.hidden) if parts else _scaled_embed(ck_embed, 2.0**-k)
@@ -370,15 +371,6 @@ def _fp32_rope(cfg: dict, head_dim: int, positions: int, where: Path):
     return freqs.cos().numpy(), freqs.sin().numpy()
 
 
-def rescale_factors(rescale: dict | None, num_layers: int) -> dict:
-    """layer -> {module: power of two} of a rescaled folder (FORMAT.md 7)."""
-    if not rescale:
-        return {}
-    k = rescale.get("k", 0)
-    ms = rescale.get("m") or [0] * num_layers
-    return {i: {"self_attn.o_proj": 2.0**-k, "mlp.up_proj": 2.0 ** -ms[i], "mlp.down_proj": 2.0 ** (ms[i] - k)} for i in range(num_layers)}
-
-
 def compare(logits: dict, ref_name: str) -> dict:
     """Top-1 agreement and relative logit error of every model against `ref_name`."""
     ref = logits[ref_name].float()
@@ -446,3 +438,42 @@ def load_eval_ids(path: Path, vocab: int) -> np.ndarray:
     if ids.size < 2 or ids.min() < 0 or ids.max() >= vocab:
         raise VCUError(f"{path}: needs at least 2 token ids, each in 0..{vocab - 1}")
     return ids
+
+
+def evaluate_plan(qdir: Path, tokens: np.ndarray, plan: dict | None, reference_only: bool = False) -> tuple[dict, dict | None]:
+    """For fp16 rescaling (rescale.py), before any folder exists: the fp32 checkpoint model's site
+    statistics on `tokens`, and (unless reference_only) how far the checkpoint rescaled by `plan`
+    moves in board numerics from it: (stats, {top1_agreement, relative_logit_error, saturation})."""
+    ckpt = GPTQCheckpoint(qdir)
+    d = ckpt.dims
+    cfg = read_model_config(ckpt.qdir / "config.json")
+    where = ckpt.qdir / "config.json"
+    shape = Shape(d.num_heads, d.num_kv_heads, d.head_dim)
+    cos32, sin32 = (torch.from_numpy(a.astype(np.float32)) for a in _fp32_rope(cfg, d.head_dim, len(tokens), where))
+    cos16, sin16 = (torch.from_numpy(a.astype(np.float32)) for a in rope_cos_sin(cfg, d.head_dim, len(tokens), where))
+    compact = CompactDecoder(ckpt, keep=False)
+    fnorm = torch.from_numpy(ckpt.get_fp16(f"{FINAL_NORM}.weight").astype(np.float32))
+    out = checkpoint_output_layer(ckpt)
+    embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
+    ref = ModelRun("fp32", Numerics("fp32", False, float(cfg.get("rms_norm_eps", 1e-6)), cos32, sin32), compact, embed, out, fnorm)
+    models = [ref]
+    if not reference_only:
+        k = (plan or {}).get("k", 0)
+        factors = {i: module_factors(plan, i) for i in range(d.num_layers)}
+        board = Numerics("board", True, BOARD_EPS, cos16, sin16)
+        models.append(ModelRun("board", board, compact, _scaled_embed(embed, 2.0**-k), out, fnorm, factors))
+    with torch.no_grad():
+        logits = forward(models, {m.name: tokens[None, :] for m in models}, shape, d.num_layers)
+    stats = {"measured_on": f"{len(tokens)} tokens, fp32", "layers": []}
+    by_layer: dict = {}
+    for (layer, site), v in ref.numerics.stats.max_abs.items():
+        if isinstance(layer, int):
+            by_layer.setdefault(layer, {})[site] = v
+    stats["layers"] = [{"layer": i, "max_abs": by_layer.get(i, {})} for i in range(d.num_layers)]
+    gate = [v for (layer, site), v in ref.numerics.stats.max_abs.items() if site == "gate"]
+    stats["gate_max_abs"] = max(gate) if gate else None
+    if reference_only:
+        return stats, None
+    result = compare(logits, "fp32")["board"]
+    result["saturation"] = models[1].numerics.stats.saturation_list()
+    return stats, result

@@ -51,6 +51,17 @@ class GPTQRun:
     """Where a run's time went (seconds), for the log and the benchmark."""
 
     seconds: dict = field(default_factory=lambda: {"load": 0.0, "forward_hessian": 0.0, "gptq": 0.0, "write_wait": 0.0})
+    dtype: object = None
+    activation_stats: list = field(default_factory=list)  # per layer: {site: largest |value|}, gate range
+
+    def stats_report(self, dtype) -> dict:
+        """quant_report.json's `activation_stats`: fp16 headroom per layer and site, the gate range."""
+        gate = [s["gate_range"] for s in self.activation_stats if "gate_range" in s]
+        return {
+            "measured_on": "calibration samples, the quantized layers' outputs", "dtype": str(dtype).replace("torch.", ""),
+            "layers": [{"layer": i, "max_abs": s["max_abs"]} for i, s in enumerate(self.activation_stats)],
+            "gate_range": [min(g[0] for g in gate), max(g[1] for g in gate)] if gate else None,
+        }
 
 
 class SourceWeights:
@@ -154,6 +165,7 @@ class LayerQuantizer:
         self.layer, self.x, self.pos = layer, x, position_embeddings
         self.parts = chunks(x.shape[0], samples_a_chunk)
         self.solvers, self.run, self.qmin = solvers, run, qmin
+        self.stats: dict[str, list[float]] = {}  # site -> [max |value|, min, max]
         self.results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _sync(self) -> float:
@@ -192,7 +204,34 @@ class LayerQuantizer:
             row += rows
         self.run.seconds["gptq"] += self._sync() - start
 
+    def record(self, site: str, t: torch.Tensor) -> None:
+        """The largest |value| a site took (what the board stores in fp16), and the gate's range."""
+        t = t.detach()
+        stats = self.stats.setdefault(site, [0.0, float("inf"), float("-inf")])
+        stats[0] = max(stats[0], float(t.abs().amax()))
+        if site == "gate":
+            stats[1], stats[2] = min(stats[1], float(t.amin())), max(stats[2], float(t.amax()))
+
+    def _hooks(self) -> list:
+        sites = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+                 "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+        hooks = []
+        for name, site in sites.items():
+            module = self.layer.get_submodule(name)
+            hooks.append(module.register_forward_hook(lambda m, inp, out, site=site: self.record(site, out)))
+        down = self.layer.get_submodule("mlp.down_proj")
+        hooks.append(down.register_forward_hook(lambda m, inp, out: self.record("mlp_product", inp[0])))
+        return hooks
+
     def run_layer(self, prefix: str) -> None:
+        hooks = self._hooks()
+        try:
+            self._run_layer(prefix)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _run_layer(self, prefix: str) -> None:
         layer, x = self.layer, self.x
         attn, mlp = layer.self_attn, layer.mlp
         self.quantize(QKV, self.hessian(lambda p: layer.input_layernorm(x[p])), prefix)
@@ -214,6 +253,7 @@ class LayerQuantizer:
 
         def residual(p):
             h[p] = x[p] + o_proj(h[p])
+            self.record("residual_attention", h[p])
             return layer.post_attention_layernorm(h[p])
 
         self.quantize(GATE_UP, self.hessian(residual), prefix)
@@ -226,6 +266,7 @@ class LayerQuantizer:
         start = self._sync()
         for p in self.parts:
             x[p] = h[p] + mlp(layer.post_attention_layernorm(h[p]))
+            self.record("residual_mlp", x[p])
         self.run.seconds["forward_hessian"] += self._sync() - start
 
 
@@ -295,6 +336,8 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
             run.seconds["load"] += time.perf_counter() - t0
             lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run, qmin)
             lq.run_layer(prefix)
+            run.activation_stats.append({"max_abs": {k: v[0] for k, v in lq.stats.items()},
+                                         **({"gate_range": lq.stats["gate"][1:]} if "gate" in lq.stats else {})})
             run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, layer, lq.results))
             inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
             del layer, lq
@@ -324,6 +367,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
     config.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "quantize_config.json").write_text(json.dumps(quantization_config(lm_head, qmin), indent=2) + "\n")
+    run.dtype = dtype
     for extra in ("generation_config.json",):
         if (Path(model_dir) / extra).is_file():
             (out / extra).write_bytes((Path(model_dir) / extra).read_bytes())

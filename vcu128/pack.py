@@ -41,6 +41,7 @@ from .model import (
     read_model_dims,
 )
 from .jsonfile import dumps
+from .rescale import CONFIG_KEY as RESCALE_KEY
 from .stats import read_activation_stats
 from .tables import (
     ACT_FILE,
@@ -243,7 +244,10 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, p
             manifest.files += [write_whole_file(stage, rel, src.read(), src.path.name, dtype="float16", rows=1, words_per_row=dims.hidden)]
         records, assumptions, tables = write_tables(stage, cfg, dims, opts, compile_dir)
         manifest.files += records
-        manifest.params.update(assumptions=assumptions, tables=tables)
+        rescale = cfg.get(RESCALE_KEY)  # compile_sw applied it to the scales and embedding rows: record it
+        assumptions["fp16_rescale"] = f"k={rescale['k']}, m={rescale['m']}" if rescale else "none"
+        manifest.params.update(assumptions=assumptions, tables=tables,
+                               fp16_rescale={"k": rescale["k"], "m": rescale["m"]} if rescale else None)
         for f in manifest.files:
             f.step = STEP
         manifest.write(stage)
@@ -277,5 +281,6 @@ def format_assumptions(details: dict) -> str:
              f"  RoPE table: {a['rope_table']}" + (f", {t['rope']['positions']} positions, theta {t['rope']['theta']:g}, scaling {t['rope']['scaling']}" if "rope" in t else ""),
              f"  SiLU table: {a['silu_table']}, largest error {silu['max_error_on_-16_16']:.4f} on [-16, 16] (at x = {silu['at']:.3f})"
              + (f"; {silu['max_error_on_fit_range']:.4f} on the fitted range [{silu['fit_range'][0]:.2f}, {silu['fit_range'][1]:.2f}]" if "fit_range" in silu else ""),
-             f"  int4 code: {a['int4']}"]
+             f"  int4 code: {a['int4']}",
+             f"  fp16 rescaling: {a.get('fp16_rescale', 'none')}"]
     return "\n".join(lines)

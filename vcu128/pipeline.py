@@ -14,11 +14,12 @@ from .pack import pack_hardware
 log = logging.getLogger("vcu128")
 
 
-def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = 32, parts: int = 16, progress: bool = True) -> dict:
+def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = 32, parts: int = 16, progress: bool = True,
+               fp16_rescale: str = "auto") -> dict:
     """compile_sw -> lm_head -> hardware -> embedding_tokens; returns the folders."""
     qdir = Path(qdir)
     compile_dir = qdir / "compile"
-    log.info(compile_software(qdir, compile_dir, progress=progress).line())
+    log.info(compile_software(qdir, compile_dir, progress=progress, fp16_rescale=fp16_rescale).line())
     result, method, error = quantize_lm_head(qdir, compile_dir, lm_head_method, progress=progress)
     if error is not None:
         log.info(f"lm_head ({method}): relative error ||W - W_hat|| / ||W|| = {error:.5f}")

@@ -121,10 +121,11 @@ def _add_calibration_meta(folder: Path, meta: dict) -> None:
 ENGINES = ("vcu128", "gptqmodel")
 
 
-def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> float:
-    """Quantize `model` into the empty folder `out` with the chosen engine; returns seconds."""
+def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> tuple[float, dict | None]:
+    """Quantize `model` into the empty folder `out` with the chosen engine; returns (seconds, the
+    fp16 headroom statistics, which only this project's engine measures)."""
     if opts.engine == "gptqmodel":
-        return run_gptqmodel(model, out, calib, opts)
+        return run_gptqmodel(model, out, calib, opts), None
     from .gptq_model import quantize_checkpoint
 
     start = time.perf_counter()
@@ -134,7 +135,7 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
         tokenizer.save_pretrained(str(out))
     seconds = time.perf_counter() - start
     log.info("quantize: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.seconds.items()) + f"; total {seconds:.1f} s")
-    return seconds
+    return seconds, run.stats_report(run.dtype)
 
 
 def check_engine_settings(opts: QuantizeOptions) -> None:
@@ -238,13 +239,28 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
     report: dict = {"tool": TOOL, "step": "quantize", "calibration": calib.meta,
                     "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force")}}
     with staged_dir(out, "quantize", checkpoint_owns, inputs, opts.force, flag="--quantize_model") as stage:
-        report["seconds_quantize"] = run_gptq(model, stage, calib, opts, tokenizer)
+        report["seconds_quantize"], stats = run_gptq(model, stage, calib, opts, tokenizer)
+        if stats:
+            report["activation_stats"] = stats
+            warn_headroom(stats)
         _add_calibration_meta(stage, calib.meta)
         if opts.report:
             report.update(quality_report(model, stage, calib, opts))
         report["files"] = files_under(stage) + [REPORT_NAME]
         (stage / REPORT_NAME).write_text(dumps(report))
     return out, report
+
+
+def warn_headroom(stats: dict) -> None:
+    """One line when a site the board stores in fp16 passed half its range on the calibration data."""
+    over = [(row["layer"], site, v) for row in stats["layers"] for site, v in row["max_abs"].items() if not v < FP16_HALF]
+    if over:
+        layer, site, v = max(over, key=lambda o: float("inf") if o[2] != o[2] else o[2])
+        log.warning(f"warning: {len(over)} sites pass half the fp16 range on the calibration data (largest: layer {layer}, "
+                    f"{site}, {v:.4g}); compile_sw.py --fp16_rescale auto rescales the folder (quant_report.json lists them)")
+
+
+FP16_HALF = 32752.0
 
 
 def checkpoint_owns(folder: Path) -> set[str] | None:

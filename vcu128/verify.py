@@ -60,6 +60,8 @@ from .jsonfile import dumps, get_int
 from .output import MANIFEST_NAME, read_manifest, replace_file_atomically, sha256_file
 from .functional import FunctionalInputs, functional_check, load_eval_ids, seeded_ids
 from .provenance import stale_compile, stale_hardware, warn
+from .rescale import CONFIG_KEY as RESCALE_KEY
+from .rescale import module_factors, scale_fp16
 from .parallel import rows_per_block
 from .progress import bar
 
@@ -238,6 +240,8 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
             if doc.get("model", {}).get(key) != value:
                 raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={doc.get('model', {}).get(key)!r}, but the checkpoint's config.json says {value!r}")
     int4 = assumptions.get("int4", "twos")
+    rescale = (doc or {}).get("fp16_rescale") if doc is not None else _compile_rescale(ckpt.qdir, hw, compile_dir)
+    counter: dict = {}
     if int4 not in INT4_CODES:
         raise VCUError(f"{hw / MANIFEST_NAME}: assumptions.int4 is {int4!r}, expected one of {', '.join(INT4_CODES)}")
     compile_dir = find_compile_dir(ckpt.qdir, hw, compile_dir)
@@ -246,7 +250,9 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
     expected_files: set[str] = set()
 
     for layer in bar(range(d.num_layers), "verify", "layer", enabled=progress):
+        factors = module_factors(rescale, layer)
         for lin in LINEARS:
+            f = factors.get(lin.module, 1.0)
             name = lin.name(layer)
             chin, chout = d.linear_shape(lin)
             stem, bias_file = hw_linear_stems(layer, lin)
@@ -255,11 +261,11 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
             qweight, scales = ckpt.get(f"{name}.qweight"), ckpt.get(f"{name}.scales")
             check_packed_linear(
                 report, hw, stem, chin, chout, ports,
-                lambda a, b, qw=qweight, sc=scales: (ckpt.signed_weights(qw[:, a:b]), np.ascontiguousarray(sc[:, a:b].T)),
+                lambda a, b, qw=qweight, sc=scales, f=f: (ckpt.signed_weights(qw[:, a:b]), scale_fp16(np.ascontiguousarray(sc[:, a:b].T), f, counter)),
                 int4,
             )
             bias = ckpt.get_fp16(f"{name}.bias") if ckpt.has(f"{name}.bias") else np.zeros(chout, np.float16)
-            check_bias_words(report, hw, bias_file, bias)
+            check_bias_words(report, hw, bias_file, scale_fp16(bias, f, counter))
         for norm, board in LAYER_NORMS:
             rel = hw_layer_norm_file(layer, board)
             expected_files.add(rel)
@@ -282,7 +288,8 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
         for i in range(parts):
             rel = f"{EMBEDDING_DIR}/{embedding_part_file(i + 1, parts)}"
             expected_files.add(rel)
-            check_fp16_file(report, hw, rel, ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), f"embedding row {i * rows}+", d.hidden)
+            want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), 2.0 ** -(rescale or {}).get("k", 0), counter)
+            check_fp16_file(report, hw, rel, want, f"embedding row {i * rows}+", d.hidden)
     else:
         report.add(f"{EMBEDDING_DIR}/: no embedding parts recorded in {MANIFEST_NAME} (run embedding_tokens.py)")
     check_tables(report, hw, ckpt, doc, assumptions, expected_files)
@@ -291,6 +298,14 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
     else:
         check_files_present(report, hw, expected_files)
     return report
+
+
+def _compile_rescale(qdir: Path, hw: Path, compile_dir: Path | None) -> dict | None:
+    """A folder without a manifest: the factors its compile folder's config.json records."""
+    for cand in [compile_dir, hw.parent, qdir / "compile"]:
+        if cand and (Path(cand) / "config.json").is_file():
+            return read_model_config(Path(cand) / "config.json").get(RESCALE_KEY)
+    return None
 
 
 def infer_ports(hw: Path) -> int:
@@ -446,7 +461,7 @@ def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt
             log.info(f"verify: --device {device}: the functional check runs on the CPU in this version")
         result["functional"] = functional_check(
             qdir, hw, ports, parts, assumptions, inputs, tokens, numerics, model, centred_variance,
-            lm_head_from_checkpoint, doc.get("fp16_rescale"), progress,
+            lm_head_from_checkpoint, doc.get("fp16_rescale") if doc else _compile_rescale(ckpt.qdir, hw, compile_dir), progress,
         )
         result["functional"]["seconds"] = time.perf_counter() - start
     path = Path(hw).parent / REPORT_NAME

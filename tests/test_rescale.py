@@ -1,0 +1,103 @@
+"""fp16 headroom and rescaling (FORMAT.md 7) on a trained tiny model whose activations pass the fp16
+range: the residual stream carried 2^13 larger (as a bf16-trained model's massive activations are)
+and layer 1's MLP intermediate 2^10 larger, both planted exactly (fp32 answers are unchanged)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import FAST, export_all
+
+from vcu128.errors import VCUError
+from vcu128.rescale import module_factors, plan_from_stats
+from vcu128.verify import verify
+
+RESIDUAL, MLP = 2.0**13, 2.0**10
+
+
+@pytest.fixture(scope="module")
+def overflowing(tiny_model, tmp_path_factory):
+    """The tiny model with the planted scales, quantized (quant_report.json records the overflow)."""
+    from safetensors.numpy import load_file, save_file
+
+    from vcu128.quantize import QuantizeOptions, quantize_model
+
+    model = tmp_path_factory.mktemp("overflow") / "m"
+    shutil.copytree(tiny_model, model)
+    path = model / "model.safetensors"
+    t = {k: v.astype(np.float32) for k, v in load_file(path).items()}
+    t["model.embed_tokens.weight"] *= RESIDUAL
+    for name in t:
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            t[name] *= RESIDUAL
+    t["model.layers.1.mlp.up_proj.weight"] *= MLP
+    t["model.layers.1.mlp.down_proj.weight"] /= MLP
+    save_file({k: v.astype(np.float16) for k, v in t.items()}, path, metadata={"format": "pt"})
+    qdir, report = quantize_model(model, None, QuantizeOptions(**FAST))
+    return qdir, report
+
+
+def test_quantize_records_the_headroom_of_every_site(overflowing):
+    _, report = overflowing
+    stats = report["activation_stats"]
+    layer1 = stats["layers"][1]["max_abs"]
+    assert set(layer1) == {"q", "k", "v", "o", "residual_attention", "gate", "up", "mlp_product", "down", "residual_mlp"}
+    assert layer1["residual_mlp"] > 65504 and layer1["mlp_product"] > 65504 and layer1["gate"] < 100
+    lo, hi = stats["gate_range"]
+    assert lo < 0 < hi < 100
+
+
+def test_the_plan_reaches_4x_headroom():
+    stats = {"layers": [{"layer": 0, "max_abs": {"residual_mlp": 70000.0, "mlp_product": 1000.0, "gate": 10.0}},
+                        {"layer": 1, "max_abs": {"residual_attention": 200000.0, "mlp_product": 40000.0, "up": 3.0}}]}
+    plan = plan_from_stats(stats, 2)
+    assert plan["k"] == 4 and plan["m"] == [0, 2]  # 200000 / 16 = 12500 and 40000 / 4 = 10000: under 65504 / 4
+    assert module_factors(plan, 1) == {"self_attn.o_proj": 2.0**-4, "mlp.up_proj": 2.0**-2, "mlp.down_proj": 2.0**-2}
+    stats["layers"][0]["max_abs"]["gate"] = 70000.0
+    with pytest.raises(VCUError, match=r"layer 0, gate: largest \|value\| 70000.0 passes the fp16 range and no rescaling factor reaches this site"):
+        plan_from_stats(stats, 2)
+
+
+@pytest.fixture(scope="module")
+def both(overflowing, tmp_path_factory):
+    """verify's board-numerics result for the folder exported with --fp16_rescale off, then auto."""
+    qdir, _ = overflowing
+    out = {}
+    for mode in ("off", "auto"):
+        work = tmp_path_factory.mktemp(mode) / "q"
+        shutil.copytree(qdir, work, ignore=shutil.ignore_patterns("compile"))
+        hw = export_all(work, fp16_rescale=mode)["hw"]
+        result = verify(work, hw, progress=False, tokens=8)
+        assert result["bit_check"]["ok"], result["bit_check"]["differences"]
+        out[mode] = (work, hw, result["functional"])
+    return out
+
+
+def test_without_rescaling_the_board_saturates_and_says_where(both):
+    _, _, f = both["off"]
+    sites = {(s["layer"], s["site"]) for s in f["saturation"]}
+    assert (0, "residual_mlp") in sites and (1, "residual_attention") in sites
+    flagged = {(r["layer"], r["site"]) for r in f["headroom"]["above_half_fp16_range"]}  # the fp32 model's sites past 32752
+    assert {(0, "residual_mlp"), (1, "mlp_product")} <= flagged
+
+
+def test_rescaled_folder_answers_like_the_fp32_checkpoint(both):
+    work, hw, f = both["auto"]
+    _, _, off = both["off"]
+    doc = json.loads((hw / "manifest.json").read_text())
+    assert doc["fp16_rescale"]["k"] == 5 and doc["fp16_rescale"]["m"] == [0, 3]  # 475k / 32 and 94k / 8 fit under 65504 / 4
+    assert f["saturation"] == []
+    ours, theirs = f["against_hardware"]["checkpoint"], off["against_hardware"]["checkpoint"]
+    assert ours["greedy_tokens_equal"]
+    assert ours["relative_logit_error"] < theirs["relative_logit_error"] / 2
+    assert ours["top1_agreement"] > 0.9
+    config = json.loads((work / "compile" / "config.json").read_text())["vcu128_fp16_rescale"]
+    assert config["k_choice"]["kept"] == "with_k" and config["statistics"] == "quant_report.json"
+
+
+def test_auto_without_statistics_warns_and_leaves_the_export_alone(make_checkpoint, caplog):
+    qdir = make_checkpoint()
+    export_all(qdir)
+    assert "no fp16 statistics (quant_report.json has none): not rescaled" in caplog.text
+    assert "vcu128_fp16_rescale" not in json.loads((qdir / "compile" / "config.json").read_text())
