@@ -92,6 +92,38 @@ class Numerics:
         return torch.where(y.abs() < FLUSH, torch.zeros_like(y), y)
 
 
+class Int4Weight:
+    """A linear as the board holds it: int4 weights (two a byte, input 2k in the low nibble, stored
+    as q + 8) and fp32 copies of its fp16 scales. `apply` decodes a block of rows at a time into a
+    cache-sized buffer and multiplies it at once, so a 7B layer never exists in fp32 and greedy
+    decoding costs a decode per token, not a model's worth of memory."""
+
+    ROWS = 1024
+
+    def __init__(self, nibbles: torch.Tensor, scales: torch.Tensor):
+        self.nibbles, self.scales = nibbles, scales  # uint8 [chout, chin/2], float32 [chout, chin/128]
+        self.chout, self.chin = nibbles.shape[0], nibbles.shape[1] * 2
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., chin] @ W.T in fp32."""
+        flat = x.reshape(-1, self.chin)
+        out = torch.empty(flat.shape[0], self.chout)
+        groups = self.scales.shape[1]
+        buf = torch.empty(min(self.ROWS, self.chout), groups, self.chin // groups)
+        pairs = buf.view(buf.shape[0], self.chin // 2, 2)
+        for r in range(0, self.chout, self.ROWS):
+            n = min(self.ROWS, self.chout - r)
+            b = self.nibbles[r : r + n]
+            pairs[:n, :, 0] = b & 15
+            pairs[:n, :, 1] = b >> 4
+            w = buf[:n].sub_(8).mul_(self.scales[r : r + n, :, None]).view(n, self.chin)
+            out[:, r : r + n] = flat @ w.T
+        return out.view(*x.shape[:-1], self.chout)
+
+    def dense(self) -> torch.Tensor:
+        return self.apply(torch.eye(self.chin)).T.contiguous()
+
+
 @dataclass
 class LayerWeights:
     """One decoder layer: float32 weights [chout, chin] (what int4 x fp16 scale gives), biases, norms."""
@@ -118,7 +150,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, num: Numerics, layer, site: 
 def linear(x: torch.Tensor, wb, num: Numerics, layer, site: str) -> torch.Tensor:
     """MVM then the affine unit: the product rounded once, then the bias added and rounded."""
     weight, bias = wb
-    y = x @ weight.T
+    y = weight.apply(x) if isinstance(weight, Int4Weight) else x @ weight.T
     if bias is None:
         return num.store(y, layer, site)
     if num.board:

@@ -22,6 +22,7 @@ from .checkpoint import GPTQCheckpoint, read_tensor, read_tensor_index
 from .datapath import (
     BOARD_EPS,
     FP16_MAX,
+    Int4Weight,
     KVCache,
     LayerWeights,
     NonFinite,
@@ -41,10 +42,9 @@ from .formats import (
     row_words,
     unpack_linear_rows,
 )
-from .gptq import dequantize
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS, read_model_config
 from .progress import bar
-from .rescale import module_factors
+from .rescale import module_factors, scale_fp16
 from .tables import ACT_FILE, BOARD_HEAD_DIM, SiluTable, rope_cos_sin, rope_file_name, rope_from_rows, unpack_rope_table
 
 log = logging.getLogger("vcu128")
@@ -57,8 +57,8 @@ VOCAB_SLICE = 16384  # output-layer rows a matrix product: bounds memory to a sl
 
 
 class CompactDecoder:
-    """The checkpoint's decoder layers as read (int4 in int32 words, fp16 scales): about an eighth of
-    fp32, kept once read so that greedy decoding does not read them again; dequantized per use."""
+    """The checkpoint's decoder layers as the board holds them: int4 (two a byte) and fp16 scales,
+    an eighth of fp32, kept once read so that greedy decoding does not read them again."""
 
     def __init__(self, ckpt: GPTQCheckpoint, keep: bool = True):
         self.ckpt, self.keep = ckpt, keep
@@ -71,8 +71,10 @@ class CompactDecoder:
         out = {}
         for lin in LINEARS:
             name = lin.name(layer)
-            bias = c.get_fp16(f"{name}.bias").astype(np.float32) if c.has(f"{name}.bias") else None
-            out[lin.module] = (c.get(f"{name}.qweight"), np.ascontiguousarray(c.get(f"{name}.scales").T), bias)
+            bias = c.get_fp16(f"{name}.bias") if c.has(f"{name}.bias") else None
+            # GPTQ [chin/8, chout] words, transposed once: row c's bytes hold its inputs 2k, 2k+1 as q + 8
+            nibbles = torch.from_numpy(np.ascontiguousarray(c.get(f"{name}.qweight").T).view(np.uint8))
+            out[lin.module] = (nibbles, np.ascontiguousarray(c.get(f"{name}.scales").T), bias)
         for norm, _ in LAYER_NORMS:
             out[norm] = c.get_fp16(f"model.layers.{layer}.{norm}.weight").astype(np.float32)
         if self.keep:
@@ -80,17 +82,16 @@ class CompactDecoder:
         return out
 
     def layer(self, layer: int, factors: dict | None = None) -> LayerWeights:
-        """Float32 weights; `factors` (module -> power of two) rescale scales and biases as the
+        """The layer's weights; `factors` (module -> power of two) rescale scales and biases as the
         folder holds them (FORMAT.md 7)."""
         raw = self.raw(layer)
         linears = {}
         for lin in LINEARS:
-            qweight, scales, bias = raw[lin.module]
+            nibbles, scales, bias = raw[lin.module]
             f = (factors or {}).get(lin.module, 1.0)
-            s = torch.from_numpy(scales.astype(np.float32) * np.float32(f)).half() if f != 1.0 else torch.from_numpy(scales)
-            w = dequantize(torch.from_numpy(self.ckpt.signed_weights(qweight)), s)
-            b = None if bias is None else torch.from_numpy((bias * np.float32(f)).astype(np.float16).astype(np.float32))
-            linears[lin.module] = (w, b)
+            s = torch.from_numpy(scale_fp16(scales, f, {}).astype(np.float32))
+            b = None if bias is None else torch.from_numpy(scale_fp16(bias, f, {}).astype(np.float32))
+            linears[lin.module] = (Int4Weight(nibbles, s), b)
         return LayerWeights(linears, torch.from_numpy(raw["input_layernorm"]), torch.from_numpy(raw["post_attention_layernorm"]))
 
 
@@ -122,12 +123,15 @@ class OriginalDecoder:
 
 
 class OutputLayer:
-    """An output layer applied in slices of the vocabulary: logits [N, vocab] for hidden [N, hidden]."""
+    """An output layer: logits [N, vocab] for hidden [N, hidden], an int4 one through Int4Weight,
+    a float one read in slices of the vocabulary (its fp16 copy stays on disk)."""
 
-    def __init__(self, rows_fn, vocab: int):
-        self.rows_fn, self.vocab = rows_fn, vocab
+    def __init__(self, vocab: int, int4: Int4Weight | None = None, rows_fn=None):
+        self.vocab, self.int4, self.rows_fn = vocab, int4, rows_fn
 
     def __call__(self, h: torch.Tensor, num: Numerics) -> torch.Tensor:
+        if self.int4 is not None:
+            return num.store(self.int4.apply(h), "final", "logits")
         out = torch.empty(h.shape[0], self.vocab)
         for start in range(0, self.vocab, VOCAB_SLICE):
             stop = min(start + VOCAB_SLICE, self.vocab)
@@ -135,30 +139,32 @@ class OutputLayer:
         return num.store(out, "final", "logits")
 
 
+def nibble_bytes(q: np.ndarray) -> np.ndarray:
+    """Signed ints [rows, chin] to Int4Weight's bytes: inputs 2k and 2k+1 as q + 8, low nibble first."""
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
 def packed_output_layer(hw: Path, hidden: int, vocab: int, ports: int, int4: str) -> OutputLayer:
-    """The folder's int4 output layer, its port words kept in memory (half a byte a weight)."""
+    """The folder's int4 output layer, decoded once from its port files into Int4Weight form."""
     files = open_port_files([hw / f"{OUT_WEIGHT_STEM}_HBM_DDR_{p:02d}.bin" for p in range(ports)], vocab, row_words(hidden))
-    words = read_port_rows(files, 0, vocab)
-
-    def rows(start: int, stop: int) -> torch.Tensor:
-        q, scales, _ = unpack_linear_rows(words[start:stop], hidden, int4)
-        return dequantize(torch.from_numpy(q), torch.from_numpy(scales.astype(np.float32)))
-
-    return OutputLayer(rows, vocab)
+    nibbles = np.empty((vocab, hidden // 2), np.uint8)
+    scales = np.empty((vocab, hidden // 128), np.float32)
+    step = max(ports, VOCAB_SLICE // ports * ports)
+    for start in range(0, vocab, step):
+        stop = min(start + step, vocab)
+        q, s, _ = unpack_linear_rows(read_port_rows(files, start, stop), hidden, int4)
+        nibbles[start:stop], scales[start:stop] = nibble_bytes(q), s
+    return OutputLayer(vocab, Int4Weight(torch.from_numpy(nibbles), torch.from_numpy(scales)))
 
 
 def checkpoint_output_layer(ckpt: GPTQCheckpoint) -> OutputLayer:
     src, vocab = ckpt.lm_head_source(), ckpt.dims.vocab
     if src == "lm_head":
-        qweight, scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
-
-        def rows(start, stop):
-            q = ckpt.signed_weights(qweight[:, start:stop])
-            return dequantize(torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(scales[:, start:stop].T)))
-    else:
-        def rows(start, stop):
-            return torch.from_numpy(ckpt.get(src, rows=slice(start, stop)).astype(np.float32))
-    return OutputLayer(rows, vocab)
+        nibbles = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.qweight").T).view(np.uint8))
+        scales = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.scales").T).astype(np.float32))
+        return OutputLayer(vocab, Int4Weight(nibbles, scales))
+    return OutputLayer(vocab, rows_fn=lambda start, stop: torch.from_numpy(ckpt.get(src, rows=slice(start, stop)).astype(np.float32)))
 
 
 def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> OutputLayer:
@@ -171,7 +177,7 @@ def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> Outp
             return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
         return torch.from_numpy(data.astype(np.float32))
 
-    return OutputLayer(rows, vocab)
+    return OutputLayer(vocab, rows_fn=rows)
 
 
 def hardware_embedding(hw: Path, parts: int, vocab: int, hidden: int):
