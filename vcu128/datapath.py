@@ -147,15 +147,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, num: Numerics, layer, site: 
     return num.store(weight * (x * torch.rsqrt(var + num.eps)), layer, site)
 
 
-def linear(x: torch.Tensor, wb, num: Numerics, layer, site: str) -> torch.Tensor:
+def shared_matmul(xs: list[torch.Tensor], weight) -> list[torch.Tensor]:
+    """x @ W.T for every model that shares W: their inputs stacked, so an int4 weight is decoded
+    once for all of them (what makes greedy decoding of several models cheap)."""
+    flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+    stacked = torch.cat(flat) if len(flat) > 1 else flat[0]
+    y = weight.apply(stacked) if isinstance(weight, Int4Weight) else stacked @ weight.T
+    out, row = [], 0
+    for x, f in zip(xs, flat, strict=True):
+        out.append(y[row : row + f.shape[0]].view(*x.shape[:-1], -1))
+        row += f.shape[0]
+    return out
+
+
+def linear(xs: list[torch.Tensor], wb, nums: list[Numerics], layer, site: str) -> list[torch.Tensor]:
     """MVM then the affine unit: the product rounded once, then the bias added and rounded."""
     weight, bias = wb
-    y = weight.apply(x) if isinstance(weight, Int4Weight) else x @ weight.T
-    if bias is None:
-        return num.store(y, layer, site)
-    if num.board:
-        y = num.store(y, layer, f"{site}_product")
-    return num.store(y + bias, layer, site)
+    out = []
+    for y, num in zip(shared_matmul(xs, weight), nums, strict=True):
+        if bias is not None:
+            if num.board:
+                y = num.store(y, layer, f"{site}_product")
+            y = y + bias
+        out.append(num.store(y, layer, site))
+    return out
 
 
 def silu(x: torch.Tensor, num: Numerics) -> torch.Tensor:
@@ -184,15 +199,12 @@ class KVCache:
         return self.k, self.v
 
 
-def decoder_layer(x: torch.Tensor, w: LayerWeights, shape: Shape, num: Numerics, layer: int, start: int = 0,
-                  cache: KVCache | None = None) -> torch.Tensor:
-    """x [B, T, hidden] (the residual stream at positions start..start+T) through one layer."""
-    B, T, _ = x.shape
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape, num: Numerics, layer: int, start: int,
+              cache: KVCache | None) -> torch.Tensor:
+    """Rotary attention of one model: q, k, v [B, T, heads * D] to [B, T, heads * D]."""
+    B, T, _ = q.shape
     H, KV, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    h = rms_norm(x, w.input_norm, num, layer, "input_norm")
-    q = linear(h, w.linears["self_attn.q_proj"], num, layer, "q").view(B, T, H, D).transpose(1, 2)
-    k = linear(h, w.linears["self_attn.k_proj"], num, layer, "k").view(B, T, KV, D).transpose(1, 2)
-    v = linear(h, w.linears["self_attn.v_proj"], num, layer, "v").view(B, T, KV, D).transpose(1, 2)
+    q, k, v = (t.view(B, T, n, D).transpose(1, 2) for t, n in ((q, H), (k, KV), (v, KV)))
     cos, sin = num.cos[start : start + T], num.sin[start : start + T]
     q = num.store(rotate(q, cos, sin), layer, "q_rope")
     k = num.store(rotate(k, cos, sin), layer, "k_rope")
@@ -204,21 +216,30 @@ def decoder_layer(x: torch.Tensor, w: LayerWeights, shape: Shape, num: Numerics,
     past = k.shape[2] - T
     mask = torch.ones(T, k.shape[2], dtype=torch.bool).tril(past)
     scores = scores.masked_fill(~mask, float("-inf"))
-    attn = num.store(torch.softmax(scores, -1) @ v, layer, "attention")
-    attn = attn.transpose(1, 2).reshape(B, T, H * D)
-    o = linear(attn, w.linears["self_attn.o_proj"], num, layer, "o")
-    x = num.store(x + o, layer, "residual_attention")
-    h = rms_norm(x, w.post_norm, num, layer, "post_attention_norm")
-    gate = linear(h, w.linears["mlp.gate_proj"], num, layer, "gate")
-    up = linear(h, w.linears["mlp.up_proj"], num, layer, "up")
-    product = num.store(num.store(silu(gate, num), layer, "silu") * up, layer, "mlp_product")
-    down = linear(product, w.linears["mlp.down_proj"], num, layer, "down")
-    return num.store(x + down, layer, "residual_mlp")
+    out = num.store(torch.softmax(scores, -1) @ v, layer, "attention")
+    return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+def decoder_layer(xs: list[torch.Tensor], w: LayerWeights, shape: Shape, nums: list[Numerics], layer: int, start: int = 0,
+                  caches: list | None = None) -> list[torch.Tensor]:
+    """The residual streams x [B, T, hidden] (positions start..start+T) of the models that share
+    this layer's weights, through the layer, in the board's order of operations."""
+    caches = caches or [None] * len(xs)
+    each = lambda f, *args: [f(*a) for a in zip(*args, strict=True)]  # noqa: E731
+    h = each(lambda x, n: rms_norm(x, w.input_norm, n, layer, "input_norm"), xs, nums)
+    q = linear(h, w.linears["self_attn.q_proj"], nums, layer, "q")
+    k = linear(h, w.linears["self_attn.k_proj"], nums, layer, "k")
+    v = linear(h, w.linears["self_attn.v_proj"], nums, layer, "v")
+    attn = each(lambda q_, k_, v_, n, c: attention(q_, k_, v_, shape, n, layer, start, c), q, k, v, nums, caches)
+    o = linear(attn, w.linears["self_attn.o_proj"], nums, layer, "o")
+    xs = each(lambda x, o_, n: n.store(x + o_, layer, "residual_attention"), xs, o, nums)
+    h = each(lambda x, n: rms_norm(x, w.post_norm, n, layer, "post_attention_norm"), xs, nums)
+    gate = linear(h, w.linears["mlp.gate_proj"], nums, layer, "gate")
+    up = linear(h, w.linears["mlp.up_proj"], nums, layer, "up")
+    product = each(lambda g, u, n: n.store(n.store(silu(g, n), layer, "silu") * u, layer, "mlp_product"), gate, up, nums)
+    down = linear(product, w.linears["mlp.down_proj"], nums, layer, "down")
+    return each(lambda x, d, n: n.store(x + d, layer, "residual_mlp"), xs, down, nums)
 
 
 def final_norm(x: torch.Tensor, weight: torch.Tensor, num: Numerics) -> torch.Tensor:
     return rms_norm(x, weight, num, "final", "final_norm")
-
-
-def gather_rows(table_rows: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(table_rows, np.float32))

@@ -129,14 +129,15 @@ class OutputLayer:
     def __init__(self, vocab: int, int4: Int4Weight | None = None, rows_fn=None):
         self.vocab, self.int4, self.rows_fn = vocab, int4, rows_fn
 
-    def __call__(self, h: torch.Tensor, num: Numerics) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do)."""
         if self.int4 is not None:
-            return num.store(self.int4.apply(h), "final", "logits")
+            return self.int4.apply(h)
         out = torch.empty(h.shape[0], self.vocab)
         for start in range(0, self.vocab, VOCAB_SLICE):
             stop = min(start + VOCAB_SLICE, self.vocab)
             out[:, start:stop] = h @ self.rows_fn(start, stop).T
-        return num.store(out, "final", "logits")
+        return out
 
 
 def nibble_bytes(q: np.ndarray) -> np.ndarray:
@@ -164,7 +165,15 @@ def checkpoint_output_layer(ckpt: GPTQCheckpoint) -> OutputLayer:
         nibbles = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.qweight").T).view(np.uint8))
         scales = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.scales").T).astype(np.float32))
         return OutputLayer(vocab, Int4Weight(nibbles, scales))
-    return OutputLayer(vocab, rows_fn=lambda start, stop: torch.from_numpy(ckpt.get(src, rows=slice(start, stop)).astype(np.float32)))
+    entry = ckpt._entry(src)
+
+    def rows(start, stop):  # buffered: the same gigabyte is read again for every greedy token
+        data = read_tensor(entry, rows=slice(start, stop), direct=False)
+        if entry.dtype == "BF16":
+            return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
+        return torch.from_numpy(data.astype(np.float32))
+
+    return OutputLayer(vocab, rows_fn=rows)
 
 
 def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> OutputLayer:
@@ -222,22 +231,33 @@ class ModelRun:
 def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, start: int = 0,
             caches: dict | None = None, progress: bool = False, desc: str = "") -> dict:
     """Every model's logits [B, T, vocab] for its ids [B, T] at positions start.., one decoder layer at
-    a time: each layer's weights are made once and used by every model that shares them."""
+    a time: each layer's weights are made once, and models that share them run through it together
+    (an int4 weight decoded once for all)."""
     x = {m.name: m.embed(ids[m.name]) for m in models}
     for layer in bar(range(num_layers), desc, "layer", enabled=progress):
-        made: dict = {}
+        groups: dict = {}
         for m in models:
             key = (id(m.decoder), tuple(sorted(m.factors.get(layer, {}).items())))
-            if key not in made:
-                made[key] = m.decoder.layer(layer, m.factors.get(layer))
-            cache = caches[m.name][layer] if caches is not None else None
-            x[m.name] = decoder_layer(x[m.name], made[key], shape, m.numerics, layer, start, cache)
-        del made
+            groups.setdefault(key, []).append(m)
+        for group in groups.values():
+            w = group[0].decoder.layer(layer, group[0].factors.get(layer))
+            cs = [caches[m.name][layer] for m in group] if caches is not None else None
+            outs = decoder_layer([x[m.name] for m in group], w, shape, [m.numerics for m in group], layer, start, cs)
+            for m, out in zip(group, outs, strict=True):
+                x[m.name] = out
+            del w
     out = {}
+    by_output: dict = {}
     for m in models:
-        h = final_norm(x[m.name], m.final_norm, m.numerics)
-        B, T, hidden = h.shape
-        out[m.name] = m.output(h.reshape(B * T, hidden), m.numerics).view(B, T, -1)
+        by_output.setdefault(id(m.output), []).append(m)
+    for group in by_output.values():
+        hs = [final_norm(x[m.name], m.final_norm, m.numerics) for m in group]
+        logits = group[0].output.logits(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]))
+        row = 0
+        for m, h in zip(group, hs, strict=True):
+            n = h.shape[0] * h.shape[1]
+            out[m.name] = m.numerics.store(logits[row : row + n], "final", "logits").view(h.shape[0], h.shape[1], -1)
+            row += n
     return out
 
 
