@@ -53,3 +53,26 @@ def quantized(tiny_model):
     from vcu128.quantize import QuantizeOptions, quantize_model
 
     return quantize_model(tiny_model, None, QuantizeOptions(**FAST))
+
+
+def plant_overflow(model_dir: Path, out: Path, residual: float = 1.0, mlp: float = 1.0, mlp_layer: int = 1) -> Path:
+    """A copy of a tiny fp16 model whose residual stream is carried `residual` times larger (embedding,
+    o_proj and down_proj scaled: RMSNorm cancels it, so fp32 answers do not change) and whose layer
+    `mlp_layer` MLP intermediate is `mlp` times larger (up_proj up, down_proj down): activations that
+    pass fp16's 65504 the way a bf16-trained model's massive activations do."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    path = out / "model.safetensors"
+    t = {k: v.astype(np.float32) for k, v in load_file(path).items()}
+    t["model.embed_tokens.weight"] *= residual
+    for name in t:
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            t[name] *= residual
+    t[f"model.layers.{mlp_layer}.mlp.up_proj.weight"] *= mlp
+    t[f"model.layers.{mlp_layer}.mlp.down_proj.weight"] /= mlp
+    save_file({k: v.astype(np.float16) for k, v in t.items()}, path, metadata={"format": "pt"})
+    return out

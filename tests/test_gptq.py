@@ -165,15 +165,88 @@ def test_one_solve_per_shared_input_in_true_sequential_order(tiny_model, tmp_pat
     GPTQCheckpoint(tmp_path / "q").validate()
 
 
-def test_calibration_runs_in_the_models_16_bit_type_on_a_gpu(tmp_path):
+def test_calibration_runs_in_bf16_on_a_gpu_unless_the_config_says_float16(tmp_path):
     import json
 
     from vcu128.gptq_model import compute_dtype
 
-    for saved, want in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float16)):
-        (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": saved}))
+    for saved, want in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.bfloat16), (None, torch.bfloat16)):
+        (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": saved} if saved else {}))
         assert compute_dtype(tmp_path, torch.device("cuda:0")) == want
         assert compute_dtype(tmp_path, torch.device("cpu")) == torch.float32
+
+
+def test_an_fp16_overflow_is_named_and_the_layer_retried_in_float32(tiny_model, tmp_path, monkeypatch, caplog):
+    """A model whose residual stream passes 65504 (as bf16-trained Qwen2-7B's does), calibrated in
+    fp16: the overflow is found (not reported as degenerate inputs), and the layer re-run in fp32."""
+    import json
+
+    import vcu128.gptq_model as gm
+    from conftest import plant_overflow
+
+    model = plant_overflow(tiny_model, tmp_path / "m", residual=2.0**13)
+    monkeypatch.setattr(gm, "compute_dtype", lambda model_dir, device: torch.float16)
+    ids = np.random.default_rng(0).integers(0, 512, (8, 64))
+    run = gm.quantize_checkpoint(model, tmp_path / "q", ids, "cpu", progress=False)
+    assert run.retried and run.retried[0]["from"] == "float16" and run.retried[0]["to"] == "float32"
+    assert "overflowed in float16; retrying layer" in caplog.text
+    meta = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["meta"]["vcu128_run"]
+    assert meta["retried_in_float32"] == run.retried and meta["dtype"] == "float32" and meta["threads"] == torch.get_num_threads()
+    ckpt = GPTQCheckpoint(tmp_path / "q")
+    ckpt.validate()
+    assert np.isfinite(ckpt.get("model.layers.1.mlp.down_proj.scales").astype(np.float32)).all()
+
+
+def test_heads_times_head_dim_need_not_be_hidden(tmp_path):
+    """Mistral-Nemo style: 2 heads of 64 on a hidden size of 256 (o_proj has 128 inputs)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=64, tie_word_embeddings=False)
+    Qwen2ForCausalLM(cfg).to(torch.float16).save_pretrained(tmp_path / "m")
+    import vcu128.gptq_model as gm
+
+    ids = np.random.default_rng(0).integers(0, 256, (4, 32))
+    gm.quantize_checkpoint(tmp_path / "m", tmp_path / "q", ids, "cpu", progress=False)
+    ckpt = GPTQCheckpoint(tmp_path / "q")
+    ckpt.validate()
+    assert ckpt.info("model.layers.0.self_attn.o_proj.qweight")[1] == (128 // 8, 256)
+
+
+def test_sliding_window_models_are_calibrated_with_their_window(tmp_path, monkeypatch):
+    """A Mistral with a window shorter than --seqlen: the engine's layer output follows the model's
+    (windowed) attention, not plain causal attention."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import vcu128.gptq_model as gm
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=128, sliding_window=8, tie_word_embeddings=False)
+    model = MistralForCausalLM(cfg).eval()
+    model.to(torch.float16).save_pretrained(tmp_path / "m")
+    ids = np.random.default_rng(0).integers(0, 256, (4, 64))
+    with torch.no_grad():
+        want = MistralForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)(torch.from_numpy(ids), output_hidden_states=True).hidden_states[1]
+    got = {}
+    real = gm.LayerQuantizer.run_layer
+
+    def spy(self, prefix):
+        real(self, prefix)
+        got[prefix] = self.x.clone()
+
+    monkeypatch.setattr(gm.LayerQuantizer, "run_layer", spy)
+    errors = {}
+    for windowed in (True, False):
+        if not windowed:  # what the engine computed before it knew the window: plain causal attention
+            monkeypatch.setattr(gm, "sliding_window_mask", lambda *args: None)
+        gm.quantize_checkpoint(tmp_path / "m", tmp_path / f"q{windowed}", ids, "cpu", progress=False)
+        errors[windowed] = float((got["model.layers.0"] - want).norm() / want.norm())
+    assert errors[True] < 0.5 * errors[False], errors  # the windowed run differs by quantization error only
+    monkeypatch.undo()
+    mask = gm.sliding_window_mask(cfg, 64, "cpu")
+    assert mask is not None and mask[0, 0, 20, 12].item() == float("-inf") and mask[0, 0, 20, 13].item() == 0
 
 
 def test_a_run_that_fails_half_way_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):

@@ -19,21 +19,11 @@ RESIDUAL, MLP = 2.0**13, 2.0**10
 @pytest.fixture(scope="module")
 def overflowing(tiny_model, tmp_path_factory):
     """The tiny model with the planted scales, quantized (quant_report.json records the overflow)."""
-    from safetensors.numpy import load_file, save_file
+    from conftest import plant_overflow
 
     from vcu128.quantize import QuantizeOptions, quantize_model
 
-    model = tmp_path_factory.mktemp("overflow") / "m"
-    shutil.copytree(tiny_model, model)
-    path = model / "model.safetensors"
-    t = {k: v.astype(np.float32) for k, v in load_file(path).items()}
-    t["model.embed_tokens.weight"] *= RESIDUAL
-    for name in t:
-        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
-            t[name] *= RESIDUAL
-    t["model.layers.1.mlp.up_proj.weight"] *= MLP
-    t["model.layers.1.mlp.down_proj.weight"] /= MLP
-    save_file({k: v.astype(np.float16) for k, v in t.items()}, path, metadata={"format": "pt"})
+    model = plant_overflow(tiny_model, tmp_path_factory.mktemp("overflow") / "m", residual=RESIDUAL, mlp=MLP)
     qdir, report = quantize_model(model, None, QuantizeOptions(**FAST))
     return qdir, report
 

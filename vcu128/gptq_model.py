@@ -52,6 +52,7 @@ class GPTQRun:
 
     seconds: dict = field(default_factory=lambda: {"load": 0.0, "forward_hessian": 0.0, "gptq": 0.0, "write_wait": 0.0})
     dtype: object = None
+    retried: list = field(default_factory=list)  # layers re-run in float32 after an fp16 overflow
     activation_stats: list = field(default_factory=list)  # per layer: {site: largest |value|}, gate range
 
     def stats_report(self, dtype) -> dict:
@@ -84,6 +85,7 @@ class SourceWeights:
     def load_module(self, module: torch.nn.Module, prefix: str, device, dtype) -> None:
         """Give a meta-device module real storage on `device` and fill it from the files."""
         module.to_empty(device=device)
+        module.to(dtype)  # a retry in float32 reloads a layer built for a 16-bit type
         for name, p in module.named_parameters(prefix=prefix):
             p.copy_(self.get(name, device, dtype))
         if list(module.buffers()):
@@ -145,12 +147,33 @@ def build_meta_model(model_dir: Path, dtype):
 
 
 def compute_dtype(model_dir: Path, device: torch.device) -> torch.dtype:
-    """The dtype the calibration forward runs in: on a GPU the model's own 16-bit type (a bf16 model's
-    activations can overflow fp16), else fp16; on the CPU fp32 (it has no fast 16-bit matmul)."""
+    """The dtype the calibration forward runs in: on a GPU bf16 unless the config says float16 (models
+    trained in bf16, or saved in fp32, can pass fp16's 65504: Qwen2-7B's massive activations do); on
+    the CPU fp32 (it has no fast 16-bit matmul)."""
     if device.type != "cuda":
         return torch.float32
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return torch.bfloat16 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "bfloat16" else torch.float16
+    return torch.float16 if (cfg.get("torch_dtype") or cfg.get("dtype")) == "float16" else torch.bfloat16
+
+
+class Overflow(Exception):
+    """A calibration forward produced a NaN or inf: where, and in which dtype."""
+
+    def __init__(self, where: str, dtype: torch.dtype):
+        super().__init__(f"{where} overflowed in {str(dtype).replace('torch.', '')}")
+        self.where, self.dtype = where, dtype
+
+
+def sliding_window_mask(cfg, seqlen: int, device, dtype=torch.float32):
+    """A causal mask limited to the model's sliding window (Mistral), or None for plain causal
+    attention: calibration must see what the model sees."""
+    window = getattr(cfg, "sliding_window", None)
+    use = getattr(cfg, "use_sliding_window", cfg.model_type == "mistral")
+    if not use or window is None or window >= seqlen:
+        return None
+    i = torch.arange(seqlen, device=device)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    return torch.where(allowed, 0.0, float("-inf")).to(dtype)[None, None]
 
 
 def chunks(n: int, size: int):
@@ -161,8 +184,10 @@ class LayerQuantizer:
     """GPTQ of one decoder layer's linears over activations x [samples, seqlen, hidden] (on the
     device, replaced in place by the quantized layer's output)."""
 
-    def __init__(self, layer, x: torch.Tensor, position_embeddings, samples_a_chunk: int, solvers: dict, run: GPTQRun, qmin: int = -8):
-        self.layer, self.x, self.pos = layer, x, position_embeddings
+    def __init__(self, layer, x: torch.Tensor, position_embeddings, samples_a_chunk: int, solvers: dict, run: GPTQRun, qmin: int = -8,
+                 mask=None):
+        self.layer, self.x, self.pos, self.mask = layer, x, position_embeddings, mask
+        self.prefix = ""
         self.parts = chunks(x.shape[0], samples_a_chunk)
         self.solvers, self.run, self.qmin = solvers, run, qmin
         self.stats: dict[str, list[float]] = {}  # site -> [max |value|, min, max]
@@ -173,8 +198,9 @@ class LayerQuantizer:
             torch.cuda.synchronize(self.x.device)
         return time.perf_counter()
 
-    def hessian(self, inputs) -> torch.Tensor:
-        """2/N sum x^T x over every chunk's input to a linear group, N the number of tokens."""
+    def hessian(self, inputs, what: str = "") -> torch.Tensor:
+        """2/N sum x^T x over every chunk's input to a linear group, N the number of tokens; a
+        non-finite Hessian (the forward overflowed) raises Overflow, naming the input."""
         start = self._sync()
         H = None
         for part in self.parts:
@@ -184,6 +210,8 @@ class LayerQuantizer:
             add_to_hessian(H, a)
         H.mul_(2 / (self.x.shape[0] * self.x.shape[1]))
         self.run.seconds["forward_hessian"] += self._sync() - start
+        if not bool(torch.isfinite(H).all()):
+            raise Overflow(f"{self.prefix}: the input of {what}", self.x.dtype)
         return H
 
     def quantize(self, names: tuple[str, ...], H: torch.Tensor, prefix: str) -> None:
@@ -233,41 +261,48 @@ class LayerQuantizer:
 
     def _run_layer(self, prefix: str) -> None:
         layer, x = self.layer, self.x
+        self.prefix = prefix
         attn, mlp = layer.self_attn, layer.mlp
-        self.quantize(QKV, self.hessian(lambda p: layer.input_layernorm(x[p])), prefix)
+        self.quantize(QKV, self.hessian(lambda p: layer.input_layernorm(x[p]), "q/k/v_proj"), prefix)
 
         # The attention output before o_proj, for every sample: o_proj's input, and after o_proj
-        # the residual stream, so attention runs once a layer.
+        # the residual stream, so attention runs once a layer. Its width is heads x head_dim, which
+        # need not be hidden (Mistral-Nemo): then it gets a buffer of its own.
+        q_dim = attn.o_proj.in_features
         h = torch.empty_like(x)
+        a = h if q_dim == x.shape[-1] else torch.empty(*x.shape[:2], q_dim, dtype=x.dtype, device=x.device)
         o_proj = attn.o_proj
         attn.o_proj = torch.nn.Identity()
         try:
             def attention(p):
-                h[p] = attn(hidden_states=layer.input_layernorm(x[p]), position_embeddings=self.pos, attention_mask=None)[0]
-                return h[p]
+                a[p] = attn(hidden_states=layer.input_layernorm(x[p]), position_embeddings=self.pos, attention_mask=self.mask)[0]
+                return a[p]
 
-            H = self.hessian(attention)
+            H = self.hessian(attention, "o_proj")
         finally:
             attn.o_proj = o_proj
         self.quantize(O_PROJ, H, prefix)
 
         def residual(p):
-            h[p] = x[p] + o_proj(h[p])
+            h[p] = x[p] + o_proj(a[p])
             self.record("residual_attention", h[p])
             return layer.post_attention_layernorm(h[p])
 
-        self.quantize(GATE_UP, self.hessian(residual), prefix)
+        self.quantize(GATE_UP, self.hessian(residual, "gate/up_proj"), prefix)
+        del a
 
         def mlp_inner(p):
             m = layer.post_attention_layernorm(h[p])
             return mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m)
 
-        self.quantize(DOWN, self.hessian(mlp_inner), prefix)
+        self.quantize(DOWN, self.hessian(mlp_inner, "down_proj"), prefix)
         start = self._sync()
         for p in self.parts:
             x[p] = h[p] + mlp(layer.post_attention_layernorm(h[p]))
             self.record("residual_mlp", x[p])
         self.run.seconds["forward_hessian"] += self._sync() - start
+        if not bool(torch.isfinite(x).all()):
+            raise Overflow(f"{prefix}: its output (the residual stream)", x.dtype)
 
 
 def layer_tensors(prefix: str, layer, results: dict) -> dict[str, torch.Tensor]:
@@ -285,7 +320,9 @@ def layer_tensors(prefix: str, layer, results: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def quantization_config(lm_head: bool, qmin: int = -8) -> dict:
+def quantization_config(lm_head: bool, qmin: int = -8, run: dict | None = None) -> dict:
+    """The checkpoint's quantization_config; `run` (torch version, device, threads, chunk size, dtype)
+    says what a bit-identical re-run needs (README: Reproducibility)."""
     from . import __version__
 
     return {
@@ -293,7 +330,7 @@ def quantization_config(lm_head: bool, qmin: int = -8) -> dict:
         "true_sequential": True, "act_group_aware": True, "lm_head": lm_head,
         "damp_percent": DAMP_PERCENT, "damp_auto_increment": DAMP_STEP,
         "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
-        "meta": {"quantizer": [f"vcu128:{__version__}"], "vcu128_int4_range": -qmin},
+        "meta": {"quantizer": [f"vcu128:{__version__}"], "vcu128_int4_range": -qmin, **({"vcu128_run": run} if run else {})},
     }
 
 
@@ -328,14 +365,32 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         run.seconds["load"] += time.perf_counter() - start
 
         solvers: dict = {}
+        mask = sliding_window_mask(cfg, seqlen, device, dtype)
         for i in bar(range(num_layers), desc="GPTQ", unit="layer", enabled=progress):
             t0 = time.perf_counter()
             prefix = f"model.layers.{i}"
             layer = inner.layers[i]
             weights.load_module(layer, prefix, device, dtype)
             run.seconds["load"] += time.perf_counter() - t0
-            lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run, qmin)
-            lq.run_layer(prefix)
+            # fp16 can overflow where the model was trained in bf16: keep the layer's input to retry it
+            kept = x.clone() if dtype == torch.float16 else None
+            try:
+                lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run, qmin, mask)
+                lq.run_layer(prefix)
+            except Overflow as e:
+                if kept is None:
+                    raise VCUError(f"{e}: the model's own activations are not finite (check the model's weights)") from None
+                log.warning(f"warning: {e}; retrying layer {i} and the rest of the model in float32")
+                dtype = torch.float32
+                x = kept.to(dtype)
+                del kept
+                weights.load_module(layer, prefix, device, dtype)
+                position_embeddings = tuple(t.to(dtype) for t in position_embeddings)
+                mask = None if mask is None else mask.to(dtype)
+                lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run, qmin, mask)
+                lq.run_layer(prefix)
+                run.retried.append({"layer": i, "where": e.where, "from": str(e.dtype).replace("torch.", ""), "to": "float32"})
+            kept = None
             run.activation_stats.append({"max_abs": {k: v[0] for k, v in lq.stats.items()},
                                          **({"gate_range": lq.stats["gate"][1:]} if "gate" in lq.stats else {})})
             run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, layer, lq.results))
@@ -363,10 +418,13 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         raise
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    config.update({"torch_dtype": "float16", "quantization_config": quantization_config(lm_head, qmin)})
+    run_meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "threads": torch.get_num_threads(), "samples_a_chunk": samples_a_chunk,
+                "dtype": str(dtype).replace("torch.", ""), "retried_in_float32": run.retried}
+    config.update({"torch_dtype": "float16", "quantization_config": quantization_config(lm_head, qmin, run_meta)})
     config.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "quantize_config.json").write_text(json.dumps(quantization_config(lm_head, qmin), indent=2) + "\n")
+    (out / "quantize_config.json").write_text(json.dumps(quantization_config(lm_head, qmin, run_meta), indent=2) + "\n")
     run.dtype = dtype
     for extra in ("generation_config.json",):
         if (Path(model_dir) / extra).is_file():

@@ -181,12 +181,47 @@ def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOpti
         torch.backends.cuda.matmul.allow_tf32 = opts.tf32 if opts.tf32 is not None else True
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
-    gm = GPTQModel.load(str(model), qc, dtype=torch.float16, device=opts.device)
-    gm.quantize(calib.samples, batch_size=batch)
+    cfg = read_model_config(Path(model) / "config.json")
+    saved = cfg.get("torch_dtype") or cfg.get("dtype") or ""
+    dtype = {"float16": torch.float16, "float32": torch.float32}.get(saved, torch.bfloat16)  # the model's own; never a narrower range
+    gm = GPTQModel.load(str(model), qc, dtype=dtype, device=opts.device)
+    with FallbackWatch() as watch:
+        gm.quantize(calib.samples, batch_size=batch)
+    watch.check()
     gm.save(str(out))
     seconds = time.perf_counter() - start
     del gm
     return seconds
+
+
+class FallbackWatch(logging.Handler):
+    """GPTQModel falls back to round-to-nearest for a module whose Hessian is not finite, logs it and
+    carries on (exit 0, error near RTN's): watch its log for that and fail loudly instead."""
+
+    PATTERNS = ("non-finite", "nonfinite", "fallback", "fall back", "falling back")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(p in message.lower() for p in self.PATTERNS):
+            self.seen.append(message.splitlines()[0][:200])
+
+    def __enter__(self) -> "FallbackWatch":
+        logging.getLogger().addHandler(self)
+        logging.getLogger("gptqmodel").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self)
+        logging.getLogger("gptqmodel").removeHandler(self)
+
+    def check(self) -> None:
+        if self.seen:
+            raise VCUError(f"GPTQModel fell back from GPTQ for {len(self.seen)} module(s): {self.seen[0]}",
+                           "the calibration forward overflowed: use --engine vcu128 (it retries a layer in float32)")
 
 
 def quality_report(model: Path, qdir: Path, calib: Calibration, opts: QuantizeOptions) -> dict:
