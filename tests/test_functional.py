@@ -92,3 +92,11 @@ def test_a_checkpoint_without_tokenizer_is_evaluated_on_seeded_ids(packed, tmp_p
     ids.write_text("1 2 3, 4 5 6 7 8 9 10")
     f = verify(qdir, hw, progress=False, eval_ids=ids, tokens=2)["functional"]
     assert f["eval"] == {"tokens": 10, "source": f"ids from {ids}"}
+
+
+def test_the_unquantized_original_runs_beside_them(packed, tiny_model):
+    qdir, hw = packed
+    f = verify(qdir, hw, model=tiny_model, progress=False, eval_tokens=128, tokens=4)["functional"]
+    orig = f["against_hardware"]["fp16 original"]
+    assert f["ok"] and orig["top1_agreement"] > 0.85 and orig["relative_logit_error"] < 0.1
+    assert f["silu_effect"]["tokens"] == 64 and f["silu_effect"]["top1_agreement"] > 0.95

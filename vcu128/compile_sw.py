@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from .formats import (
     sw_norm_file,
 )
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
-from .output import StepResult, files_under, folder_stats, read_step_record, record_owns, staged_dir, write_step_record
+from .output import StepResult, check_out, files_under, folder_stats, read_step_record, record_owns, staged_dir, write_step_record
 from .parallel import ordered_map, rows_per_block
 from .jsonfile import dumps
 from .progress import bar
@@ -126,6 +127,7 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
     out = Path(out) if out else ckpt.qdir / "compile"
     ckpt.validate()  # every refusal happens here, before the output folder exists
     dims = ckpt.dims
+    check_out(Path(os.path.abspath(out)), STEP, compile_folder_owns, [ckpt.qdir], force)  # before any measuring
     plan = rescale_plan(ckpt, fp16_rescale, text)
     made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(),
                  "fp16_rescale": {"k": plan["k"], "m": plan["m"]} if plan else None}

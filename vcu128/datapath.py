@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-FP16_MAX = 65504.0
+from .stats import FP16_MAX
+
 FLUSH = 2e-5  # FORMAT.md 6: the references flush magnitudes below about 2e-5 to zero
 BOARD_EPS = 1e-6  # FORMAT.md 6: the norm unit's eps is fixed
 

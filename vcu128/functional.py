@@ -97,6 +97,15 @@ class CompactDecoder:
         return LayerWeights(linears, torch.from_numpy(raw["input_layernorm"]), torch.from_numpy(raw["post_attention_layernorm"]))
 
 
+def float32_rows(entry, rows: slice | None = None) -> torch.Tensor:
+    """A float tensor (fp16, bf16 or fp32 in its file), or a block of its rows, as float32; read
+    buffered: the same rows are read again for every greedy token, from the page cache."""
+    data = read_tensor(entry, rows=rows, direct=False)
+    if entry.dtype == "BF16":  # bf16 is the top half of a float32
+        return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
+    return torch.from_numpy(data.astype(np.float32))
+
+
 class OriginalDecoder:
     """The unquantized model's layers (fp16/bf16/fp32 safetensors), read per use."""
 
@@ -106,11 +115,7 @@ class OriginalDecoder:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.entries:
             raise VCUError(f"{name}: missing from the --model folder")
-        e = self.entries[name]
-        data = read_tensor(e, direct=False)
-        if e.dtype == "BF16":
-            return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
-        return torch.from_numpy(data.astype(np.float32))
+        return float32_rows(self.entries[name])
 
     def has(self, name: str) -> bool:
         return name in self.entries
@@ -168,27 +173,13 @@ def checkpoint_output_layer(ckpt: GPTQCheckpoint) -> OutputLayer:
         scales = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.scales").T).astype(np.float32))
         return OutputLayer(vocab, Int4Weight(nibbles, scales))
     entry = ckpt._entry(src)
-
-    def rows(start, stop):  # buffered: the same gigabyte is read again for every greedy token
-        data = read_tensor(entry, rows=slice(start, stop), direct=False)
-        if entry.dtype == "BF16":
-            return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
-        return torch.from_numpy(data.astype(np.float32))
-
-    return OutputLayer(vocab, rows_fn=rows)
+    return OutputLayer(vocab, rows_fn=lambda start, stop: float32_rows(entry, slice(start, stop)))
 
 
 def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> OutputLayer:
     name = EMBEDDING if tied or not orig.has("lm_head.weight") else "lm_head.weight"
-    e = orig.entries[name]
-
-    def rows(start, stop):
-        data = read_tensor(e, rows=slice(start, stop), direct=False)
-        if e.dtype == "BF16":
-            return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
-        return torch.from_numpy(data.astype(np.float32))
-
-    return OutputLayer(vocab, rows_fn=rows)
+    entry = orig.entries[name]
+    return OutputLayer(vocab, rows_fn=lambda start, stop: float32_rows(entry, slice(start, stop)))
 
 
 def hardware_embedding(hw: Path, parts: int, vocab: int, hidden: int):
@@ -383,11 +374,7 @@ def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: 
 
 
 def _orig_row(orig: OriginalDecoder, t: int) -> np.ndarray:
-    e = orig.entries[EMBEDDING]
-    data = read_tensor(e, rows=slice(t, t + 1), direct=False)
-    if e.dtype == "BF16":
-        return (data.astype(np.uint32) << 16).view(np.float32)[0]
-    return data.astype(np.float32)[0]
+    return float32_rows(orig.entries[EMBEDDING], slice(t, t + 1))[0].numpy()
 
 
 def _scaled_embed(embed, factor: float):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .datapath import FP16_MAX
 from .errors import VCUError
+from .stats import FP16_MAX
 
 log = logging.getLogger("vcu128")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+FP16_MAX = 65504.0  # the largest finite fp16: what the board saturates at
 STATS_FILE = "activation_stats.json"
 REPORT_KEY = "activation_stats"
 
