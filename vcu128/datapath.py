@@ -104,15 +104,19 @@ class Int4Weight:
         self.nibbles, self.scales = nibbles, scales  # uint8 [chout, chin/2], float32 [chout, chin/128]
         self.chout, self.chin = nibbles.shape[0], nibbles.shape[1] * 2
 
+    def to(self, device) -> Int4Weight:
+        return self if self.nibbles.device == torch.device(device) else Int4Weight(self.nibbles.to(device), self.scales.to(device))
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., chin] @ W.T in fp32."""
+        """x [..., chin] @ W.T in fp32 (on x's device; a GPU decodes the whole matrix at once)."""
         flat = x.reshape(-1, self.chin)
-        out = torch.empty(flat.shape[0], self.chout)
+        rows = self.chout if x.is_cuda else self.ROWS
+        out = torch.empty(flat.shape[0], self.chout, device=x.device)
         groups = self.scales.shape[1]
-        buf = torch.empty(min(self.ROWS, self.chout), groups, self.chin // groups)
+        buf = torch.empty(min(rows, self.chout), groups, self.chin // groups, device=x.device)
         pairs = buf.view(buf.shape[0], self.chin // 2, 2)
-        for r in range(0, self.chout, self.ROWS):
-            n = min(self.ROWS, self.chout - r)
+        for r in range(0, self.chout, rows):
+            n = min(rows, self.chout - r)
             b = self.nibbles[r : r + n]
             pairs[:n, :, 0] = b & 15
             pairs[:n, :, 1] = b >> 4
@@ -120,17 +124,18 @@ class Int4Weight:
             out[:, r : r + n] = flat @ w.T
         return out.view(*x.shape[:-1], self.chout)
 
-    def dense(self) -> torch.Tensor:
-        return self.apply(torch.eye(self.chin)).T.contiguous()
-
 
 @dataclass
 class LayerWeights:
-    """One decoder layer: float32 weights [chout, chin] (what int4 x fp16 scale gives), biases, norms."""
+    """One decoder layer: weights (Int4Weight, or float32 [chout, chin]), biases, norms."""
 
     linears: dict  # module name -> (weight, bias or None)
     input_norm: torch.Tensor
     post_norm: torch.Tensor
+
+    def to(self, device) -> LayerWeights:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LayerWeights({k: (w.to(device), move(b)) for k, (w, b) in self.linears.items()}, move(self.input_norm), move(self.post_norm))
 
 
 @dataclass
@@ -174,9 +179,15 @@ def linear(xs: list[torch.Tensor], wb, nums: list[Numerics], layer, site: str) -
 
 
 def silu(x: torch.Tensor, num: Numerics) -> torch.Tensor:
-    if num.silu_table is None:
+    """Exact SiLU, or the board's piecewise table: segment i the first i < 15 with x < x_region[i],
+    else 15, and wt[i] * x + bias[i] in double (FORMAT.md 5)."""
+    t = num.silu_table
+    if t is None:
         return torch.nn.functional.silu(x)
-    return torch.from_numpy(num.silu_table(x.double().numpy())).float()
+    wt, bias, xr = (torch.from_numpy(v.astype("float64")).to(x.device) for v in (t.wt, t.bias, t.x_region))
+    below = x.double()[..., None] < xr[:15]
+    i = torch.where(below.any(-1), below.int().argmax(-1), 15)
+    return (wt[i] * x.double() + bias[i]).float()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -214,7 +225,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape, n
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)  # fp32, the scale folded into the product
     past = k.shape[2] - T
-    mask = torch.ones(T, k.shape[2], dtype=torch.bool).tril(past)
+    mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril(past)
     scores = scores.masked_fill(~mask, float("-inf"))
     out = num.store(torch.softmax(scores, -1) @ v, layer, "attention")
     return out.transpose(1, 2).reshape(B, T, H * D)

@@ -139,11 +139,12 @@ class OutputLayer:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do)."""
         if self.int4 is not None:
+            self.int4 = self.int4.to(h.device)  # moved once: greedy decoding uses it every token
             return self.int4.apply(h)
-        out = torch.empty(h.shape[0], self.vocab)
+        out = torch.empty(h.shape[0], self.vocab, device=h.device)
         for start in range(0, self.vocab, VOCAB_SLICE):
             stop = min(start + VOCAB_SLICE, self.vocab)
-            out[:, start:stop] = h @ self.rows_fn(start, stop).T
+            out[:, start:stop] = h @ self.rows_fn(start, stop).to(h.device).T
         return out
 
 
@@ -222,18 +223,18 @@ class ModelRun:
 
 
 def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, start: int = 0,
-            caches: dict | None = None, progress: bool = False, desc: str = "") -> dict:
+            caches: dict | None = None, progress: bool = False, desc: str = "", device="cpu") -> dict:
     """Every model's logits [B, T, vocab] for its ids [B, T] at positions start.., one decoder layer at
     a time: each layer's weights are made once, and models that share them run through it together
     (an int4 weight decoded once for all)."""
-    x = {m.name: m.embed(ids[m.name]) for m in models}
+    x = {m.name: m.embed(ids[m.name]).to(device) for m in models}
     for layer in bar(range(num_layers), desc, "layer", enabled=progress):
         groups: dict = {}
         for m in models:
             key = (id(m.decoder), tuple(sorted(m.factors.get(layer, {}).items())))
             groups.setdefault(key, []).append(m)
         for group in groups.values():
-            w = group[0].decoder.layer(layer, group[0].factors.get(layer))
+            w = group[0].decoder.layer(layer, group[0].factors.get(layer)).to(device)
             cs = [caches[m.name][layer] for m in group] if caches is not None else None
             outs = decoder_layer([x[m.name] for m in group], w, shape, [m.numerics for m in group], layer, start, cs)
             for m, out in zip(group, outs, strict=True):
@@ -244,7 +245,7 @@ def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, st
     for m in models:
         by_output.setdefault(id(m.output), []).append(m)
     for group in by_output.values():
-        hs = [final_norm(x[m.name], m.final_norm, m.numerics) for m in group]
+        hs = [final_norm(x[m.name], m.final_norm.to(device), m.numerics) for m in group]
         logits = group[0].output.logits(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]))
         row = 0
         for m, h in zip(group, hs, strict=True):
@@ -254,14 +255,15 @@ def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, st
     return out
 
 
-def greedy(models: list[ModelRun], prompt: np.ndarray, tokens: int, shape: Shape, num_layers: int, progress: bool) -> dict:
+def greedy(models: list[ModelRun], prompt: np.ndarray, tokens: int, shape: Shape, num_layers: int, progress: bool,
+           device="cpu") -> dict:
     """Each model's greedy continuation of the prompt, with a KV cache per model and layer."""
     caches = {m.name: [KVCache() for _ in range(num_layers)] for m in models}
     ids = {m.name: prompt[None, :] for m in models}
     generated = {m.name: [] for m in models}
     pos = 0
     for _ in bar(range(tokens), "greedy", "token", enabled=progress):
-        logits = forward(models, ids, shape, num_layers, pos, caches)
+        logits = forward(models, ids, shape, num_layers, pos, caches, device=device)
         pos += next(iter(ids.values())).shape[1]
         for m in models:
             nxt = int(logits[m.name][0, -1].argmax())
@@ -304,15 +306,17 @@ def folder_tables(hw: Path, assumptions: dict, cfg: dict, head_dim: int, positio
 
 def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: dict, inputs: FunctionalInputs,
                      tokens: int, numerics: str = "board", model: Path | None = None, centred_variance: bool = False,
-                     lm_head_from_checkpoint: bool = False, rescale: dict | None = None, progress: bool = True) -> dict:
+                     lm_head_from_checkpoint: bool = False, rescale: dict | None = None, progress: bool = True,
+                     device: str = "cpu") -> dict:
     ckpt = GPTQCheckpoint(qdir)
     d = ckpt.dims
     cfg = read_model_config(ckpt.qdir / "config.json")
     shape = Shape(d.num_heads, d.num_kv_heads, d.head_dim)
     positions = max(len(inputs.eval_ids), len(inputs.prompt_ids) + tokens)
     model_eps = float(cfg.get("rms_norm_eps", 1e-6))
-    cos32, sin32 = (torch.from_numpy(a.astype(np.float32)) for a in _fp32_rope(cfg, d.head_dim, positions, ckpt.qdir / "config.json"))
+    cos32, sin32 = (torch.from_numpy(a.astype(np.float32)).to(device) for a in _fp32_rope(cfg, d.head_dim, positions, ckpt.qdir / "config.json"))
     cos_b, sin_b, silu, rope_source = folder_tables(hw, assumptions, cfg, d.head_dim, positions, ckpt.qdir / "config.json")
+    cos_b, sin_b = cos_b.to(device), sin_b.to(device)
     compact = CompactDecoder(ckpt)
     norm = lambda name: torch.from_numpy(ckpt.get_fp16(name).astype(np.float32))  # noqa: E731
     k = (rescale or {}).get("k", 0)
@@ -339,7 +343,7 @@ def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: 
                                checkpoint_embedding(lambda t: _orig_row(orig, t), d.hidden),
                                original_output_layer(orig, tied, d.vocab), orig.get(f"{FINAL_NORM}.weight")))
 
-    result: dict = {"numerics": numerics, "eval": {"tokens": int(len(inputs.eval_ids)), "source": inputs.source},
+    result: dict = {"numerics": numerics, "device": str(device), "eval": {"tokens": int(len(inputs.eval_ids)), "source": inputs.source},
                     "rope": rope_source, "silu": "table " + ACT_FILE if board and silu is not None else "exact",
                     "norm_eps": hw_num.eps, "centred_variance": hw_num.centred_variance, "lm_head_from_checkpoint": lm_head_from_checkpoint}
     try:
@@ -347,7 +351,7 @@ def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: 
             ids = {m.name: inputs.eval_ids[None, :] for m in models}
             if EXACT_SILU in ids:  # what the table costs needs fewer tokens: causal, so they are the first ones
                 ids[EXACT_SILU] = ids[EXACT_SILU][:, :SILU_EFFECT_TOKENS]
-            logits = forward(models, ids, shape, d.num_layers, progress=progress, desc="functional")
+            logits = forward(models, ids, shape, d.num_layers, progress=progress, desc="functional", device=device)
             if EXACT_SILU in logits:
                 exact = logits.pop(EXACT_SILU)
                 result["silu_effect"] = compare({"exact": exact, "table": logits["hardware"][:, : exact.shape[1]]}, "exact")["table"]
@@ -355,7 +359,7 @@ def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: 
             result["against_hardware"] = compare(logits, "hardware")
             result["against_checkpoint"] = {"hardware": result["against_hardware"]["checkpoint"]}
             del logits
-            generated = greedy([m for m in models if m.name != EXACT_SILU], inputs.prompt_ids, tokens, shape, d.num_layers, progress)
+            generated = greedy([m for m in models if m.name != EXACT_SILU], inputs.prompt_ids, tokens, shape, d.num_layers, progress, device)
     except NonFinite as e:
         result.update(ok=False, nonfinite={"model": e.model, "layer": e.layer, "site": e.site}, error=str(e))
         result["saturation"] = hw_num.stats.saturation_list()

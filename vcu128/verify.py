@@ -457,11 +457,15 @@ def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt
         ports, parts, assumptions = folder_layout(hw)
         doc = read_manifest(hw, required=False) or {}
         inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
-        if device != "cpu":
-            log.info(f"verify: --device {device}: the functional check runs on the CPU in this version")
+        if str(device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
         result["functional"] = functional_check(
             qdir, hw, ports, parts, assumptions, inputs, tokens, numerics, model, centred_variance,
             lm_head_from_checkpoint, doc.get("fp16_rescale") if doc else _compile_rescale(ckpt.qdir, hw, compile_dir), progress,
+            device,
         )
         result["functional"]["seconds"] = time.perf_counter() - start
     path = Path(hw).parent / REPORT_NAME
