@@ -169,3 +169,17 @@ def test_word_index_helpers_agree_with_the_layout(chin):
         row = pack_linear_rows(np.zeros((1, chin), np.int8), s)[0]
         assert np.flatnonzero(row).tolist() == [scale_word_index(g)], g
         assert row[scale_word_index(g)] == 0x3C00 << (16 * (g % 2))
+
+
+@pytest.mark.parametrize("code", ["twos", "sign_magnitude"])
+def test_board_words_to_offset_binary_bytes(code):
+    """The emulator reads a packed output layer byte for byte: q + 8 nibbles, input 2k low."""
+    from vcu128.formats import offset_binary_bytes, split_linear_rows
+
+    rng = np.random.default_rng(4)
+    q = rng.integers(-7, 8, (3, 2048 + 896)).astype(np.int8)
+    s = rng.uniform(0.01, 0.1, (3, (2048 + 896) // 128)).astype(np.float16)
+    words, halves = split_linear_rows(pack_linear_rows(q, s, code), q.shape[1])
+    b = offset_binary_bytes(words, code)
+    assert np.array_equal(np.stack([(b & 15).astype(int) - 8, (b >> 4).astype(int) - 8], -1).reshape(3, -1), q)
+    assert np.array_equal(halves[:, : s.shape[1]].view("<f2"), s)

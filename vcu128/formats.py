@@ -187,9 +187,9 @@ def pack_linear_rows(q: np.ndarray, scales: np.ndarray, code: str = "twos") -> n
     return out
 
 
-def unpack_linear_rows(words: np.ndarray, chin: int, code: str = "twos") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of pack_linear_rows: (int8 [rows, chin], fp16 [rows, chin/128], uint32 padding
-    half-words after the last scale, which must be zero)."""
+def split_linear_rows(words: np.ndarray, chin: int) -> tuple[np.ndarray, np.ndarray]:
+    """The board's rows, uint32 [rows, row_words(chin)], split into their weight words [rows, chin/8]
+    and their scale half-words [rows, 16 * chunks] (the scales, then the zero padding)."""
     rows = words.shape[0]
     if words.shape[1] != row_words(chin):
         raise ValueError(f"rows of {words.shape[1]} words, expected {row_words(chin)} for chin={chin}")
@@ -202,9 +202,28 @@ def unpack_linear_rows(words: np.ndarray, chin: int, code: str = "twos") -> tupl
         n = min(WEIGHT_WORDS_PER_CHUNK, chin // 8 - WEIGHT_WORDS_PER_CHUNK * i)
         weight_words[:, WEIGHT_WORDS_PER_CHUNK * i : WEIGHT_WORDS_PER_CHUNK * i + n] = words[:, pos : pos + n]
         pos += n
+    return weight_words, scale_words.view("<u2")
+
+
+def unpack_linear_rows(words: np.ndarray, chin: int, code: str = "twos") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of pack_linear_rows: (int8 [rows, chin], fp16 [rows, chin/128], uint32 padding
+    half-words after the last scale, which must be zero)."""
+    weight_words, halves = split_linear_rows(words, chin)
     groups = chin // GROUP_SIZE
-    halves = scale_words.view("<u2")
     return unpack_nibbles(weight_words, code=code), halves[:, :groups].view("<f2"), halves[:, groups:]
+
+
+# A byte of weight words holds two nibbles, input 2k low: as offset-binary (q + 8, what GPTQ and
+# the emulator's Int4Weight store), a two's-complement nibble is the same bits with the top one flipped.
+_OFFSET_BYTES = {
+    "twos": np.arange(256, dtype=np.uint8) ^ 0x88,
+    "sign_magnitude": np.array([((_NIBBLES_SIGN_MAGNITUDE[b, 0] + 8) | ((_NIBBLES_SIGN_MAGNITUDE[b, 1] + 8) << 4)) for b in range(256)], np.uint8),
+}
+
+
+def offset_binary_bytes(weight_words: np.ndarray, code: str = "twos") -> np.ndarray:
+    """Weight words [rows, chin/8] to bytes [rows, chin/2] of q + 8 nibbles (input 2k in the low one)."""
+    return _OFFSET_BYTES[code][np.ascontiguousarray(weight_words).view(np.uint8)]
 
 
 def weight_word_index(col: int) -> int:

@@ -40,7 +40,8 @@ from .formats import (
     open_port_files,
     read_port_rows,
     row_words,
-    unpack_linear_rows,
+    offset_binary_bytes,
+    split_linear_rows,
 )
 from .model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS, read_model_config
 from .progress import bar
@@ -135,12 +136,18 @@ class OutputLayer:
 
     def __init__(self, vocab: int, int4: Int4Weight | None = None, rows_fn=None):
         self.vocab, self.int4, self.rows_fn = vocab, int4, rows_fn
+        self.dense = None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do)."""
         if self.int4 is not None:
             self.int4 = self.int4.to(h.device)  # moved once: greedy decoding uses it every token
             return self.int4.apply(h)
+        if h.is_cuda:  # a GPU holds the fp16 table once, instead of reading it again for every token
+            if self.dense is None:
+                self.dense = torch.cat([self.rows_fn(a, min(a + VOCAB_SLICE, self.vocab)).to(h.device, torch.float16)
+                                        for a in range(0, self.vocab, VOCAB_SLICE)])
+            return h @ self.dense.float().T
         out = torch.empty(h.shape[0], self.vocab, device=h.device)
         for start in range(0, self.vocab, VOCAB_SLICE):
             stop = min(start + VOCAB_SLICE, self.vocab)
@@ -148,22 +155,18 @@ class OutputLayer:
         return out
 
 
-def nibble_bytes(q: np.ndarray) -> np.ndarray:
-    """Signed ints [rows, chin] to Int4Weight's bytes: inputs 2k and 2k+1 as q + 8, low nibble first."""
-    u = (q.astype(np.int16) + 8).astype(np.uint8)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
 def packed_output_layer(hw: Path, hidden: int, vocab: int, ports: int, int4: str) -> OutputLayer:
-    """The folder's int4 output layer, decoded once from its port files into Int4Weight form."""
+    """The folder's int4 output layer, taken once from its port words into Int4Weight form (byte for
+    byte: its nibbles are already in input order)."""
     files = open_port_files([hw / f"{OUT_WEIGHT_STEM}_HBM_DDR_{p:02d}.bin" for p in range(ports)], vocab, row_words(hidden))
     nibbles = np.empty((vocab, hidden // 2), np.uint8)
     scales = np.empty((vocab, hidden // 128), np.float32)
     step = max(ports, VOCAB_SLICE // ports * ports)
     for start in range(0, vocab, step):
         stop = min(start + step, vocab)
-        q, s, _ = unpack_linear_rows(read_port_rows(files, start, stop), hidden, int4)
-        nibbles[start:stop], scales[start:stop] = nibble_bytes(q), s
+        weight_words, halves = split_linear_rows(read_port_rows(files, start, stop), hidden)
+        nibbles[start:stop] = offset_binary_bytes(weight_words, int4)
+        scales[start:stop] = halves[:, : hidden // 128].view("<f2")
     return OutputLayer(vocab, Int4Weight(torch.from_numpy(nibbles), torch.from_numpy(scales)))
 
 
