@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,13 @@ class BitReport:
     @property
     def ok(self) -> bool:
         return not self.differences
+
+    def merge(self, other: "BitReport") -> None:
+        for d in other.differences:
+            self.add(d)
+        self.more += other.more
+        self.files_checked += other.files_checked
+        self.bytes_checked += other.bytes_checked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +250,6 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
                 raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={doc.get('model', {}).get(key)!r}, but the checkpoint's config.json says {value!r}")
     int4 = assumptions.get("int4", "twos")
     rescale = (doc or {}).get("fp16_rescale") if doc is not None else _compile_rescale(ckpt.qdir, hw, compile_dir)
-    counter: dict = {}
     if int4 not in INT4_CODES:
         raise VCUError(f"{hw / MANIFEST_NAME}: assumptions.int4 is {int4!r}, expected one of {', '.join(INT4_CODES)}")
     compile_dir = find_compile_dir(ckpt.qdir, hw, compile_dir)
@@ -249,28 +257,38 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
     report = BitReport()
     expected_files: set[str] = set()
 
-    for layer in bar(range(d.num_layers), "verify", "layer", enabled=progress):
+    def check_layer(layer: int) -> tuple[BitReport, set[str]]:
+        """One decoder layer's files, into a report of its own (layers are checked side by side)."""
+        part, files = BitReport(), set()
         factors = module_factors(rescale, layer)
         for lin in LINEARS:
             f = factors.get(lin.module, 1.0)
             name = lin.name(layer)
             chin, chout = d.linear_shape(lin)
             stem, bias_file = hw_linear_stems(layer, lin)
-            expected_files.update(port_file(stem, p) for p in range(ports))
-            expected_files.add(bias_file)
+            files.update(port_file(stem, p) for p in range(ports))
+            files.add(bias_file)
             qweight, scales = ckpt.get(f"{name}.qweight"), ckpt.get(f"{name}.scales")
             check_packed_linear(
-                report, hw, stem, chin, chout, ports,
-                lambda a, b, qw=qweight, sc=scales, f=f: (ckpt.signed_weights(qw[:, a:b]), scale_fp16(np.ascontiguousarray(sc[:, a:b].T), f, counter)),
+                part, hw, stem, chin, chout, ports,
+                lambda a, b, qw=qweight, sc=scales, f=f: (ckpt.signed_weights(qw[:, a:b]), scale_fp16(np.ascontiguousarray(sc[:, a:b].T), f, {})),
                 int4,
             )
             bias = ckpt.get_fp16(f"{name}.bias") if ckpt.has(f"{name}.bias") else np.zeros(chout, np.float16)
-            check_bias_words(report, hw, bias_file, scale_fp16(bias, f, counter))
+            check_bias_words(part, hw, bias_file, scale_fp16(bias, f, {}))
         for norm, board in LAYER_NORMS:
             rel = hw_layer_norm_file(layer, board)
-            expected_files.add(rel)
+            files.add(rel)
             w = ckpt.get_fp16(f"model.layers.{layer}.{norm}.weight")
-            check_fp16_file(report, hw, rel, np.concatenate([w, np.zeros_like(w)]), f"{norm} weight, then zeros")
+            check_fp16_file(part, hw, rel, np.concatenate([w, np.zeros_like(w)]), f"{norm} weight, then zeros")
+        return part, files
+
+    # numpy and file reads release the GIL: on a many-core host the layers check side by side; the
+    # reports are merged in layer order, so the differences read the same on any machine.
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        for part, files in bar(pool.map(check_layer, range(d.num_layers)), "verify", "layer", d.num_layers, progress):
+            report.merge(part)
+            expected_files |= files
 
     # The output layer: ints and scales as lm_head.py wrote them, bias words of a zero bias.
     lm = sw_lm_head_paths(compile_dir)
@@ -288,7 +306,7 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
         for i in range(parts):
             rel = f"{EMBEDDING_DIR}/{embedding_part_file(i + 1, parts)}"
             expected_files.add(rel)
-            want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), 2.0 ** -(rescale or {}).get("k", 0), counter)
+            want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), 2.0 ** -(rescale or {}).get("k", 0), {})
             check_fp16_file(report, hw, rel, want, f"embedding row {i * rows}+", d.hidden)
     else:
         report.add(f"{EMBEDDING_DIR}/: no embedding parts recorded in {MANIFEST_NAME} (run embedding_tokens.py)")
