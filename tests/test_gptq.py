@@ -263,3 +263,18 @@ def test_a_run_that_fails_half_way_leaves_nothing_behind(tiny_model, tmp_path, m
     with pytest.raises(VCUError, match=r"model.layers.1.self_attn.q_proj\+k_proj\+v_proj: the Hessian"):
         quantize_model(tiny_model, tmp_path / "q", QuantizeOptions(**FAST, report=False))
     assert list(tmp_path.iterdir()) == []  # layer 0's shard was written, and removed with the stage
+
+
+def test_a_gptqmodel_fallback_to_round_to_nearest_fails_loudly():
+    """GPTQModel logs a module it could not solve and falls back to RTN (exit 0, RTN's error): the
+    watch turns that into one error."""
+    import logging
+
+    from vcu128.quantize import FallbackWatch
+
+    with FallbackWatch() as watch:
+        logging.getLogger("gptqmodel.looper").info("layer 3 done")
+        watch.check()  # nothing seen yet
+        logging.getLogger("gptqmodel.looper").warning("model.layers.3.mlp.down_proj: Hessian contains non-finite values; fallback to RTN")
+    with pytest.raises(VCUError, match=r"GPTQModel fell back from GPTQ for 1 module\(s\): model.layers.3.mlp.down_proj: Hessian contains non-finite"):
+        watch.check()
