@@ -203,12 +203,12 @@ class FallbackWatch(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
         self.seen: list[str] = []
-        self.records: set[int] = set()
+        self.last: logging.LogRecord | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if id(record) in self.records:  # watched at GPTQModel's logger and at the root: count it once
+        if record is self.last:  # watched at GPTQModel's logger and at the root: the same record twice in a row
             return
-        self.records.add(id(record))
+        self.last = record
         message = record.getMessage()
         if any(p in message.lower() for p in self.PATTERNS):
             self.seen.append(message.splitlines()[0][:200])
