@@ -9,7 +9,7 @@ import logging
 import sys
 
 from vcu128.compile_sw import compile_software
-from vcu128.errors import ArgumentParser, positive_int, run_cli
+from vcu128.errors import ArgumentParser, run_cli
 
 
 def main(argv=None):

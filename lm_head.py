@@ -10,7 +10,7 @@ Prints the relative error ||W - W_hat|| / ||W|| of the method used.
 import logging
 import sys
 
-from vcu128.errors import ArgumentParser, positive_int, run_cli
+from vcu128.errors import ArgumentParser, run_cli
 from vcu128.lm_head import ALL_METHODS, quantize_lm_head
 
 

@@ -5,7 +5,6 @@ and layer 1's MLP intermediate 2^10 larger, both planted exactly (fp32 answers a
 import json
 import shutil
 
-import numpy as np
 import pytest
 from conftest import FAST, export_all
 

@@ -289,7 +289,7 @@ class LayerQuantizer:
             return layer.post_attention_layernorm(h[p])
 
         self.quantize(GATE_UP, self.hessian(residual, "gate/up_proj"), prefix)
-        del a
+        a = None  # the attention buffer is not needed past here (when it is not h)
 
         def mlp_inner(p):
             m = layer.post_attention_layernorm(h[p])
@@ -383,14 +383,13 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
                 log.warning(f"warning: {e}; retrying layer {i} and the rest of the model in float32")
                 dtype = torch.float32
                 x = kept.to(dtype)
-                del kept
                 weights.load_module(layer, prefix, device, dtype)
                 position_embeddings = tuple(t.to(dtype) for t in position_embeddings)
                 mask = None if mask is None else mask.to(dtype)
                 lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run, qmin, mask)
                 lq.run_layer(prefix)
                 run.retried.append({"layer": i, "where": e.where, "from": str(e.dtype).replace("torch.", ""), "to": "float32"})
-            kept = None
+            del kept
             run.activation_stats.append({"max_abs": {k: v[0] for k, v in lq.stats.items()},
                                          **({"gate_range": lq.stats["gate"][1:]} if "gate" in lq.stats else {})})
             run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, layer, lq.results))
