@@ -270,8 +270,10 @@ def test_a_gptqmodel_fallback_to_round_to_nearest_fails_loudly():
     watch turns that into one error."""
     import logging
 
+    from vcu128.errors import quiet_third_party
     from vcu128.quantize import FallbackWatch
 
+    quiet_third_party()  # as every command line runs: GPTQModel's logger at errors only
     with FallbackWatch() as watch:
         logging.getLogger("gptqmodel.looper").info("layer 3 done")
         watch.check()  # nothing seen yet

@@ -214,13 +214,18 @@ class FallbackWatch(logging.Handler):
             self.seen.append(message.splitlines()[0][:200])
 
     def __enter__(self) -> "FallbackWatch":
+        # The CLI quiets GPTQModel's logger to errors; its warnings are what this watches for.
+        self.logger = logging.getLogger("gptqmodel")
+        self.saved_level = self.logger.level
+        self.logger.setLevel(min(self.saved_level or logging.WARNING, logging.WARNING))
         logging.getLogger().addHandler(self)
-        logging.getLogger("gptqmodel").addHandler(self)
+        self.logger.addHandler(self)
         return self
 
     def __exit__(self, *exc) -> None:
         logging.getLogger().removeHandler(self)
-        logging.getLogger("gptqmodel").removeHandler(self)
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved_level)
 
     def check(self) -> None:
         if self.seen:
