@@ -19,7 +19,7 @@ from .direct_io import DirectWriter
 from .board import check_board_tensors
 from .errors import VCUError, set_writing
 from .formats import SW_QWEIGHT_DIR, sw_lm_head_paths
-from .output import StepResult, check_free_space, folder_lock, read_step_record, remove_stale, signals_deferred, write_step_record
+from .output import StepResult, check_free_space, folder_lock, read_step_record, remove_stale, signals_deferred, stage_tag, write_step_record
 from .parallel import ordered_map, rows_per_block
 from .progress import bar
 from .quant import METHODS, dequantize_rows, quantize_rows, squared_error
@@ -111,26 +111,27 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
         for name in final.values():
             remove_stale(folder, name.name)
         check_free_space(folder / "x", dims.vocab * dims.hidden * 4)
-        partial = {k: p.with_name(f".{p.name}.partial-{os.getpid()}") for k, p in final.items()}
-        try:
-            with DirectWriter(partial["qweight"], background=True) as fq, DirectWriter(partial["scales"], 1 << 20) as fs:
-                for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
-                    fq.write(q)
-                    fs.write(scales.astype("<f2"))
-                    err, ref = err + e, ref + n
-            error = None if method == "checkpoint" else (err / ref) ** 0.5 if ref else 0.0
-            with signals_deferred():
-                for k in final:
-                    os.replace(partial[k], final[k])
-                write_step_record(out, STEP, made_from, [str(p.relative_to(out)) for p in final.values()],
-                                  relative_error=error)
-            ok = True
-        finally:
-            for p in partial.values():
-                p.unlink(missing_ok=True)
-            if not ok:
-                for p in reversed(created):
-                    with contextlib.suppress(OSError):
-                        p.rmdir()
+        partial = {k: p.with_name(f".{p.name}.partial-{stage_tag()}") for k, p in final.items()}
+        for p in partial.values():  # claimed now: a second run on these files sees a live one
+            p.touch()
+    try:
+        with DirectWriter(partial["qweight"], background=True) as fq, DirectWriter(partial["scales"], 1 << 20) as fs:
+            for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
+                fq.write(q)
+                fs.write(scales.astype("<f2"))
+                err, ref = err + e, ref + n
+        error = None if method == "checkpoint" else (err / ref) ** 0.5 if ref else 0.0
+        with folder_lock(out), signals_deferred():
+            for k in final:
+                os.replace(partial[k], final[k])
+            write_step_record(out, STEP, made_from, [str(p.relative_to(out)) for p in final.values()], relative_error=error)
+        ok = True
+    finally:
+        for p in partial.values():
+            p.unlink(missing_ok=True)
+        if not ok:
+            for p in reversed(created):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
     nbytes = sum(p.stat().st_size for p in final.values())
     return StepResult("lm_head", out / SW_QWEIGHT_DIR, 2, nbytes, time.perf_counter() - start), method, error

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,23 +75,55 @@ def check_out(target: Path, step: str, owns: Owns, inputs=(), force: bool = Fals
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Serialise steps writing into one folder: a second run is refused, not interleaved."""
+    """A short lock on one folder while a step looks at, creates or swaps the staging folders of its
+    targets there (held for renames, not for the step's work: other targets in the folder go on)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VCUError(f"{folder}: another compiler-vcu128 step is writing here right now; wait for it to finish") from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
+HOST = socket.gethostname()
+
+
+def stage_tag() -> str:
+    """What names a run in its staging paths: `pid@host`, so a later run can tell a live run's
+    staging folder from a killed one's."""
+    return f"{os.getpid()}@{HOST}"
+
+
+def _staging_run(path: Path, name: str) -> tuple[int, str] | None:
+    """(pid, host) of the run a staging path belongs to; None for one this version cannot name
+    (an earlier version's, or a finished run's trash)."""
+    rest = path.name[len(f".{name}.partial-"):]
+    pid, _, host = rest.partition("@")
+    if not host or not pid.isdigit():
+        return None
+    return int(pid), host.split("@")[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def remove_stale(parent: Path, name: str, owns: Owns | None = None) -> None:
-    """With the lock held, any staging folder of `name` was left by a killed run: remove it (it
-    only ever holds what the step wrote) and say so. A `.old` folder (a run killed while swapping,
+    """With the folder locked: a staging path of `name` whose run is alive means another run is
+    writing the same target (refused); one whose run is gone was left by a killed run (removed,
+    and said: it only ever holds what the step wrote). A `.old` folder (a run killed while swapping,
     a window of a few renames) may hold other steps' files: they go back where they were."""
     for p in sorted(parent.glob(f".{name}.partial-*")):
+        run = _staging_run(p, name)
+        if run is not None and run[0] != os.getpid() and (run[1] != HOST or _alive(run[0])):
+            raise VCUError(f"{parent / name}: another run (pid {run[0]} on {run[1]}) is writing it right now; wait for it to finish",
+                           f"if that run is gone, remove {p}")
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         log.warning(f"warning: removed {p}: a staging folder left by a killed run")
     for old in sorted(parent.glob(f".{name}.old-*")):
@@ -141,7 +174,7 @@ def signals_deferred() -> Iterator[None]:
 
 
 def make_stage(parent: Path, name: str) -> Path:
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{stage_tag()}@", dir=parent))
     os.chmod(stage, FOLDER_MODE)  # mkdtemp makes it 0700; the board's loader may run as another user
     return stage
 
@@ -163,20 +196,25 @@ def staged_dir(target: Path, step: str = "this step", owns: Owns | None = None, 
         remove_stale(target.parent, target.name, owns)
         mode = check_out(target, step, owns, inputs, force, flag)  # again: a killed run's output may be back
         check_free_space(target, need_bytes)
-        stage = make_stage(target.parent, target.name)
-        try:
-            yield stage
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        _swap_in(stage, target, owns(target) if mode == "own" else None, carry=mode == "own")
+        stage = make_stage(target.parent, target.name)  # from here on, a second run on this target is refused
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    with folder_lock(target.parent):
+        trash = _swap_in(stage, target, owns(target) if mode == "own" else None, carry=mode == "own")
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
-def _swap_in(stage: Path, target: Path, owned: set[str] | None, carry: bool) -> None:
+def _swap_in(stage: Path, target: Path, owned: set[str] | None, carry: bool) -> Path | None:
+    """Renames only: the old output aside, the stage in, what it does not own carried over. Returns
+    the old output's remains to delete (after the lock is released: deleting gigabytes takes time)."""
     with signals_deferred():
         if not target.exists():
             os.replace(stage, target)
-            return
+            return None
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, old)
         os.replace(stage, target)
@@ -187,7 +225,7 @@ def _swap_in(stage: Path, target: Path, owned: set[str] | None, carry: bool) -> 
                     os.replace(old / rel, target / rel)
         trash = target.parent / f".{target.name}.partial-{os.getpid()}-done"
         os.replace(old, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    return trash
 
 
 def check_free_space(target: Path, need_bytes: int | None) -> None:
