@@ -29,7 +29,8 @@ def test_peak_memory_is_bounded_by_blocks_not_tensors(tmp_path):
     # embedding and lm_head 131072 x 1024 fp16: 256 MB each (the 7B ones are 1 GB)
     spec = SyntheticSpec(hidden=1024, intermediate=1024, num_layers=2, num_heads=8, num_kv_heads=2, vocab=131072)
     qdir = write_gptq_checkpoint(tmp_path / "q", spec)
-    # measured: 112, 370, 203 MB; a whole-tensor read would be 256 MB more (lm_head: 2 GB more)
+    # measured: 112, 370, 203 MB; a whole-tensor read would be 256 MB more (lm_head: 2 GB more).
+    # hardware then imports torch for the RoPE table (transformers' float32 arithmetic): 300-360 MB.
     assert peak_rss_mb("compile_sw.py", "--quantize_model", str(qdir)) < 200
     assert peak_rss_mb("lm_head.py", "--quantize_model", str(qdir)) < 500
-    assert peak_rss_mb("hardware.py", "--compile_dir", str(qdir / "compile")) < 320
+    assert peak_rss_mb("hardware.py", "--compile_dir", str(qdir / "compile")) < 480
