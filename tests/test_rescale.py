@@ -46,6 +46,10 @@ def test_the_plan_reaches_4x_headroom():
     stats["layers"][0]["max_abs"]["gate"] = 70000.0
     with pytest.raises(VCUError, match=r"layer 0, gate: largest \|value\| 70000.0 passes the fp16 range and no rescaling factor reaches this site"):
         plan_from_stats(stats, 2)
+    # a maximum that was not finite reaches the JSON report as null: it is an overflow, not a 0
+    nulls = {"layers": [{"layer": 0, "max_abs": {"residual_mlp": None, "gate": 10.0}}]}
+    with pytest.raises(VCUError, match=r"fp16 statistics hold an inf or NaN"):
+        plan_from_stats(nulls, 1)
 
 
 @pytest.fixture(scope="module")

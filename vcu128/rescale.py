@@ -58,15 +58,14 @@ def steps_needed(value: float) -> int:
 def plan_from_stats(stats: dict, num_layers: int) -> dict:
     """{'k': K, 'm': [m per layer], 'why': [...]} from per-layer site statistics; refuses sites
     that no factor reaches and that pass the fp16 range."""
-    layers = {row["layer"]: row["max_abs"] for row in stats.get("layers", []) if isinstance(row, dict)}
+    # A non-finite maximum is written to JSON as null: read it back as inf, not as 0.
+    layers = {row["layer"]: {site: float("inf") if v is None else v for site, v in row["max_abs"].items()}
+              for row in stats.get("layers", []) if isinstance(row, dict)}
     why = []
     for layer, sites in sorted(layers.items()):
         for site in UNREACHED_SITES:
-            v = sites.get(site)
-            if v is None or v > FP16_MAX:
-                if v is None and site not in sites:
-                    continue
-                raise VCUError(f"layer {layer}, {site}: largest |value| {v if v is not None else 'non-finite'} passes the fp16 range and "
+            if sites.get(site, 0.0) > FP16_MAX:
+                raise VCUError(f"layer {layer}, {site}: largest |value| {sites[site]} passes the fp16 range and "
                                "no rescaling factor reaches this site (the board would saturate it)",
                                "pass --fp16_rescale off to export anyway")
     residual = max((sites.get(s) or 0.0 for sites in layers.values() for s in RESIDUAL_SITES), default=0.0)

@@ -163,13 +163,23 @@ def _describe_row(report: BitReport, stem: str, row: int, ports: int, got: np.nd
     report.add(f"{_place(stem, row, ports)}, word {w} ({what}) is {int(got[w]):#010x}, expected {int(want[w]):#010x}")
 
 
-def check_bias_words(report: BitReport, hw: Path, rel: str, expected: np.ndarray) -> None:
+def read_checked(report: BitReport, hw: Path, rel: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A whole file of the folder, counted as checked; a missing or wrongly sized one is a difference
+    (and None)."""
     try:
-        words = BinFile(hw / rel, "<u4", (expected.shape[0],)).read()
+        data = BinFile(hw / rel, dtype, shape).read()
     except VCUError as e:
-        return report.add(str(e).replace(str(hw) + "/", ""))
+        report.add(str(e).replace(str(hw) + "/", ""))
+        return None
     report.files_checked += 1
-    report.bytes_checked += words.nbytes
+    report.bytes_checked += data.nbytes
+    return data
+
+
+def check_bias_words(report: BitReport, hw: Path, rel: str, expected: np.ndarray) -> None:
+    words = read_checked(report, hw, rel, "<u4", (expected.shape[0],))
+    if words is None:
+        return
     mult, bias = unpack_bias_words(words)
     bad = np.flatnonzero((mult != BIAS_MULTIPLIER) | (bias.view("<u2") != expected.astype("<f2").view("<u2")))
     if bad.size:
@@ -179,12 +189,9 @@ def check_bias_words(report: BitReport, hw: Path, rel: str, expected: np.ndarray
 
 
 def check_fp16_file(report: BitReport, hw: Path, rel: str, expected: np.ndarray, what: str, row_len: int | None = None) -> None:
-    try:
-        got = BinFile(hw / rel, "<f2", expected.shape).read()
-    except VCUError as e:
-        return report.add(str(e).replace(str(hw) + "/", ""))
-    report.files_checked += 1
-    report.bytes_checked += got.nbytes
+    got = read_checked(report, hw, rel, "<f2", expected.shape)
+    if got is None:
+        return
     bad = np.flatnonzero(got.view("<u2").ravel() != expected.astype("<f2").view("<u2").ravel())
     if bad.size:
         i = int(bad[0])
@@ -401,12 +408,9 @@ def _silu_place(i: int) -> str:
 
 
 def check_table_words(report: BitReport, hw: Path, rel: str, want: np.ndarray, place) -> None:
-    try:
-        got = BinFile(hw / rel, "<u2", want.shape).read()
-    except VCUError as e:
-        return report.add(str(e).replace(str(hw) + "/", ""))
-    report.files_checked += 1
-    report.bytes_checked += got.nbytes
+    got = read_checked(report, hw, rel, "<u2", want.shape)
+    if got is None:
+        return
     bad = np.flatnonzero(got.view("<u2") != want.view("<u2"))
     if bad.size:
         i = int(bad[0])
