@@ -5,6 +5,7 @@ and layer 1's MLP intermediate 2^10 larger, both planted exactly (fp32 answers a
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import FAST, export_all
 
@@ -94,3 +95,31 @@ def test_auto_without_statistics_warns_and_leaves_the_export_alone(make_checkpoi
     export_all(qdir)
     assert "no fp16 statistics (quant_report.json has none): not rescaled" in caplog.text
     assert "vcu128_fp16_rescale" not in json.loads((qdir / "compile" / "config.json").read_text())
+
+
+def test_rescaled_bytes_are_the_checkpoints_times_powers_of_two(both):
+    """FORMAT.md 7, checked here without the export's own code: embedding rows, o_proj and down_proj
+    scales times 2^-k, up_proj scales times 2^-m, down_proj's times 2^m too; the ints unchanged."""
+    from safetensors import safe_open
+
+    work, hw, _ = both["auto"]
+    plan = json.loads((hw / "manifest.json").read_text())["fp16_rescale"]
+    k, m = plan["k"], plan["m"]
+    index = json.loads((work / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def ck(name):
+        with safe_open(work / index[name], "np") as f:
+            return f.get_tensor(name)
+
+    part = np.fromfile(hw / "Embedding" / "Embedding_01-of-16.bin", "<f2").reshape(-1, 256)
+    emb = ck("model.embed_tokens.weight")[: part.shape[0]].astype(np.float32) * 2.0**-k
+    assert np.array_equal(part.view("<u2"), emb.astype(np.float16).view("<u2"))
+    sw = work / "compile" / "qwen2_qweight_bin"
+    for layer in (0, 1):
+        for module, power in (("self_attn.o_proj", -k), ("mlp.up_proj", -m[layer]), ("mlp.down_proj", m[layer] - k)):
+            name = f"model.layers.{layer}.{module}"
+            got = np.fromfile(sw / f"{name}.scales.bin", "<f2")
+            want = (ck(f"{name}.scales").T.astype(np.float32) * 2.0**power).astype(np.float16).ravel()
+            assert np.array_equal(got.view("<u2"), want.view("<u2")), name
+        q = np.fromfile(sw / f"model.layers.{layer}.mlp.down_proj.qweight.bin", "<i4")
+        assert q.min() >= -8 and q.max() <= 7
