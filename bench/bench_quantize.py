@@ -11,20 +11,15 @@ every run). Each quantization runs in its own process, so its peaks are its own.
 
 A run is `defaults` (GPTQModel.load + quantize(batch_size=1) + save, nothing else set) or
 `project[:engine=vcu128|gptqmodel,bs=N]` (vcu128.quantize with this project's defaults: its own GPTQ
-engine; with engine=gptqmodel also offload=0|1,pack=original|gpu|cpu,tf32=0|1,seq=0|1), or `check`
-(the CUDA-graph GPTQ block solver against the same GPTQ on the CPU, before the runs).
-Needs a CUDA GPU, GPTQModel and about 16 GB of free disk a 28-layer model. On a GPU machine that has
-torch and transformers but no internet (Python 3.12), carry GPTQModel and what it lacks as wheels, built
-on a machine with internet and a Python 3.12:
+engine; with engine=gptqmodel also offload=0|1,pack=original|gpu|cpu,tf32=0|1,seq=0|1), `check`
+(the fused Triton block solver against the eager one on the GPU and the CPU, and the whole engine in
+bf16 on the GPU against the CPU) or `parts` (seconds of GPTQ's pieces at a 7B's shapes); those two
+run before the runs.
+Needs a CUDA GPU, GPTQModel (for `defaults`) and about 16 GB of free disk a 28-layer model. On a GPU
+machine with no internet, carry GPTQModel as wheels: `bash bench/gptqmodel_offline.sh download` here
+fills .whl/, `source bench/gptqmodel_offline.sh install` there builds and installs it.
 
-    python3.12 -m pip wheel --no-deps -w .whl pypcre==0.6.4 gptqmodel==7.6.0 device-smi==0.5.7 \
-        tokenicer==0.0.14 logbar==0.4.15 defuser==0.0.28
-    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-        torchao==0.18.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-    # there: pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-
-Measured results: bench/results/quantize_h100_{defaults,project}.json, and the table in README.md.
+Measured results: bench/results/quantize_h200_28L.json (and the older H100 files), and the table in README.md.
 """
 
 from __future__ import annotations
@@ -105,11 +100,12 @@ def quantize(model_dir: Path, out: Path, run: str, nsamples: int, seqlen: int) -
 
 
 def solver_check() -> dict:
-    """The CUDA-graph block solver against the same GPTQ run eagerly on the CPU, on one
-    down_proj-shaped matrix: how many ints differ (float rounding order only) and the output error of each."""
+    """The fused Triton block solver against the eager one, on one down_proj-shaped problem: both on
+    the GPU from the same Hessian factor (so only the kernel differs), and the eager one on the CPU:
+    how many ints differ (float rounding order only) and the output error of each."""
     import torch
 
-    from vcu128.gptq import add_to_hessian, dequantize, gptq_quantize
+    from vcu128.gptq import add_to_hessian, dequantize, gptq_quantize, solve_block_eager
 
     torch.manual_seed(0)
     rows, cols, n = 512, 2048, 8192
@@ -118,7 +114,8 @@ def solver_check() -> dict:
     H = torch.zeros(cols, cols, device="cuda")
     add_to_hessian(H, X)
     H *= 2 / n
-    q_gpu, s_gpu = gptq_quantize(W, H.clone(), "check")
+    q_kernel, s_kernel = gptq_quantize(W, H.clone(), "check")
+    q_eager, s_eager = gptq_quantize(W, H.clone(), "check", solve=solve_block_eager)
     q_cpu, s_cpu = gptq_quantize(W.cpu(), H.cpu(), "check")
     Xf = X.float()
 
@@ -127,11 +124,55 @@ def solver_check() -> dict:
 
     return {
         "model_bf16": engine_check(),
-        "int_mismatch_fraction": float((q_gpu.cpu() != q_cpu).float().mean()),
-        "scale_max_diff": float((s_gpu.cpu() - s_cpu).abs().max()),
-        "error_gpu_graph": err(q_gpu, s_gpu),
+        "int_mismatch_kernel_vs_eager_gpu": float((q_kernel != q_eager).float().mean()),
+        "int_mismatch_kernel_vs_eager_cpu": float((q_kernel.cpu() != q_cpu).float().mean()),
+        "scale_max_rel_diff": float(((s_kernel - s_eager).abs() / s_eager).max()),
+        "error_gpu_kernel": err(q_kernel, s_kernel),
+        "error_gpu_eager": err(q_eager, s_eager),
         "error_cpu_eager": err(q_cpu, s_cpu),
     }
+
+
+def parts() -> dict:
+    """Seconds of GPTQ's pieces at a 7B's shapes: the Hessian factor (this project's route and the
+    usual one), one whole solve of down_proj and of gate+up, and down_proj's Hessian over 16384 tokens
+    (one product, and the blocks on and above the diagonal)."""
+    import torch
+
+    from vcu128.gptq import HessianAccumulator, gptq_quantize, hessian_factor, hessian_inverse_factor_usual
+
+    def timed(fn, repeat=3):
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeat
+
+    torch.manual_seed(0)
+    out = {}
+    for n in (3584, 18944):
+        X = torch.randn(4 * n, n, device="cuda", dtype=torch.bfloat16)
+        H = torch.mm(X.T, X, out_dtype=torch.float32) / (4 * n)
+        out[f"factor_{n}"] = timed(lambda: hessian_factor(H.clone(), "h"))
+        out[f"factor_usual_route_{n}"] = timed(lambda: hessian_inverse_factor_usual(H.clone()))
+        for rows, name in ((3584, "down") if n == 18944 else (37888, "gate_up"),):
+            W = 0.02 * torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+            out[f"gptq_{name}"] = timed(lambda: gptq_quantize(W, H.clone(), name), repeat=2)
+    x = torch.randn(16384, 18944, device="cuda", dtype=torch.bfloat16)
+
+    def hessian(split):
+        acc = HessianAccumulator(18944, torch.device("cuda"))
+        if not split:
+            acc.blocks = None
+        acc.add(x)
+        return acc.result()
+
+    out["hessian_down_16k_tokens_full"] = timed(lambda: hessian(False))
+    out["hessian_down_16k_tokens_split"] = timed(lambda: hessian(True))
+    out["hessian_split_max_rel_diff"] = float((hessian(True) - hessian(False)).abs().max() / hessian(False).abs().max())
+    return {k: round(v, 6) for k, v in out.items()}
 
 
 def engine_check() -> dict:
@@ -214,6 +255,8 @@ def main() -> None:
             print(json.dumps({}))
         elif kind == "check":
             print(json.dumps(solver_check()))
+        elif kind == "parts":
+            print(json.dumps(parts()))
         elif kind == "quantize":
             print(json.dumps(quantize(Path(rest[0]), Path(rest[1]), rest[2], args.nsamples, args.seqlen)))
         else:
@@ -224,12 +267,13 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_quantize.py needs a CUDA GPU (torch.cuda.is_available() is False)")
-    if "check" in args.runs:
-        r, _ = child(["--child", "check"], args.work / "check.log")
-        print(f"solver check: {json.dumps(r)}", file=sys.stderr, flush=True)
-        args.runs = [run for run in args.runs if run != "check"]
-        if not args.runs:
-            return
+    for kind in ("check", "parts"):
+        if kind in args.runs:
+            r, _ = child(["--child", kind], args.work / f"{kind}.log")
+            print(f"{kind}: {json.dumps(r)}", file=sys.stderr, flush=True)
+            args.runs = [run for run in args.runs if run != kind]
+    if not args.runs:
+        return
     model_dir = args.work / f"qwen2-7b-shape-{args.layers}L"
     # the fp16 model, plus a checkpoint a run (a quarter of it), with room to spare
     need = int((args.layers * 466e6 + 2 * 1.09e9) * (1 + 0.3 * len(args.runs)) * 1.1)
@@ -250,11 +294,16 @@ def main() -> None:
         results.append(q)
         print(json.dumps(q), file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name(0)
-    import gptqmodel
     import transformers
 
+    try:
+        import gptqmodel
+
+        gm_version = gptqmodel.__version__
+    except ImportError:
+        gm_version = "not installed"
     print(f"\n{args.layers} layers of Qwen2-7B shape, {args.nsamples} samples x {args.seqlen} tokens; {gpu}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, GPTQModel {gptqmodel.__version__}\n")
+          f"torch {torch.__version__}, transformers {transformers.__version__}, GPTQModel {gm_version}\n")
     print("| run | seconds | s / layer | GPU peak (GB) | host peak (GB) | mean layer error | max layer error |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for q in results:

@@ -280,3 +280,99 @@ def test_a_gptqmodel_fallback_to_round_to_nearest_fails_loudly():
         logging.getLogger("gptqmodel.looper").warning("model.layers.3.mlp.down_proj: Hessian contains non-finite values; fallback to RTN")
     with pytest.raises(VCUError, match=r"GPTQModel fell back from GPTQ for 1 module\(s\): model.layers.3.mlp.down_proj: Hessian contains non-finite"):
         watch.check()
+
+
+def textbook_gptq(W, H):
+    """GPTQ as the paper writes it (Frantar et al. 2022, Algorithm 1, without lazy batches), in float64:
+    U = Cholesky(H^-1) upper, one column at a time, each error spread over every later column through
+    U's row. Same damping, group order and fp16-rounded group scales as the engine."""
+    from vcu128.gptq import DAMP_PERCENT, group_scales
+
+    perm, order = group_aware_order(H.diagonal().clone())
+    W, H = W[:, perm].double(), H[perm][:, perm].double()
+    H.diagonal().add_(DAMP_PERCENT * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    q = torch.empty(W.shape, dtype=torch.int8)
+    scales = torch.empty(W.shape[0], W.shape[1] // 128)
+    for i in range(W.shape[1]):
+        if i % 128 == 0:
+            scale = group_scales(W[:, i : i + 128].float()).double()
+            scales[:, order[i // 128]] = scale.float()
+        qi = torch.clamp(torch.round(W[:, i] / scale), -8, 7)
+        e = (W[:, i] - qi * scale) / U[i, i]
+        W[:, i:] -= e[:, None] * U[i, i:][None, :]
+        q[:, perm[i]] = qi.to(torch.int8)
+    return q, scales
+
+
+def test_engine_is_the_textbook_algorithm():
+    """The engine reaches GPTQ's errors through R (H = R R^T) and lazy sums, in fp32, never forming
+    H^-1; the paper's column-at-a-time loop in float64 gives the same ints but for float rounding."""
+    W, X, H = correlated_problem(rows=64, cols=384)
+    q, scales = gptq_quantize(W, H.clone(), "test")
+    q_ref, scales_ref = textbook_gptq(W, H.clone())
+    assert (q == q_ref).float().mean() > 0.995, (q != q_ref).float().mean()
+    assert ((scales - scales_ref).abs() / scales_ref).max() < 2**-10
+    ours, ref = output_error(X, W, dequantize(q, scales)), output_error(X, W, dequantize(q_ref, scales_ref))
+    assert abs(ours - ref) < 1e-3 * ref, (ours, ref)
+
+
+def test_hessian_factor_is_the_reverse_cholesky_factor():
+    from vcu128.gptq import DAMP_PERCENT, hessian_factor, hessian_inverse_factor_usual
+
+    _, _, H = correlated_problem(rows=8, cols=256)
+    damped = H.double() + DAMP_PERCENT * H.diagonal().mean().double() * torch.eye(256, dtype=torch.float64)
+    R = hessian_factor(H.flip(0, 1).clone(), "test")
+    assert torch.equal(R, R.triu()) and (R.diagonal() > 0).all()
+    assert torch.allclose(R.double() @ R.double().T, damped, rtol=0, atol=1e-5 * float(damped.abs().max()))
+    U = hessian_inverse_factor_usual(damped)  # float64: the reference
+    assert torch.allclose(torch.linalg.inv(R.double()), U, rtol=0, atol=1e-4 * float(U.abs().max()))
+
+
+def test_hessian_accumulator_split_into_blocks_is_the_full_product():
+    from vcu128.gptq import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(300, 640, generator=g) for _ in range(3)]
+    full, split = HessianAccumulator(640, torch.device("cpu"), split=False), HessianAccumulator(640, torch.device("cpu"), split=True)
+    assert [(b.start, b.stop) for b in split.blocks] == [(0, 256), (256, 512), (512, 640)]
+    for x in chunks:
+        full.add(x)
+        split.add(x)
+    H_full, H_split = full.result(), split.result()
+    X = torch.cat(chunks).double()
+    assert torch.equal(H_split, H_split.T)
+    assert torch.allclose(H_split.double(), 2 * X.T @ X / 900, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(H_split, H_full, rtol=1e-5, atol=1e-5)
+
+
+def test_norms_and_biases_are_saved_from_the_source_not_the_calibration_copy():
+    """The calibration runs in bf16 on a GPU; an fp32 or fp16 model's norms and biases must reach the
+    checkpoint as the model's own values in fp16, not rounded to bf16 first."""
+    from vcu128.gptq_model import layer_tensors
+
+    bias = torch.tensor([1.0009765625, 3.14159, -2.71828, 1e-3], dtype=torch.float32)  # not bf16 values
+    source = {"p.self_attn.q_proj.weight": torch.zeros(4, 128), "p.self_attn.q_proj.bias": bias,
+              "p.input_layernorm.weight": bias.flip(0)}
+    out = layer_tensors("p", {"self_attn.q_proj": (torch.zeros(4, 128, dtype=torch.int8), torch.ones(4, 1))}, source)
+    assert torch.equal(out["p.self_attn.q_proj.bias"], bias.half()) and out["p.self_attn.q_proj.bias"][0] != bias.bfloat16().half()[0]
+    assert torch.equal(out["p.input_layernorm.weight"], bias.flip(0).half())
+    assert "p.self_attn.q_proj.weight" not in out and out["p.self_attn.q_proj.qweight"].shape == (16, 4)
+
+
+def test_keeping_the_mlp_product_changes_no_byte(tiny_model, tmp_path, monkeypatch):
+    """down_proj's input is kept where there is room and recomputed where there is not: the same values
+    either way, so the checkpoints are identical."""
+    import vcu128.gptq_model as gm
+
+    ids = np.random.default_rng(0).integers(0, 512, (4, 32))
+    kept, real = [], gm.LayerQuantizer.buffer
+    monkeypatch.setattr(gm.LayerQuantizer, "buffer", lambda self, width: kept.append(real(self, width)) or kept[-1])
+    gm.quantize_checkpoint(tiny_model, tmp_path / "kept", ids, "cpu", progress=False)
+    assert kept and all(b is not None and b.shape[:2] == (4, 32) for b in kept)
+    monkeypatch.setattr(gm.LayerQuantizer, "buffer", lambda self, width: None)
+    gm.quantize_checkpoint(tiny_model, tmp_path / "recomputed", ids, "cpu", progress=False)
+    shards = sorted(p.name for p in (tmp_path / "kept").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "recomputed").glob("*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "kept" / name).read_bytes() == (tmp_path / "recomputed" / name).read_bytes(), name

@@ -3,7 +3,8 @@
 The algorithm is GPTQ (Frantar et al., 2022) as GPTQModel 7.6 runs it by default: H = 2/N X^T X,
 damped by 5% of its mean diagonal (1% more on each failed Cholesky); columns quantized in blocks
 of 128, each column's rounding error spread over the columns not yet quantized through the upper
-Cholesky factor of H^-1; and GPTQModel's "act-group-aware" order (GAR): whole groups are taken in
+Cholesky factor of H^-1 (reached here through H's own factor, without forming H^-1: gptq_quantize);
+and GPTQModel's "act-group-aware" order (GAR): whole groups are taken in
 order of their largest H diagonal, and inside a group the columns by decreasing H diagonal. The
 groups stay the checkpoint's plain groups of 128 consecutive inputs (g_idx = input // 128), so
 the board sees an ordinary checkpoint. Two differences, both deliberate:
@@ -14,8 +15,8 @@ the board sees an ordinary checkpoint. Two differences, both deliberate:
   independently, so this is the same result for a third of the column loops.
 
 The column loop inside a block is sequential by nature: 128 steps of a few small kernels. On a
-GPU it is captured once per row count as a CUDA graph and replayed, which removes the per-kernel
-launch cost that otherwise dominates; on the CPU it runs eagerly.
+GPU one Triton kernel runs a whole block (gptq_triton.py: each program keeps a slice of rows in
+registers for the 128 steps); on the CPU it runs eagerly (solve_block_eager).
 """
 
 from __future__ import annotations
@@ -31,36 +32,83 @@ DAMP_PERCENT = 0.05  # GPTQModel 7.6's damp_percent and damp_auto_increment
 DAMP_STEP = 0.01
 
 
-def add_to_hessian(H: torch.Tensor, x: torch.Tensor) -> None:
-    """H += x^T x over the rows of x [tokens, chin], accumulated in fp32.
+def add_to_hessian(H: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    """H += x^T y (y defaults to x) over the rows of x, y [tokens, chin], accumulated in fp32.
 
     On a GPU, fp16/bf16 inputs go to the tensor cores with an fp32 output: the products of two
     16-bit values are exact in fp32, so this equals converting to fp32 first, at half the cost.
     """
     x = x.reshape(-1, x.shape[-1])
+    y = x if y is None else y.reshape(-1, y.shape[-1])
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        H.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+        H.add_(torch.mm(x.T, y, out_dtype=torch.float32))
     else:
-        H.addmm_(x.T.float(), x.float())
+        H.addmm_(x.T.float(), y.float())
 
 
-def hessian_inverse_factor(H: torch.Tensor, name: str) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1), with GPTQModel's damping
-    schedule. H is consumed (damped in place)."""
+class HessianAccumulator:
+    """H = 2/N sum x^T x over chunks of a linear's inputs (N the tokens), in fp32.
+
+    H is symmetric, so for wide inputs on a GPU (down_proj's 18944) only the blocks on and above the
+    diagonal are multiplied (10 of 16 in a 4 x 4 split) and mirrored at the end: a 7B's down_proj
+    Hessians are 2.6 of the run's 5.6 PFLOP, and this takes 1 PFLOP off. `split` forces the choice."""
+
+    SPLIT_FROM = 8192  # narrower inputs: one product is faster than ten smaller ones
+    SPLIT = 4
+
+    def __init__(self, n: int, device: torch.device, split: bool | None = None):
+        self.H = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.tokens = 0
+        if split is None:
+            split = torch.device(device).type == "cuda" and n >= self.SPLIT_FROM
+        size = -(-n // self.SPLIT // GROUP_SIZE) * GROUP_SIZE
+        self.blocks = [slice(i, min(i + size, n)) for i in range(0, n, size)] if split else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.tokens += x.shape[0]
+        if self.blocks is None:
+            add_to_hessian(self.H, x)
+            return
+        for i, a in enumerate(self.blocks):
+            for b in self.blocks[i:]:
+                add_to_hessian(self.H[a, b], x[:, a], x[:, b])
+
+    def result(self) -> torch.Tensor:
+        H = self.H
+        if self.blocks is not None:
+            for i, a in enumerate(self.blocks):
+                for b in self.blocks[i + 1 :]:
+                    H[b, a] = H[a, b].T
+        return H.mul_(2 / max(self.tokens, 1))
+
+
+def hessian_factor(H_reversed: torch.Tensor, name: str) -> torch.Tensor:
+    """R, upper triangular with H + damp I = R R^T (GPTQModel's damping schedule), from H with its
+    rows and columns in reverse order, J H J (consumed).
+
+    Factoring the reversed matrix, J H J = L L^T (J reverses the order), gives R = J L J. GPTQ is
+    usually written with U, the upper Cholesky factor of H^-1, reached by cholesky, cholesky_inverse
+    and cholesky again (about 2.7 n^3 flops, 18 TFLOP for a 7B's down_proj); U = R^-1, and
+    gptq_quantize needs only R and the inverses of its 128 x 128 diagonal blocks (n^3 / 3)."""
+    H = H_reversed
     step = DAMP_PERCENT * H.diagonal().mean()
     damp = DAMP_PERCENT
     H.diagonal().add_(step)
     while True:
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
-                return U
+            return L.flip(0, 1)
         damp += DAMP_STEP
         if damp >= 1:
             raise VCUError(f"{name}: the Hessian is not positive definite even with 100% damping "
                            "(calibration inputs degenerate: more or more varied --calib text)")
         H.diagonal().add_(step * DAMP_STEP / DAMP_PERCENT)
+
+
+def hessian_inverse_factor_usual(H: torch.Tensor) -> torch.Tensor:
+    """GPTQ's usual route to U (no damping): for the benchmark's comparison of speed."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
 def group_aware_order(diag: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -82,82 +130,80 @@ def group_scales(w: torch.Tensor, qmin: int = QMIN) -> torch.Tensor:
     return (amax * (2 / (QMAX - qmin))).clamp_min(2.0**-24).half().float()
 
 
-class BlockSolver:
-    """The sequential part of GPTQ: quantize the 128 columns of a block one after another, each
-    column's error pushed onto the columns right of it. Works on the block transposed
-    ([128, rows], so a column is contiguous) in fixed buffers, which a CUDA graph can replay."""
-
-    def __init__(self, rows: int, device: torch.device, qmin: int = QMIN):
-        self.qmin = qmin
-        self.w = torch.empty(GROUP_SIZE, rows, device=device)  # in: the block's weights; out: each column as quantized
-        self.q = torch.empty(GROUP_SIZE, rows, device=device)  # out: signed ints as floats
-        self.g = torch.empty(GROUP_SIZE, GROUP_SIZE, device=device)  # in: rows of Hinv1, each divided by its diagonal
-        self.scale = torch.empty(rows, device=device)
-        self.graph = None
-        if device.type == "cuda":
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):  # warm up outside the graph, as CUDA graph capture requires
-                self._columns()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._columns()
-
-    def _columns(self) -> None:
-        w, q, g, scale = self.w, self.q, self.g, self.scale
-        err = torch.empty_like(scale)
-        for i in range(GROUP_SIZE):
-            torch.div(w[i], scale, out=q[i])
-            q[i].round_().clamp_(self.qmin, QMAX)
-            torch.mul(q[i], scale, out=err)
-            torch.sub(w[i], err, out=err)
-            if i + 1 < GROUP_SIZE:
-                w[i + 1 :].addr_(g[i, i + 1 :], err, alpha=-1)
-
-    def solve(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._columns()
+def solve_block_eager(w: torch.Tensor, u: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, qmin: int, qmax: int) -> None:
+    """The sequential part of GPTQ for one block: quantize its 128 columns one after another, each
+    column's error pushed onto the columns right of it. w [rows, 128]: the block's weights after the
+    earlier blocks' feedback; u [128, 128]: the block's diagonal block of U (upper Cholesky factor of
+    H^-1). Writes q (int8) and scales (the block's group scale). The GPU runs the same steps fused
+    into one kernel (gptq_triton.solve_block); this is the CPU's, and the reference for that kernel."""
+    scale = group_scales(w, qmin)
+    w = w.T.clone()  # [128, rows]: a column is contiguous
+    g = u / u.diagonal()[:, None]
+    qf = torch.empty_like(w)
+    e = torch.empty_like(scale)
+    for i in range(GROUP_SIZE):
+        torch.div(w[i], scale, out=qf[i])
+        qf[i].round_().clamp_(qmin, qmax)
+        torch.mul(qf[i], scale, out=e)
+        torch.sub(w[i], e, out=e)
+        if i + 1 < GROUP_SIZE:
+            w[i + 1 :].addr_(g[i, i + 1 :], e, alpha=-1)
+    q.copy_(qf.T)
+    scales.copy_(scale)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, name: str, solvers: dict | None = None, qmin: int = QMIN) -> tuple[torch.Tensor, torch.Tensor]:
+def block_solver(device: torch.device):
+    """The fused Triton kernel on a GPU (when Triton is there), else the eager loop."""
+    if device.type == "cuda":
+        try:
+            from .gptq_triton import solve_block
+        except ImportError:
+            return solve_block_eager
+        return solve_block
+    return solve_block_eager
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, name: str, qmin: int = QMIN, solve=None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-quantize W [rows, cols] (any float dtype) against the Hessian H [cols, cols] (fp32,
     consumed). Returns (q int8 [rows, cols] in qmin..7, scales float32 [rows, cols/128], fp16 values).
-    `solvers` caches a BlockSolver (and its CUDA graph) per row count across calls."""
+    `solve` picks the block solver (default: block_solver(W.device)).
+
+    GPTQ's scaled errors E (each column's error divided by U's diagonal) satisfy E U = W - Q, so
+    E = (W - Q) R with H = R R^T. A block's weights when its turn comes are its own plus the feedback
+    of the blocks before it, W_k + S_k U_kk with S_k = sum_{j<k} (W_j - Q_j) R_jk: the lazy sum S
+    is carried forward one matrix product a block, as GPTQ carries E U, but needs only R."""
     rows, cols = W.shape
     if cols % GROUP_SIZE:
         raise VCUError(f"{name}: {cols} inputs is not a multiple of the group size {GROUP_SIZE}")
-    solvers = {} if solvers is None else solvers
-    key = (rows, W.device, qmin)
-    if key not in solvers:
-        solvers[key] = BlockSolver(rows, W.device, qmin)
-    solver = solvers[key]
+    solve = solve or block_solver(W.device)
     dead = H.diagonal() == 0  # inputs that were always zero: any weight there is free
     H.diagonal()[dead] = 1
     perm, group_order = group_aware_order(H.diagonal())
     W = W.float()[:, perm]
     W[:, dead[perm]] = 0
-    U = hessian_inverse_factor(H[perm][:, perm], name)
-    del H
-    q = torch.empty(rows, cols, dtype=torch.int8, device=W.device)
-    scales = torch.empty(rows, cols // GROUP_SIZE, device=W.device)
+    reverse = perm.flip(0)
+    R = hessian_factor(H[reverse[:, None], reverse[None, :]], name)
+    del H, reverse
+    blocks = cols // GROUP_SIZE
+    eye = torch.eye(GROUP_SIZE, device=W.device).expand(blocks, GROUP_SIZE, GROUP_SIZE)
+    diagonal_blocks = torch.stack([R[i : i + GROUP_SIZE, i : i + GROUP_SIZE] for i in range(0, cols, GROUP_SIZE)])
+    U_blocks = torch.linalg.solve_triangular(diagonal_blocks, eye, upper=True).contiguous()
+    # Solved in the permuted order (groups by importance), put back in the checkpoint's at the end.
+    qp = torch.empty(rows, cols, dtype=torch.int8, device=W.device)
+    sp = torch.empty(rows, blocks, device=W.device)
+    S = torch.zeros(rows, cols, device=W.device)
+    w = torch.empty(rows, GROUP_SIZE, device=W.device)
     for b, i1 in enumerate(range(0, cols, GROUP_SIZE)):
         i2 = i1 + GROUP_SIZE
-        U1 = U[i1:i2, i1:i2]
-        d = U1.diagonal()
-        scale = group_scales(W[:, i1:i2], qmin)
-        scales[:, group_order[b]] = scale
-        solver.scale.copy_(scale)
-        solver.g.copy_(U1 / d[:, None])
-        solver.w.copy_(W[:, i1:i2].T)
-        solver.solve()
-        q[:, perm[i1:i2]] = solver.q.T.to(torch.int8)
+        torch.addmm(W[:, i1:i2], S[:, i1:i2], U_blocks[b], out=w)
+        solve(w, U_blocks[b], qp[:, i1:i2], sp[:, b], qmin, QMAX)
         if i2 < cols:
-            # The block's scaled errors (w - q s) / d, carried to every later column at once.
-            err = (solver.w - solver.q * solver.scale).div_(d[:, None])
-            W[:, i2:].addmm_(err.T, U[i1:i2, i2:], alpha=-1)
+            d = W[:, i1:i2] - qp[:, i1:i2] * sp[:, b, None]
+            S[:, i2:].addmm_(d, R[i1:i2, i2:])
+    q = torch.empty_like(qp)
+    q[:, perm] = qp
+    scales = torch.empty_like(sp)
+    scales[:, group_order] = sp
     return q, scales
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ import torch
 
 from .checkpoint import read_tensor, read_tensor_index
 from .errors import VCUError
-from .gptq import DAMP_PERCENT, DAMP_STEP, add_to_hessian, dequantize, gptq_quantize, gptq_tensors
+from .gptq import DAMP_PERCENT, DAMP_STEP, HessianAccumulator, dequantize, gptq_quantize, gptq_tensors
 from .model import GROUP_SIZE
 from .progress import bar
 
@@ -50,9 +52,10 @@ TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
 class GPTQRun:
     """Where a run's time went (seconds), for the log and the benchmark."""
 
-    seconds: dict = field(default_factory=lambda: {"load": 0.0, "forward_hessian": 0.0, "gptq": 0.0, "write_wait": 0.0})
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(("setup", "load", "forward_hessian", "gptq", "write_wait", "finish"), 0.0))
     dtype: object = None
     retried: list = field(default_factory=list)  # layers re-run in float32 after an fp16 overflow
+    layer_seconds: list = field(default_factory=list)
     activation_stats: list = field(default_factory=list)  # per layer: {site: largest |value|}, gate range
 
     def stats_report(self, dtype) -> dict:
@@ -66,12 +69,17 @@ class GPTQRun:
 
 
 class SourceWeights:
-    """The fp16/bf16 model's tensors, read one at a time with positioned reads (no mmap)."""
+    """The fp16/bf16 model's tensors, read one at a time with positioned reads (no mmap). A decoder
+    layer's tensors are read on a background thread while the layer before it is quantized
+    (`prefetch`), into pinned host memory on a GPU machine, so the copy to the device is a DMA."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, pin: bool = False):
         self.entries = read_tensor_index(Path(model_dir))
+        self.pin = pin
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="weights-reader")
 
-    def get(self, name: str, device, dtype) -> torch.Tensor:
+    def host(self, name: str, pin: bool | None = None) -> torch.Tensor:
+        """One tensor on the host, in its stored dtype (pinned for a copy to the GPU)."""
         if name not in self.entries:
             raise VCUError(f"{name}: missing from the model's safetensors files")
         e = self.entries[name]
@@ -80,16 +88,29 @@ class SourceWeights:
         # Buffered: a model folder is often still in the page cache (just downloaded or converted),
         # and a GPU machine has the memory to keep it there.
         t = torch.from_numpy(read_tensor(e, direct=False)).view(TORCH_DTYPES[e.dtype])
-        return t.to(device=device, dtype=dtype, non_blocking=False)
+        return t.pin_memory() if (self.pin if pin is None else pin) else t
 
-    def load_module(self, module: torch.nn.Module, prefix: str, device, dtype) -> None:
-        """Give a meta-device module real storage on `device` and fill it from the files."""
+    def get(self, name: str, device, dtype) -> torch.Tensor:
+        return self.host(name).to(device=device, non_blocking=True).to(dtype)
+
+    def prefetch(self, module: torch.nn.Module, prefix: str):
+        """Start reading a module's tensors; the future gives {name: host tensor}."""
+        names = [name for name, _ in module.named_parameters(prefix=prefix)]
+        return self.reader.submit(lambda: {name: self.host(name) for name in names})
+
+    def load_module(self, module: torch.nn.Module, prefix: str, device, dtype, host: dict | None = None) -> None:
+        """Give a meta-device module real storage on `device` and fill it from `host` (a prefetch's
+        result) or from the files."""
         module.to_empty(device=device)
         module.to(dtype)  # a retry in float32 reloads a layer built for a 16-bit type
         for name, p in module.named_parameters(prefix=prefix):
-            p.copy_(self.get(name, device, dtype))
+            t = host[name] if host is not None else self.host(name)
+            p.copy_(t.to(device=device, non_blocking=True))
         if list(module.buffers()):
             raise VCUError(f"{prefix}: module has buffers this loader does not fill")
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True, cancel_futures=True)
 
 
 class CheckpointWriter:
@@ -103,19 +124,40 @@ class CheckpointWriter:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
         self.pending = []
 
-    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> float:
-        """Queue a shard (tensors may be on the device); returns seconds spent waiting for room."""
+    def write(self, index: int, tensors: dict[str, torch.Tensor] | None = None, names: list[str] | None = None, make=None) -> float:
+        """Queue a shard: `tensors` (may be on the device: copied to pinned memory without stopping
+        the GPU's queue, and waited for on the writer thread), or the tensors `names` that `make()`
+        returns on the writer thread. Returns seconds spent waiting for room."""
         from safetensors.torch import save_file
 
         name = f"model-{index + 1:05d}-of-{self.shards:05d}.safetensors"
-        host = {k: v.to("cpu", non_blocking=False).contiguous() for k, v in tensors.items()}
-        self.weight_map.update({k: name for k in host})
+        if tensors is not None:
+            host = {k: self._to_host(v) for k, v in tensors.items()}
+            copied = None
+            if any(v.is_cuda for v in tensors.values()):
+                copied = torch.cuda.Event()
+                copied.record()
+            names = list(host)
+
+            def make():
+                if copied is not None:
+                    copied.synchronize()
+                return host
+        self.weight_map.update({k: name for k in names})
         start = time.perf_counter()
         while len(self.pending) >= 2:
             self.pending.pop(0).result()
         waited = time.perf_counter() - start
-        self.pending.append(self.pool.submit(save_file, host, str(self.out / name), {"format": "pt"}))
+        self.pending.append(self.pool.submit(lambda: save_file(make(), str(self.out / name), {"format": "pt"})))
         return waited
+
+    @staticmethod
+    def _to_host(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().contiguous()
+        if not t.is_cuda:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
 
     def close(self) -> None:
         """Wait for every shard, then write the index."""
@@ -184,14 +226,26 @@ class LayerQuantizer:
     """GPTQ of one decoder layer's linears over activations x [samples, seqlen, hidden] (on the
     device, replaced in place by the quantized layer's output)."""
 
-    def __init__(self, layer, x: torch.Tensor, position_embeddings, samples_a_chunk: int, solvers: dict, run: GPTQRun, qmin: int = -8,
+    def __init__(self, layer, x: torch.Tensor, position_embeddings, samples_a_chunk: int, run: GPTQRun, qmin: int = -8,
                  mask=None):
         self.layer, self.x, self.pos, self.mask = layer, x, position_embeddings, mask
         self.prefix = ""
         self.parts = chunks(x.shape[0], samples_a_chunk)
-        self.solvers, self.run, self.qmin = solvers, run, qmin
-        self.stats: dict[str, list[float]] = {}  # site -> [max |value|, min, max]
+        self.run, self.qmin = run, qmin
+        self.stats: dict[str, list[torch.Tensor]] = {}  # site -> per chunk [max |value|] or, for the gate, [.., min, max]
         self.results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def buffer(self, width: int) -> torch.Tensor | None:
+        """An activation buffer [samples, seqlen, width] where the device has room for it twice over,
+        else None. (Whether it is kept changes no result: the same values are computed either way.)"""
+        x = self.x
+        if x.is_cuda:
+            free, _ = torch.cuda.mem_get_info(x.device)
+            free += torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        need = x.shape[0] * x.shape[1] * width * x.element_size()
+        return torch.empty(*x.shape[:2], width, dtype=x.dtype, device=x.device) if 2 * need <= free else None
 
     def _sync(self) -> float:
         if self.x.is_cuda:
@@ -202,13 +256,13 @@ class LayerQuantizer:
         """2/N sum x^T x over every chunk's input to a linear group, N the number of tokens; a
         non-finite Hessian (the forward overflowed) raises Overflow, naming the input."""
         start = self._sync()
-        H = None
+        acc = None
         for part in self.parts:
             a = inputs(part)
-            if H is None:
-                H = torch.zeros(a.shape[-1], a.shape[-1], dtype=torch.float32, device=a.device)
-            add_to_hessian(H, a)
-        H.mul_(2 / (self.x.shape[0] * self.x.shape[1]))
+            if acc is None:
+                acc = HessianAccumulator(a.shape[-1], a.device)
+            acc.add(a)
+        H = acc.result()
         self.run.seconds["forward_hessian"] += self._sync() - start
         if not bool(torch.isfinite(H).all()):
             raise Overflow(f"{self.prefix}: the input of {what}", self.x.dtype)
@@ -222,7 +276,7 @@ class LayerQuantizer:
         W = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
         parent = names[0].rpartition(".")[0]  # "self_attn.q_proj+k_proj+v_proj", for messages
         label = f"{prefix}.{parent}.{'+'.join(n.rpartition('.')[2] for n in names)}"
-        q, scales = gptq_quantize(W, H, label, self.solvers, self.qmin)
+        q, scales = gptq_quantize(W, H, label, self.qmin)
         row = 0
         for name, m in zip(names, mods, strict=True):
             rows = m.weight.shape[0]
@@ -233,12 +287,21 @@ class LayerQuantizer:
         self.run.seconds["gptq"] += self._sync() - start
 
     def record(self, site: str, t: torch.Tensor) -> None:
-        """The largest |value| a site took (what the board stores in fp16), and the gate's range."""
+        """The largest |value| a site took (what the board stores in fp16), and the gate's range. Kept
+        on the device until the layer is done: reading each value back would stall the GPU."""
         t = t.detach()
-        stats = self.stats.setdefault(site, [0.0, float("inf"), float("-inf")])
-        stats[0] = max(stats[0], float(t.abs().amax()))
+        values = [torch.linalg.vector_norm(t, float("inf"))]  # max |value|, without an |t| copy
         if site == "gate":
-            stats[1], stats[2] = min(stats[1], float(t.amin())), max(stats[2], float(t.amax()))
+            values += torch.aminmax(t)
+        self.stats.setdefault(site, []).append(torch.stack(values).float())
+
+    def summary(self) -> dict:
+        """{"max_abs": {site: value}, "gate_range": [min, max]} over every chunk the layer saw."""
+        sites = {site: torch.stack(v) for site, v in self.stats.items()}
+        out = {"max_abs": {site: float(v[:, 0].max()) for site, v in sites.items()}}
+        if "gate" in sites:
+            out["gate_range"] = [float(sites["gate"][:, 1].min()), float(sites["gate"][:, 2].max())]
+        return out
 
     def _hooks(self) -> list:
         sites = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
@@ -291,32 +354,56 @@ class LayerQuantizer:
         self.quantize(GATE_UP, self.hessian(residual, "gate/up_proj"), prefix)
         a = None  # the attention buffer is not needed past here (when it is not h)
 
+        # down_proj's input act(gate) * up is the same before and after down_proj is quantized: kept
+        # where the device has room (5 GB for a 7B's 256 x 512 tokens), it is not computed twice
+        # (gate and up are a third of a layer's forward).
+        product = self.buffer(mlp.down_proj.in_features)
+
         def mlp_inner(p):
             m = layer.post_attention_layernorm(h[p])
-            return mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m)
+            y = mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m)
+            if product is not None:
+                product[p] = y
+            return y
 
         self.quantize(DOWN, self.hessian(mlp_inner, "down_proj"), prefix)
         start = self._sync()
         for p in self.parts:
-            x[p] = h[p] + mlp(layer.post_attention_layernorm(h[p]))
+            x[p] = h[p] + (mlp.down_proj(product[p]) if product is not None else mlp(layer.post_attention_layernorm(h[p])))
             self.record("residual_mlp", x[p])
+        product = None  # free it before the next layer
         self.run.seconds["forward_hessian"] += self._sync() - start
         if not bool(torch.isfinite(x).all()):
             raise Overflow(f"{prefix}: its output (the residual stream)", x.dtype)
 
 
-def layer_tensors(prefix: str, layer, results: dict) -> dict[str, torch.Tensor]:
-    """A layer's checkpoint tensors: GPTQ form for the linears, fp16 for norms and biases."""
+def warm_up(device: torch.device):
+    """On a GPU, a thread that runs a tiny GPTQ while the model is being read: the first use of the
+    Triton kernel (its compilation) and of the GPU's linear algebra libraries costs seconds."""
+    if device.type != "cuda":
+        return None
+
+    def tiny_gptq():
+        with torch.no_grad():
+            x = torch.randn(512, 2 * GROUP_SIZE, device=device, dtype=torch.bfloat16)
+            acc = HessianAccumulator(x.shape[1], device)
+            acc.add(x)
+            gptq_quantize(torch.randn(16, 2 * GROUP_SIZE, device=device), acc.result(), "warm-up")
+
+    thread = threading.Thread(target=tiny_gptq, name="gptq-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def layer_tensors(prefix: str, results: dict, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's checkpoint tensors: GPTQ form for the linears; norms and biases in fp16 from the
+    model's own values (`source`, as stored), not from the calibration's bf16 copies."""
     out = {}
     for name, (q, scales) in results.items():
         for key, t in gptq_tensors(q, scales).items():
             out[f"{prefix}.{name}.{key}"] = t
-        bias = layer.get_submodule(name).bias
-        if bias is not None:
-            out[f"{prefix}.{name}.bias"] = bias.detach().half()
-    for name, p in layer.named_parameters():
-        if not any(name.startswith(f"{n}.") for n in results):
-            out[f"{prefix}.{name}"] = p.detach().half()
+    quantized = {f"{prefix}.{name}.weight" for name in results}
+    out.update({name: t.half() for name, t in source.items() if name not in quantized})
     return out
 
 
@@ -345,15 +432,21 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
     dtype = compute_dtype(model_dir, device)
     run = GPTQRun()
     start = time.perf_counter()
-    model = build_meta_model(model_dir, dtype)
-    weights = SourceWeights(model_dir)
-    inner, cfg = model.model, model.config
-    n, seqlen = ids.shape
-    samples_a_chunk = samples_a_chunk or max(1, TOKENS_A_CHUNK // seqlen)
-    num_layers = cfg.num_hidden_layers
-    writer = CheckpointWriter(out, num_layers + 1)
+    warming = warm_up(device)  # the GPU's first GPTQ, the embedding's read and transformers' import overlap
+    weights = SourceWeights(model_dir, pin=device.type == "cuda")
+    writer = None
     try:
-        embed = weights.get("model.embed_tokens.weight", device, dtype)
+        reading = weights.reader.submit(weights.host, "model.embed_tokens.weight", False)  # read once: pinning would cost more
+        model = build_meta_model(model_dir, dtype)
+        inner, cfg = model.model, model.config
+        n, seqlen = ids.shape
+        samples_a_chunk = samples_a_chunk or max(1, TOKENS_A_CHUNK // seqlen)
+        num_layers = cfg.num_hidden_layers
+        writer = CheckpointWriter(out, num_layers + 1)
+        rest = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings or lm_head else ["lm_head.weight"])
+        if not lm_head:  # the shard of everything but the layers is the model's own: written while the GPU works
+            writer.write(num_layers, names=rest, make=lambda: {name: weights.host(name, pin=False).half() for name in rest})
+        embed = reading.result().to(device).to(dtype)
         x = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
         tokens = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
         for p in chunks(n, samples_a_chunk):
@@ -362,20 +455,25 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         with device:  # a fresh rotary embedding: its inv_freq buffer is computed, not loaded
             rotary = type(inner.rotary_emb)(config=cfg)
         position_embeddings = rotary(x[:1], torch.arange(seqlen, device=device)[None])
-        run.seconds["load"] += time.perf_counter() - start
+        if warming is not None:
+            warming.join()
+        run.seconds["setup"] += time.perf_counter() - start
 
-        solvers: dict = {}
         mask = sliding_window_mask(cfg, seqlen, device, dtype)
+        reading = weights.prefetch(inner.layers[0], "model.layers.0")
         for i in bar(range(num_layers), desc="GPTQ", unit="layer", enabled=progress):
             t0 = time.perf_counter()
             prefix = f"model.layers.{i}"
             layer = inner.layers[i]
-            weights.load_module(layer, prefix, device, dtype)
+            source = reading.result()
+            if i + 1 < num_layers:  # the next layer is read while this one is quantized
+                reading = weights.prefetch(inner.layers[i + 1], f"model.layers.{i + 1}")
+            weights.load_module(layer, prefix, device, dtype, source)
             run.seconds["load"] += time.perf_counter() - t0
             # fp16 can overflow where the model was trained in bf16: keep the layer's input to retry it
             kept = x.clone() if dtype == torch.float16 else None
             try:
-                lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run, qmin, mask)
+                lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, run, qmin, mask)
                 lq.run_layer(prefix)
             except Overflow as e:
                 if kept is None:
@@ -383,38 +481,40 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
                 log.warning(f"warning: {e}; retrying layer {i} and the rest of the model in float32")
                 dtype = torch.float32
                 x = kept.to(dtype)
-                weights.load_module(layer, prefix, device, dtype)
+                weights.load_module(layer, prefix, device, dtype, source)
                 position_embeddings = tuple(t.to(dtype) for t in position_embeddings)
                 mask = None if mask is None else mask.to(dtype)
-                lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, solvers, run, qmin, mask)
+                lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, run, qmin, mask)
                 lq.run_layer(prefix)
                 run.retried.append({"layer": i, "where": e.where, "from": str(e.dtype).replace("torch.", ""), "to": "float32"})
             del kept
-            run.activation_stats.append({"max_abs": {k: v[0] for k, v in lq.stats.items()},
-                                         **({"gate_range": lq.stats["gate"][1:]} if "gate" in lq.stats else {})})
-            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, layer, lq.results))
+            run.activation_stats.append(lq.summary())
+            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source))
             inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
-            del layer, lq
-            log.debug(f"layer {i}: {time.perf_counter() - t0:.2f} s")
+            del layer, lq, source
+            run.layer_seconds.append(time.perf_counter() - t0)
 
-        last = {"model.embed_tokens.weight": weights.get("model.embed_tokens.weight", "cpu", torch.float16)}
-        weights.load_module(inner.norm, "model.norm", device, dtype)
-        last["model.norm.weight"] = inner.norm.weight.detach().half()
         if lm_head:  # the output layer sees the final norm of the last layer's (quantized) output
-            H = torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float32, device=device)
+            weights.load_module(inner.norm, "model.norm", device, dtype)
+            acc = HessianAccumulator(cfg.hidden_size, device)
             for p in chunks(n, samples_a_chunk):
-                add_to_hessian(H, inner.norm(x[p]))
-            H.mul_(2 / (n * seqlen))
-            q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), H, "lm_head", solvers, qmin)
+                acc.add(inner.norm(x[p]))
+            q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), acc.result(), "lm_head", qmin)
+            last = {name: weights.host(name, pin=False).half() for name in rest}
             last.update({f"lm_head.{k}": v for k, v in gptq_tensors(q, scales).items()})
-        elif not cfg.tie_word_embeddings:
-            last["lm_head.weight"] = weights.get("lm_head.weight", device, torch.float16)
+            writer.write(num_layers, last)
         del x
-        writer.write(num_layers, last)
+        t0 = time.perf_counter()
         writer.close()
+        run.seconds["finish"] += time.perf_counter() - t0
     except BaseException:
-        writer.drain(raise_errors=False)
+        if writer is not None:
+            writer.drain(raise_errors=False)
         raise
+    finally:
+        weights.close()
+        if warming is not None:
+            warming.join()
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     run_meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

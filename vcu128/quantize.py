@@ -134,7 +134,9 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     seconds = time.perf_counter() - start
-    log.info("quantize: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.seconds.items()) + f"; total {seconds:.1f} s")
+    layers = sorted(run.layer_seconds) or [0.0]
+    log.info("quantize: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.seconds.items()) + f"; total {seconds:.1f} s; "
+             f"a layer: first {run.layer_seconds[0] if run.layer_seconds else 0:.2f} s, median {layers[len(layers) // 2]:.2f} s, longest {layers[-1]:.2f} s")
     return seconds, run.stats_report(run.dtype)
 
 
