@@ -376,3 +376,23 @@ def test_keeping_the_mlp_product_changes_no_byte(tiny_model, tmp_path, monkeypat
     assert shards and shards == sorted(p.name for p in (tmp_path / "recomputed").glob("*.safetensors"))
     for name in shards:
         assert (tmp_path / "kept" / name).read_bytes() == (tmp_path / "recomputed" / name).read_bytes(), name
+
+
+def test_a_gpu_without_triton_runs_the_eager_loop_and_says_so_once(monkeypatch, caplog):
+    import builtins
+
+    import vcu128.gptq as g
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name.split(".")[0] == "triton" or name.endswith("gptq_triton"):  # Triton may be installed here
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    monkeypatch.setattr(g, "_WARNED", set())
+    assert g.block_solver(torch.device("cuda")) is g.solve_block_eager
+    assert g.block_solver(torch.device("cuda")) is g.solve_block_eager
+    assert caplog.text.count("Triton is not installed") == 1
+    assert g.block_solver(torch.device("cpu")) is g.solve_block_eager

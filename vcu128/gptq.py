@@ -21,6 +21,8 @@ registers for the 128 steps); on the CPU it runs eagerly (solve_block_eager).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .errors import VCUError
@@ -158,9 +160,19 @@ def block_solver(device: torch.device):
         try:
             from .gptq_triton import solve_block
         except ImportError:
+            _warn_once("warning: Triton is not installed: GPTQ's column loop runs as small kernels, several times slower")
             return solve_block_eager
         return solve_block
     return solve_block_eager
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("vcu128").warning(message)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, name: str, qmin: int = QMIN, solve=None) -> tuple[torch.Tensor, torch.Tensor]:
