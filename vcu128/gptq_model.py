@@ -243,7 +243,10 @@ class LayerQuantizer:
             free, _ = torch.cuda.mem_get_info(x.device)
             free += torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
         else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            try:
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):  # no such query (macOS): recompute, as without room
+                free = 0
         need = x.shape[0] * x.shape[1] * width * x.element_size()
         return torch.empty(*x.shape[:2], width, dtype=x.dtype, device=x.device) if 2 * need <= free else None
 
@@ -436,7 +439,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
     weights = SourceWeights(model_dir, pin=device.type == "cuda")
     writer = None
     try:
-        reading = weights.reader.submit(weights.host, "model.embed_tokens.weight", False)  # read once: pinning would cost more
+        reading = weights.reader.submit(weights.host, "model.embed_tokens.weight", False)  # copied once: not worth pinning
         model = build_meta_model(model_dir, dtype)
         inner, cfg = model.model, model.config
         n, seqlen = ids.shape

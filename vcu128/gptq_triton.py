@@ -1,4 +1,4 @@
-"""GPTQ's 128-column block loop as one Triton kernel (GPUs only; the CPU runs gptq.EagerBlockSolver).
+"""GPTQ's 128-column block loop as one Triton kernel (GPUs only; the CPU runs gptq.solve_block_eager).
 
 GPTQ treats rows independently: a column's rounding error moves only that row's later columns.
 So each program takes a slice of BLOCK_R rows and walks the block's 128 columns with the slice in
