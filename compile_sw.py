@@ -8,8 +8,8 @@ a refused checkpoint leaves nothing behind. See FORMAT.md section 2.
 import logging
 import sys
 
-from vcu128.compile_sw import compile_software
-from vcu128.errors import ArgumentParser, run_cli
+from vcu128.export.compile_sw import compile_software
+from vcu128.io.errors import ArgumentParser, run_cli
 
 
 def main(argv=None):

@@ -7,8 +7,8 @@ Writes Embedding_01-of-16.bin ... in row order; a vocab that K does not divide i
 import logging
 import sys
 
-from vcu128.embedding import split_embedding
-from vcu128.errors import ArgumentParser, positive_int, run_cli
+from vcu128.export.embedding_tokens import split_embedding
+from vcu128.io.errors import ArgumentParser, positive_int, run_cli
 
 
 def main(argv=None):

@@ -13,10 +13,10 @@ folder's config.json. Writes manifest.json (every file's bytes, sha256, source).
 import logging
 import sys
 
-from vcu128.errors import ArgumentParser, positive_int, run_cli
-from vcu128.formats import INT4_CODES
-from vcu128.pack import BoardOptions, format_assumptions, pack_hardware
-from vcu128.tables import DEFAULT_MAX_TOKEN, DEFAULT_ROPE_ORDER, ROPE_ORDERS, SILU_TABLES
+from vcu128.io.errors import ArgumentParser, positive_int, run_cli
+from vcu128.format.layout import INT4_CODES
+from vcu128.export.hardware import BoardOptions, format_assumptions, pack_hardware
+from vcu128.format.tables import DEFAULT_MAX_TOKEN, DEFAULT_ROPE_ORDER, ROPE_ORDERS, SILU_TABLES
 
 
 def main(argv=None):

@@ -10,8 +10,8 @@ Prints the relative error ||W - W_hat|| / ||W|| of the method used.
 import logging
 import sys
 
-from vcu128.errors import ArgumentParser, run_cli
-from vcu128.lm_head import ALL_METHODS, quantize_lm_head
+from vcu128.io.errors import ArgumentParser, run_cli
+from vcu128.export.lm_head import ALL_METHODS, quantize_lm_head
 
 
 def main(argv=None):

@@ -36,7 +36,7 @@ if [[ ${#models[@]} -eq 0 ]]; then
   seqlen=128
   if [[ ! -f demo/tiny-qwen2/demo_model.json ]]; then  # none yet, or one an older version built: build it anew
     rm -rf demo/tiny-qwen2 demo/tiny-qwen2-W4A16-gptq
-    python -m vcu128.demo demo/tiny-qwen2
+    python -m vcu128.demo.tiny_model demo/tiny-qwen2
   fi
 fi
 if [[ $compile == 1 && ( $wbits != 4 || $group_size != 128 ) ]]; then

@@ -12,8 +12,8 @@ import sys
 
 from argparse import BooleanOptionalAction
 
-from vcu128.errors import ArgumentParser, positive_int, run_cli
-from vcu128.quantize import QuantizeOptions, format_report, quantize_model
+from vcu128.io.errors import ArgumentParser, positive_int, run_cli
+from vcu128.quant.quantize import QuantizeOptions, format_report, quantize_model
 
 
 def main(argv=None):
@@ -51,7 +51,7 @@ def main(argv=None):
     )
     log = logging.getLogger("vcu128")
     if args.compile:
-        from vcu128.quantize import check_board_settings
+        from vcu128.quant.quantize import check_board_settings
 
         check_board_settings(opts)
     out, report = quantize_model(args.model, args.quantize_model, opts)
@@ -59,7 +59,7 @@ def main(argv=None):
         log.info(format_report(report))
     log.info(f"quantize: GPTQ in {report['seconds_quantize']:.1f} s -> {out}")
     if args.compile:
-        from vcu128.pipeline import export_all
+        from vcu128.export.pipeline import export_all
 
         export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts)
 

@@ -22,9 +22,9 @@ below 0.9. 2: bad input.
 import logging
 import sys
 
-from vcu128.errors import ArgumentParser, positive_int, run_cli
-from vcu128.functional import format_functional
-from vcu128.verify import verify
+from vcu128.io.errors import ArgumentParser, positive_int, run_cli
+from vcu128.check.functional import format_functional
+from vcu128.check.verify import verify
 
 
 def main(argv=None):

@@ -28,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vcu128.direct_io import ALIGN, O_DIRECT, aligned_empty, read_bytes  # noqa: E402
-from vcu128.output import folder_stats  # noqa: E402
-from vcu128.synthetic import QWEN2_7B, SyntheticSpec  # noqa: E402
+from vcu128.io.direct_io import ALIGN, O_DIRECT, aligned_empty, read_bytes  # noqa: E402
+from vcu128.io.output import folder_stats  # noqa: E402
+from vcu128.format.synthetic import QWEN2_7B, SyntheticSpec  # noqa: E402
 
 
 def drop_page_cache() -> bool:
@@ -118,7 +118,7 @@ def main() -> None:
     qdir = args.work / "qwen2-7b-shape-W4A16-gptq"
     shutil.rmtree(qdir, ignore_errors=True)
     # Built in a child: a child's peak RSS starts from its parent's, so the parent stays small.
-    seconds, _ = run_step(["-c", f"from vcu128.synthetic import *; write_gptq_checkpoint({str(qdir)!r}, {spec!r})"])
+    seconds, _ = run_step(["-c", f"from vcu128.format.synthetic import *; write_gptq_checkpoint({str(qdir)!r}, {spec!r})"])
     print(f"synthetic checkpoint: {args.layers} layer(s) of Qwen2-7B shape in {seconds:.1f} s", file=sys.stderr)
 
     comp = qdir / "compile"

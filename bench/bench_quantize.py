@@ -10,7 +10,7 @@ every run). Each quantization runs in its own process, so its peaks are its own.
     python bench/bench_quantize.py --layers 4 --runs project:bs=16 project:bs=64,offload=0
 
 A run is `defaults` (GPTQModel.load + quantize(batch_size=1) + save, nothing else set) or
-`project[:engine=vcu128|gptqmodel,bs=N]` (vcu128.quantize with this project's defaults: its own GPTQ
+`project[:engine=vcu128|gptqmodel,bs=N]` (vcu128.quant.quantize with this project's defaults: its own GPTQ
 engine; with engine=gptqmodel also offload=0|1,pack=original|gpu|cpu,tf32=0|1,seq=0|1), `check`
 (the fused Triton block solver against the eager one on the GPU and the CPU, and the whole engine in
 bf16 on the GPU against the CPU) or `parts` (seconds of GPTQ's pieces at a 7B's shapes); those two
@@ -46,7 +46,7 @@ def build(model_dir: Path, layers: int, seed: int) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from vcu128.demo import DEMO_CORPUS, train_tokenizer
+    from vcu128.demo.tiny_model import DEMO_CORPUS, train_tokenizer
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(**QWEN2_7B_CONFIG, num_hidden_layers=layers, torch_dtype="float16")
@@ -59,8 +59,8 @@ def build(model_dir: Path, layers: int, seed: int) -> None:
 def calibration(model_dir: Path, nsamples: int, seqlen: int):
     from transformers import AutoTokenizer
 
-    from vcu128.calibration import build_calibration
-    from vcu128.demo import DEMO_CORPUS
+    from vcu128.quant.calibration import build_calibration
+    from vcu128.demo.tiny_model import DEMO_CORPUS
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     return build_calibration(tok, "random", nsamples, seqlen, seed=0, eval_text=str(DEMO_CORPUS), vocab_size=QWEN2_7B_CONFIG["vocab_size"])
@@ -81,7 +81,7 @@ def quantize(model_dir: Path, out: Path, run: str, nsamples: int, seqlen: int) -
         gm.quantize(calib.samples, batch_size=1)
         gm.save(str(out))
     else:
-        from vcu128.quantize import QuantizeOptions, run_gptq
+        from vcu128.quant.quantize import QuantizeOptions, run_gptq
 
         opts = QuantizeOptions(device="cuda:0", nsamples=nsamples, seqlen=seqlen, calib="random", report=False)
         opts.engine = settings.get("engine", opts.engine)
@@ -105,7 +105,7 @@ def solver_check() -> dict:
     how many ints differ (float rounding order only) and the output error of each."""
     import torch
 
-    from vcu128.gptq import add_to_hessian, dequantize, gptq_quantize, solve_block_eager
+    from vcu128.quant.gptq import add_to_hessian, dequantize, gptq_quantize, solve_block_eager
 
     torch.manual_seed(0)
     rows, cols, n = 512, 2048, 8192
@@ -139,7 +139,7 @@ def parts() -> dict:
     (one product, and the blocks on and above the diagonal)."""
     import torch
 
-    from vcu128.gptq import HessianAccumulator, gptq_quantize, hessian_factor, hessian_inverse_factor_usual
+    from vcu128.quant.gptq import HessianAccumulator, gptq_quantize, hessian_factor, hessian_inverse_factor_usual
 
     def timed(fn, repeat=3):
         fn()
@@ -184,9 +184,9 @@ def engine_check() -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from vcu128.checkpoint import GPTQCheckpoint
-    from vcu128.gptq_model import quantize_checkpoint
-    from vcu128.torch_model import layer_errors
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.quant.layerwise import quantize_checkpoint
+    from vcu128.quant.report import layer_errors
 
     work = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
@@ -210,8 +210,8 @@ def errors(model_dir: Path, qdir: Path, seqlen: int) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vcu128.checkpoint import GPTQCheckpoint
-    from vcu128.torch_model import layer_errors
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.quant.report import layer_errors
 
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float16).cuda().eval()
     calib = calibration(model_dir, 1, seqlen)

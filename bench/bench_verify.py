@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vcu128.pipeline import export_all  # noqa: E402
-from vcu128.synthetic import QWEN2_7B, SyntheticSpec, write_gptq_checkpoint  # noqa: E402
+from vcu128.export.pipeline import export_all  # noqa: E402
+from vcu128.format.synthetic import QWEN2_7B, SyntheticSpec, write_gptq_checkpoint  # noqa: E402
 
 
 def run_verify(qdir: Path, hw: Path, extra: list[str]) -> dict:

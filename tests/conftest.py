@@ -8,8 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from vcu128 import pipeline  # noqa: E402
-from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint  # noqa: E402
+from vcu128.export import pipeline  # noqa: E402
+from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint  # noqa: E402
 
 # Qwen2.5-0.5B's widths where they matter: hidden 896 is 7 groups (an odd count, one partial chunk),
 # intermediate 2432 is 19 groups (a full chunk and a partial one); kv dim 128; vocab 1056 = 33 * 32.
@@ -42,7 +42,7 @@ FAST = dict(nsamples=32, seqlen=128, calib=str(ROOT / "data" / "demo_corpus.txt"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny Qwen2 trained for a few seconds on the demo corpus (weights with real structure)."""
-    from vcu128.demo import build_tiny_model
+    from vcu128.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", train_steps=200)
 
@@ -50,7 +50,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quantized(tiny_model):
     """(checkpoint folder, report) of GPTQModel on the tiny model, on the CPU."""
-    from vcu128.quantize import QuantizeOptions, quantize_model
+    from vcu128.quant.quantize import QuantizeOptions, quantize_model
 
     return quantize_model(tiny_model, None, QuantizeOptions(**FAST))
 

@@ -1,9 +1,9 @@
-"""vcu128/direct_io.py: O_DIRECT writes and reads give back exactly the bytes, aligned or not."""
+"""vcu128/io/direct_io.py: O_DIRECT writes and reads give back exactly the bytes, aligned or not."""
 
 import numpy as np
 import pytest
 
-from vcu128.direct_io import ALIGN, DirectWriter, aligned_empty, read_bytes
+from vcu128.io.direct_io import ALIGN, DirectWriter, aligned_empty, read_bytes
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -50,7 +50,7 @@ def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(tmp_path, mo
     import errno
     import os
 
-    import vcu128.direct_io as dio
+    import vcu128.io.direct_io as dio
 
     real = os.pwrite
     calls = []

@@ -11,7 +11,8 @@ import reference as ref
 from conftest import export_all
 from safetensors import safe_open
 
-from vcu128.model import LINEARS, read_model_dims
+from vcu128.format.gate import read_model_dims
+from vcu128.format.model import LINEARS
 
 
 class Ckpt:
@@ -218,8 +219,8 @@ def test_variants_export_exactly(make_checkpoint, case, spec, bias_modules):
 
 def test_seven_b_row_widths_pack_exactly(tmp_path):
     """Qwen2-7B's real chin values, few rows: 3584 (q, k, v, o, gate, up, lm_head) and 18944 (down)."""
-    from vcu128.formats import BinFile
-    from vcu128.pack import PackJob
+    from vcu128.format.layout import BinFile
+    from vcu128.export.hardware import PackJob
 
     rng = np.random.default_rng(7)
     for chin, chout in ((3584, 40), (18944, 33), (3584, 512)):
@@ -239,7 +240,7 @@ def test_seven_b_row_widths_pack_exactly(tmp_path):
 
 
 def test_rerun_replaces_its_own_files_keeps_others_and_leaves_no_staging(qwen_export, tmp_path):
-    from vcu128.pack import pack_hardware
+    from vcu128.export.hardware import pack_hardware
 
     out = tmp_path / "hw"
     pack_hardware(qwen_export["compile"], out, 32, progress=False)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import reference as ref
 
-from vcu128.errors import VCUError
-from vcu128.formats import (
+from vcu128.io.errors import VCUError
+from vcu128.format.layout import (
     BinFile,
     PackedLinearWriter,
     check_embedding_split,
@@ -174,7 +174,7 @@ def test_word_index_helpers_agree_with_the_layout(chin):
 @pytest.mark.parametrize("code", ["twos", "sign_magnitude"])
 def test_board_words_to_offset_binary_bytes(code):
     """The emulator reads a packed output layer byte for byte: q + 8 nibbles, input 2k low."""
-    from vcu128.formats import offset_binary_bytes, split_linear_rows
+    from vcu128.format.layout import offset_binary_bytes, split_linear_rows
 
     rng = np.random.default_rng(4)
     q = rng.integers(-7, 8, (3, 2048 + 896)).astype(np.int8)

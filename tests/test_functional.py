@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import ROOT, export_all
 
-from vcu128.checkpoint import GPTQCheckpoint
-from vcu128.datapath import FLUSH, FP16_MAX, Numerics
-from vcu128.functional import CompactDecoder, ModelRun, Shape, checkpoint_embedding, checkpoint_output_layer, forward
-from vcu128.model import EMBEDDING
-from vcu128.verify import verify
+from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.board.datapath import FLUSH, FP16_MAX, Numerics
+from vcu128.check.functional import CompactDecoder, ModelRun, Shape, checkpoint_embedding, checkpoint_output_layer, forward
+from vcu128.format.model import EMBEDDING
+from vcu128.check.verify import verify
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,9 @@ def packed(quantized, tmp_path_factory):
 
 
 def test_streamed_fp32_model_equals_the_transformers_forward(packed):
-    from vcu128.functional import _fp32_rope
-    from vcu128.model import read_model_config
-    from vcu128.torch_model import load_checkpoint_model
+    from vcu128.check.functional import _fp32_rope
+    from vcu128.format.model import read_model_config
+    from vcu128.quant.report import load_checkpoint_model
 
     qdir, _ = packed
     ckpt = GPTQCheckpoint(qdir)

@@ -1,15 +1,15 @@
-"""This project's GPTQ (vcu128/gptq.py, vcu128/gptq_model.py) against GPTQModel and FORMAT.md 1."""
+"""This project's GPTQ (vcu128/quant/gptq.py, vcu128/quant/layerwise.py) against GPTQModel and FORMAT.md 1."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import FAST
 
-from vcu128.checkpoint import GPTQCheckpoint
-from vcu128.errors import VCUError
-from vcu128.gptq import add_to_hessian, dequantize, gptq_quantize, gptq_tensors, group_aware_order
-from vcu128.quantize import QuantizeOptions, quantize_model
-from vcu128.torch_model import rtn_symmetric
+from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.io.errors import VCUError
+from vcu128.quant.gptq import add_to_hessian, dequantize, gptq_quantize, gptq_tensors, group_aware_order
+from vcu128.quant.quantize import QuantizeOptions, quantize_model
+from vcu128.quant.report import rtn_symmetric
 
 
 def correlated_problem(rows=96, cols=512, n=4096, seed=0):
@@ -140,7 +140,7 @@ def test_one_solve_per_shared_input_in_true_sequential_order(tiny_model, tmp_pat
     solves a layer, not seven), in the order their inputs become known."""
     import json
 
-    import vcu128.gptq_model as gm
+    import vcu128.quant.layerwise as gm
 
     solves = []
     real = gm.gptq_quantize
@@ -168,7 +168,7 @@ def test_one_solve_per_shared_input_in_true_sequential_order(tiny_model, tmp_pat
 def test_calibration_runs_in_bf16_on_a_gpu_unless_the_config_says_float16(tmp_path):
     import json
 
-    from vcu128.gptq_model import compute_dtype
+    from vcu128.quant.layerwise import compute_dtype
 
     for saved, want in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.bfloat16), (None, torch.bfloat16)):
         (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": saved} if saved else {}))
@@ -181,7 +181,7 @@ def test_an_fp16_overflow_is_named_and_the_layer_retried_in_float32(tiny_model, 
     fp16: the overflow is found (not reported as degenerate inputs), and the layer re-run in fp32."""
     import json
 
-    import vcu128.gptq_model as gm
+    import vcu128.quant.layerwise as gm
     from conftest import plant_overflow
 
     model = plant_overflow(tiny_model, tmp_path / "m", residual=2.0**13)
@@ -205,7 +205,7 @@ def test_heads_times_head_dim_need_not_be_hidden(tmp_path):
     cfg = Qwen2Config(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, head_dim=64, tie_word_embeddings=False)
     Qwen2ForCausalLM(cfg).to(torch.float16).save_pretrained(tmp_path / "m")
-    import vcu128.gptq_model as gm
+    import vcu128.quant.layerwise as gm
 
     ids = np.random.default_rng(0).integers(0, 256, (4, 32))
     gm.quantize_checkpoint(tmp_path / "m", tmp_path / "q", ids, "cpu", progress=False)
@@ -219,7 +219,7 @@ def test_sliding_window_models_are_calibrated_with_their_window(tmp_path, monkey
     (windowed) attention, not plain causal attention."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    import vcu128.gptq_model as gm
+    import vcu128.quant.layerwise as gm
 
     torch.manual_seed(0)
     cfg = MistralConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
@@ -250,7 +250,7 @@ def test_sliding_window_models_are_calibrated_with_their_window(tmp_path, monkey
 
 
 def test_a_run_that_fails_half_way_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
-    import vcu128.gptq_model as gm
+    import vcu128.quant.layerwise as gm
 
     real = gm.gptq_quantize
 
@@ -270,8 +270,8 @@ def test_a_gptqmodel_fallback_to_round_to_nearest_fails_loudly():
     watch turns that into one error."""
     import logging
 
-    from vcu128.errors import quiet_third_party
-    from vcu128.quantize import FallbackWatch
+    from vcu128.io.errors import quiet_third_party
+    from vcu128.quant.quantize import FallbackWatch
 
     quiet_third_party()  # as every command line runs: GPTQModel's logger at errors only
     with FallbackWatch() as watch:
@@ -286,7 +286,7 @@ def textbook_gptq(W, H):
     """GPTQ as the paper writes it (Frantar et al. 2022, Algorithm 1, without lazy batches), in float64:
     U = Cholesky(H^-1) upper, one column at a time, each error spread over every later column through
     U's row. Same damping, group order and fp16-rounded group scales as the engine."""
-    from vcu128.gptq import DAMP_PERCENT, group_scales
+    from vcu128.quant.gptq import DAMP_PERCENT, group_scales
 
     perm, order = group_aware_order(H.diagonal().clone())
     W, H = W[:, perm].double(), H[perm][:, perm].double()
@@ -318,7 +318,7 @@ def test_engine_is_the_textbook_algorithm():
 
 
 def test_hessian_factor_is_the_reverse_cholesky_factor():
-    from vcu128.gptq import DAMP_PERCENT, hessian_factor, hessian_inverse_factor_usual
+    from vcu128.quant.gptq import DAMP_PERCENT, hessian_factor, hessian_inverse_factor_usual
 
     _, _, H = correlated_problem(rows=8, cols=256)
     damped = H.double() + DAMP_PERCENT * H.diagonal().mean().double() * torch.eye(256, dtype=torch.float64)
@@ -330,7 +330,7 @@ def test_hessian_factor_is_the_reverse_cholesky_factor():
 
 
 def test_hessian_accumulator_split_into_blocks_is_the_full_product():
-    from vcu128.gptq import HessianAccumulator
+    from vcu128.quant.gptq import HessianAccumulator
 
     g = torch.Generator().manual_seed(0)
     chunks = [torch.randn(300, 640, generator=g) for _ in range(3)]
@@ -349,7 +349,7 @@ def test_hessian_accumulator_split_into_blocks_is_the_full_product():
 def test_norms_and_biases_are_saved_from_the_source_not_the_calibration_copy():
     """The calibration runs in bf16 on a GPU; an fp32 or fp16 model's norms and biases must reach the
     checkpoint as the model's own values in fp16, not rounded to bf16 first."""
-    from vcu128.gptq_model import layer_tensors
+    from vcu128.quant.layerwise import layer_tensors
 
     bias = torch.tensor([1.0009765625, 3.14159, -2.71828, 1e-3], dtype=torch.float32)  # not bf16 values
     source = {"p.self_attn.q_proj.weight": torch.zeros(4, 128), "p.self_attn.q_proj.bias": bias,
@@ -363,7 +363,7 @@ def test_norms_and_biases_are_saved_from_the_source_not_the_calibration_copy():
 def test_keeping_the_mlp_product_changes_no_byte(tiny_model, tmp_path, monkeypatch):
     """down_proj's input is kept where there is room and recomputed where there is not: the same values
     either way, so the checkpoints are identical."""
-    import vcu128.gptq_model as gm
+    import vcu128.quant.layerwise as gm
 
     ids = np.random.default_rng(0).integers(0, 512, (4, 32))
     kept, real = [], gm.LayerQuantizer.buffer
@@ -381,7 +381,7 @@ def test_keeping_the_mlp_product_changes_no_byte(tiny_model, tmp_path, monkeypat
 def test_a_gpu_without_triton_runs_the_eager_loop_and_says_so_once(monkeypatch, caplog):
     import builtins
 
-    import vcu128.gptq as g
+    import vcu128.quant.gptq as g
 
     real_import = builtins.__import__
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import reference as ref
 
-from vcu128.quant import dequantize_rows, quantize_rows
+from vcu128.quant.rtn import dequantize_rows, quantize_rows
 
 
 def test_trunc_literal_groups():

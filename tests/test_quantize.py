@@ -15,11 +15,11 @@ from test_export import (
     check_software,
 )
 
-from vcu128.calibration import build_calibration, read_texts
-from vcu128.checkpoint import GPTQCheckpoint
-from vcu128.demo import DEMO_CORPUS
-from vcu128.errors import VCUError
-from vcu128.quantize import QuantizeOptions, check_board_settings, quantize_model
+from vcu128.quant.calibration import build_calibration, read_texts
+from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.demo.tiny_model import DEMO_CORPUS
+from vcu128.io.errors import VCUError
+from vcu128.quant.quantize import QuantizeOptions, check_board_settings, quantize_model
 
 
 def test_gptq_beats_round_to_nearest(quantized):
@@ -63,7 +63,7 @@ def test_lm_head_quantized_by_gptq_is_taken_from_the_checkpoint(tiny_model, tmp_
     out, _ = quantize_model(tiny_model, tmp_path / "q", QuantizeOptions(**FAST, lm_head=True, report=False))
     ckpt = GPTQCheckpoint(out)
     assert ckpt.has("lm_head.qweight")
-    from vcu128.lm_head import quantize_lm_head
+    from vcu128.export.lm_head import quantize_lm_head
 
     _, method, error = quantize_lm_head(out, progress=False)
     assert method == "checkpoint" and error is None

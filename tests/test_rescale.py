@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import FAST, export_all
 
-from vcu128.errors import VCUError
-from vcu128.rescale import module_factors, plan_from_stats
-from vcu128.verify import verify
+from vcu128.io.errors import VCUError
+from vcu128.board.rescale import plan_from_stats
+from vcu128.format.rescale import module_factors
+from vcu128.check.verify import verify
 
 RESIDUAL, MLP = 2.0**13, 2.0**10
 
@@ -21,7 +22,7 @@ def overflowing(tiny_model, tmp_path_factory):
     """The tiny model with the planted scales, quantized (quant_report.json records the overflow)."""
     from conftest import plant_overflow
 
-    from vcu128.quantize import QuantizeOptions, quantize_model
+    from vcu128.quant.quantize import QuantizeOptions, quantize_model
 
     model = plant_overflow(tiny_model, tmp_path_factory.mktemp("overflow") / "m", residual=RESIDUAL, mlp=MLP)
     qdir, report = quantize_model(model, None, QuantizeOptions(**FAST))
@@ -42,7 +43,7 @@ def test_the_plan_reaches_4x_headroom():
     stats = {"layers": [{"layer": 0, "max_abs": {"residual_mlp": 70000.0, "mlp_product": 1000.0, "gate": 10.0}},
                         {"layer": 1, "max_abs": {"residual_attention": 200000.0, "mlp_product": 40000.0, "up": 3.0}}]}
     plan = plan_from_stats(stats, 2)
-    assert plan["k"] == 4 and plan["m"] == [0, 2]  # 200000 / 16 = 12500 and 40000 / 4 = 10000: under 65504 / 4
+    assert plan.k == 4 and plan.m == (0, 2)  # 200000 / 16 = 12500 and 40000 / 4 = 10000: under 65504 / 4
     assert module_factors(plan, 1) == {"self_attn.o_proj": 2.0**-4, "mlp.up_proj": 2.0**-2, "mlp.down_proj": 2.0**-2}
     stats["layers"][0]["max_abs"]["gate"] = 70000.0
     with pytest.raises(VCUError, match=r"layer 0, gate: largest \|value\| 70000.0 passes the fp16 range and no rescaling factor reaches this site"):

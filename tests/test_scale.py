@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint
+from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
 
 
 def peak_rss_mb(script: str, *args: str) -> float:

@@ -9,9 +9,9 @@ import sys
 import pytest
 from conftest import ROOT
 
-from vcu128.compile_sw import compile_software
-from vcu128.errors import VCUError
-from vcu128.model import read_model_dims
+from vcu128.export.compile_sw import compile_software
+from vcu128.io.errors import VCUError
+from vcu128.format.gate import read_model_dims
 
 SHARD = "model-00001-of-00003.safetensors"
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import export_all
 
-from vcu128.errors import VCUError
-from vcu128.pack import BoardOptions, pack_hardware
-from vcu128.verify import bit_check
+from vcu128.io.errors import VCUError
+from vcu128.export.hardware import BoardOptions, pack_hardware
+from vcu128.check.verify import bit_check
 
 ROPE = "pos_in_4_token2048_ch32.bin"
 ACT = "ACT_parameter_in_DDR.bin"
@@ -24,7 +24,7 @@ BOARD_X = "0xca00 0xc73a 0xc573 0xc454 0xc2d8 0xbdcb 0xba39 0xb3b1 0x3245 0x387b
 @pytest.fixture(scope="module")
 def hd128(tmp_path_factory):
     """A checkpoint with the board's head_dim 128 (two heads), exported with the defaults."""
-    from vcu128.synthetic import SyntheticSpec, write_gptq_checkpoint
+    from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
 
     spec = SyntheticSpec(hidden=256, intermediate=384, num_layers=2, num_heads=2, num_kv_heads=1, vocab=256, seed=7)
     qdir = write_gptq_checkpoint(tmp_path_factory.mktemp("hd128") / "q", spec)
@@ -110,8 +110,8 @@ def test_scalings_a_static_table_cannot_hold_are_refused(make_checkpoint, kind):
     cfg = json.loads((qdir / "config.json").read_text())
     cfg["rope_scaling"] = {"rope_type": kind, "factor": 2.0}
     (qdir / "config.json").write_text(json.dumps(cfg))
-    from vcu128.compile_sw import compile_software
-    from vcu128.lm_head import quantize_lm_head
+    from vcu128.export.compile_sw import compile_software
+    from vcu128.export.lm_head import quantize_lm_head
 
     compile_software(qdir, progress=False)
     quantize_lm_head(qdir, progress=False)
@@ -234,7 +234,7 @@ def test_a_folder_of_the_original_scripts_passes_what_it_has(folder, caplog):
 
 
 def test_sign_magnitude_round_trip_and_nibbles():
-    from vcu128.formats import pack_nibbles, unpack_nibbles
+    from vcu128.format.layout import pack_nibbles, unpack_nibbles
 
     q = np.array([[0, 1, 7, -1, -2, -7, 3, -3]], np.int8)
     words = pack_nibbles(q, "sign_magnitude")
@@ -246,8 +246,8 @@ def test_sign_magnitude_round_trip_and_nibbles():
 
 
 def test_sign_magnitude_folder_verifies_and_minus_8_is_refused(make_checkpoint, tmp_path):
-    from vcu128.compile_sw import compile_software
-    from vcu128.lm_head import quantize_lm_head
+    from vcu128.export.compile_sw import compile_software
+    from vcu128.export.lm_head import quantize_lm_head
 
     qdir = make_checkpoint()
     compile_software(qdir, progress=False)
@@ -265,7 +265,7 @@ def test_sign_magnitude_folder_verifies_and_minus_8_is_refused(make_checkpoint, 
     np.maximum(q, -7, out=q)
     q.tofile(lm)
     hw = pack_hardware(comp, opts=BoardOptions(int4="sign_magnitude"), progress=False).out
-    from vcu128.embedding import split_embedding
+    from vcu128.export.embedding_tokens import split_embedding
 
     split_embedding(comp, progress=False)
     word = np.fromfile(hw / "BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN0_q_HBM_DDR_00.bin", "<u4")[8]
@@ -294,11 +294,11 @@ def _clip_checkpoint_to_seven(qdir):
 def test_quantize_on_the_15_level_grid_gives_a_sign_magnitude_folder_that_verifies(tiny_model, tmp_path):
     from conftest import FAST
 
-    from vcu128.checkpoint import GPTQCheckpoint
-    from vcu128.compile_sw import compile_software
-    from vcu128.embedding import split_embedding
-    from vcu128.lm_head import quantize_lm_head
-    from vcu128.quantize import QuantizeOptions, quantize_model
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.export.compile_sw import compile_software
+    from vcu128.export.embedding_tokens import split_embedding
+    from vcu128.export.lm_head import quantize_lm_head
+    from vcu128.quant.quantize import QuantizeOptions, quantize_model
 
     qdir, report = quantize_model(tiny_model, tmp_path / "q7", QuantizeOptions(**FAST, int4_range=7))
     ckpt = GPTQCheckpoint(qdir)

@@ -1,0 +1,442 @@
+"""verify.py's functional check, streamed: the models run one decoder layer at a time, side by side
+on the same tokens, so memory follows a layer (plus one compact int4 copy of the decoder for greedy
+generation), not the model.
+
+Models: `hardware` (the folder: the board's datapath in `board` numerics, with the folder's RoPE and
+SiLU tables and its int4 output layer), `checkpoint` (the GPTQ checkpoint in fp32, its own output
+layer), `hardware, exact SiLU` (board numerics with exact SiLU: what the piecewise table costs) and,
+with --model, `fp16 original` (the unquantized model in fp32). The bit check has already shown that
+the folder's decoder holds the checkpoint's bits, so both read the decoder from one compact copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vcu128.format.checkpoint import GPTQCheckpoint, read_tensor, read_tensor_index
+from vcu128.board.datapath import (
+    BOARD_EPS,
+    FP16_MAX,
+    Int4Weight,
+    KVCache,
+    LayerWeights,
+    NonFinite,
+    Numerics,
+    Shape,
+    decoder_layer,
+    final_norm,
+)
+from vcu128.io.errors import VCUError
+from vcu128.format.layout import (
+    EMBEDDING_DIR,
+    OUT_WEIGHT_STEM,
+    BinFile,
+    embedding_part_file,
+    open_port_files,
+    read_port_rows,
+    row_words,
+    offset_binary_bytes,
+    split_linear_rows,
+)
+from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS, read_model_config
+from vcu128.io.progress import bar
+from vcu128.format.rescale import RescalePlan, module_factors, scale_fp16, tensor_factor
+from vcu128.check.inputs import FunctionalInputs
+from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, SiluTable, rope_cos_sin, rope_file_name, rope_from_rows, unpack_rope_table
+
+log = logging.getLogger("vcu128")
+
+VOCAB_SLICE = 16384  # output-layer rows a matrix product: bounds memory to a slice of the vocabulary
+EXACT_SILU = "hardware, exact SiLU"
+SILU_EFFECT_TOKENS = 64  # evaluation tokens the exact-SiLU comparison runs on (its cost: a quarter of a model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where each model's weights come from
+
+
+class CompactDecoder:
+    """The checkpoint's decoder layers as the board holds them: int4 (two a byte) and fp16 scales,
+    an eighth of fp32, kept once read so that greedy decoding does not read them again."""
+
+    def __init__(self, ckpt: GPTQCheckpoint, keep: bool = True):
+        self.ckpt, self.keep = ckpt, keep
+        self.layers: dict[int, dict] = {}
+
+    def raw(self, layer: int) -> dict:
+        if layer in self.layers:
+            return self.layers[layer]
+        c = self.ckpt
+        out = {}
+        for lin in LINEARS:
+            name = lin.name(layer)
+            bias = c.get_fp16(f"{name}.bias") if c.has(f"{name}.bias") else None
+            # GPTQ [chin/8, chout] words, transposed once: row c's bytes hold its inputs 2k, 2k+1 as q + 8
+            nibbles = torch.from_numpy(np.ascontiguousarray(c.get(f"{name}.qweight").T).view(np.uint8))
+            out[lin.module] = (nibbles, np.ascontiguousarray(c.get(f"{name}.scales").T), bias)
+        for norm, _ in LAYER_NORMS:
+            out[norm] = c.get_fp16(f"model.layers.{layer}.{norm}.weight").astype(np.float32)
+        if self.keep:
+            self.layers[layer] = out
+        return out
+
+    def layer(self, layer: int, factors: dict | None = None) -> LayerWeights:
+        """The layer's weights; `factors` (module -> power of two) rescale scales and biases as the
+        folder holds them (FORMAT.md 7)."""
+        raw = self.raw(layer)
+        linears = {}
+        for lin in LINEARS:
+            nibbles, scales, bias = raw[lin.module]
+            f = (factors or {}).get(lin.module, 1.0)
+            s = torch.from_numpy(scale_fp16(scales, f, {}).astype(np.float32))
+            b = None if bias is None else torch.from_numpy(scale_fp16(bias, f, {}).astype(np.float32))
+            linears[lin.module] = (Int4Weight(nibbles, s), b)
+        return LayerWeights(linears, torch.from_numpy(raw["input_layernorm"]), torch.from_numpy(raw["post_attention_layernorm"]))
+
+
+def float32_rows(entry, rows: slice | None = None) -> torch.Tensor:
+    """A float tensor (fp16, bf16 or fp32 in its file), or a block of its rows, as float32; read
+    buffered: the same rows are read again for every greedy token, from the page cache."""
+    data = read_tensor(entry, rows=rows, direct=False)
+    if entry.dtype == "BF16":  # bf16 is the top half of a float32
+        return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
+    return torch.from_numpy(data.astype(np.float32))
+
+
+class OriginalDecoder:
+    """The unquantized model's layers (fp16/bf16/fp32 safetensors), read per use."""
+
+    def __init__(self, model_dir: Path):
+        self.entries = read_tensor_index(Path(model_dir))
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise VCUError(f"{name}: missing from the --model folder")
+        return float32_rows(self.entries[name])
+
+    def has(self, name: str) -> bool:
+        return name in self.entries
+
+    def layer(self, layer: int, factors=None) -> LayerWeights:
+        linears = {}
+        for lin in LINEARS:
+            name = lin.name(layer)
+            linears[lin.module] = (self.get(f"{name}.weight"), self.get(f"{name}.bias") if self.has(f"{name}.bias") else None)
+        return LayerWeights(linears, self.get(f"model.layers.{layer}.input_layernorm.weight"),
+                            self.get(f"model.layers.{layer}.post_attention_layernorm.weight"))
+
+
+class OutputLayer:
+    """An output layer: logits [N, vocab] for hidden [N, hidden], an int4 one through Int4Weight,
+    a float one read in slices of the vocabulary (its fp16 copy stays on disk)."""
+
+    def __init__(self, vocab: int, int4: Int4Weight | None = None, rows_fn=None):
+        self.vocab, self.int4, self.rows_fn = vocab, int4, rows_fn
+        self.dense = None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do)."""
+        if self.int4 is not None:
+            self.int4 = self.int4.to(h.device)  # moved once: greedy decoding uses it every token
+            return self.int4.apply(h)
+        if h.is_cuda:  # a GPU holds the fp16 table once, instead of reading it again for every token
+            if self.dense is None:
+                self.dense = torch.cat([self.rows_fn(a, min(a + VOCAB_SLICE, self.vocab)).to(h.device, torch.float16)
+                                        for a in range(0, self.vocab, VOCAB_SLICE)])
+            return h @ self.dense.float().T
+        out = torch.empty(h.shape[0], self.vocab, device=h.device)
+        for start in range(0, self.vocab, VOCAB_SLICE):
+            stop = min(start + VOCAB_SLICE, self.vocab)
+            out[:, start:stop] = h @ self.rows_fn(start, stop).to(h.device).T
+        return out
+
+
+def packed_output_layer(hw: Path, hidden: int, vocab: int, ports: int, int4: str) -> OutputLayer:
+    """The folder's int4 output layer, taken once from its port words into Int4Weight form (byte for
+    byte: its nibbles are already in input order)."""
+    files = open_port_files([hw / f"{OUT_WEIGHT_STEM}_HBM_DDR_{p:02d}.bin" for p in range(ports)], vocab, row_words(hidden))
+    nibbles = np.empty((vocab, hidden // 2), np.uint8)
+    scales = np.empty((vocab, hidden // 128), np.float32)
+    step = max(ports, VOCAB_SLICE // ports * ports)
+    for start in range(0, vocab, step):
+        stop = min(start + step, vocab)
+        weight_words, halves = split_linear_rows(read_port_rows(files, start, stop), hidden)
+        nibbles[start:stop] = offset_binary_bytes(weight_words, int4)
+        scales[start:stop] = halves[:, : hidden // 128].view("<f2")
+    return OutputLayer(vocab, Int4Weight(torch.from_numpy(nibbles), torch.from_numpy(scales)))
+
+
+def checkpoint_output_layer(ckpt: GPTQCheckpoint) -> OutputLayer:
+    src, vocab = ckpt.lm_head_source(), ckpt.dims.vocab
+    if src == "lm_head":
+        nibbles = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.qweight").T).view(np.uint8))
+        scales = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.scales").T).astype(np.float32))
+        return OutputLayer(vocab, Int4Weight(nibbles, scales))
+    entry = ckpt._entry(src)
+    return OutputLayer(vocab, rows_fn=lambda start, stop: float32_rows(entry, slice(start, stop)))
+
+
+def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> OutputLayer:
+    name = EMBEDDING if tied or not orig.has("lm_head.weight") else "lm_head.weight"
+    entry = orig.entries[name]
+    return OutputLayer(vocab, rows_fn=lambda start, stop: float32_rows(entry, slice(start, stop)))
+
+
+def hardware_embedding(hw: Path, parts: int, vocab: int, hidden: int):
+    rows_a_part = vocab // parts
+    files = [BinFile(hw / EMBEDDING_DIR / embedding_part_file(i + 1, parts), "<f2", (rows_a_part, hidden)) for i in range(parts)]
+
+    def embed(ids: np.ndarray) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        out = np.empty((flat.size, hidden), np.float32)
+        for j, t in enumerate(flat):  # a few hundred tokens: one row read each
+            part, r = divmod(int(t), rows_a_part)
+            out[j] = files[part].read_rows(r, r + 1)[0]
+        return torch.from_numpy(out).view(*ids.shape, hidden)
+
+    return embed
+
+
+def checkpoint_embedding(get_rows, hidden: int):
+    def embed(ids: np.ndarray) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        out = np.stack([get_rows(int(t)) for t in flat]).astype(np.float32)
+        return torch.from_numpy(out).view(*ids.shape, hidden)
+
+    return embed
+
+
+# ---------------------------------------------------------------------------------------------
+# The models, run side by side
+
+
+@dataclass
+class ModelRun:
+    name: str
+    numerics: Numerics
+    decoder: object  # CompactDecoder or OriginalDecoder
+    embed: object
+    output: OutputLayer
+    final_norm: torch.Tensor
+    factors: dict = field(default_factory=dict)  # layer -> {module: power of two}
+
+
+def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, start: int = 0,
+            caches: dict | None = None, progress: bool = False, desc: str = "", device="cpu") -> dict:
+    """Every model's logits [B, T, vocab] for its ids [B, T] at positions start.., one decoder layer at
+    a time: each layer's weights are made once, and models that share them run through it together
+    (an int4 weight decoded once for all)."""
+    x = {m.name: m.embed(ids[m.name]).to(device) for m in models}
+    for layer in bar(range(num_layers), desc, "layer", enabled=progress):
+        groups: dict = {}
+        for m in models:
+            key = (id(m.decoder), tuple(sorted(m.factors.get(layer, {}).items())))
+            groups.setdefault(key, []).append(m)
+        for group in groups.values():
+            w = group[0].decoder.layer(layer, group[0].factors.get(layer)).to(device)
+            cs = [caches[m.name][layer] for m in group] if caches is not None else None
+            outs = decoder_layer([x[m.name] for m in group], w, shape, [m.numerics for m in group], layer, start, cs)
+            for m, out in zip(group, outs, strict=True):
+                x[m.name] = out
+            del w
+    out = {}
+    by_output: dict = {}
+    for m in models:
+        by_output.setdefault(id(m.output), []).append(m)
+    for group in by_output.values():
+        hs = [final_norm(x[m.name], m.final_norm.to(device), m.numerics) for m in group]
+        logits = group[0].output.logits(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]))
+        row = 0
+        for m, h in zip(group, hs, strict=True):
+            n = h.shape[0] * h.shape[1]
+            out[m.name] = m.numerics.store(logits[row : row + n], "final", "logits").view(h.shape[0], h.shape[1], -1)
+            row += n
+    return out
+
+
+def greedy(models: list[ModelRun], prompt: np.ndarray, tokens: int, shape: Shape, num_layers: int, progress: bool,
+           device="cpu") -> dict:
+    """Each model's greedy continuation of the prompt, with a KV cache per model and layer."""
+    caches = {m.name: [KVCache() for _ in range(num_layers)] for m in models}
+    ids = {m.name: prompt[None, :] for m in models}
+    generated = {m.name: [] for m in models}
+    pos = 0
+    for _ in bar(range(tokens), "greedy", "token", enabled=progress):
+        logits = forward(models, ids, shape, num_layers, pos, caches, device=device)
+        pos += next(iter(ids.values())).shape[1]
+        for m in models:
+            nxt = int(logits[m.name][0, -1].argmax())
+            generated[m.name].append(nxt)
+            ids[m.name] = np.array([[nxt]])
+    return generated
+
+
+# ---------------------------------------------------------------------------------------------
+# The check
+
+
+def folder_tables(hw: Path, assumptions: dict, cfg: dict, head_dim: int, positions: int, where: Path):
+    """cos, sin [positions, head_dim/2] and the SiLU table the folder holds (decoded by the
+    conventions its manifest records), for the board-numerics model; computed when absent."""
+    order = assumptions.get("rope_table", "halves")
+    max_token = assumptions.get("max_token", 2048)
+    rope = hw / rope_file_name(max_token)
+    if head_dim == BOARD_HEAD_DIM and rope.is_file() and order in ("halves", "pairs"):
+        rows = unpack_rope_table(np.fromfile(rope, "<f2"), max_token)
+        cos, sin = rope_from_rows(rows, order)
+        if positions > max_token:
+            raise VCUError(f"{positions} positions asked for, the folder's RoPE table holds {max_token}")
+        source = f"{rope.name} ({order})"
+    else:
+        cos, sin = rope_cos_sin(cfg, head_dim, positions, where)
+        source = "computed (no table in the folder)" if head_dim == BOARD_HEAD_DIM else f"computed (head_dim {head_dim})"
+    act = hw / ACT_FILE
+    silu = SiluTable.unpack(np.fromfile(act, np.uint8)) if act.is_file() else None
+    return torch.from_numpy(cos[:positions].astype(np.float32)), torch.from_numpy(sin[:positions].astype(np.float32)), silu, source
+
+
+def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: dict, inputs: FunctionalInputs,
+                     tokens: int, numerics: str = "board", model: Path | None = None, centred_variance: bool = False,
+                     lm_head_from_checkpoint: bool = False, rescale: RescalePlan | None = None, progress: bool = True,
+                     device: str = "cpu") -> dict:
+    ckpt = GPTQCheckpoint(qdir)
+    d = ckpt.dims
+    cfg = read_model_config(ckpt.qdir / "config.json")
+    shape = Shape(d.num_heads, d.num_kv_heads, d.head_dim)
+    positions = max(len(inputs.eval_ids), len(inputs.prompt_ids) + tokens)
+    model_eps = float(cfg.get("rms_norm_eps", 1e-6))
+    cos32, sin32 = (torch.from_numpy(a.astype(np.float32)).to(device) for a in _fp32_rope(cfg, d.head_dim, positions, ckpt.qdir / "config.json"))
+    cos_b, sin_b, silu, rope_source = folder_tables(hw, assumptions, cfg, d.head_dim, positions, ckpt.qdir / "config.json")
+    cos_b, sin_b = cos_b.to(device), sin_b.to(device)
+    compact = CompactDecoder(ckpt)
+    norm = lambda name: torch.from_numpy(ckpt.get_fp16(name).astype(np.float32))  # noqa: E731
+    hw_factors = {i: module_factors(rescale, i) for i in range(d.num_layers)}
+    hw_out = checkpoint_output_layer(ckpt) if lm_head_from_checkpoint else packed_output_layer(hw, d.hidden, d.vocab, ports, assumptions.get("int4", "twos"))
+    ck_embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
+    hw_embed = hardware_embedding(hw, parts, d.vocab, d.hidden) if parts else _scaled_embed(ck_embed, tensor_factor(rescale, EMBEDDING))
+
+    board = numerics == "board"
+    hw_num = Numerics("hardware", board, BOARD_EPS if board else model_eps, cos_b if board else cos32, sin_b if board else sin32,
+                      silu if board else None, centred_variance if board else False)
+    models = [
+        ModelRun("hardware", hw_num, compact, hw_embed, hw_out, norm(f"{FINAL_NORM}.weight"), hw_factors),
+        ModelRun("checkpoint", Numerics("checkpoint", False, model_eps, cos32, sin32), compact, ck_embed,
+                 checkpoint_output_layer(ckpt), norm(f"{FINAL_NORM}.weight")),
+    ]
+    if board and silu is not None:
+        models.append(ModelRun(EXACT_SILU, Numerics(EXACT_SILU, True, BOARD_EPS, cos_b, sin_b, None, centred_variance),
+                               compact, hw_embed, hw_out, norm(f"{FINAL_NORM}.weight"), hw_factors))
+    if model:
+        orig = OriginalDecoder(model)
+        tied = bool(read_model_config(Path(model) / "config.json").get("tie_word_embeddings", False))
+        models.append(ModelRun("fp16 original", Numerics("fp16 original", False, model_eps, cos32, sin32), orig,
+                               checkpoint_embedding(lambda t: _orig_row(orig, t), d.hidden),
+                               original_output_layer(orig, tied, d.vocab), orig.get(f"{FINAL_NORM}.weight")))
+
+    result: dict = {"numerics": numerics, "device": str(device), "eval": {"tokens": int(len(inputs.eval_ids)), "source": inputs.source},
+                    "rope": rope_source, "silu": "table " + ACT_FILE if board and silu is not None else "exact",
+                    "norm_eps": hw_num.eps, "centred_variance": hw_num.centred_variance, "lm_head_from_checkpoint": lm_head_from_checkpoint}
+    try:
+        with torch.no_grad():
+            ids = {m.name: inputs.eval_ids[None, :] for m in models}
+            if EXACT_SILU in ids:  # what the table costs needs fewer tokens: causal, so they are the first ones
+                ids[EXACT_SILU] = ids[EXACT_SILU][:, :SILU_EFFECT_TOKENS]
+            logits = forward(models, ids, shape, d.num_layers, progress=progress, desc="functional", device=device)
+            if EXACT_SILU in logits:
+                exact = logits.pop(EXACT_SILU)
+                result["silu_effect"] = compare({"exact": exact, "table": logits["hardware"][:, : exact.shape[1]]}, "exact")["table"]
+                result["silu_effect"]["tokens"] = int(exact.shape[1])
+            result["against_hardware"] = compare(logits, "hardware")
+            result["against_checkpoint"] = {"hardware": result["against_hardware"]["checkpoint"]}
+            del logits
+            generated = greedy([m for m in models if m.name != EXACT_SILU], inputs.prompt_ids, tokens, shape, d.num_layers, progress, device)
+    except NonFinite as e:
+        result.update(ok=False, nonfinite={"model": e.model, "layer": e.layer, "site": e.site}, error=str(e))
+        result["saturation"] = hw_num.stats.saturation_list()
+        return result
+    hw_tokens = generated["hardware"]
+    result["greedy"] = {name: {"tokens": g, "text": inputs.decode(g) if inputs.decode else None} for name, g in generated.items()}
+    result["prompt_tokens"] = [int(t) for t in inputs.prompt_ids]
+    for name, r in result["against_hardware"].items():
+        gen = generated[name]
+        r["greedy_tokens_equal"] = gen == hw_tokens
+        r["greedy_common_prefix"] = next((i for i, (a, b) in enumerate(zip(gen, hw_tokens, strict=True)) if a != b), len(gen))
+    result["saturation"] = hw_num.stats.saturation_list() if board else []
+    result["headroom"] = headroom(models[1].numerics.stats)
+    result["ok"] = True
+    return result
+
+
+def _orig_row(orig: OriginalDecoder, t: int) -> np.ndarray:
+    return float32_rows(orig.entries[EMBEDDING], slice(t, t + 1))[0].numpy()
+
+
+def _scaled_embed(embed, factor: float):
+    return embed if factor == 1.0 else (lambda ids: (embed(ids) * factor).half().float())
+
+
+def _fp32_rope(cfg: dict, head_dim: int, positions: int, where: Path):
+    """transformers' cos/sin in fp32 (not rounded): the checkpoint model's."""
+    from vcu128.format.tables import rope_inv_freq
+
+    inv = rope_inv_freq(cfg, head_dim, where)
+    freqs = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv[None, :]
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+def compare(logits: dict, ref_name: str) -> dict:
+    """Top-1 agreement and relative logit error of every model against `ref_name`."""
+    ref = logits[ref_name].float()
+    out = {}
+    for name, lg in logits.items():
+        if name == ref_name:
+            continue
+        lg = lg.float()
+        out[name] = {
+            "top1_agreement": float((lg.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "relative_logit_error": float((lg - ref).norm() / lg.norm()),
+        }
+    return out
+
+
+def headroom(stats) -> dict:
+    """The fp32 model's largest |value| per site, and the sites above half the fp16 range."""
+    rows = [r for r in stats.headroom_list() if isinstance(r["layer"], int)]
+    flagged = [r for r in rows if r["max_abs"] > FP16_MAX / 2]
+    by_site: dict = {}
+    for r in rows:
+        by_site[r["site"]] = max(by_site.get(r["site"], 0.0), r["max_abs"])
+    return {"max_abs_by_site": by_site, "above_half_fp16_range": flagged}
+
+
+def format_functional(result: dict) -> str:
+    lines = []
+    if not result.get("ok", False):
+        return f"functional check FAILED: {result.get('error')}"
+    p = result.get("prompt_tokens")
+    lines.append(f"greedy continuation ({len(p)} prompt tokens), {result['numerics']} numerics:")
+    for name, g in result["greedy"].items():
+        lines.append(f"  {name:>22}: {g['text']!r}" if g["text"] is not None else f"  {name:>22}: {g['tokens']}")
+    lines.append(f"against the hardware model, on {result['eval']['tokens']} evaluation tokens ({result['eval']['source']}):")
+    lines.append("  model                  | top-1 agreement | relative logit error | same greedy tokens")
+    for name, r in result["against_hardware"].items():
+        same = "yes" if r["greedy_tokens_equal"] else f"first {r['greedy_common_prefix']}"
+        lines.append(f"  {name:<22} | {r['top1_agreement']:15.4f} | {r['relative_logit_error']:20.5f} | {same}")
+    if "silu_effect" in result:
+        e = result["silu_effect"]
+        lines.append(f"the folder's piecewise SiLU against exact SiLU, on the first {e['tokens']} tokens: top-1 agreement "
+                     f"{e['top1_agreement']:.4f}, relative logit error {e['relative_logit_error']:.5f}")
+    sat = result.get("saturation") or []
+    if sat:
+        worst = ", ".join(f"layer {s['layer']} {s['site']} ({s['count']})" for s in sat[:6])
+        lines.append(f"fp16 saturation in the board model at {len(sat)} sites: {worst}" + (" ..." if len(sat) > 6 else ""))
+    flagged = result.get("headroom", {}).get("above_half_fp16_range") or []
+    if flagged:
+        worst = ", ".join(f"layer {f['layer']} {f['site']} ({f['max_abs']:.0f})" for f in flagged[:6])
+        lines.append(f"sites above half the fp16 range in the fp32 model: {worst}")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The search for the residual factor k of fp16 rescaling: the checkpoint's model run in board
+numerics with and without k, each against the fp32 model (the rules that propose a plan are
+`board.rescale`; what a plan does to the bytes is `format.rescale`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vcu128.board.datapath import BOARD_EPS, Numerics, Shape
+from vcu128.check.functional import ModelRun, CompactDecoder, _fp32_rope, _scaled_embed, checkpoint_embedding, checkpoint_output_layer, compare, forward
+from vcu128.check.inputs import evaluation_inputs
+from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.format.model import EMBEDDING, FINAL_NORM, read_model_config
+from vcu128.format.rescale import RescalePlan, module_factors, tensor_factor
+from vcu128.format.tables import rope_cos_sin
+
+log = logging.getLogger("vcu128")
+
+
+def evaluate_plan(qdir: Path, tokens: np.ndarray, plan: RescalePlan | None, reference_only: bool = False) -> tuple[dict, dict | None]:
+    """For fp16 rescaling, before any folder exists: the fp32 checkpoint model's site
+    statistics on `tokens`, and (unless reference_only) how far the checkpoint rescaled by `plan`
+    moves in board numerics from it: (stats, {top1_agreement, relative_logit_error, saturation})."""
+    ckpt = GPTQCheckpoint(qdir)
+    d = ckpt.dims
+    cfg = read_model_config(ckpt.qdir / "config.json")
+    where = ckpt.qdir / "config.json"
+    shape = Shape(d.num_heads, d.num_kv_heads, d.head_dim)
+    cos32, sin32 = (torch.from_numpy(a.astype(np.float32)) for a in _fp32_rope(cfg, d.head_dim, len(tokens), where))
+    cos16, sin16 = (torch.from_numpy(a.astype(np.float32)) for a in rope_cos_sin(cfg, d.head_dim, len(tokens), where))
+    compact = CompactDecoder(ckpt, keep=False)
+    fnorm = torch.from_numpy(ckpt.get_fp16(f"{FINAL_NORM}.weight").astype(np.float32))
+    out = checkpoint_output_layer(ckpt)
+    embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
+    ref = ModelRun("fp32", Numerics("fp32", False, float(cfg.get("rms_norm_eps", 1e-6)), cos32, sin32), compact, embed, out, fnorm)
+    models = [ref]
+    if not reference_only:
+        factors = {i: module_factors(plan, i) for i in range(d.num_layers)}
+        board = Numerics("board", True, BOARD_EPS, cos16, sin16)
+        models.append(ModelRun("board", board, compact, _scaled_embed(embed, tensor_factor(plan, EMBEDDING)), out, fnorm, factors))
+    with torch.no_grad():
+        logits = forward(models, {m.name: tokens[None, :] for m in models}, shape, d.num_layers)
+    stats = {"measured_on": f"{len(tokens)} tokens, fp32", "layers": []}
+    by_layer: dict = {}
+    for (layer, site), v in ref.numerics.stats.max_abs.items():
+        if isinstance(layer, int):
+            by_layer.setdefault(layer, {})[site] = v
+    stats["layers"] = [{"layer": i, "max_abs": by_layer.get(i, {})} for i in range(d.num_layers)]
+    gate = [v for (layer, site), v in ref.numerics.stats.max_abs.items() if site == "gate"]
+    stats["gate_max_abs"] = max(gate) if gate else None
+    if reference_only:
+        return stats, None
+    result = compare(logits, "fp32")["board"]
+    result["saturation"] = models[1].numerics.stats.saturation_list()
+    return stats, result
+
+
+def measure_stats(qdir: Path, tokens: np.ndarray) -> dict:
+    """The fp32 checkpoint model's site statistics on `tokens` (streamed, a layer at a time)."""
+    stats, _ = evaluate_plan(qdir, tokens, None, reference_only=True)
+    return stats
+
+
+def choose_k(qdir: Path, tokens: np.ndarray, plan: RescalePlan) -> RescalePlan:
+    """With k > 0: the board-numerics logits with the planned factors and with k = 0 (saturating
+    instead), each against the fp32 checkpoint model; keep the plan that moves the logits less
+    (its `k_choice` says what was weighed)."""
+    without = plan.with_k(0)
+    _, scaled = evaluate_plan(qdir, tokens, plan)
+    _, saturating = evaluate_plan(qdir, tokens, without)
+    report = {"with_k": scaled, "saturating_instead": saturating}
+    keep = plan if scaled["relative_logit_error"] <= saturating["relative_logit_error"] else without
+    report["kept"] = "with_k" if keep is plan else "saturating_instead"
+    return keep.with_report(k_choice=report)
+
+
+def evaluation_tokens(qdir: Path, vocab: int, text: Path | None, count: int = 128) -> tuple[np.ndarray, str]:
+    """Tokens to measure on: the text (default the demo corpus) with the checkpoint's tokenizer, or
+    seeded ids when it has none."""
+    inputs = evaluation_inputs(qdir, vocab, text, None, "", count)
+    return inputs.eval_ids, inputs.source

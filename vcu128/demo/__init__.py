@@ -1,0 +1,1 @@
+"""The tiny demo model main.sh trains when no model is given."""

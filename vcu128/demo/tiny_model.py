@@ -1,0 +1,95 @@
+"""A tiny Qwen2 model and tokenizer built in-process, for the demo and the tests (no model hub).
+
+The tokenizer is a byte-level BPE trained on the given text; the model is trained on the same text
+for a fixed number of steps, so that its weights have the structure that makes GPTQ beat round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from vcu128.check.inputs import DEMO_CORPUS
+
+log = logging.getLogger("vcu128")
+
+# hidden 256 = 2 groups; intermediate 640 = 5 groups (an odd count); vocab 512 splits into 16 parts;
+# two heads of 128, the board's head size, so that the demo's folder gets a RoPE table.
+TINY_QWEN2 = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=640,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+TRAIN_STEPS = 200  # fixed, so the demo model (and every test built on it) is the same on any machine, busy or idle
+
+
+def build_tiny_model(out: Path, text_path: Path = DEMO_CORPUS, train_steps: int = TRAIN_STEPS, seed: int = 0, **overrides) -> Path:
+    """Write a trained tiny Qwen2 (fp16 safetensors, config, tokenizer) into `out`: a fixed number
+    of steps with a fixed seed on a fixed thread count, so the weights are the same wherever it runs."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a fixed count: float sums in another order would give other weights
+    try:
+        torch.manual_seed(seed)
+        text = Path(text_path).read_text()
+        spec = {**TINY_QWEN2, **overrides}
+        tokenizer = train_tokenizer(text, spec["vocab_size"])
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        model = Qwen2ForCausalLM(Qwen2Config(**spec, torch_dtype="float16"))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        seqlen, batch = 128, 8
+        start = time.perf_counter()
+        for _ in range(train_steps):
+            starts = torch.randint(0, len(ids) - seqlen - 1, (batch,))
+            x = torch.stack([ids[s : s + seqlen] for s in starts])
+            loss = model(x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    log.info(f"tiny Qwen2: {train_steps} training steps in {time.perf_counter() - start:.0f} s, loss {loss.item():.2f}")
+    out = Path(out)
+    model.to(torch.float16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "demo_model.json").write_text(json.dumps({"train_steps": train_steps, "seed": seed, "config": spec}, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":  # python -m vcu128.demo.tiny_model OUT_DIR [TRAIN_STEPS]
+    import sys
+
+    from vcu128.io.errors import quiet_third_party
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_third_party()
+    build_tiny_model(Path(sys.argv[1]), train_steps=int(sys.argv[2]) if len(sys.argv) > 2 else TRAIN_STEPS)

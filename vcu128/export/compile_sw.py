@@ -1,0 +1,162 @@
+"""Step 2: a GPTQ checkpoint to the software format (FORMAT.md 2): the constant-folding step.
+
+The zero point (8 everywhere, checked) is folded into signed ints q - 8, the scales are transposed to
+one row per output channel, and a linear without bias gets an all-zero bias file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.io.direct_io import DirectWriter
+from vcu128.format.layout import (
+    CONFIG,
+    SW_FP16_DIR,
+    SW_QWEIGHT_DIR,
+    sw_fp16_path,
+    sw_linear_paths,
+    sw_norm_file,
+)
+from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
+from vcu128.io.output import StepResult, check_out, files_under, folder_stats, read_step_record, record_owns, staged_dir, write_step_record
+from vcu128.io.parallel import ordered_map, rows_per_block
+from vcu128.io.jsonfile import dumps
+from vcu128.io.progress import bar
+from vcu128.io.jsonfile import read_json_object
+from vcu128.board.rescale import parse_mode, plan_from_stats
+from vcu128.check.rescale_search import choose_k, evaluation_tokens, measure_stats
+from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
+from vcu128.format.rescale import RescalePlan, scale_fp16, tensor_factor
+from vcu128.board.stats import STATS_FILE, stats_from_report
+
+log = logging.getLogger("vcu128")
+STEP = "compile_sw"
+
+
+def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
+    """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin;
+    scales and bias times `factor` (a power of two: fp16 rescaling)."""
+    counter = {} if counter is None else counter
+    paths = sw_linear_paths(folder, name)
+    qweight = ckpt.get(f"{name}.qweight")  # int32 [chin/8, chout]: half a byte a weight
+    chin, chout = qweight.shape[0] * 8, qweight.shape[1]
+    step = rows_per_block(4 * chin)
+    with DirectWriter(paths["qweight"], background=True) as f:
+        for block in ordered_map(lambda c: ckpt.signed_weights(qweight[:, c : c + step], np.dtype("<i4")), range(0, chout, step)):
+            f.write(block)
+    scale_fp16(np.ascontiguousarray(ckpt.get(f"{name}.scales").T), factor, counter).astype("<f2").tofile(paths["scales"])
+    bias_name = f"{name}.bias"
+    bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")
+    scale_fp16(bias, factor, counter).astype("<f2").tofile(paths["bias"])
+
+
+def write_embedding(ckpt: GPTQCheckpoint, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
+    vocab, hidden = ckpt.dims.vocab, ckpt.dims.hidden
+    step = rows_per_block(2 * hidden)
+    with DirectWriter(sw_fp16_path(folder, EMBEDDING), background=True) as f:
+        for r in range(0, vocab, step):
+            f.write(scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)), factor, {} if counter is None else counter).astype("<f2"))
+
+
+def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescalePlan | None:
+    """The fp16 rescaling factors for --fp16_rescale `mode`, or None."""
+    kind, explicit = parse_mode(mode)
+    d = ckpt.dims
+    if kind == "off":
+        return None
+    if kind == "explicit":
+        plan = RescalePlan(explicit["k"], (explicit["m"],) * d.num_layers, (f"given: --fp16_rescale {mode}",))
+        return None if plan.is_identity else plan
+    if kind == "auto":
+        stats = stats_from_report(ckpt.qdir)
+        if stats is None:
+            log.warning(f"warning: {ckpt.qdir}: no fp16 statistics (quant_report.json has none): not rescaled; "
+                        "--fp16_rescale measure measures them")
+            return None
+        source = "quant_report.json"
+    else:
+        tokens, where = evaluation_tokens(ckpt.qdir, d.vocab, text)
+        stats = measure_stats(ckpt.qdir, tokens)
+        source = f"measured on {where}"
+    plan = plan_from_stats(stats, d.num_layers, source)
+    if plan.is_identity:
+        return None
+    if plan.k:
+        k = plan.k
+        tokens, _ = evaluation_tokens(ckpt.qdir, d.vocab, text)
+        plan = choose_k(ckpt.qdir, tokens, plan)
+        report = plan.k_choice
+        log.info(f"compile_sw: residual stream times 2^-{k}: board-numerics relative logit error {report['with_k']['relative_logit_error']:.4f}; "
+                 f"saturating instead: {report['saturating_instead']['relative_logit_error']:.4f}; kept {report['kept'].replace('_', ' ')}")
+    return None if plan.is_identity else plan
+
+
+def output_bytes(dims) -> int:
+    """What compile_sw writes (FORMAT.md 2), for the free-space check."""
+    per_layer = 0
+    for lin in LINEARS:
+        chin, chout = dims.linear_shape(lin)
+        per_layer += chout * chin * 4 + chout * (chin // 128) * 2 + chout * 2
+    per_layer += len(LAYER_NORMS) * 4 * dims.hidden
+    return dims.num_layers * per_layer + 4 * dims.hidden + 2 * dims.vocab * dims.hidden
+
+
+# A compile folder is compile_sw's output when it holds its record; a folder lm_head.py created
+# first (record lm_head.json) is one too, with nothing of compile_sw's in it yet.
+_compile_sw_owns = record_owns(STEP)
+
+
+def compile_folder_owns(folder: Path) -> set[str] | None:
+    owned = _compile_sw_owns(folder)
+    if owned is None and read_step_record(folder, "lm_head") is not None:
+        return set()
+    return owned
+
+
+def compile_software(qdir: Path, out: Path | None = None, progress: bool = True, force: bool = False,
+                     fp16_rescale: str = "auto", text: Path | None = None) -> StepResult:
+    start = time.perf_counter()
+    ckpt = GPTQCheckpoint(qdir)
+    out = Path(out) if out else ckpt.qdir / "compile"
+    ckpt.validate()  # every refusal happens here, before the output folder exists
+    dims = ckpt.dims
+    check_out(Path(os.path.abspath(out)), STEP, compile_folder_owns, [ckpt.qdir], force)  # before any measuring
+    plan = rescale_plan(ckpt, fp16_rescale, text)
+    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(),
+                 "fp16_rescale": plan.factors_record() if plan else None}
+    counter: dict = {}
+    with staged_dir(out, STEP, compile_folder_owns, [ckpt.qdir], force, output_bytes(dims)) as stage:
+        (stage / SW_QWEIGHT_DIR).mkdir()
+        (stage / SW_FP16_DIR).mkdir()
+        shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
+        for layer in bar(range(dims.num_layers), "compile_sw", "layer", enabled=progress):
+            for lin in LINEARS:
+                write_linear(ckpt, lin.name(layer), stage, tensor_factor(plan, lin.name(layer)), counter)
+            for norm, _ in LAYER_NORMS:
+                name = f"model.layers.{layer}.{norm}.weight"
+                sw_norm_file(ckpt.get_fp16(name)).tofile(sw_fp16_path(stage, name))
+        sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")).tofile(sw_fp16_path(stage, f"{FINAL_NORM}.weight"))
+        write_embedding(ckpt, stage, tensor_factor(plan, EMBEDDING), counter)
+        if plan:  # config.json says so: every later step reads its factors from there
+            plan = plan.with_report(out_of_normal_range=counter.get("out_of_normal_range", 0))
+            config = read_json_object(ckpt.qdir / CONFIG)
+            config[RESCALE_KEY] = plan.to_record()
+            (stage / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            log.info(f"compile_sw: fp16 rescaling k = {plan.k}, m = {list(plan.m)} ({'; '.join(plan.why)}); "
+                     f"{plan.out_of_normal_range} values pushed out of fp16's normal range")
+        stats = stats_from_report(ckpt.qdir)
+        if stats is not None:  # what the SiLU fit and the fp16 rescaling need, beside the files they shape
+            (stage / STATS_FILE).write_text(dumps(stats))
+        write_step_record(stage, STEP, made_from, files_under(stage), fp16_rescale=plan.to_record() if plan else None)
+    files, nbytes = folder_stats([out])
+    result = StepResult("compile_sw", out, files, nbytes, time.perf_counter() - start)
+    result.details = {"fp16_rescale": plan.to_record() if plan else None}
+    return result

@@ -1,0 +1,96 @@
+"""Step 5: the fp16 embedding table cut into K equal parts in row order (FORMAT.md 3.4)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from vcu128.io.errors import VCUError
+
+from vcu128.format.layout import (
+    CONFIG,
+    EMBEDDING_DIR,
+    BinFile,
+    check_embedding_split,
+    embedding_part_file,
+    sw_fp16_path,
+)
+from vcu128.format.gate import read_model_dims
+from vcu128.format.model import EMBEDDING
+from vcu128.io.jsonfile import dumps
+from vcu128.io.output import (
+    MANIFEST_NAME,
+    Manifest,
+    StepResult,
+    folder_lock,
+    folder_stats,
+    manifest_owns,
+    read_manifest,
+    replace_file_atomically,
+    staged_dir,
+    write_whole_file,
+)
+from vcu128.export.hardware import default_hardware_dir
+from vcu128.io.progress import bar
+from vcu128.io.provenance import compile_ids, warn
+
+STEP = "embedding_tokens"
+
+
+def embedding_owns(folder: Path) -> set[str] | None:
+    """The parts embedding_tokens wrote: listed in the packed folder's manifest (the usual place)
+    or in the folder's own manifest (an --out outside a packed folder)."""
+    own = manifest_owns("embedding", STEP)(folder)
+    if own is not None:
+        return own
+    try:
+        doc = read_manifest(folder.parent, required=False)
+    except VCUError:
+        return None
+    prefix = f"{folder.name}/"
+    listed = {f["path"][len(prefix):] for f in (doc or {}).get("files", []) if f["path"].startswith(prefix) and f.get("step") == STEP}
+    return listed or None
+
+
+def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = 16, progress: bool = True, force: bool = False) -> StepResult:
+    """Write the parts into `out` (default <compile>/QWEN_BLOCK_write_data_port32/Embedding). When `out`
+    sits in a hardware folder, its manifest.json gets the parts' entries; otherwise `out` gets its own."""
+    start = time.perf_counter()
+    compile_dir = Path(compile_dir)
+    if not compile_dir.is_dir():
+        raise VCUError(f"{compile_dir}: no such compile folder (run compile_sw.py first)")
+    dims = read_model_dims(compile_dir / CONFIG)
+    rows = check_embedding_split(dims.vocab, parts)
+    table = BinFile(sw_fp16_path(compile_dir, EMBEDDING), "<f2", (dims.vocab, dims.hidden))
+    out = Path(os.path.abspath(out)) if out else default_hardware_dir(compile_dir, 32).absolute() / EMBEDDING_DIR
+    made_from = compile_ids(compile_dir)["compile_sw"]
+    parent_manifest = read_manifest(out.parent, required=False) if (out.parent / MANIFEST_NAME).is_file() else None
+    in_packed_folder = parent_manifest is not None and parent_manifest.get("kind") == "hardware"
+    if in_packed_folder:
+        made = (parent_manifest.get("made_from") or {}).get("compile_sw")
+        if made and made_from and made != made_from:
+            warn([f"{out.parent} was packed from an earlier compile_sw run than the one in {compile_dir} (re-run hardware.py)"])
+    records = []
+    with staged_dir(out, STEP, embedding_owns, [compile_dir], force, 2 * dims.vocab * dims.hidden) as stage:
+        for i in bar(range(parts), "embedding", "part", enabled=progress):
+            part = table.read_rows(i * rows, (i + 1) * rows)
+            rel = embedding_part_file(i + 1, parts)
+            records.append(write_whole_file(stage, rel, part, f"{EMBEDDING}[{i * rows}:{(i + 1) * rows}]", dtype="float16", rows=rows, words_per_row=dims.hidden // 2))
+        for r in records:
+            r.step, r.made_from = STEP, made_from
+        if not in_packed_folder:
+            Manifest("embedding", dims.to_json(), {"embedding_parts": parts}, records).write(stage)
+    if in_packed_folder:
+        # Entries are relative to the packed folder: replace this folder's entries there.
+        with folder_lock(out.parent):
+            doc = read_manifest(out.parent)
+            prefix = f"{out.name}/"
+            doc["files"] = [f for f in doc["files"] if not f["path"].startswith(prefix)]
+            for r in records:
+                r.path = prefix + r.path
+            doc["files"] += [r.to_json() for r in records]
+            doc["embedding_parts"] = parts
+            replace_file_atomically(out.parent / MANIFEST_NAME, dumps(doc).encode())
+    files, nbytes = folder_stats([out])
+    return StepResult("embedding", out, files, nbytes, time.perf_counter() - start)

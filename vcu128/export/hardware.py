@@ -1,0 +1,287 @@
+"""Step 4: the software format to the board's layout (FORMAT.md 3), with manifest.json."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vcu128.io.errors import VCUError
+from vcu128.format.layout import (
+    CONFIG,
+    OUT_BIAS_FILE,
+    OUT_NORM_FILE,
+    OUT_WEIGHT_STEM,
+    BinFile,
+    PackedLinearWriter,
+    INT4_CODES,
+    check_int4_range,
+    hw_layer_norm_file,
+    hw_linear_stems,
+    pack_bias_words,
+    pack_linear_rows,
+    row_words,
+    rows_per_port,
+    sw_fp16_path,
+    sw_linear_paths,
+    sw_lm_head_paths,
+    sw_qweight_file,
+    sw_scales_file,
+)
+from vcu128.format.model import (
+    FINAL_NORM,
+    GROUP_SIZE,
+    LAYER_NORMS,
+    LINEARS,
+    ModelDims,
+    read_model_config,
+)
+from vcu128.format.gate import read_model_dims
+from vcu128.io.jsonfile import dumps
+from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
+from vcu128.format.rescale import RescalePlan
+from vcu128.board.stats import read_activation_stats
+from vcu128.format.tables import (
+    ACT_FILE,
+    ACT_FILE_BYTES,
+    BOARD_HEAD_DIM,
+    DEFAULT_FIT_RANGE,
+    DEFAULT_MAX_TOKEN,
+    DEFAULT_ROPE_ORDER,
+    ROPE_ORDERS,
+    SILU_TABLES,
+    rope_file_name,
+    rope_parameters,
+    rope_table,
+    silu_table,
+)
+from vcu128.io.output import (
+    MANIFEST_NAME,
+    FileRecord,
+    Manifest,
+    StepResult,
+    folder_stats,
+    manifest_owns,
+    read_manifest,
+    replace_file_atomically,
+    staged_dir,
+    write_whole_file,
+)
+from vcu128.io.provenance import compile_ids, stale_compile, warn
+from vcu128.io.parallel import ordered_map, rows_per_block
+from vcu128.io.progress import bar
+
+
+log = logging.getLogger("vcu128")
+STEP = "hardware"
+
+
+def default_hardware_dir(compile_dir: Path, ports: int) -> Path:
+    return Path(compile_dir) / f"QWEN_BLOCK_write_data_port{ports}"
+
+
+class PackJob:
+    """One packed linear: its checked input files and where its words go."""
+
+    def __init__(self, name: str, qweight: BinFile, scales: BinFile, bias: BinFile | None, stem: str, bias_file: str):
+        self.name, self.qweight, self.scales, self.bias = name, qweight, scales, bias
+        self.stem, self.bias_file = stem, bias_file
+        self.chout, self.chin = qweight.shape
+
+    def run(self, root: Path, ports: int, int4: str = "twos") -> list[FileRecord]:
+        writer = PackedLinearWriter(root, self.stem, self.chin, self.chout, ports, source=self.name)
+        step = rows_per_block(4 * self.chin, multiple=ports)
+
+        def pack_block(start: int) -> np.ndarray:
+            stop = min(start + step, self.chout)
+            q = self.qweight.read_rows(start, stop)
+            check_int4_range(q, str(self.qweight.path), first_row=start, code=int4)
+            return pack_linear_rows(q, self.scales.read_rows(start, stop), int4)
+
+        for rows in ordered_map(pack_block, range(0, self.chout, step)):
+            writer.write(rows)
+        records = writer.close()
+        bias = self.bias.read() if self.bias else np.zeros(self.chout, "<f2")
+        records.append(write_whole_file(root, self.bias_file, pack_bias_words(bias), f"{self.name}.bias", rows=self.chout, words_per_row=1))
+        return records
+
+
+def linear_job(compile_dir: Path, name: str, chin: int, chout: int, stems: tuple[str, str]) -> PackJob:
+    paths = sw_linear_paths(compile_dir, name)
+    return PackJob(
+        name,
+        sw_qweight_file(paths["qweight"], chout, chin),
+        sw_scales_file(paths["scales"], chout, chin),
+        BinFile(paths["bias"], "<f2", (chout,)),
+        *stems,
+    )
+
+
+def plan(compile_dir: Path, dims: ModelDims) -> tuple[list[list[PackJob]], list[tuple[BinFile, str]], PackJob]:
+    """Open (and so size-check) every input before anything is written: per layer its jobs,
+    the norm copies, and the output layer."""
+    layers, norms = [], []
+    for layer in range(dims.num_layers):
+        layers.append([linear_job(compile_dir, lin.name(layer), *dims.linear_shape(lin), hw_linear_stems(layer, lin)) for lin in LINEARS])
+        for norm, board in LAYER_NORMS:
+            src = sw_fp16_path(compile_dir, f"model.layers.{layer}.{norm}.weight")
+            norms.append((BinFile(src, "<f2", (2 * dims.hidden,)), hw_layer_norm_file(layer, board)))
+    norms.append((BinFile(sw_fp16_path(compile_dir, f"{FINAL_NORM}.weight"), "<f2", (2 * dims.hidden,)), OUT_NORM_FILE))
+    lm = sw_lm_head_paths(compile_dir)
+    if not lm["qweight"].is_file():
+        raise VCUError(f"{lm['qweight']}: missing (run lm_head.py first)")
+    out_layer = PackJob(
+        "lm_head",
+        sw_qweight_file(lm["qweight"], dims.vocab, dims.hidden),
+        sw_scales_file(lm["scales"], dims.vocab, dims.hidden),
+        None,  # the output layer has no bias: its bias words are 0x3C000000
+        OUT_WEIGHT_STEM,
+        OUT_BIAS_FILE,
+    )
+    return layers, norms, out_layer
+
+
+def output_bytes(dims: ModelDims, ports: int) -> int:
+    """What hardware.py writes (FORMAT.md 3), for the free-space check."""
+    total = 0
+    for chin, chout in [dims.linear_shape(lin) for lin in LINEARS] * dims.num_layers + [(dims.hidden, dims.vocab)]:
+        total += rows_per_port(chout, ports) * ports * row_words(chin) * 4 + 4 * chout
+    return total + (2 * dims.num_layers + 1) * 4 * dims.hidden
+
+
+hardware_owns = manifest_owns("hardware", STEP)
+
+
+@dataclass(frozen=True)
+class BoardOptions:
+    """What a packed folder assumes about the board (recorded in manifest.json's `assumptions`)."""
+
+    ports: int = 32
+    int4: str = "twos"
+    rope_table: str = DEFAULT_ROPE_ORDER
+    silu_table: str = "board"
+    max_token: int = DEFAULT_MAX_TOKEN
+
+    def check(self) -> None:
+        for flag, value, allowed in (("--int4", self.int4, INT4_CODES), ("--rope_table", self.rope_table, ROPE_ORDERS),
+                                     ("--silu_table", self.silu_table, SILU_TABLES)):
+            if value not in allowed:
+                raise VCUError(f"{flag} {value}: expected one of {', '.join(allowed)}")
+        if self.ports < 1 or self.max_token < 1:
+            raise VCUError(f"--ports {self.ports}, --max_token {self.max_token}: each must be at least 1")
+
+
+def write_tables(stage: Path, cfg: dict, dims: ModelDims, opts: BoardOptions, compile_dir: Path) -> tuple[list[FileRecord], dict, dict]:
+    """The RoPE and SiLU tables at the folder's root (FORMAT.md 5): (records, assumptions, table report)."""
+    where = compile_dir / CONFIG
+    records, report = [], {}
+    assumptions = {"int4": opts.int4, "silu_table": opts.silu_table, "max_token": opts.max_token}
+    trained = cfg.get("max_position_embeddings")
+    if dims.head_dim != BOARD_HEAD_DIM:
+        assumptions["rope_table"] = f"none: head_dim {dims.head_dim} is not the board's {BOARD_HEAD_DIM}"
+        log.info(f"hardware: no RoPE table: head_dim is {dims.head_dim}, the board's RoPE unit rotates heads of {BOARD_HEAD_DIM}")
+    else:
+        assumptions["rope_table"] = opts.rope_table
+        assumptions["rope_rotation"] = "rotate-half: channel i with i + 64, as HF Qwen2/Llama (q_proj, k_proj rows as in the checkpoint)"
+        table = rope_table(cfg, opts.max_token, opts.rope_table, where)
+        name = rope_file_name(opts.max_token)
+        records.append(write_whole_file(stage, name, table, f"RoPE cos/sin, {opts.rope_table}", dtype="float16",
+                                        rows=opts.max_token, words_per_row=BOARD_HEAD_DIM // 2))
+        theta, scaling = rope_parameters(cfg, where)
+        report["rope"] = {"file": name, "theta": theta, "scaling": scaling["rope_type"], "positions": opts.max_token}
+        if isinstance(trained, int) and trained < opts.max_token:
+            log.info(f"hardware: the model was trained on {trained} positions; the RoPE table covers the board's {opts.max_token}")
+    fit_range = read_gate_range(compile_dir) if opts.silu_table == "fit" else None
+    silu = silu_table(opts.silu_table, fit_range)
+    error, at = silu.error(*DEFAULT_FIT_RANGE)
+    report["silu"] = {"file": ACT_FILE, "table": opts.silu_table, "max_error_on_-16_16": error, "at": at}
+    if fit_range:
+        report["silu"]["fit_range"] = list(fit_range)
+        report["silu"]["max_error_on_fit_range"], report["silu"]["at_on_fit_range"] = silu.error(*fit_range)
+    records.append(write_whole_file(stage, ACT_FILE, silu.pack(), f"SiLU table, {opts.silu_table}", dtype="uint8", rows=1, words_per_row=ACT_FILE_BYTES // 4))
+    return records, assumptions, report
+
+
+def read_gate_range(compile_dir: Path) -> tuple[float, float]:
+    """The range the model's gate outputs take, from the statistics compile_sw copied (else [-16, 16])."""
+    stats = read_activation_stats(compile_dir)
+    if stats and stats.get("gate_range"):
+        lo, hi = stats["gate_range"]
+        return float(lo), float(hi)
+    log.info(f"hardware: no gate statistics in {compile_dir}: the SiLU fit covers [-16, 16]")
+    return DEFAULT_FIT_RANGE
+
+
+def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, progress: bool = True, force: bool = False,
+                  opts: BoardOptions | None = None) -> StepResult:
+    start = time.perf_counter()
+    opts = opts or BoardOptions(ports=ports)
+    ports = opts.ports
+    compile_dir = Path(compile_dir)
+    if not compile_dir.is_dir():
+        raise VCUError(f"{compile_dir}: no such compile folder (run compile_sw.py first)")
+    opts.check()
+    dims = read_model_dims(compile_dir / CONFIG)
+    cfg = read_model_config(compile_dir / CONFIG)
+    for what, chin in (("hidden_size", dims.hidden), ("intermediate_size", dims.intermediate), ("q dim", dims.q_dim)):
+        if chin % GROUP_SIZE:
+            raise VCUError(f"{compile_dir / CONFIG}: {what}={chin} is not a multiple of {GROUP_SIZE}, which the board needs")
+    if dims.head_dim == BOARD_HEAD_DIM:
+        rope_parameters(cfg, compile_dir / CONFIG)  # a scaling the table cannot hold is refused before writing
+    layers, norms, out_layer = plan(compile_dir, dims)
+    warn(stale_compile(compile_dir))
+    out = Path(out) if out else default_hardware_dir(compile_dir, ports)
+    made_from = {**compile_ids(compile_dir), "ports": ports, **asdict(opts)}
+    manifest = Manifest("hardware", dims.to_json(), {"ports": ports, "group_size": GROUP_SIZE, "made_from": made_from})
+    with staged_dir(out, STEP, hardware_owns, [compile_dir], force, output_bytes(dims, ports)) as stage:
+        for jobs in bar(layers, "hardware", "layer", enabled=progress):
+            for job in jobs:
+                manifest.files += job.run(stage, ports, opts.int4)
+        manifest.files += out_layer.run(stage, ports, opts.int4)
+        for src, rel in norms:
+            manifest.files += [write_whole_file(stage, rel, src.read(), src.path.name, dtype="float16", rows=1, words_per_row=dims.hidden)]
+        records, assumptions, tables = write_tables(stage, cfg, dims, opts, compile_dir)
+        manifest.files += records
+        # compile_sw applied it to the scales and embedding rows: record it
+        rescale = RescalePlan.from_record(cfg.get(RESCALE_KEY), compile_dir / CONFIG, RESCALE_KEY, dims.num_layers)
+        assumptions["fp16_rescale"] = rescale.describe() if rescale else "none"
+        manifest.params.update(assumptions=assumptions, tables=tables, fp16_rescale=rescale.factors_record() if rescale else None)
+        for f in manifest.files:
+            f.step = STEP
+        manifest.write(stage)
+        keep_embedding_entries(out, stage)
+    files, nbytes = folder_stats([out])
+    result = StepResult("hardware", out, files, nbytes, time.perf_counter() - start)
+    result.details = {"assumptions": assumptions, "tables": tables}
+    return result
+
+
+def keep_embedding_entries(old: Path, stage: Path) -> None:
+    """A re-run keeps embedding_tokens' parts (they are carried into the new folder): keep their
+    manifest entries too."""
+    if hardware_owns(old) is None:
+        return
+    doc = read_manifest(old)
+    kept = [f for f in doc["files"] if f.get("step") == "embedding_tokens" and (old / f["path"]).is_file()]
+    if not kept:
+        return
+    new = read_manifest(stage)
+    new["files"] += kept
+    new["embedding_parts"] = doc.get("embedding_parts")
+    replace_file_atomically(stage / MANIFEST_NAME, dumps(new).encode())
+
+
+def format_assumptions(details: dict) -> str:
+    """hardware.py's summary of what the folder assumes about the board."""
+    a, t = details["assumptions"], details["tables"]
+    silu = t["silu"]
+    lines = ["assumptions (recorded in manifest.json; docs/FORMAT.md 5 gives the evidence):",
+             f"  RoPE table: {a['rope_table']}" + (f", {t['rope']['positions']} positions, theta {t['rope']['theta']:g}, scaling {t['rope']['scaling']}" if "rope" in t else ""),
+             f"  SiLU table: {a['silu_table']}, largest error {silu['max_error_on_-16_16']:.4f} on [-16, 16] (at x = {silu['at']:.3f})"
+             + (f"; {silu['max_error_on_fit_range']:.4f} on the fitted range [{silu['fit_range'][0]:.2f}, {silu['fit_range'][1]:.2f}]" if "fit_range" in silu else ""),
+             f"  int4 code: {a['int4']}",
+             f"  fp16 rescaling: {a.get('fp16_rescale', 'none')}"]
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Step 3: the output layer to int4 + fp16 scales (FORMAT.md 2, "lm_head quantization").
+
+Methods: `rtn` (default) and `trunc` quantize the float lm_head (or the tied embedding) group by
+group; `checkpoint` takes the lm_head GPTQ already quantized (quantize.py --lm_head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.io.direct_io import DirectWriter
+from vcu128.format.gate import check_board_tensors
+from vcu128.io.errors import VCUError, set_writing
+from vcu128.format.layout import SW_QWEIGHT_DIR, sw_lm_head_paths
+from vcu128.io.output import StepResult, check_free_space, folder_lock, read_step_record, remove_stale, signals_deferred, stage_tag, write_step_record
+from vcu128.io.parallel import ordered_map, rows_per_block
+from vcu128.io.progress import bar
+from vcu128.quant.rtn import METHODS, dequantize_rows, quantize_rows, squared_error
+
+log = logging.getLogger("vcu128")
+STEP = "lm_head"
+
+ALL_METHODS = (*METHODS, "checkpoint")
+
+
+def choose_method(ckpt: GPTQCheckpoint, method: str | None) -> str:
+    quantized = ckpt.lm_head_source() == "lm_head"
+    if method is None:
+        return "checkpoint" if quantized else "rtn"
+    if method not in ALL_METHODS:
+        raise VCUError(f"--method {method}: expected one of {', '.join(ALL_METHODS)}")
+    if method == "checkpoint" and not quantized:
+        raise VCUError(f"{ckpt.qdir}: --method checkpoint, but the checkpoint has no lm_head.qweight (quantize with --lm_head)")
+    if method != "checkpoint" and quantized:
+        raise VCUError(f"{ckpt.qdir}: lm_head is already GPTQ-quantized (lm_head.qweight); use --method checkpoint")
+    return method
+
+
+def check_lm_head_out(out: Path, qdir: Path, force: bool) -> None:
+    """lm_head adds two files to a compile folder: refuse a target that is a file, the checkpoint
+    (or holds it), or a folder of someone else's; and lm_head files it did not write itself."""
+    out = Path(os.path.abspath(out))
+    qdir = Path(qdir).resolve()
+    if out == qdir or out in qdir.parents:
+        raise VCUError(f"--out {out}: is or contains the checkpoint {qdir}; lm_head writes into a compile folder",
+                       "the default, QDIR/compile, is the one compile_sw.py writes")
+    if out.exists() and not out.is_dir():
+        raise VCUError(f"--out {out}: exists and is not a folder; not writing into it")
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    record = read_step_record(out, STEP)
+    if record is None and read_step_record(out, "compile_sw") is None:
+        raise VCUError(f"--out {out}: not a compile folder (no compile_sw.json or lm_head.json); not writing into it",
+                       "run compile_sw.py first, or pass --force")
+    owned = set(record["files"]) if record else set()
+    for p in sw_lm_head_paths(out).values():
+        rel = str(p.relative_to(out))
+        if p.exists() and rel not in owned:
+            raise VCUError(f"{p}: exists and was not written by lm_head.py; not replacing it", "pass --force to replace it")
+
+
+def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = None, progress: bool = True, force: bool = False,
+                     int4_range: int = 8):
+    """Write lm_head_qweight.bin and lm_head_scales.bin into out/qwen2_qweight_bin, and lm_head.json.
+    Returns (StepResult, method, relative error ||W - W_hat|| / ||W||, None for `checkpoint`)."""
+    start = time.perf_counter()
+    ckpt = GPTQCheckpoint(qdir)
+    method = choose_method(ckpt, method)
+    if method == "checkpoint":
+        ckpt.quant.check_supported(str(ckpt.qdir))
+    if int4_range not in (7, 8) or (int4_range == 7 and method == "trunc"):
+        raise VCUError(f"--int4_range {int4_range} with --method {method}: 7 (the 15 levels -7..7) goes with rtn; trunc is the original rule, kept as it was")
+    ckpt.validate_lm_head()
+    check_board_tensors(ckpt.names(), ckpt.dims, quantized=True, shape_of=lambda n: ckpt.info(n)[1])
+    dims = ckpt.dims
+    source = ckpt.lm_head_source()
+    if source == "model.embed_tokens.weight":
+        log.info("lm_head: no lm_head.weight in the checkpoint (tied embeddings): quantizing model.embed_tokens.weight")
+    out = Path(out) if out else ckpt.qdir / "compile"
+    check_lm_head_out(out, ckpt.qdir, force)
+    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(), "method": method, "int4_range": int4_range}
+    folder = out / SW_QWEIGHT_DIR
+    created = [p for p in (out, folder) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    final = sw_lm_head_paths(out)
+    set_writing(folder, dims.vocab * dims.hidden * 4 + dims.vocab * (dims.hidden // 128) * 2)
+    if method == "checkpoint":  # GPTQ layout [hidden/8, vocab] and [hidden/128, vocab]: half a byte a weight
+        gptq_qweight, gptq_scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
+
+    def quantize_block(rows: slice):
+        """(int32 q, fp16 scales, squared error, squared norm) of a block of output rows."""
+        if method == "checkpoint":
+            q = ckpt.signed_weights(gptq_qweight[:, rows], np.dtype("<i4"))
+            return q, np.ascontiguousarray(gptq_scales[:, rows].T), 0.0, 0.0
+        w = ckpt.get(source, rows=rows).astype(np.float32, copy=False)
+        q, scales = quantize_rows(w, method, -int4_range)
+        return q.astype("<i4"), scales, *squared_error(w, dequantize_rows(q, scales))
+
+    step = rows_per_block(4 * dims.hidden)
+    blocks = [slice(r, min(r + step, dims.vocab)) for r in range(0, dims.vocab, step)]
+    err = ref = 0.0
+    ok = False
+    with folder_lock(out):
+        for name in final.values():
+            remove_stale(folder, name.name)
+        check_free_space(folder / "x", dims.vocab * dims.hidden * 4)
+        partial = {k: p.with_name(f".{p.name}.partial-{stage_tag()}") for k, p in final.items()}
+        for p in partial.values():  # claimed now: a second run on these files sees a live one
+            p.touch()
+    try:
+        with DirectWriter(partial["qweight"], background=True) as fq, DirectWriter(partial["scales"], 1 << 20) as fs:
+            for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
+                fq.write(q)
+                fs.write(scales.astype("<f2"))
+                err, ref = err + e, ref + n
+        error = None if method == "checkpoint" else (err / ref) ** 0.5 if ref else 0.0
+        with folder_lock(out), signals_deferred():
+            for k in final:
+                os.replace(partial[k], final[k])
+            write_step_record(out, STEP, made_from, [str(p.relative_to(out)) for p in final.values()], relative_error=error)
+        ok = True
+    finally:
+        for p in partial.values():
+            p.unlink(missing_ok=True)
+        if not ok:
+            for p in reversed(created):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+    nbytes = sum(p.stat().st_size for p in final.values())
+    return StepResult("lm_head", out / SW_QWEIGHT_DIR, 2, nbytes, time.perf_counter() - start), method, error

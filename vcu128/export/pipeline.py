@@ -1,0 +1,30 @@
+"""The export steps chained, each handing its folder to the next (what quantize.py --compile runs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vcu128.export.compile_sw import compile_software
+from vcu128.export.embedding_tokens import split_embedding
+from vcu128.format.layout import EMBEDDING_DIR
+from vcu128.export.lm_head import quantize_lm_head
+from vcu128.export.hardware import pack_hardware
+
+log = logging.getLogger("vcu128")
+
+
+def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = 32, parts: int = 16, progress: bool = True,
+               fp16_rescale: str = "auto") -> dict:
+    """compile_sw -> lm_head -> hardware -> embedding_tokens; returns the folders."""
+    qdir = Path(qdir)
+    compile_dir = qdir / "compile"
+    log.info(compile_software(qdir, compile_dir, progress=progress, fp16_rescale=fp16_rescale).line())
+    result, method, error = quantize_lm_head(qdir, compile_dir, lm_head_method, progress=progress)
+    if error is not None:
+        log.info(f"lm_head ({method}): relative error ||W - W_hat|| / ||W|| = {error:.5f}")
+    log.info(result.line())
+    hw = pack_hardware(compile_dir, None, ports, progress=progress)
+    log.info(hw.line())
+    log.info(split_embedding(compile_dir, hw.out / EMBEDDING_DIR, parts, progress=progress).line())
+    return {"qdir": qdir, "compile": compile_dir, "hw": hw.out}

@@ -1,0 +1,385 @@
+"""Reading and checking a GPTQ checkpoint (FORMAT.md section 1).
+
+`GPTQCheckpoint(qdir)` reads config.json / quantize_config.json and the safetensors headers;
+`validate()` checks every tensor against what the board supports before a single byte is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vcu128.io.direct_io import read_bytes
+from vcu128.format.gate import check_board_tensors, read_model_dims
+from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import get_bool, get_int, get_str, read_json_object
+from vcu128.format.model import (
+    EMBEDDING,
+    FINAL_NORM,
+    GROUP_SIZE,
+    LAYER_NORMS,
+    LINEARS,
+    ModelDims,
+)
+
+# Symmetric 4-bit: every stored zero-point nibble is 8 (v2) or 8 - 1 (v1 stores zero - 1).
+SYMMETRIC_ZERO_WORD = {"gptq": 0x77777777, "gptq_v2": 0x88888888}
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool
+    checkpoint_format: str
+    dynamic: dict | None = None  # GPTQModel's per-module overrides: {pattern: {bits, group_size, ...}}
+
+    def check_supported(self, where: str) -> None:
+        """The board runs exactly W4, G=128, symmetric, no act-order (FORMAT.md 1), for every module:
+        GPTQModel's `dynamic` overrides (it quantizes lm_head at 8 bits, group 32 by default) included."""
+        for pattern, override in (self.dynamic or {}).items():
+            if pattern.startswith("-:") or not isinstance(override, dict):
+                continue  # a module left unquantized: its missing tensors are reported by name
+            for key, want in (("bits", 4), ("group_size", GROUP_SIZE), ("sym", True), ("desc_act", False)):
+                if key in override and override[key] != want:
+                    raise VCUError(
+                        f"{where}: quantization_config.dynamic[{pattern!r}] sets {key}={override[key]!r}; "
+                        f"the board needs bits=4, group_size={GROUP_SIZE}, sym, no act-order for every module"
+                    )
+        rules = [
+            (self.bits == 4, f"bits={self.bits}: the board supports 4-bit weights only"),
+            (self.group_size == GROUP_SIZE, f"group_size={self.group_size}: the board supports group size {GROUP_SIZE} only"),
+            (self.sym, "sym=false: asymmetric quantization; the board needs symmetric (zero point 8)"),
+            (not self.desc_act, "desc_act=true: act-order checkpoints are not supported by the board (quantize with desc_act off)"),
+            (self.checkpoint_format in SYMMETRIC_ZERO_WORD, f"checkpoint_format={self.checkpoint_format!r}: expected 'gptq' or 'gptq_v2'"),
+        ]
+        for ok, why in rules:
+            if not ok:
+                raise VCUError(f"{where}: {why}")
+
+
+def read_quant_config(qdir: Path) -> QuantConfig:
+    """Merge quantization_config of config.json with quantize_config.json; they must not disagree."""
+    sources = {}
+    cfg = read_json_object(qdir / "config.json")
+    if "quantization_config" in cfg:
+        if not isinstance(cfg["quantization_config"], dict):
+            raise VCUError(f"{qdir / 'config.json'}: 'quantization_config' is not a JSON object")
+        sources["config.json quantization_config"] = cfg["quantization_config"]
+    if (qdir / "quantize_config.json").is_file():
+        sources["quantize_config.json"] = read_json_object(qdir / "quantize_config.json")
+    if not sources:
+        raise VCUError(f"{qdir}: no quantization_config in config.json and no quantize_config.json: not a GPTQ checkpoint")
+    merged: dict = {}
+    for where, qc in sources.items():
+        for key in ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quant_method", "dynamic"):
+            if key in qc:
+                if key in merged and merged[key][0] != qc[key]:
+                    raise VCUError(f"{qdir}: {key} is {merged[key][0]!r} in {merged[key][1]} but {qc[key]!r} in {where}")
+                merged[key] = (qc[key], where)
+    values = {k: v for k, (v, _) in merged.items()}
+    where = Path(next(iter(sources)) if len(sources) == 1 else "quantization config")
+    method = get_str(values, "quant_method", where, "gptq")
+    if method != "gptq":
+        raise VCUError(f"{qdir}: quant_method={method!r}: only GPTQ checkpoints are supported")
+    for key in ("bits", "group_size"):
+        if key not in values:
+            raise VCUError(f"{qdir}: quantization config has no '{key}'")
+    dynamic = values.get("dynamic")
+    if dynamic is not None and not isinstance(dynamic, dict):
+        raise VCUError(f"{qdir}: quantization config 'dynamic' is {dynamic!r}, expected an object")
+    return QuantConfig(
+        bits=get_int(values, "bits", where),
+        group_size=get_int(values, "group_size", where, minimum=-1),
+        sym=get_bool(values, "sym", where, True),
+        desc_act=get_bool(values, "desc_act", where, False),
+        checkpoint_format=get_str(values, "checkpoint_format", where) or "gptq",
+        dynamic=dynamic,
+    )
+
+
+# safetensors dtype names to numpy; BF16 is read as its bits and widened to float32 below.
+NUMPY_DTYPES = {"F16": "<f2", "BF16": "<u2", "F32": "<f4", "I32": "<i4", "I64": "<i8", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    path: Path
+    dtype: str  # safetensors name: F16, BF16, F32, I32, ...
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor in its file
+
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _header_entry(path: Path, name: str, meta) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field checked."""
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+        raise VCUError(f"{path}: damaged header: entry {name!r} needs dtype, shape and data_offsets")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if dtype not in DTYPE_BYTES:
+        raise VCUError(f"{path}: damaged header: {name} has dtype {dtype!r}")
+    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)  # noqa: E731
+    if not ints(shape) or not ints(offsets) or len(offsets) != 2:
+        raise VCUError(f"{path}: damaged header: {name} has shape {shape!r}, data_offsets {offsets!r}")
+    begin, end = offsets
+    if begin > end:
+        raise VCUError(f"{path}: damaged header: {name} has data_offsets [{begin}, {end}] (begin after end)")
+    want = DTYPE_BYTES[dtype] * math.prod(shape)
+    if end - begin != want:
+        raise VCUError(f"{path}: damaged header: {name} is {dtype} {shape}, {want} bytes, but its data_offsets span {end - begin}")
+    return dtype, tuple(shape), begin, end
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the data. The header is checked as strictly as the
+    format itself does (the safetensors library then validates it too); tensors are read later with
+    positioned reads (not mmap), so resident memory stays what the step holds."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise VCUError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise VCUError(f"{path}: damaged safetensors file: header length {n} is over the format's limit of {MAX_HEADER_BYTES}")
+        if 8 + n > size:
+            raise VCUError(f"{path}: truncated: the header needs {8 + n} bytes, the file has {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise VCUError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise VCUError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    data_bytes = size - 8 - n
+    out, spans = {}, []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, begin, end = _header_entry(path, name, meta)
+        if end > data_bytes:
+            raise VCUError(f"{path}: truncated: {name} ends at byte {8 + n + end}, the file has {size}")
+        spans.append((begin, end, name))
+        out[name] = TensorEntry(path, dtype, shape, 8 + n + begin)
+    pos, last = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = f"overlaps {last}" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
+            raise VCUError(f"{path}: damaged header: the data of {name} (bytes {begin}..{end}) {what}")
+        pos, last = end, name
+    if pos != data_bytes:
+        raise VCUError(f"{path}: damaged file: the tensors hold {pos} bytes of data, the file has {data_bytes} after the header")
+    _library_check(path)
+    return out
+
+
+def _library_check(path: Path) -> None:
+    """Let the safetensors library validate the header too (opening a file reads only its header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except Exception as e:  # SafetensorError, or whatever a damaged file provokes
+        raise VCUError(f"{path}: the safetensors library refuses it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_tensor_index(qdir: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint, single file or sharded with model.safetensors.index.json."""
+    index = qdir / "model.safetensors.index.json"
+    if index.is_file():
+        doc = read_json_object(index)
+        weight_map = doc.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise VCUError(f"{index}: 'weight_map' must be an object of tensor name -> shard file name")
+        entries = {}
+        for shard in sorted(set(weight_map.values())):
+            if shard in ("", ".", "..") or "/" in shard or "\\" in shard or Path(shard).is_absolute():
+                raise VCUError(f"{index}: shard {shard!r} is not a plain file name inside {qdir}")
+            if not (qdir / shard).is_file():
+                raise VCUError(f"{qdir / shard}: listed in {index.name} but missing")
+            for name, e in read_safetensors_header(qdir / shard).items():
+                if name in entries:
+                    raise VCUError(f"{name}: in two shards, {entries[name].path.name} and {shard}")
+                entries[name] = e
+        missing = sorted(set(weight_map) - set(entries))
+        if missing:
+            raise VCUError(f"{missing[0]}: listed in {index.name} but not in its shard {weight_map[missing[0]]}")
+        misplaced = sorted(n for n in weight_map if entries[n].path.name != weight_map[n])
+        if misplaced:
+            n = misplaced[0]
+            raise VCUError(f"{n}: {index.name} puts it in {weight_map[n]}, but it is in {entries[n].path.name}")
+        return entries
+    single = qdir / "model.safetensors"
+    if single.is_file():
+        return read_safetensors_header(single)
+    raise VCUError(f"{qdir}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_tensor(e: TensorEntry, rows: slice | None = None, direct: bool = True) -> np.ndarray:
+    """A tensor, or a block of its rows (dim 0), as stored (bf16 as its uint16 bits). `direct`:
+    unbuffered (direct_io.py); off where the file is likely still in the page cache."""
+    if e.dtype not in NUMPY_DTYPES:
+        raise VCUError(f"{e.path}: dtype {e.dtype} is not supported")
+    dtype = np.dtype(NUMPY_DTYPES[e.dtype])
+    start, stop = (0, e.shape[0]) if rows is None or not e.shape else rows.indices(e.shape[0])[:2]
+    stop = max(start, stop)
+    row_bytes = int(np.prod(e.shape[1:], dtype=np.int64)) * dtype.itemsize
+    data = read_bytes(e.path, e.offset + start * row_bytes, (stop - start) * row_bytes, direct).view(dtype)
+    return data.reshape((stop - start, *e.shape[1:]) if e.shape else ())
+
+
+class GPTQCheckpoint:
+    """A GPTQ checkpoint folder, read one tensor at a time."""
+
+    def __init__(self, qdir: Path):
+        self.qdir = Path(qdir)
+        if not self.qdir.is_dir():
+            raise VCUError(f"{self.qdir}: no such checkpoint folder")
+        self.dims: ModelDims = read_model_dims(self.qdir / "config.json")
+        self.quant: QuantConfig = read_quant_config(self.qdir)
+        self._tensors = read_tensor_index(self.qdir)
+
+    def fingerprint(self) -> str:
+        """Names this checkpoint as it is now: its JSON files, and each shard's name, size,
+        modification time and header. Changes when the checkpoint is re-quantized or edited, so
+        later steps can tell that what they were made from has changed (without reading 4 GB)."""
+        sha = hashlib.sha256()
+        for name in ("config.json", "quantize_config.json", "model.safetensors.index.json"):
+            p = self.qdir / name
+            sha.update(name.encode() + (p.read_bytes() if p.is_file() else b"-"))
+        for path in sorted({e.path for e in self._tensors.values()}):
+            st = path.stat()
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                sha.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode() + f.read(n))
+        return sha.hexdigest()[:16]
+
+    # --- tensor access -------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def _entry(self, name: str) -> TensorEntry:
+        if name not in self._tensors:
+            raise VCUError(f"{name}: missing from the checkpoint {self.qdir}")
+        return self._tensors[name]
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        e = self._entry(name)
+        return e.dtype, e.shape
+
+    def get(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor, or a block of its rows (dim 0), read from disk; bf16 comes back as float32."""
+        e = self._entry(name)
+        data = read_tensor(e, rows)
+        if e.dtype == "BF16":  # bf16 is the top half of a float32
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        return data
+
+    def get_fp16(self, name: str, rows: slice | None = None) -> np.ndarray:
+        dtype, _ = self.info(name)
+        if dtype not in FLOAT_DTYPES:
+            raise VCUError(f"{name}: dtype {dtype}, expected one of fp16, bf16, fp32")
+        return self.get(name, rows).astype(np.float16, copy=False)
+
+    # --- what the output layer is ---------------------------------------------------------------
+    def lm_head_source(self) -> str:
+        """'lm_head' (quantized in the checkpoint), 'lm_head.weight', or the tied embedding."""
+        if self.has("lm_head.qweight"):
+            return "lm_head"
+        if self.has("lm_head.weight"):
+            return "lm_head.weight"
+        return EMBEDDING
+
+    # --- validation ------------------------------------------------------------------------------
+    def expect(self, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:
+        dtype, got = self.info(name)
+        if dtype not in dtypes:
+            raise VCUError(f"{name}: dtype {dtype}, expected {' or '.join(dtypes)}")
+        if got != shape:
+            raise VCUError(f"{name}: shape {list(got)}, expected {list(shape)} from config.json")
+
+    def validate_linear(self, prefix: str, chin: int, chout: int) -> None:
+        """Check one quantized linear: shapes, symmetric zero points, no act-order."""
+        if chin % GROUP_SIZE:
+            raise VCUError(f"{prefix}: chin={chin} is not a multiple of {GROUP_SIZE}, which the board needs")
+        if chout % 8:
+            raise VCUError(f"{prefix}: chout={chout} is not a multiple of 8 (GPTQ packs 8 zero points a word)")
+        groups = chin // GROUP_SIZE
+        self.expect(f"{prefix}.qweight", ("I32",), (chin // 8, chout))
+        self.expect(f"{prefix}.qzeros", ("I32",), (groups, chout // 8))
+        self.expect(f"{prefix}.scales", ("F16",), (groups, chout))
+        if self.has(f"{prefix}.bias"):
+            self.expect(f"{prefix}.bias", FLOAT_DTYPES, (chout,))
+        zeros = self.get(f"{prefix}.qzeros").view(np.uint32)
+        want = SYMMETRIC_ZERO_WORD[self.quant.checkpoint_format]
+        bad = np.flatnonzero(zeros != want)
+        if bad.size:
+            g, w = divmod(int(bad[0]), zeros.shape[1])
+            word = int(zeros[g, w])
+            nib = next(j for j in range(8) if (word >> 4 * j) & 0xF != want & 0xF)
+            stored = (word >> 4 * nib) & 0xF
+            zero = stored + (1 if self.quant.checkpoint_format == "gptq" else 0)
+            raise VCUError(
+                f"{prefix}.qzeros: asymmetric: group {g}, column {8 * w + nib} has zero point {zero} "
+                f"(stored {stored:#x}, format {self.quant.checkpoint_format}); the board needs 8 everywhere"
+            )
+        if self.has(f"{prefix}.g_idx"):
+            self.expect(f"{prefix}.g_idx", ("I32", "I64"), (chin,))
+            g_idx = self.get(f"{prefix}.g_idx")
+            bad = np.flatnonzero(g_idx != np.arange(chin) // GROUP_SIZE)
+            if bad.size:
+                r = int(bad[0])
+                raise VCUError(
+                    f"{prefix}.g_idx: act-order: input row {r} is in group {int(g_idx[r])}, "
+                    f"expected {r // GROUP_SIZE} (row // {GROUP_SIZE}); the board needs desc_act off"
+                )
+
+    def validate(self) -> None:
+        """Every check of FORMAT.md section 1, for every tensor the export reads."""
+        d = self.dims
+        self.quant.check_supported(str(self.qdir))
+        check_board_tensors(self.names(), d, quantized=True, shape_of=lambda name: self.info(name)[1])
+        for layer in range(d.num_layers):
+            for lin in LINEARS:
+                self.validate_linear(lin.name(layer), *d.linear_shape(lin))
+            for norm, _ in LAYER_NORMS:
+                self.expect(f"model.layers.{layer}.{norm}.weight", FLOAT_DTYPES, (d.hidden,))
+        self.expect(f"{FINAL_NORM}.weight", FLOAT_DTYPES, (d.hidden,))
+        self.expect(EMBEDDING, FLOAT_DTYPES, (d.vocab, d.hidden))
+        self.validate_lm_head()
+
+    def validate_lm_head(self) -> None:
+        d = self.dims
+        src = self.lm_head_source()
+        if src == "lm_head":
+            self.validate_linear("lm_head", d.hidden, d.vocab)
+        else:
+            self.expect(src, FLOAT_DTYPES, (d.vocab, d.hidden))
+            if d.hidden % GROUP_SIZE:
+                raise VCUError(f"{src}: hidden={d.hidden} is not a multiple of {GROUP_SIZE}, which the board needs")
+
+    # --- decoding ----------------------------------------------------------------------------------
+    def signed_weights(self, qweight: np.ndarray, dtype=np.int8) -> np.ndarray:
+        """GPTQ qweight [chin/8, chout] (or a block of its columns) to signed ints q - 8, [chout, chin]."""
+        from vcu128.format.layout import unpack_nibbles
+
+        # Transposed, word k of a row holds inputs 8k..8k+7 of one output channel, low nibble first.
+        return unpack_nibbles(np.ascontiguousarray(qweight.T).view(np.uint32), unsigned_offset=8, dtype=dtype)

@@ -1,0 +1,86 @@
+"""The one gate for what the board runs, used by every step (quantize, the four exports, verify).
+
+The accelerator runs a Llama-style decoder: RMSNorm, rotary attention with grouped key/value heads,
+a SiLU-gated MLP, seven linears a layer (FORMAT.md 3.3) and nothing else. A model outside these
+rules would be exported into files that load and then compute something else, so it is refused
+here, with the key or tensor and the rule.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+from vcu128.io.errors import VCUError
+from vcu128.format.model import ModelDims, parse_model_dims, read_model_config
+
+BOARD_CONTEXT = 2048  # tokens the board's context buffer holds; it has no sliding window
+BOARD_MODEL_TYPES = ("qwen2", "llama", "mistral")
+
+
+def check_board_config(cfg: dict, dims: ModelDims, where: Path) -> None:
+    model_type = cfg.get("model_type")
+    if model_type not in BOARD_MODEL_TYPES:
+        raise VCUError(f"{where}: model_type {model_type!r}: the board runs {', '.join(BOARD_MODEL_TYPES)} "
+                       "(decoder layers with q/k/v/o_proj, gate/up/down_proj and RMSNorm)")
+    if model_type == "mistral":
+        window = cfg.get("sliding_window")
+        if window is not None and (not isinstance(window, int) or window < BOARD_CONTEXT):
+            raise VCUError(f"{where}: sliding_window {window!r}: the board has no sliding window "
+                           f"(it attends to all of its {BOARD_CONTEXT} tokens); null or at least {BOARD_CONTEXT} is needed")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise VCUError(f"{where}: hidden_act {act!r}: the board's MLP computes SiLU(gate) * up only")
+    if dims.num_heads % dims.num_kv_heads:
+        raise VCUError(f"{where}: num_attention_heads {dims.num_heads} is not a multiple of num_key_value_heads "
+                       f"{dims.num_kv_heads}: each key/value head must serve a whole number of query heads")
+
+
+# Tensors the layout has a place for (FORMAT.md 1 and 3.3). Anything else (Qwen3's q_norm and
+# k_norm, a bias on the output layer) would be silently dropped, so it is refused.
+_LINEAR = r"model\.layers\.(\d+)\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
+_NORM = r"model\.layers\.(\d+)\.(?:input_layernorm|post_attention_layernorm)\.weight"
+_BUFFER = r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq"  # old Llama checkpoints: recomputed, never read
+_GPTQ_PARTS = r"(?:qweight|qzeros|scales|g_idx)"
+_TOP = {"model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"}
+_PLACES = {
+    True: re.compile(rf"^(?:{_LINEAR}\.(?:{_GPTQ_PARTS}|bias)|{_NORM}|{_BUFFER}|lm_head\.{_GPTQ_PARTS})$"),
+    False: re.compile(rf"^(?:{_LINEAR}\.(?:weight|bias)|{_NORM}|{_BUFFER})$"),
+}
+
+
+def check_board_tensors(names: Iterable[str], dims: ModelDims, quantized: bool, shape_of=None) -> None:
+    """Every tensor has a place in the board's layout; q/k/v/o agree with heads x head_dim.
+    `shape_of(name)` gives a tensor's shape (for the head_dim rule)."""
+    pattern = _PLACES[quantized]
+    for name in sorted(names):
+        if name in _TOP:
+            continue
+        m = pattern.match(name)
+        if not m:
+            raise VCUError(f"{name}: the board's layout has no place for this tensor (FORMAT.md 3.3); "
+                           "the board cannot run this model as it is")
+        layer = next((int(g) for g in m.groups() if g is not None), None)
+        if layer is not None and layer >= dims.num_layers:
+            raise VCUError(f"model.layers.{layer}: the checkpoint has more layers than config.json's num_hidden_layers={dims.num_layers}")
+    if shape_of is None:
+        return
+    for proj, heads in (("q_proj", dims.num_heads), ("k_proj", dims.num_kv_heads), ("v_proj", dims.num_kv_heads)):
+        name = f"model.layers.0.self_attn.{proj}." + ("qweight" if quantized else "weight")
+        try:
+            shape = shape_of(name)
+        except VCUError:
+            continue  # a missing tensor is reported, by name, where it is read
+        outputs = shape[1] if quantized else shape[0]
+        if outputs != heads * dims.head_dim:
+            raise VCUError(f"{name}: {outputs} outputs, but {heads} heads x head_dim {dims.head_dim} = {heads * dims.head_dim} "
+                           "(config.json): head_dim does not match the checkpoint")
+
+
+def read_model_dims(config_path: Path) -> ModelDims:
+    """The model's dimensions from config.json, refused unless the board runs the model."""
+    config_path = Path(config_path)
+    dims = parse_model_dims(config_path)
+    check_board_config(read_model_config(config_path), dims, config_path)
+    return dims

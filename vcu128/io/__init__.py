@@ -1,0 +1,1 @@
+"""Files and processes: one-line errors, strict JSON, unbuffered I/O, staging folders and ownership, progress."""

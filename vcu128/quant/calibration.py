@@ -1,0 +1,132 @@
+"""Calibration and evaluation text for quantize.py, with no internet.
+
+`--calib` takes a plain text file, a JSONL file with a `text` field, or a folder saved with
+datasets' `save_to_disk` (e.g. wikitext-2-raw-v1). The text is tokenized once; calibration samples
+are seeded random windows of `seqlen` tokens from the first part, and the held-out tail is the
+default evaluation text, so the same command always quantizes with the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vcu128.io.errors import VCUError
+
+log = logging.getLogger("vcu128")
+
+HELD_OUT_FRACTION = 0.1
+MIN_ROW_CHARS = 1024  # dataset rows shorter than this are skipped, as the original workflow did
+
+
+def read_texts(path: Path) -> list[str]:
+    """The rows of a text file (one row), JSONL file (`text` fields) or saved HF dataset."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:  # pragma: no cover - datasets comes with gptqmodel
+            raise VCUError(f"{path}: reading a saved dataset needs the 'datasets' package") from None
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises FileNotFoundError, ValueError, ... for a plain folder
+            raise VCUError(f"{path}: not a dataset saved with save_to_disk ({type(e).__name__}); pass a .txt or .jsonl file") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        if "text" not in ds.column_names:
+            raise VCUError(f"{path}: dataset has no 'text' column (columns: {', '.join(ds.column_names)})")
+        rows = [t for t in ds["text"] if len(t) >= MIN_ROW_CHARS]
+        return rows or [t for t in ds["text"] if t.strip()]
+    if not path.is_file():
+        raise VCUError(f"{path}: no such calibration file or dataset folder")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VCUError(f"{path}: not UTF-8 text (byte {e.start}); calibration needs a text, JSONL or saved dataset") from None
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    row = json.loads(line)["text"]
+                    if not isinstance(row, str):
+                        raise TypeError
+                    rows.append(row)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise VCUError(f"{path}:{i + 1}: not a JSON object with a 'text' field") from None
+        return rows
+    return [text]
+
+
+def file_digest(path: Path) -> str:
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    sha = hashlib.sha256()
+    for f in files:
+        sha.update(f.read_bytes())
+    return sha.hexdigest()
+
+
+@dataclass
+class Calibration:
+    samples: list[dict]  # [{"input_ids": [..], "attention_mask": [..]}], each seqlen tokens
+    eval_ids: np.ndarray  # held-out token ids for perplexity
+    meta: dict  # what goes into the checkpoint so the run can be reproduced
+
+
+def tokenize(tokenizer, texts: list[str]) -> np.ndarray:
+    sep = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(sep.join(texts), add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def build_calibration(
+    tokenizer,
+    calib: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    eval_text: str | None = None,
+    vocab_size: int | None = None,
+) -> Calibration:
+    rng = np.random.default_rng(seed)
+    if calib == "random":
+        log.warning("warning: calibrating on random tokens (--calib random): fine for a smoke test, "
+                    "not for a model you will use; pass a text file for real quantization")
+        if eval_text is None:
+            raise VCUError("--calib random: pass --eval_text too, there is no held-out text to evaluate on")
+        ids = rng.integers(0, vocab_size or len(tokenizer), (nsamples, seqlen))
+        samples = [{"input_ids": row.tolist(), "attention_mask": [1] * seqlen} for row in ids]
+        meta = {"calib": "random", "seed": seed, "nsamples": nsamples, "seqlen": seqlen}
+        return Calibration(samples, tokenize(tokenizer, read_texts(eval_text)), meta)
+    ids = tokenize(tokenizer, read_texts(calib))
+    if eval_text is None:
+        cut = int(len(ids) * (1 - HELD_OUT_FRACTION))
+        ids, eval_ids = ids[:cut], ids[cut:]
+    else:
+        eval_ids = tokenize(tokenizer, read_texts(eval_text))
+    if len(ids) < seqlen + 1:
+        raise VCUError(f"{calib}: too little text: {len(ids)} calibration tokens, need more than --seqlen {seqlen}"
+                       + ("" if eval_text else f" after holding out {HELD_OUT_FRACTION:.0%} for evaluation"))
+    if len(eval_ids) < 2:
+        raise VCUError(f"{eval_text or calib}: too little held-out text to evaluate on ({len(eval_ids)} tokens)")
+    if nsamples * seqlen > 4 * len(ids):
+        log.warning(f"warning: {nsamples} samples of {seqlen} tokens from {len(ids)} tokens of text: samples overlap heavily")
+    starts = rng.integers(0, len(ids) - seqlen + 1, nsamples)
+    samples = [{"input_ids": ids[s : s + seqlen].tolist(), "attention_mask": [1] * seqlen} for s in starts]
+    meta = {
+        "calib": str(Path(calib).resolve()),
+        "calib_sha256": file_digest(calib),
+        "calib_tokens": int(len(ids)),
+        "eval_text": str(Path(eval_text).resolve()) if eval_text else f"held-out last {HELD_OUT_FRACTION:.0%} of calib",
+        "eval_tokens": int(len(eval_ids)),
+        "seed": seed,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+    }
+    return Calibration(samples, eval_ids, meta)

@@ -1,0 +1,326 @@
+"""Step 1: GPTQ quantization with GPTQModel, W4A16, group 128, symmetric, no act-order, then a
+quality report (perplexity of fp16 and quantized model; per layer, GPTQ's output error next to
+plain round-to-nearest on the same inputs) saved as quant_report.json in the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vcu128.quant.calibration import Calibration, build_calibration
+from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import dumps
+from vcu128.format.gate import check_board_tensors
+from vcu128.format.gate import read_model_dims
+from vcu128.format.model import GROUP_SIZE, read_model_config
+from vcu128.io.output import TOOL, check_out, files_under, staged_dir
+
+log = logging.getLogger("vcu128")
+
+REPORT_NAME = "quant_report.json"
+CALIBRATION_META_KEY = "vcu128_calibration"
+GPU_BATCH = 16  # calibration samples a forward pass on a GPU (plain GPTQModel: 1); see bench/bench_quantize.py
+
+
+@dataclass
+class QuantizeOptions:
+    wbits: int = 4
+    group_size: int = GROUP_SIZE
+    sym: bool = True
+    desc_act: bool = False
+    device: str = "cpu"
+    nsamples: int = 256
+    seqlen: int = 512
+    seed: int = 0
+    calib: str | None = None
+    eval_text: str | None = None
+    lm_head: bool = False
+    engine: str = "vcu128"  # "vcu128" (this project's GPTQ, vcu128/quant/gptq.py) or "gptqmodel"
+    batch_size: int | None = None  # samples a forward pass; None: vcu128 16384 tokens' worth, gptqmodel 1 on CPU, GPU_BATCH on a GPU
+    # GPTQModel engine only:
+    offload: bool | None = None  # GPTQModel's offload_to_disk; None: off on a GPU, its default on the CPU
+    pack_impl: str | None = None  # GPTQModel's int4 packing; None: "gpu" on a GPU, "original" on the CPU
+    tf32: bool | None = None  # TF32 matmuls for the Hessians and their inverses; None: on for a GPU
+    true_sequential: bool = True  # one forward a group of linears in a layer (GPTQ's default) or one a layer
+    report: bool = True
+    force: bool = False  # replace an existing output folder this step did not write
+    int4_range: int = 8  # 8: the full -8..7 grid; 7: the 15 levels -7..7 that sign-magnitude boards hold
+
+
+def default_output(model: Path, wbits: int) -> Path:
+    model = Path(model)
+    return model.parent / f"{model.name}-W{wbits}A16-gptq"
+
+
+def check_model_folder(model: Path) -> dict:
+    """A local HuggingFace causal-LM folder that the board runs (board.py's gate)."""
+    model = Path(model)
+    if not model.is_dir():
+        raise VCUError(f"{model}: no such model folder")
+    if not (model / "config.json").is_file():
+        raise VCUError(f"{model}: no config.json: not a HuggingFace model folder")
+    cfg = read_model_config(model / "config.json")
+    if "quantization_config" in cfg:
+        qc = cfg["quantization_config"]
+        raise VCUError(f"{model}: already quantized ({qc.get('quant_method', '?') if isinstance(qc, dict) else qc}); pass the fp16/bf16 model")
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
+        raise VCUError(f"{model}: architectures {archs} has no *ForCausalLM: not a causal language model")
+    dims = read_model_dims(model / "config.json")  # the board's gate: model type, activation, heads
+    from vcu128.format.checkpoint import read_tensor_index
+
+    tensors = read_tensor_index(model)
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        if name not in tensors:
+            raise VCUError(f"{name}: missing from {model}")
+        return tensors[name].shape
+
+    check_board_tensors(tensors, dims, quantized=False, shape_of=shape_of)
+    return cfg
+
+
+def check_board_settings(opts: QuantizeOptions) -> None:
+    """What --compile needs: the board runs only W4, group 128, symmetric, no act-order."""
+    bad = [
+        (opts.wbits != 4, f"--wbits {opts.wbits}"),
+        (opts.group_size != GROUP_SIZE, f"--group_size {opts.group_size}"),
+        (not opts.sym, "--no-sym"),
+        (opts.desc_act, "--desc_act"),
+    ]
+    for is_bad, flag in bad:
+        if is_bad:
+            raise VCUError(f"{flag} with --compile: the board supports only 4-bit, group size 128, symmetric, no act-order")
+
+
+def _redirect_gptqmodel_logs(folder: Path) -> None:
+    """GPTQModel writes its per-run logs to ./logs; send them into the checkpoint instead."""
+    try:
+        from gptqmodel.looper import loop_processor
+
+        loop_processor._PROJECT_LOG_DIR = folder
+    except (ImportError, AttributeError):  # another GPTQModel version: its default stays
+        log.warning("warning: could not redirect GPTQModel's logs; they go to ./logs")
+
+
+def _add_calibration_meta(folder: Path, meta: dict) -> None:
+    for name, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
+        path = folder / name
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            section = doc[key] if key else doc
+            section.setdefault("meta", {})[CALIBRATION_META_KEY] = meta
+            path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+ENGINES = ("vcu128", "gptqmodel")
+
+
+def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> tuple[float, dict | None]:
+    """Quantize `model` into the empty folder `out` with the chosen engine; returns (seconds, the
+    fp16 headroom statistics, which only this project's engine measures)."""
+    if opts.engine == "gptqmodel":
+        return run_gptqmodel(model, out, calib, opts), None
+    from vcu128.quant.layerwise import quantize_checkpoint
+
+    start = time.perf_counter()
+    ids = np.array([s["input_ids"] for s in calib.samples], dtype=np.int64)
+    run = quantize_checkpoint(model, out, ids, opts.device, lm_head=opts.lm_head, samples_a_chunk=opts.batch_size, qmin=-opts.int4_range)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    seconds = time.perf_counter() - start
+    layers = sorted(run.layer_seconds) or [0.0]
+    log.info("quantize: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.seconds.items()) + f"; total {seconds:.1f} s; "
+             f"a layer: first {run.layer_seconds[0] if run.layer_seconds else 0:.2f} s, median {layers[len(layers) // 2]:.2f} s, longest {layers[-1]:.2f} s")
+    return seconds, run.stats_report(run.dtype)
+
+
+def check_engine_settings(opts: QuantizeOptions) -> None:
+    for flag, value, least in (("--nsamples", opts.nsamples, 1), ("--seqlen", opts.seqlen, 2), ("--batch_size", opts.batch_size or 1, 1)):
+        if not isinstance(value, int) or value < least:
+            raise VCUError(f"{flag} {value}: must be an integer of at least {least}")
+    if opts.engine not in ENGINES:
+        raise VCUError(f"--engine {opts.engine}: expected one of {', '.join(ENGINES)}")
+    if opts.int4_range not in (7, 8):
+        raise VCUError(f"--int4_range {opts.int4_range}: expected 8 (-8..7, the default) or 7 (-7..7, for sign-magnitude boards)")
+    if opts.int4_range == 7 and opts.engine != "vcu128":
+        raise VCUError("--int4_range 7 needs --engine vcu128 (GPTQModel has no 15-level grid)")
+    if opts.engine == "vcu128" and (opts.wbits, opts.group_size, opts.sym, opts.desc_act) != (4, GROUP_SIZE, True, False):
+        raise VCUError("--engine vcu128 quantizes only what the board runs (4-bit, group size 128, symmetric, "
+                       "no act-order); pass --engine gptqmodel for other settings")
+
+
+def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
+    """Quantize `model` into `out` with GPTQModel; returns seconds."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    _redirect_gptqmodel_logs(out / "quant_logs")
+    cpu = opts.device == "cpu"
+    qc = QuantizeConfig(
+        bits=opts.wbits,
+        group_size=opts.group_size,
+        sym=opts.sym,
+        desc_act=opts.desc_act,
+        lm_head=opts.lm_head,
+        true_sequential=opts.true_sequential,
+        # GPTQModel quantizes lm_head at 8 bits, group 32 unless told otherwise; the board needs 4 / 128.
+        dynamic={"lm_head": {"bits": opts.wbits, "group_size": opts.group_size, "sym": opts.sym, "desc_act": opts.desc_act}} if opts.lm_head else None,
+        # On the CPU, "original" avoids a 30 s extension build on first use; on a GPU, pack there.
+        pack_impl=opts.pack_impl or ("original" if cpu else "gpu"),
+        # Offloading finished modules to disk saves host memory on a CPU box and costs time on a GPU one.
+        offload_to_disk=opts.offload if opts.offload is not None else cpu,
+    )
+    batch = opts.batch_size or (1 if cpu else GPU_BATCH)
+    if not cpu:
+        # The Hessian X^T X of down_proj over 256 x 512 tokens is ~94 TFLOP: TF32 cuts it several-fold.
+        torch.backends.cuda.matmul.allow_tf32 = opts.tf32 if opts.tf32 is not None else True
+    start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    cfg = read_model_config(Path(model) / "config.json")
+    saved = cfg.get("torch_dtype") or cfg.get("dtype") or ""
+    dtype = {"float16": torch.float16, "float32": torch.float32}.get(saved, torch.bfloat16)  # the model's own; never a narrower range
+    gm = GPTQModel.load(str(model), qc, dtype=dtype, device=opts.device)
+    with FallbackWatch() as watch:
+        gm.quantize(calib.samples, batch_size=batch)
+    watch.check()
+    gm.save(str(out))
+    seconds = time.perf_counter() - start
+    del gm
+    return seconds
+
+
+class FallbackWatch(logging.Handler):
+    """GPTQModel falls back to round-to-nearest for a module whose Hessian is not finite, logs it and
+    carries on (exit 0, error near RTN's): watch its log for that and fail loudly instead."""
+
+    PATTERNS = ("non-finite", "nonfinite", "fallback", "fall back", "falling back")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+        self.last: logging.LogRecord | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record is self.last:  # watched at GPTQModel's logger and at the root: the same record twice in a row
+            return
+        self.last = record
+        message = record.getMessage()
+        if any(p in message.lower() for p in self.PATTERNS):
+            self.seen.append(message.splitlines()[0][:200])
+
+    def __enter__(self) -> "FallbackWatch":
+        # The CLI quiets GPTQModel's logger to errors; its warnings are what this watches for.
+        self.logger = logging.getLogger("gptqmodel")
+        self.saved_level = self.logger.level
+        self.logger.setLevel(min(self.saved_level or logging.WARNING, logging.WARNING))
+        logging.getLogger().addHandler(self)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self)
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved_level)
+
+    def check(self) -> None:
+        if self.seen:
+            raise VCUError(f"GPTQModel fell back from GPTQ for {len(self.seen)} module(s): {self.seen[0]}",
+                           "the calibration forward overflowed: use --engine vcu128 (it retries a layer in float32)")
+
+
+def quality_report(model: Path, qdir: Path, calib: Calibration, opts: QuantizeOptions) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.quant.report import layer_errors, load_checkpoint_model, perplexity
+
+    ref = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float16 if opts.device != "cpu" else torch.float32).to(opts.device).eval()
+    ppl_ref = perplexity(ref, calib.eval_ids, opts.seqlen)
+    layers = layer_errors(ref, GPTQCheckpoint(qdir), calib.eval_ids, opts.seqlen)
+    del ref
+    quant = load_checkpoint_model(qdir, opts.device, torch.float16 if opts.device != "cpu" else torch.float32)
+    ppl_q = perplexity(quant, calib.eval_ids, opts.seqlen)
+    return {"perplexity": {"fp16": ppl_ref, "gptq": ppl_q}, "eval_tokens": int(len(calib.eval_ids)), "layers": layers}
+
+
+def format_report(report: dict) -> str:
+    p = report["perplexity"]
+    lines = [
+        f"perplexity on {report['eval_tokens']} held-out tokens: fp16 {p['fp16']:.3f}, GPTQ W4 {p['gptq']:.3f} ({p['gptq'] / p['fp16'] - 1:+.2%})",
+        "layer | relative output error, GPTQ | plain RTN | GPTQ / RTN",
+    ]
+    for row in report["layers"]:
+        lines.append(f"{row['layer']:5d} | {row['gptq']:26.4f} | {row['rtn']:9.4f} | {row['gptq'] / row['rtn']:10.2f}")
+    return "\n".join(lines)
+
+
+def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tuple[Path, dict]:
+    """Quantize into `out` (default <model>-W<bits>A16-gptq), atomically; returns (out, report)."""
+    from transformers import AutoTokenizer
+
+    model = Path(model).resolve()
+    check_engine_settings(opts)
+    cfg = check_model_folder(model)
+    out = Path(out) if out else default_output(model, opts.wbits)
+    if opts.lm_head and cfg.get("tie_word_embeddings"):
+        raise VCUError(f"{model}: --lm_head with tie_word_embeddings: the output layer is the embedding "
+                       "(leave --lm_head off; lm_head.py quantizes the tied embedding)")
+    inputs = [model] + [Path(p) for p in (opts.calib, opts.eval_text) if p and p != "random"]
+    check_out(Path(os.path.abspath(out)), "quantize", checkpoint_owns, inputs, opts.force, "--quantize_model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    except Exception as e:  # transformers raises many types here
+        raise VCUError(f"{model}: no usable tokenizer ({type(e).__name__}: {e})") from None
+    if opts.calib is None:
+        raise VCUError("--calib: pass a text file, a JSONL file, a saved dataset folder, or 'random'")
+    calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"))
+    report: dict = {"tool": TOOL, "step": "quantize", "calibration": calib.meta,
+                    "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force")}}
+    with staged_dir(out, "quantize", checkpoint_owns, inputs, opts.force, flag="--quantize_model") as stage:
+        report["seconds_quantize"], stats = run_gptq(model, stage, calib, opts, tokenizer)
+        if stats:
+            report["activation_stats"] = stats
+            warn_headroom(stats)
+        _add_calibration_meta(stage, calib.meta)
+        if opts.report:
+            report.update(quality_report(model, stage, calib, opts))
+        report["files"] = files_under(stage) + [REPORT_NAME]
+        (stage / REPORT_NAME).write_text(dumps(report))
+    return out, report
+
+
+def warn_headroom(stats: dict) -> None:
+    """One line when a site the board stores in fp16 passed half its range on the calibration data."""
+    over = [(row["layer"], site, v) for row in stats["layers"] for site, v in row["max_abs"].items() if not v < FP16_HALF]
+    if over:
+        layer, site, v = max(over, key=lambda o: float("inf") if o[2] != o[2] else o[2])
+        log.warning(f"warning: {len(over)} sites pass half the fp16 range on the calibration data (largest: layer {layer}, "
+                    f"{site}, {v:.4g}); compile_sw.py --fp16_rescale auto rescales the folder (quant_report.json lists them)")
+
+
+FP16_HALF = 32752.0
+
+
+def checkpoint_owns(folder: Path) -> set[str] | None:
+    """A checkpoint quantize.py wrote: its quant_report.json lists the files (compile/ and whatever
+    else is in the folder is carried over to a re-run's checkpoint)."""
+    try:
+        doc = json.loads((Path(folder) / REPORT_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if doc.get("tool") == TOOL and isinstance(doc.get("files"), list):
+        return {str(f) for f in doc["files"]}
+    if {"calibration", "settings", "seconds_quantize"} <= set(doc):  # an earlier version's report: its files are the top level ones
+        return {p.name for p in Path(folder).iterdir() if p.is_file()}
+    return None
