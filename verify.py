@@ -31,7 +31,8 @@ def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="the GPTQ checkpoint")
     p.add_argument("--hardware_dir", "--hardware-dir", required=True, metavar="HWDIR", help="the packed folder (QWEN_BLOCK_write_data_port32)")
-    p.add_argument("--compile_dir", "--compile-dir", help="where lm_head_*.bin are (default: beside HWDIR, or QDIR/compile)")
+    p.add_argument("--compile_dir", "--compile-dir", help="the compile folder HWDIR came from, for stale-input warnings (default: beside HWDIR, "
+                   "or QDIR/compile); nothing in it is trusted: every byte is checked against the checkpoint")
     p.add_argument("--model", help="the fp16 original, to compare with too")
     p.add_argument("--text", help="held-out text for the functional check (default: data/demo_corpus.txt); its last --eval_tokens tokens")
     p.add_argument("--eval_ids", "--eval-ids", help="evaluate on these token ids instead (.npy, or a text file of integers)")
@@ -49,9 +50,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     log = logging.getLogger("vcu128")
     result = verify(
-        args.quantize_model, args.hardware_dir, args.compile_dir, args.model, args.text, args.prompt, args.tokens,
-        args.device, not args.bits_only, args.lm_head_from_checkpoint, eval_tokens=args.eval_tokens, eval_ids=args.eval_ids,
-        numerics=args.numerics, centred_variance=args.centred_variance,
+        args.quantize_model, args.hardware_dir, compile_dir=args.compile_dir, model=args.model, text=args.text, prompt=args.prompt,
+        tokens=args.tokens, device=args.device, functional=not args.bits_only, lm_head_from_checkpoint=args.lm_head_from_checkpoint,
+        eval_tokens=args.eval_tokens, eval_ids=args.eval_ids, numerics=args.numerics, centred_variance=args.centred_variance,
     )
     bits = result["bit_check"]
     func = result.get("functional")

@@ -1,6 +1,6 @@
 """verify.py's functional check, streamed: the models run one decoder layer at a time, side by side
 on the same tokens, so memory follows a layer (plus one compact int4 copy of the decoder for greedy
-generation), not the model.
+generation), not the model. The folder is read through `format.folder.PackedFolder`.
 
 Models: `hardware` (the folder: the board's datapath in `board` numerics, with the folder's RoPE and
 SiLU tables and its int4 output layer), `checkpoint` (the GPTQ checkpoint in fp32, its own output
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcu128.format.checkpoint import GPTQCheckpoint, read_tensor, read_tensor_index
 from vcu128.board.datapath import (
     BOARD_EPS,
     FP16_MAX,
@@ -31,23 +30,15 @@ from vcu128.board.datapath import (
     decoder_layer,
     final_norm,
 )
-from vcu128.io.errors import VCUError
-from vcu128.format.layout import (
-    EMBEDDING_DIR,
-    OUT_WEIGHT_STEM,
-    BinFile,
-    embedding_part_file,
-    open_port_files,
-    read_port_rows,
-    row_words,
-    offset_binary_bytes,
-    split_linear_rows,
-)
-from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS, read_model_config
-from vcu128.io.progress import bar
-from vcu128.format.rescale import RescalePlan, module_factors, scale_fp16, tensor_factor
 from vcu128.check.inputs import FunctionalInputs
-from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, SiluTable, rope_cos_sin, rope_file_name, rope_from_rows, unpack_rope_table
+from vcu128.format.checkpoint import GPTQCheckpoint, read_tensor, read_tensor_index
+from vcu128.format.folder import PackedFolder
+from vcu128.format.layout import OUT_WEIGHT_STEM, BinFile, offset_binary_bytes, read_port_rows, split_linear_rows
+from vcu128.format.model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, read_model_config
+from vcu128.format.rescale import RescalePlan, module_factors, scale_fp16, tensor_factor
+from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, rope_cos_sin, rope_inv_freq
+from vcu128.io.errors import VCUError
+from vcu128.io.progress import bar
 
 log = logging.getLogger("vcu128")
 
@@ -156,18 +147,19 @@ class OutputLayer:
         return out
 
 
-def packed_output_layer(hw: Path, hidden: int, vocab: int, ports: int, int4: str) -> OutputLayer:
+def packed_output_layer(folder: PackedFolder, hidden: int, vocab: int) -> OutputLayer:
     """The folder's int4 output layer, taken once from its port words into Int4Weight form (byte for
     byte: its nibbles are already in input order)."""
-    files = open_port_files([hw / f"{OUT_WEIGHT_STEM}_HBM_DDR_{p:02d}.bin" for p in range(ports)], vocab, row_words(hidden))
+    files = folder.open_linear(OUT_WEIGHT_STEM, hidden, vocab)
+    ports = folder.ports
     nibbles = np.empty((vocab, hidden // 2), np.uint8)
-    scales = np.empty((vocab, hidden // 128), np.float32)
+    scales = np.empty((vocab, hidden // GROUP_SIZE), np.float32)
     step = max(ports, VOCAB_SLICE // ports * ports)
     for start in range(0, vocab, step):
         stop = min(start + step, vocab)
         weight_words, halves = split_linear_rows(read_port_rows(files, start, stop), hidden)
-        nibbles[start:stop] = offset_binary_bytes(weight_words, int4)
-        scales[start:stop] = halves[:, : hidden // 128].view("<f2")
+        nibbles[start:stop] = offset_binary_bytes(weight_words, folder.assumptions.int4)
+        scales[start:stop] = halves[:, : hidden // GROUP_SIZE].view("<f2")
     return OutputLayer(vocab, Int4Weight(torch.from_numpy(nibbles), torch.from_numpy(scales)))
 
 
@@ -187,9 +179,9 @@ def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> Outp
     return OutputLayer(vocab, rows_fn=lambda start, stop: float32_rows(entry, slice(start, stop)))
 
 
-def hardware_embedding(hw: Path, parts: int, vocab: int, hidden: int):
-    rows_a_part = vocab // parts
-    files = [BinFile(hw / EMBEDDING_DIR / embedding_part_file(i + 1, parts), "<f2", (rows_a_part, hidden)) for i in range(parts)]
+def hardware_embedding(folder: PackedFolder, vocab: int, hidden: int):
+    rows_a_part = vocab // folder.parts
+    files = [BinFile(folder.path / rel, "<f2", (rows_a_part, hidden)) for rel in folder.embedding_part_names()]
 
     def embed(ids: np.ndarray) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -280,63 +272,90 @@ def greedy(models: list[ModelRun], prompt: np.ndarray, tokens: int, shape: Shape
 # The check
 
 
-def folder_tables(hw: Path, assumptions: dict, cfg: dict, head_dim: int, positions: int, where: Path):
-    """cos, sin [positions, head_dim/2] and the SiLU table the folder holds (decoded by the
-    conventions its manifest records), for the board-numerics model; computed when absent."""
-    order = assumptions.get("rope_table", "halves")
-    max_token = assumptions.get("max_token", 2048)
-    rope = hw / rope_file_name(max_token)
-    if head_dim == BOARD_HEAD_DIM and rope.is_file() and order in ("halves", "pairs"):
-        rows = unpack_rope_table(np.fromfile(rope, "<f2"), max_token)
-        cos, sin = rope_from_rows(rows, order)
-        if positions > max_token:
-            raise VCUError(f"{positions} positions asked for, the folder's RoPE table holds {max_token}")
-        source = f"{rope.name} ({order})"
+def folder_tables(folder: PackedFolder, cfg: dict, head_dim: int, positions: int, where: Path):
+    """cos, sin [positions, head_dim/2] and the SiLU table the folder holds, for the board-numerics
+    model; computed when absent."""
+    held = folder.rope_cos_sin(positions) if head_dim == BOARD_HEAD_DIM else None
+    if held is not None:
+        cos, sin = held
+        source = folder.describe_rope()
     else:
         cos, sin = rope_cos_sin(cfg, head_dim, positions, where)
         source = "computed (no table in the folder)" if head_dim == BOARD_HEAD_DIM else f"computed (head_dim {head_dim})"
-    act = hw / ACT_FILE
-    silu = SiluTable.unpack(np.fromfile(act, np.uint8)) if act.is_file() else None
-    return torch.from_numpy(cos[:positions].astype(np.float32)), torch.from_numpy(sin[:positions].astype(np.float32)), silu, source
+    return torch.from_numpy(cos[:positions].astype(np.float32)), torch.from_numpy(sin[:positions].astype(np.float32)), folder.silu_table(), source
 
 
-def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: dict, inputs: FunctionalInputs,
-                     tokens: int, numerics: str = "board", model: Path | None = None, centred_variance: bool = False,
-                     lm_head_from_checkpoint: bool = False, rescale: RescalePlan | None = None, progress: bool = True,
-                     device: str = "cpu") -> dict:
-    ckpt = GPTQCheckpoint(qdir)
+@dataclass
+class CheckpointSetup:
+    """What every run of the checkpoint's model needs: its dimensions, fp32 RoPE, one compact copy of
+    the decoder, its embedding, output layer and final norm (shared by verify and the k search)."""
+
+    ckpt: GPTQCheckpoint
+    cfg: dict
+    shape: Shape
+    eps: float
+    cos32: torch.Tensor
+    sin32: torch.Tensor
+    decoder: CompactDecoder
+    embed: object
+    output: OutputLayer
+    final_norm: torch.Tensor
+
+    @classmethod
+    def build(cls, ckpt: GPTQCheckpoint, positions: int, device="cpu", keep: bool = True) -> "CheckpointSetup":
+        d = ckpt.dims
+        where = ckpt.qdir / "config.json"
+        cfg = read_model_config(where)
+        cos32, sin32 = (torch.from_numpy(a.astype(np.float32)).to(device) for a in _fp32_rope(cfg, d.head_dim, positions, where))
+        embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
+        return cls(ckpt, cfg, Shape(d.num_heads, d.num_kv_heads, d.head_dim), float(cfg.get("rms_norm_eps", 1e-6)), cos32, sin32,
+                   CompactDecoder(ckpt, keep), embed, checkpoint_output_layer(ckpt),
+                   torch.from_numpy(ckpt.get_fp16(f"{FINAL_NORM}.weight").astype(np.float32)))
+
+    def run(self, name: str) -> ModelRun:
+        """The checkpoint's own model in fp32."""
+        return ModelRun(name, Numerics(name, False, self.eps, self.cos32, self.sin32), self.decoder, self.embed, self.output, self.final_norm)
+
+    def board_run(self, name: str, cos: torch.Tensor, sin: torch.Tensor, rescale: RescalePlan | None, *, silu=None,
+                  centred_variance: bool = False, embed=None, output: OutputLayer | None = None) -> ModelRun:
+        """The checkpoint's decoder as a folder holds it (its fp16 factors), in board numerics."""
+        d = self.ckpt.dims
+        factors = {i: module_factors(rescale, i) for i in range(d.num_layers)}
+        numerics = Numerics(name, True, BOARD_EPS, cos, sin, silu, centred_variance)
+        return ModelRun(name, numerics, self.decoder, embed or _scaled_embed(self.embed, tensor_factor(rescale, EMBEDDING)),
+                        output or self.output, self.final_norm, factors)
+
+
+def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: FunctionalInputs, *, tokens: int, numerics: str = "board",
+                     model: Path | None = None, centred_variance: bool = False, lm_head_from_checkpoint: bool = False,
+                     progress: bool = True, device: str = "cpu") -> dict:
     d = ckpt.dims
-    cfg = read_model_config(ckpt.qdir / "config.json")
-    shape = Shape(d.num_heads, d.num_kv_heads, d.head_dim)
     positions = max(len(inputs.eval_ids), len(inputs.prompt_ids) + tokens)
-    model_eps = float(cfg.get("rms_norm_eps", 1e-6))
-    cos32, sin32 = (torch.from_numpy(a.astype(np.float32)).to(device) for a in _fp32_rope(cfg, d.head_dim, positions, ckpt.qdir / "config.json"))
-    cos_b, sin_b, silu, rope_source = folder_tables(hw, assumptions, cfg, d.head_dim, positions, ckpt.qdir / "config.json")
+    setup = CheckpointSetup.build(ckpt, positions, device)
+    cos_b, sin_b, silu, rope_source = folder_tables(folder, setup.cfg, d.head_dim, positions, ckpt.qdir / "config.json")
     cos_b, sin_b = cos_b.to(device), sin_b.to(device)
-    compact = CompactDecoder(ckpt)
-    norm = lambda name: torch.from_numpy(ckpt.get_fp16(name).astype(np.float32))  # noqa: E731
-    hw_factors = {i: module_factors(rescale, i) for i in range(d.num_layers)}
-    hw_out = checkpoint_output_layer(ckpt) if lm_head_from_checkpoint else packed_output_layer(hw, d.hidden, d.vocab, ports, assumptions.get("int4", "twos"))
-    ck_embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
-    hw_embed = hardware_embedding(hw, parts, d.vocab, d.hidden) if parts else _scaled_embed(ck_embed, tensor_factor(rescale, EMBEDDING))
+    hw_out = setup.output if lm_head_from_checkpoint else packed_output_layer(folder, d.hidden, d.vocab)
+    hw_embed = hardware_embedding(folder, d.vocab, d.hidden) if folder.parts else None
 
     board = numerics == "board"
-    hw_num = Numerics("hardware", board, BOARD_EPS if board else model_eps, cos_b if board else cos32, sin_b if board else sin32,
-                      silu if board else None, centred_variance if board else False)
-    models = [
-        ModelRun("hardware", hw_num, compact, hw_embed, hw_out, norm(f"{FINAL_NORM}.weight"), hw_factors),
-        ModelRun("checkpoint", Numerics("checkpoint", False, model_eps, cos32, sin32), compact, ck_embed,
-                 checkpoint_output_layer(ckpt), norm(f"{FINAL_NORM}.weight")),
-    ]
+    if board:
+        hardware = setup.board_run("hardware", cos_b, sin_b, folder.rescale, silu=silu, centred_variance=centred_variance,
+                                   embed=hw_embed, output=hw_out)
+    else:
+        hardware = setup.run("hardware")
+        hardware.embed, hardware.output = hw_embed or _scaled_embed(setup.embed, tensor_factor(folder.rescale, EMBEDDING)), hw_out
+        hardware.factors = {i: module_factors(folder.rescale, i) for i in range(d.num_layers)}
+    hw_num = hardware.numerics
+    models = [hardware, setup.run("checkpoint")]
     if board and silu is not None:
-        models.append(ModelRun(EXACT_SILU, Numerics(EXACT_SILU, True, BOARD_EPS, cos_b, sin_b, None, centred_variance),
-                               compact, hw_embed, hw_out, norm(f"{FINAL_NORM}.weight"), hw_factors))
+        models.append(setup.board_run(EXACT_SILU, cos_b, sin_b, folder.rescale, centred_variance=centred_variance, embed=hw_embed, output=hw_out))
     if model:
         orig = OriginalDecoder(model)
         tied = bool(read_model_config(Path(model) / "config.json").get("tie_word_embeddings", False))
-        models.append(ModelRun("fp16 original", Numerics("fp16 original", False, model_eps, cos32, sin32), orig,
+        models.append(ModelRun("fp16 original", Numerics("fp16 original", False, setup.eps, setup.cos32, setup.sin32), orig,
                                checkpoint_embedding(lambda t: _orig_row(orig, t), d.hidden),
                                original_output_layer(orig, tied, d.vocab), orig.get(f"{FINAL_NORM}.weight")))
+    shape = setup.shape
 
     result: dict = {"numerics": numerics, "device": str(device), "eval": {"tokens": int(len(inputs.eval_ids)), "source": inputs.source},
                     "rope": rope_source, "silu": "table " + ACT_FILE if board and silu is not None else "exact",
@@ -382,8 +401,6 @@ def _scaled_embed(embed, factor: float):
 
 def _fp32_rope(cfg: dict, head_dim: int, positions: int, where: Path):
     """transformers' cos/sin in fp32 (not rounded): the checkpoint model's."""
-    from vcu128.format.tables import rope_inv_freq
-
     inv = rope_inv_freq(cfg, head_dim, where)
     freqs = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv[None, :]
     return freqs.cos().numpy(), freqs.sin().numpy()

@@ -10,40 +10,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcu128.board.datapath import BOARD_EPS, Numerics, Shape
-from vcu128.check.functional import ModelRun, CompactDecoder, _fp32_rope, _scaled_embed, checkpoint_embedding, checkpoint_output_layer, compare, forward
+from vcu128.check.functional import CheckpointSetup, compare, forward
 from vcu128.check.inputs import evaluation_inputs
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.format.model import EMBEDDING, FINAL_NORM, read_model_config
-from vcu128.format.rescale import RescalePlan, module_factors, tensor_factor
+from vcu128.format.rescale import RescalePlan
 from vcu128.format.tables import rope_cos_sin
 
 log = logging.getLogger("vcu128")
 
 
 def evaluate_plan(qdir: Path, tokens: np.ndarray, plan: RescalePlan | None, reference_only: bool = False) -> tuple[dict, dict | None]:
-    """For fp16 rescaling, before any folder exists: the fp32 checkpoint model's site
-    statistics on `tokens`, and (unless reference_only) how far the checkpoint rescaled by `plan`
-    moves in board numerics from it: (stats, {top1_agreement, relative_logit_error, saturation})."""
+    """For fp16 rescaling, before any folder exists: the fp32 checkpoint model's site statistics on
+    `tokens`, and (unless reference_only) how far the checkpoint rescaled by `plan` moves in board
+    numerics from it: (stats, {top1_agreement, relative_logit_error, saturation})."""
     ckpt = GPTQCheckpoint(qdir)
     d = ckpt.dims
-    cfg = read_model_config(ckpt.qdir / "config.json")
-    where = ckpt.qdir / "config.json"
-    shape = Shape(d.num_heads, d.num_kv_heads, d.head_dim)
-    cos32, sin32 = (torch.from_numpy(a.astype(np.float32)) for a in _fp32_rope(cfg, d.head_dim, len(tokens), where))
-    cos16, sin16 = (torch.from_numpy(a.astype(np.float32)) for a in rope_cos_sin(cfg, d.head_dim, len(tokens), where))
-    compact = CompactDecoder(ckpt, keep=False)
-    fnorm = torch.from_numpy(ckpt.get_fp16(f"{FINAL_NORM}.weight").astype(np.float32))
-    out = checkpoint_output_layer(ckpt)
-    embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
-    ref = ModelRun("fp32", Numerics("fp32", False, float(cfg.get("rms_norm_eps", 1e-6)), cos32, sin32), compact, embed, out, fnorm)
+    setup = CheckpointSetup.build(ckpt, len(tokens), keep=False)
+    ref = setup.run("fp32")
     models = [ref]
     if not reference_only:
-        factors = {i: module_factors(plan, i) for i in range(d.num_layers)}
-        board = Numerics("board", True, BOARD_EPS, cos16, sin16)
-        models.append(ModelRun("board", board, compact, _scaled_embed(embed, tensor_factor(plan, EMBEDDING)), out, fnorm, factors))
+        cos16, sin16 = (torch.from_numpy(a.astype(np.float32)) for a in rope_cos_sin(setup.cfg, d.head_dim, len(tokens), ckpt.qdir / "config.json"))
+        models.append(setup.board_run("board", cos16, sin16, plan))
     with torch.no_grad():
-        logits = forward(models, {m.name: tokens[None, :] for m in models}, shape, d.num_layers)
+        logits = forward(models, {m.name: tokens[None, :] for m in models}, setup.shape, d.num_layers)
     stats = {"measured_on": f"{len(tokens)} tokens, fp32", "layers": []}
     by_layer: dict = {}
     for (layer, site), v in ref.numerics.stats.max_abs.items():

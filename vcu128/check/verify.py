@@ -1,10 +1,15 @@
 """Prove a packed folder is the model before it goes on the board.
 
-Bit check: decode every file of the hardware folder (FORMAT.md 3) back to integers, scales, biases,
-norm weights and embedding rows and compare them with the GPTQ checkpoint (the output layer with the
-software files lm_head_*.bin), every word including padding words and rows; check the manifest
-(sizes, sha256, no missing or extra file). Functional check: run the model from the hardware files
-alone in PyTorch and compare it with the checkpoint's own model (and the fp16 original).
+Bit check: decode every file of the packed folder (FORMAT.md 3 to 5) back to ints, scales, biases,
+norm weights, embedding rows and tables, and compare each word, padding included, with what the
+GPTQ checkpoint itself gives: the decoder's linears decoded from its tensors, the output layer made
+again from the checkpoint's lm_head (or tied embedding) by the method and grid the folder records,
+the tables from its config.json. No intermediate file is trusted: the compile folder is read only
+for warnings and, for a folder without a manifest, its fp16 factors. Then sizes and sha256 against
+manifest.json, and no missing or extra file.
+
+Functional check (check/functional.py): the folder's model in the board's fp16 arithmetic next to
+the checkpoint's model in fp32, on held-out tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,54 +25,40 @@ from pathlib import Path
 
 import numpy as np
 
+from vcu128 import __version__
+from vcu128.check.functional import functional_check
+from vcu128.check.inputs import evaluation_inputs
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.io.errors import VCUError
+from vcu128.format.folder import MANIFEST_NAME, OutputLayerRecord, PackedFolder, find_compile_dir
 from vcu128.format.layout import (
     BIAS_MULTIPLIER,
-    EMBEDDING_DIR,
-    INT4_CODES,
     OUT_BIAS_FILE,
     OUT_NORM_FILE,
     OUT_WEIGHT_STEM,
     BinFile,
-    embedding_part_file,
     hw_layer_norm_file,
     hw_linear_stems,
-    open_port_files,
     pack_linear_rows,
     port_file,
     read_port_rows,
     row_words,
     rows_per_port,
     scale_word_index,
-    sw_lm_head_paths,
-    sw_qweight_file,
-    sw_scales_file,
+    sw_norm_file,
     unpack_bias_words,
     unpack_linear_rows,
     weight_word_index,
 )
 from vcu128.format.model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, read_model_config
-from vcu128.format.tables import (
-    ACT_FILE,
-    BOARD_HEAD_DIM,
-    DEFAULT_MAX_TOKEN,
-    DEFAULT_ROPE_ORDER,
-    ROPE_ORDERS,
-    SILU_TABLES,
-    rope_file_name,
-    rope_table,
-    silu_table,
-)
-from vcu128.io.jsonfile import dumps, get_int
-from vcu128.io.output import MANIFEST_NAME, read_manifest, replace_file_atomically, sha256_file
-from vcu128.check.functional import functional_check
-from vcu128.check.inputs import evaluation_inputs
-from vcu128.io.provenance import stale_compile, stale_hardware, warn
-from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
-from vcu128.format.rescale import RescalePlan, module_factors, scale_fp16, tensor_factor
+from vcu128.format.rescale import scale_fp16, tensor_factor
+from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, rope_table, silu_table
+from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import dumps
+from vcu128.io.output import TOOL, read_step_record, replace_file_atomically, sha256_file
 from vcu128.io.parallel import rows_per_block
 from vcu128.io.progress import bar
+from vcu128.io.provenance import stale_compile, stale_hardware, warn
+from vcu128.quant.rtn import quantize_rows
 
 log = logging.getLogger("vcu128")
 
@@ -100,33 +92,21 @@ class BitReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a packed linear back
-
-
-def linear_port_files(hw: Path, stem: str, ports: int) -> list[Path]:
-    return [hw / port_file(stem, p) for p in range(ports)]
-
-
-def folder_layout(hw: Path) -> tuple[int, int, dict]:
-    """(ports, embedding parts, assumptions) of a packed folder, from its manifest or its files."""
-    doc = read_manifest(hw, required=False)
-    if doc is None:
-        return infer_ports(hw), infer_parts(hw), {}
-    assumptions = doc.get("assumptions") if isinstance(doc.get("assumptions"), dict) else {}
-    return get_int(doc, "ports", hw / MANIFEST_NAME), get_int(doc, "embedding_parts", hw / MANIFEST_NAME, default=0, minimum=0), assumptions
+# One file, one linear
 
 
 def _place(stem: str, row: int, ports: int) -> str:
     return f"{port_file(stem, row % ports)}: row {row // ports} (output channel {row})"
 
 
-def check_packed_linear(report: BitReport, hw: Path, stem: str, chin: int, chout: int, ports: int, expected, int4: str = "twos") -> None:
+def check_packed_linear(report: BitReport, folder: PackedFolder, stem: str, chin: int, chout: int, expected) -> None:
     """Compare a linear's port files with `expected(start, stop) -> (int8 q, fp16 scales)`."""
+    int4, ports = folder.assumptions.int4, folder.ports
     words = row_words(chin)
     try:
-        files = open_port_files(linear_port_files(hw, stem, ports), chout, words)
+        files = folder.open_linear(stem, chin, chout)
     except VCUError as e:
-        return report.add(str(e).replace(str(hw) + "/", ""))
+        return report.add(str(e).replace(str(folder.path) + "/", ""))
     report.files_checked += ports
     total = rows_per_port(chout, ports) * ports
     report.bytes_checked += total * words * 4
@@ -164,21 +144,22 @@ def _describe_row(report: BitReport, stem: str, row: int, ports: int, got: np.nd
     report.add(f"{_place(stem, row, ports)}, word {w} ({what}) is {int(got[w]):#010x}, expected {int(want[w]):#010x}")
 
 
-def read_checked(report: BitReport, hw: Path, rel: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
+def read_checked(report: BitReport, folder: PackedFolder, rel: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
     """A whole file of the folder, counted as checked; a missing or wrongly sized one is a difference
     (and None)."""
     try:
-        data = BinFile(hw / rel, dtype, shape).read()
+        data = BinFile(folder.path / rel, dtype, shape).read()
     except VCUError as e:
-        report.add(str(e).replace(str(hw) + "/", ""))
+        report.add(str(e).replace(str(folder.path) + "/", ""))
         return None
     report.files_checked += 1
     report.bytes_checked += data.nbytes
     return data
 
 
-def check_bias_words(report: BitReport, hw: Path, rel: str, expected: np.ndarray) -> None:
-    words = read_checked(report, hw, rel, "<u4", (expected.shape[0],))
+def check_bias_words(report: BitReport, folder: PackedFolder, rel: str, expected: np.ndarray) -> None:
+    """Both halves of every word: the multiplier 1.0 and the bias value."""
+    words = read_checked(report, folder, rel, "<u4", (expected.shape[0],))
     if words is None:
         return
     mult, bias = unpack_bias_words(words)
@@ -189,8 +170,8 @@ def check_bias_words(report: BitReport, hw: Path, rel: str, expected: np.ndarray
         report.add(f"{rel}: word {i} (bias of output channel {i}) is {int(words[i]):#010x}, expected {want:#010x}")
 
 
-def check_fp16_file(report: BitReport, hw: Path, rel: str, expected: np.ndarray, what: str, row_len: int | None = None) -> None:
-    got = read_checked(report, hw, rel, "<f2", expected.shape)
+def check_fp16_file(report: BitReport, folder: PackedFolder, rel: str, expected: np.ndarray, what: str, row_len: int | None = None) -> None:
+    got = read_checked(report, folder, rel, "<f2", expected.shape)
     if got is None:
         return
     bad = np.flatnonzero(got.view("<u2").ravel() != expected.astype("<f2").view("<u2").ravel())
@@ -200,194 +181,164 @@ def check_fp16_file(report: BitReport, hw: Path, rel: str, expected: np.ndarray,
         report.add(f"{rel}: {where} ({what}) is {float(got.ravel()[i])!r}, expected {float(expected.astype('<f2').ravel()[i])!r}")
 
 
-def check_manifest(report: BitReport, hw: Path, expected_files: set[str]) -> None:
-    """Sizes and sha256 against manifest.json; missing and extra files against the layout."""
-    try:
-        doc = read_manifest(hw)
-    except VCUError as e:
-        return report.add(str(e))
-    listed = {f["path"]: f for f in doc.get("files", [])}
-    on_disk = {str(p.relative_to(hw)) for p in hw.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
+def check_manifest(report: BitReport, folder: PackedFolder, expected_files: set[str]) -> None:
+    """Missing and extra files against the layout; with a manifest, sizes and sha256 against it."""
+    on_disk = folder.on_disk()
     for rel in sorted(expected_files - on_disk):
         report.add(f"{rel}: missing")
     for rel in sorted(on_disk - expected_files):
         report.add(f"{rel}: extra file (not part of the board layout)")
-    for rel in sorted(expected_files - set(listed)):
+    if not folder.has_manifest:
+        return
+    for rel in sorted(expected_files - set(folder.files)):
         report.add(f"{rel}: not listed in {MANIFEST_NAME}")
-    for rel, f in sorted(listed.items()):
-        path = hw / rel
+    for rel, f in sorted(folder.files.items()):
+        path = folder.path / rel
         if not path.is_file():
             continue
         size = path.stat().st_size
-        if size != f.get("bytes"):
-            report.add(f"{rel}: {size} bytes, {MANIFEST_NAME} says {f.get('bytes')}")
-        elif sha256_file(path) != f.get("sha256"):
+        if size != f.bytes:
+            report.add(f"{rel}: {size} bytes, {MANIFEST_NAME} says {f.bytes}")
+        elif sha256_file(path) != f.sha256:
             report.add(f"{rel}: sha256 differs from {MANIFEST_NAME} (content changed or files swapped)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The output layer, made again from the checkpoint
+
+
+def output_layer_record(folder: PackedFolder, ckpt: GPTQCheckpoint, compile_dir: Path | None) -> OutputLayerRecord:
+    """How the folder's output layer was made: its manifest says; an older folder's compile folder
+    may; a folder of the original scripts used their rule, trunc."""
+    if folder.output_layer is not None:
+        return folder.output_layer
+    record = read_step_record(compile_dir, "lm_head") if compile_dir else None
+    made = (record or {}).get("made_from") or {}
+    if made.get("method") in ("trunc", "rtn", "checkpoint") and made.get("int4_range", 8) in (7, 8):
+        log.info(f"verify: {folder.path} does not record how its output layer was quantized: taking {compile_dir}/lm_head.json's "
+                 f"method {made['method']} (the values are still made again from the checkpoint)")
+        return OutputLayerRecord(made["method"], made.get("int4_range", 8))
+    method = "checkpoint" if ckpt.lm_head_source() == "lm_head" else "trunc"
+    log.info(f"verify: {folder.path} does not record how its output layer was quantized: checking it as method {method}")
+    return OutputLayerRecord(method)
+
+
+def output_layer_rows(ckpt: GPTQCheckpoint, record: OutputLayerRecord):
+    """`(start, stop) -> (int8 q, fp16 scales)` of the output layer's rows, from the checkpoint."""
+    source = ckpt.lm_head_source()
+    if record.method == "checkpoint":
+        if source != "lm_head":
+            raise VCUError(f"{ckpt.qdir}: the folder's output layer was taken from the checkpoint's lm_head.qweight, which it does not have")
+        qweight, scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
+        return lambda a, b: (ckpt.signed_weights(qweight[:, a:b]), np.ascontiguousarray(scales[:, a:b].T))
+    if source == "lm_head":
+        raise VCUError(f"{ckpt.qdir}: the output layer is GPTQ-quantized (lm_head.qweight), but the folder records method {record.method}")
+
+    def rows(a: int, b: int):
+        q, s = quantize_rows(ckpt.get(source, rows=slice(a, b)).astype(np.float32, copy=False), record.method, -record.int4_range)
+        return q.astype(np.int8), s
+
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole folder
 
 
-def find_compile_dir(qdir: Path, hw: Path, compile_dir: Path | None) -> Path:
-    for cand in [compile_dir, hw.parent, hw.parent / "compile", qdir / "compile"]:
-        if cand and sw_lm_head_paths(cand)["qweight"].is_file():
-            return Path(cand)
-    raise VCUError(f"lm_head_qweight.bin not found beside {hw} or in {qdir / 'compile'}: pass --compile_dir")
+def compile_hints(qdir: Path, hw: Path, compile_dir: Path | None) -> list:
+    """Where the compile folder a packed folder came from may be: given, beside it, or the checkpoint's."""
+    return [compile_dir, Path(hw).parent, Path(qdir) / "compile"]
 
 
 def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: bool = True) -> BitReport:
     ckpt = GPTQCheckpoint(qdir)
     ckpt.validate()
     d = ckpt.dims
-    hw = Path(hw)
-    if not hw.is_dir():
-        raise VCUError(f"{hw}: no such hardware folder")
-    doc = read_manifest(hw, required=False)
-    if doc is None:
-        ports, parts = infer_ports(hw), infer_parts(hw)
-        assumptions = {}
-        log.info(f"verify: {hw} has no {MANIFEST_NAME} (made by the original scripts?): {ports} ports and {parts} embedding parts "
+    hints = compile_hints(ckpt.qdir, hw, compile_dir)
+    folder = PackedFolder.open(hw, hints)
+    if not folder.has_manifest:
+        log.info(f"verify: {hw} has no {MANIFEST_NAME} (made by the original scripts?): {folder.ports} ports and {folder.parts} embedding parts "
                  "inferred from the files; sizes and sha256 not checked against a manifest")
     else:
-        ports = get_int(doc, "ports", hw / MANIFEST_NAME)
-        parts = get_int(doc, "embedding_parts", hw / MANIFEST_NAME, default=0, minimum=0)
-        assumptions = doc.get("assumptions") if isinstance(doc.get("assumptions"), dict) else {}
         for key, value in d.to_json().items():
-            if doc.get("model", {}).get(key) != value:
-                raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={doc.get('model', {}).get(key)!r}, but the checkpoint's config.json says {value!r}")
-    int4 = assumptions.get("int4", "twos")
-    rescale = RescalePlan.from_record((doc or {}).get("fp16_rescale") if doc is not None else _compile_rescale(ckpt.qdir, hw, compile_dir), hw, "fp16_rescale")
-    if int4 not in INT4_CODES:
-        raise VCUError(f"{hw / MANIFEST_NAME}: assumptions.int4 is {int4!r}, expected one of {', '.join(INT4_CODES)}")
-    compile_dir = find_compile_dir(ckpt.qdir, hw, compile_dir)
-    warn(stale_compile(compile_dir, ckpt.fingerprint()) + (stale_hardware(doc, compile_dir) if doc else []))
+            if folder.model.get(key) != value:
+                raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={folder.model.get(key)!r}, but the checkpoint's config.json says {value!r}")
+    found = find_compile_dir(hints, "compile_sw.json")
+    if found is not None:
+        warn(stale_compile(found, ckpt.fingerprint()) + (stale_hardware(folder.doc, found) if folder.has_manifest else []))
+    lm_record = output_layer_record(folder, ckpt, find_compile_dir(hints, "lm_head.json"))
+    expected_output = output_layer_rows(ckpt, lm_record)
+    rescale = folder.rescale
     report = BitReport()
-    expected_files: set[str] = set()
 
-    def check_layer(layer: int) -> tuple[BitReport, set[str]]:
+    def check_layer(layer: int) -> BitReport:
         """One decoder layer's files, into a report of its own (layers are checked side by side)."""
-        part, files = BitReport(), set()
-        factors = module_factors(rescale, layer)
+        part = BitReport()
         for lin in LINEARS:
-            f = factors.get(lin.module, 1.0)
             name = lin.name(layer)
+            f = tensor_factor(rescale, name)
             chin, chout = d.linear_shape(lin)
             stem, bias_file = hw_linear_stems(layer, lin)
-            files.update(port_file(stem, p) for p in range(ports))
-            files.add(bias_file)
             qweight, scales = ckpt.get(f"{name}.qweight"), ckpt.get(f"{name}.scales")
             check_packed_linear(
-                part, hw, stem, chin, chout, ports,
-                lambda a, b, qw=qweight, sc=scales, f=f: (ckpt.signed_weights(qw[:, a:b]), scale_fp16(np.ascontiguousarray(sc[:, a:b].T), f, {})),
-                int4,
+                part, folder, stem, chin, chout,
+                lambda a, b, qw=qweight, sc=scales, f=f: (ckpt.signed_weights(qw[:, a:b]), scale_fp16(np.ascontiguousarray(sc[:, a:b].T), f)),
             )
             bias = ckpt.get_fp16(f"{name}.bias") if ckpt.has(f"{name}.bias") else np.zeros(chout, np.float16)
-            check_bias_words(part, hw, bias_file, scale_fp16(bias, f, {}))
+            check_bias_words(part, folder, bias_file, scale_fp16(bias, f))
         for norm, board in LAYER_NORMS:
-            rel = hw_layer_norm_file(layer, board)
-            files.add(rel)
             w = ckpt.get_fp16(f"model.layers.{layer}.{norm}.weight")
-            check_fp16_file(part, hw, rel, np.concatenate([w, np.zeros_like(w)]), f"{norm} weight, then zeros")
-        return part, files
+            check_fp16_file(part, folder, hw_layer_norm_file(layer, board), sw_norm_file(w), f"{norm} weight, then zeros")
+        return part
 
     # numpy and file reads release the GIL: on a many-core host the layers check side by side; the
     # reports are merged in layer order, so the differences read the same on any machine.
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        for part, files in bar(pool.map(check_layer, range(d.num_layers)), "verify", "layer", d.num_layers, progress):
+        for part in bar(pool.map(check_layer, range(d.num_layers)), "verify", "layer", d.num_layers, progress):
             report.merge(part)
-            expected_files |= files
 
-    # The output layer: ints and scales as lm_head.py wrote them, bias words of a zero bias.
-    lm = sw_lm_head_paths(compile_dir)
-    lm_q = sw_qweight_file(lm["qweight"], d.vocab, d.hidden)
-    lm_s = sw_scales_file(lm["scales"], d.vocab, d.hidden)
-    expected_files.update(port_file(OUT_WEIGHT_STEM, p) for p in range(ports))
-    expected_files.update({OUT_BIAS_FILE, OUT_NORM_FILE})
-    check_packed_linear(report, hw, OUT_WEIGHT_STEM, d.hidden, d.vocab, ports, lambda a, b: (lm_q.read_rows(a, b), lm_s.read_rows(a, b)), int4)
-    check_bias_words(report, hw, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
-    w = ckpt.get_fp16(f"{FINAL_NORM}.weight")
-    check_fp16_file(report, hw, OUT_NORM_FILE, np.concatenate([w, np.zeros_like(w)]), "model.norm weight, then zeros")
+    check_packed_linear(report, folder, OUT_WEIGHT_STEM, d.hidden, d.vocab, expected_output)
+    check_bias_words(report, folder, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
+    check_fp16_file(report, folder, OUT_NORM_FILE, sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")), "model.norm weight, then zeros")
 
-    if parts:
-        rows = d.vocab // parts
-        for i in range(parts):
-            rel = f"{EMBEDDING_DIR}/{embedding_part_file(i + 1, parts)}"
-            expected_files.add(rel)
-            want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), tensor_factor(rescale, EMBEDDING), {})
-            check_fp16_file(report, hw, rel, want, f"embedding row {i * rows}+", d.hidden)
+    if folder.parts:
+        rows = d.vocab // folder.parts if d.vocab % folder.parts == 0 else 0
+        for i, rel in enumerate(folder.embedding_part_names()):
+            if not rows:
+                report.add(f"{rel}: vocab {d.vocab} does not split into {folder.parts} parts")
+                break
+            want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), tensor_factor(rescale, EMBEDDING))
+            check_fp16_file(report, folder, rel, want, f"embedding row {i * rows}+", d.hidden)
     else:
-        report.add(f"{EMBEDDING_DIR}/: no embedding parts recorded in {MANIFEST_NAME} (run embedding_tokens.py)")
-    check_tables(report, hw, ckpt, doc, assumptions, expected_files)
-    if doc is not None:
-        check_manifest(report, hw, expected_files)
-    else:
-        check_files_present(report, hw, expected_files)
+        report.add(f"Embedding/: no embedding parts recorded in {MANIFEST_NAME} (run embedding_tokens.py)")
+    expected_files = folder.expected_files(d)
+    check_tables(report, folder, ckpt, expected_files)
+    check_manifest(report, folder, expected_files)
     return report
 
 
-def _compile_rescale(qdir: Path, hw: Path, compile_dir: Path | None) -> dict | None:
-    """A folder without a manifest: the factors its compile folder's config.json records."""
-    for cand in [compile_dir, hw.parent, qdir / "compile"]:
-        if cand and (Path(cand) / "config.json").is_file():
-            return read_model_config(Path(cand) / "config.json").get(RESCALE_KEY)
-    return None
-
-
-def infer_ports(hw: Path) -> int:
-    """Ports of a folder without a manifest: the port files of layer 0's q_proj."""
-    stem, _ = hw_linear_stems(0, LINEARS[0])
-    found = sorted((hw / stem).parent.glob(f"{Path(stem).name}_HBM_DDR_*.bin"))
-    if not found:
-        raise VCUError(f"{hw}: no manifest.json and no {stem}_HBM_DDR_*.bin files: not a packed folder")
-    return len(found)
-
-
-def infer_parts(hw: Path) -> int:
-    """Embedding parts of a folder without a manifest, from the names Embedding_01-of-K.bin."""
-    names = sorted(p.name for p in (hw / EMBEDDING_DIR).glob("Embedding_*-of-*.bin"))
-    if not names:
-        return 0
-    try:
-        return int(names[0].split("-of-")[1].split(".")[0])
-    except (IndexError, ValueError):
-        raise VCUError(f"{hw / EMBEDDING_DIR}: embedding part names not of the form Embedding_01-of-16.bin") from None
-
-
-def check_files_present(report: BitReport, hw: Path, expected_files: set[str]) -> None:
-    on_disk = {str(p.relative_to(hw)) for p in hw.rglob("*") if p.is_file()}
-    for rel in sorted(on_disk - expected_files):
-        report.add(f"{rel}: extra file (not part of the board layout)")
-
-
-def check_tables(report: BitReport, hw: Path, ckpt: GPTQCheckpoint, doc: dict | None, assumptions: dict, expected_files: set[str]) -> None:
+def check_tables(report: BitReport, folder: PackedFolder, ckpt: GPTQCheckpoint, expected_files: set[str]) -> None:
     """The RoPE and SiLU tables, regenerated from config.json and the recorded options and compared
     word for word. A folder from the original scripts (no manifest) may lack them: one line says so."""
     cfg = read_model_config(ckpt.qdir / "config.json")
-    where = ckpt.qdir / "config.json"
-    max_token = get_int(assumptions, "max_token", hw / MANIFEST_NAME, default=DEFAULT_MAX_TOKEN)
-    order = assumptions.get("rope_table", DEFAULT_ROPE_ORDER)
-    rope = rope_file_name(max_token)
+    a = folder.assumptions
     missing = []
+    rope = folder.rope_name
     if ckpt.dims.head_dim == BOARD_HEAD_DIM:
-        if order not in ROPE_ORDERS:
-            report.add(f"{MANIFEST_NAME}: assumptions.rope_table is {order!r}, expected one of {', '.join(ROPE_ORDERS)}")
-        elif doc is not None or (hw / rope).is_file():
-            expected_files.add(rope)
-            want = rope_table(cfg, max_token, order, where)
-            check_table_words(report, hw, rope, want, lambda i: _rope_place(i, max_token, order))
+        if not a.has_rope_table:
+            report.add(f"{MANIFEST_NAME}: assumptions.rope_table is {a.rope_table!r}, but the model's heads are the board's {BOARD_HEAD_DIM}")
+        elif folder.has_manifest or (folder.path / rope).is_file():
+            want = rope_table(cfg, a.max_token, a.rope_table, ckpt.qdir / "config.json")
+            check_table_words(report, folder, rope, want, lambda i: _rope_place(i, a.max_token, a.rope_table))
         else:
             missing.append(rope)
-    kind = assumptions.get("silu_table", "board")
-    if kind not in SILU_TABLES:
-        report.add(f"{MANIFEST_NAME}: assumptions.silu_table is {kind!r}, expected one of {', '.join(SILU_TABLES)}")
-    elif doc is not None or (hw / ACT_FILE).is_file():
-        expected_files.add(ACT_FILE)
-        fit_range = ((doc or {}).get("tables", {}).get("silu", {}).get("fit_range")) if kind == "fit" else None
-        want = silu_table(kind, tuple(fit_range) if fit_range else None).pack()
-        check_table_words(report, hw, ACT_FILE, want.view("<u2"), _silu_place)
+            expected_files.discard(rope)
+    if folder.has_manifest or (folder.path / ACT_FILE).is_file():
+        want = silu_table(a.silu_table, a.silu_fit_range).pack()
+        check_table_words(report, folder, ACT_FILE, want.view("<u2"), _silu_place)
     else:
         missing.append(ACT_FILE)
+        expected_files.discard(ACT_FILE)
     if missing:
         log.info(f"verify: {' and '.join(missing)} missing: the board also loads them (hardware.py writes them)")
 
@@ -408,8 +359,8 @@ def _silu_place(i: int) -> str:
     return f"byte {2 * i} (must be 0)"
 
 
-def check_table_words(report: BitReport, hw: Path, rel: str, want: np.ndarray, place) -> None:
-    got = read_checked(report, hw, rel, "<u2", want.shape)
+def check_table_words(report: BitReport, folder: PackedFolder, rel: str, want: np.ndarray, place) -> None:
+    got = read_checked(report, folder, rel, "<u2", want.shape)
     if got is None:
         return
     bad = np.flatnonzero(got.view("<u2") != want.view("<u2"))
@@ -418,7 +369,11 @@ def check_table_words(report: BitReport, hw: Path, rel: str, want: np.ndarray, p
         report.add(f"{rel}: fp16 word {i}, {place(i)}, is {int(got.view('<u2')[i]):#06x}, expected {int(want.view('<u2')[i]):#06x}")
 
 
-def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=8,
+# ---------------------------------------------------------------------------------------------
+# verify: both checks and the report
+
+
+def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=8,
            device="cpu", functional=True, lm_head_from_checkpoint=False, progress=True, eval_tokens: int = 256,
            eval_ids=None, numerics: str = "board", centred_variance: bool = False) -> dict:
     start = time.perf_counter()
@@ -426,6 +381,11 @@ def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt
     report = bit_check(qdir, hw, compile_dir, progress)
     seconds = time.perf_counter() - start
     result = {
+        "tool": TOOL,
+        "version": tool_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "checkpoint": str(Path(qdir).resolve()),
+        "hardware_dir": str(hw.resolve()),
         "bit_check": {
             "ok": report.ok,
             "files": report.files_checked,
@@ -433,13 +393,13 @@ def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt
             "seconds": seconds,
             "differences": report.differences,
             "more_differences": report.more,
-        }
+        },
     }
     if report.ok and functional:
         start = time.perf_counter()
         ckpt = GPTQCheckpoint(qdir)
-        ports, parts, assumptions = folder_layout(hw)
-        doc = read_manifest(hw, required=False) or {}
+        folder = PackedFolder.open(hw, compile_hints(ckpt.qdir, hw, compile_dir))
+        result["source"] = folder.source
         inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
         if str(device).startswith("cuda"):
             import torch
@@ -447,27 +407,43 @@ def verify(qdir: Path, hw: Path, compile_dir=None, model=None, text=None, prompt
             if not torch.cuda.is_available():
                 raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
         result["functional"] = functional_check(
-            qdir, hw, ports, parts, assumptions, inputs, tokens, numerics, model, centred_variance,
-            lm_head_from_checkpoint, RescalePlan.from_record(doc.get("fp16_rescale") if doc else _compile_rescale(ckpt.qdir, hw, compile_dir), hw, "fp16_rescale"), progress,
-            device,
+            ckpt, folder, inputs, tokens=tokens, numerics=numerics, model=model, centred_variance=centred_variance,
+            lm_head_from_checkpoint=lm_head_from_checkpoint, progress=progress, device=device,
         )
         result["functional"]["seconds"] = time.perf_counter() - start
-    path = Path(hw).parent / REPORT_NAME
+    path = hw.parent / REPORT_NAME
     if write_report(path, result):
         result["report_path"] = str(path)
     return result
 
 
+def tool_version() -> str:
+    """The package version, with `git describe` where the tool runs from a checkout."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                   text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        described = ""
+    return f"{__version__} ({described})" if described else __version__
+
+
 def write_report(path: Path, result: dict) -> bool:
-    """verify_report.json is verify's own file: replaced when it is an earlier report, never when
-    it is something else."""
+    """verify_report.json is verify's own file: replaced when it is an earlier report of this tool,
+    never when it is something else."""
     if path.exists():
         try:
             earlier = json.loads(path.read_bytes())
         except (OSError, ValueError):
             earlier = None
-        if not isinstance(earlier, dict) or "bit_check" not in earlier:
+        if not _is_verify_report(earlier):
             log.warning(f"warning: {path} exists and is not a verify report: not replacing it (the result is above)")
             return False
     replace_file_atomically(path, dumps(result).encode())
     return True
+
+
+def _is_verify_report(doc) -> bool:
+    """A report this tool wrote (reports before 0.2 carry no `tool`, but all of bit_check's keys)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("bit_check"), dict):
+        return False
+    return doc.get("tool") == TOOL or {"ok", "files", "bytes", "differences"} <= set(doc["bit_check"])

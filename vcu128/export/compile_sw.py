@@ -99,6 +99,17 @@ def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescaleP
     return None if plan.is_identity else plan
 
 
+def source_model(qdir: Path) -> dict:
+    """{"model": the folder quantize.py read}, where its report names one (the packed folder's
+    manifest carries it on)."""
+    try:
+        doc = json.loads((Path(qdir) / "quant_report.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return {"model": model} if isinstance(model, str) else {}
+
+
 def output_bytes(dims) -> int:
     """What compile_sw writes (FORMAT.md 2), for the free-space check."""
     per_layer = 0
@@ -130,7 +141,7 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
     dims = ckpt.dims
     check_out(Path(os.path.abspath(out)), STEP, compile_folder_owns, [ckpt.qdir], force)  # before any measuring
     plan = rescale_plan(ckpt, fp16_rescale, text)
-    made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(),
+    made_from = {"checkpoint": str(ckpt.qdir.resolve()), **source_model(ckpt.qdir), "fingerprint": ckpt.fingerprint(),
                  "fp16_rescale": plan.factors_record() if plan else None}
     counter: dict = {}
     with staged_dir(out, STEP, compile_folder_owns, [ckpt.qdir], force, output_bytes(dims)) as stage:

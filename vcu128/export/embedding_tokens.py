@@ -19,19 +19,24 @@ from vcu128.format.layout import (
 from vcu128.format.gate import read_model_dims
 from vcu128.format.model import EMBEDDING
 from vcu128.io.jsonfile import dumps
-from vcu128.io.output import (
+from vcu128.format.folder import (
+    EMBEDDING_KIND,
+    HARDWARE_KIND,
     MANIFEST_NAME,
     Manifest,
+    PackedFolder,
+    default_hardware_dir,
+    embedding_folder_owned,
+    read_manifest,
+)
+from vcu128.io.output import (
     StepResult,
     folder_lock,
     folder_stats,
-    manifest_owns,
-    read_manifest,
     replace_file_atomically,
     staged_dir,
     write_whole_file,
 )
-from vcu128.export.hardware import default_hardware_dir
 from vcu128.io.progress import bar
 from vcu128.io.provenance import compile_ids, warn
 
@@ -41,16 +46,7 @@ STEP = "embedding_tokens"
 def embedding_owns(folder: Path) -> set[str] | None:
     """The parts embedding_tokens wrote: listed in the packed folder's manifest (the usual place)
     or in the folder's own manifest (an --out outside a packed folder)."""
-    own = manifest_owns("embedding", STEP)(folder)
-    if own is not None:
-        return own
-    try:
-        doc = read_manifest(folder.parent, required=False)
-    except VCUError:
-        return None
-    prefix = f"{folder.name}/"
-    listed = {f["path"][len(prefix):] for f in (doc or {}).get("files", []) if f["path"].startswith(prefix) and f.get("step") == STEP}
-    return listed or None
+    return embedding_folder_owned(folder, STEP)
 
 
 def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = 16, progress: bool = True, force: bool = False) -> StepResult:
@@ -63,12 +59,12 @@ def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = 16,
     dims = read_model_dims(compile_dir / CONFIG)
     rows = check_embedding_split(dims.vocab, parts)
     table = BinFile(sw_fp16_path(compile_dir, EMBEDDING), "<f2", (dims.vocab, dims.hidden))
-    out = Path(os.path.abspath(out)) if out else default_hardware_dir(compile_dir, 32).absolute() / EMBEDDING_DIR
+    out = Path(os.path.abspath(out)) if out else default_hardware_dir(compile_dir).absolute() / EMBEDDING_DIR
     made_from = compile_ids(compile_dir)["compile_sw"]
-    parent_manifest = read_manifest(out.parent, required=False) if (out.parent / MANIFEST_NAME).is_file() else None
-    in_packed_folder = parent_manifest is not None and parent_manifest.get("kind") == "hardware"
+    parent_manifest = read_manifest(out.parent)
+    in_packed_folder = parent_manifest is not None and parent_manifest["kind"] == HARDWARE_KIND
     if in_packed_folder:
-        made = (parent_manifest.get("made_from") or {}).get("compile_sw")
+        made = PackedFolder.open(out.parent).made_from.get("compile_sw")
         if made and made_from and made != made_from:
             warn([f"{out.parent} was packed from an earlier compile_sw run than the one in {compile_dir} (re-run hardware.py)"])
     records = []
@@ -80,7 +76,7 @@ def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = 16,
         for r in records:
             r.step, r.made_from = STEP, made_from
         if not in_packed_folder:
-            Manifest("embedding", dims.to_json(), {"embedding_parts": parts}, records).write(stage)
+            Manifest(EMBEDDING_KIND, dims.to_json(), {"embedding_parts": parts}, records).write(stage)
     if in_packed_folder:
         # Entries are relative to the packed folder: replace this folder's entries there.
         with folder_lock(out.parent):

@@ -58,14 +58,12 @@ from vcu128.format.tables import (
     rope_table,
     silu_table,
 )
+from vcu128.format.folder import HARDWARE_KIND, MANIFEST_NAME, Manifest, default_hardware_dir, manifest_owns, read_manifest
 from vcu128.io.output import (
-    MANIFEST_NAME,
     FileRecord,
-    Manifest,
     StepResult,
     folder_stats,
-    manifest_owns,
-    read_manifest,
+    read_step_record,
     replace_file_atomically,
     staged_dir,
     write_whole_file,
@@ -77,10 +75,6 @@ from vcu128.io.progress import bar
 
 log = logging.getLogger("vcu128")
 STEP = "hardware"
-
-
-def default_hardware_dir(compile_dir: Path, ports: int) -> Path:
-    return Path(compile_dir) / f"QWEN_BLOCK_write_data_port{ports}"
 
 
 class PackJob:
@@ -152,7 +146,7 @@ def output_bytes(dims: ModelDims, ports: int) -> int:
     return total + (2 * dims.num_layers + 1) * 4 * dims.hidden
 
 
-hardware_owns = manifest_owns("hardware", STEP)
+hardware_owns = manifest_owns(HARDWARE_KIND, STEP)
 
 
 @dataclass(frozen=True)
@@ -235,7 +229,8 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, p
     warn(stale_compile(compile_dir))
     out = Path(out) if out else default_hardware_dir(compile_dir, ports)
     made_from = {**compile_ids(compile_dir), "ports": ports, **asdict(opts)}
-    manifest = Manifest("hardware", dims.to_json(), {"ports": ports, "group_size": GROUP_SIZE, "made_from": made_from})
+    manifest = Manifest(HARDWARE_KIND, dims.to_json(), {"ports": ports, "group_size": GROUP_SIZE, "made_from": made_from,
+                                                        **recorded_sources(compile_dir)})
     with staged_dir(out, STEP, hardware_owns, [compile_dir], force, output_bytes(dims, ports)) as stage:
         for jobs in bar(layers, "hardware", "layer", enabled=progress):
             for job in jobs:
@@ -259,6 +254,21 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, p
     return result
 
 
+def recorded_sources(compile_dir: Path) -> dict:
+    """What the manifest names as its sources: the checkpoint (and the model it was quantized from,
+    where quantize recorded it), and how lm_head.py made the output layer (verify makes it again)."""
+    out = {}
+    cs, lm = read_step_record(compile_dir, "compile_sw"), read_step_record(compile_dir, "lm_head")
+    made = (cs or {}).get("made_from") if isinstance((cs or {}).get("made_from"), dict) else {}
+    source = {key: made[key] for key in ("checkpoint", "model") if isinstance(made.get(key), str)}
+    if source:
+        out["source"] = source
+    made = (lm or {}).get("made_from") if isinstance((lm or {}).get("made_from"), dict) else {}
+    if made.get("method") in ("trunc", "rtn", "checkpoint"):
+        out["lm_head"] = {"method": made["method"], "int4_range": made.get("int4_range", 8)}
+    return out
+
+
 def keep_embedding_entries(old: Path, stage: Path) -> None:
     """A re-run keeps embedding_tokens' parts (they are carried into the new folder): keep their
     manifest entries too."""
@@ -268,7 +278,7 @@ def keep_embedding_entries(old: Path, stage: Path) -> None:
     kept = [f for f in doc["files"] if f.get("step") == "embedding_tokens" and (old / f["path"]).is_file()]
     if not kept:
         return
-    new = read_manifest(stage)
+    new = read_manifest(stage, kinds=(HARDWARE_KIND,))
     new["files"] += kept
     new["embedding_parts"] = doc.get("embedding_parts")
     replace_file_atomically(stage / MANIFEST_NAME, dumps(new).encode())

@@ -301,12 +301,17 @@ class GPTQCheckpoint:
 
     # --- what the output layer is ---------------------------------------------------------------
     def lm_head_source(self) -> str:
-        """'lm_head' (quantized in the checkpoint), 'lm_head.weight', or the tied embedding."""
+        """The output layer as HF computes with it: 'lm_head' (GPTQ-quantized in the checkpoint),
+        the embedding when config.json ties them (whatever lm_head.weight may hold), else
+        lm_head.weight, which an untied model must have."""
         if self.has("lm_head.qweight"):
             return "lm_head"
+        if self.dims.tie_word_embeddings:
+            return EMBEDDING
         if self.has("lm_head.weight"):
             return "lm_head.weight"
-        return EMBEDDING
+        raise VCUError(f"{self.qdir}: no lm_head.weight, and config.json's tie_word_embeddings is false: the output layer is missing",
+                       "a model whose output layer is its embedding says tie_word_embeddings: true")
 
     # --- validation ------------------------------------------------------------------------------
     def expect(self, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:

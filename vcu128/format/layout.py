@@ -8,6 +8,7 @@ embedding parts. All little-endian.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -332,11 +333,22 @@ OUT_WEIGHT_STEM = "OutLayer/MVM_BN_write_to_HBM_bin/MVMBN_Argmax"
 OUT_BIAS_FILE = "OutLayer/MVM_BN_DDR_bin/MVMBN_Argmax_wt_and_bias_in_DDR.bin"
 OUT_NORM_FILE = "OutLayer/LN_DDR_bin/LN_wt_in_DDR.bin"
 EMBEDDING_DIR = "Embedding"
+BOARD_PORTS = 32  # the HBM pseudo-channels the board spreads weights over
+BOARD_EMBEDDING_PARTS = 16  # the parts the board's host reads the embedding from
 
 
 def embedding_part_file(i: int, parts: int) -> str:
     """i counts from 1."""
     return f"Embedding_{i:02d}-of-{parts:02d}.bin"
+
+
+_EMBEDDING_PART = re.compile(r"Embedding_(\d{2,})-of-(\d{2,})\.bin")
+
+
+def parse_embedding_part_file(name: str) -> tuple[int, int] | None:
+    """(i, parts) of a name embedding_part_file wrote, else None."""
+    m = _EMBEDDING_PART.fullmatch(name)
+    return (int(m.group(1)), int(m.group(2))) if m and f"{int(m.group(1)):02d}" == m.group(1) and f"{int(m.group(2)):02d}" == m.group(2) else None
 
 
 def check_embedding_split(vocab: int, parts: int) -> int:

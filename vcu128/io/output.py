@@ -22,12 +22,11 @@ import numpy as np
 from vcu128 import __version__
 from vcu128.io.direct_io import DirectWriter, read_bytes
 from vcu128.io.errors import VCUError, human_bytes, set_writing
-from vcu128.io.jsonfile import dumps, read_json_object
+from vcu128.io.jsonfile import dumps
 
 log = logging.getLogger("vcu128")
 TOOL = "compiler-vcu128"
 
-MANIFEST_NAME = "manifest.json"
 STEP_RECORD_SUFFIX = ".json"  # compile_sw.json, lm_head.json: what a step wrote into a shared folder
 
 
@@ -39,7 +38,6 @@ def _umask() -> int:
 
 UMASK = _umask()
 FOLDER_MODE = 0o777 & ~UMASK  # outputs follow the umask (0755 under 022), as mkdir would
-FILE_MODE = 0o666 & ~UMASK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,57 +324,6 @@ def write_whole_file(root: Path, rel: str, array: np.ndarray, source: str, **sha
     w = HashingWriter(root, rel, source, **shape)
     w.write(array)
     return w.close()
-
-
-@dataclass
-class Manifest:
-    kind: str  # "hardware" or "embedding"
-    model: dict
-    params: dict
-    files: list[FileRecord] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {
-            "tool": TOOL,
-            "version": __version__,
-            "format": "FORMAT.md",
-            "kind": self.kind,
-            "model": self.model,
-            **self.params,
-            "files": [f.to_json() for f in self.files],
-        }
-
-    def write(self, folder: Path) -> None:
-        replace_file_atomically(Path(folder) / MANIFEST_NAME, dumps(self.to_json()).encode())
-
-
-def read_manifest(folder: Path, required: bool = True) -> dict | None:
-    """A folder's manifest.json, checked to be this tool's; None when absent and not required."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        if required:
-            raise VCUError(f"{path}: no manifest (was this folder written by hardware.py?)")
-        return None
-    doc = read_json_object(path)
-    files = doc.get("files")
-    if doc.get("tool") != TOOL or not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
-        raise VCUError(f"{path}: not a compiler-vcu128 manifest (no 'tool' or no list of 'files')")
-    return doc
-
-
-def manifest_owns(kind: str, step: str) -> Owns:
-    """The files `step` listed in a folder's manifest.json of `kind` (plus the manifest itself)."""
-
-    def owns(folder: Path) -> set[str] | None:
-        try:
-            doc = read_manifest(folder, required=False)
-        except VCUError:
-            return None
-        if doc is None or doc.get("kind") != kind:
-            return None
-        return {f["path"] for f in doc["files"] if f.get("step", step) == step} | {MANIFEST_NAME}
-
-    return owns
 
 
 def sha256_file(path: Path, block: int = 16 << 20) -> str:
