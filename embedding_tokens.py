@@ -8,13 +8,14 @@ import logging
 import sys
 
 from vcu128.export.embedding_tokens import split_embedding
+from vcu128.format.layout import BOARD_EMBEDDING_PARTS
 from vcu128.io.errors import ArgumentParser, positive_int, run_cli
 
 
 def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--compile_dir", "--compile-dir", required=True, metavar="DIR", help="folder written by compile_sw.py")
-    p.add_argument("--parts", type=positive_int, default=16, help="number of parts (default: 16, the board's)")
+    p.add_argument("--parts", type=positive_int, default=BOARD_EMBEDDING_PARTS, help=f"number of parts (default: {BOARD_EMBEDDING_PARTS}, the board's)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: DIR/QWEN_BLOCK_write_data_port32/Embedding)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder that embedding_tokens.py did not write")
     args = p.parse_args(argv)

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from vcu128.io.errors import ArgumentParser, positive_int, run_cli
-from vcu128.format.layout import INT4_CODES
+from vcu128.format.layout import BOARD_PORTS, INT4_CODES
 from vcu128.export.hardware import BoardOptions, format_assumptions, pack_hardware
 from vcu128.format.tables import DEFAULT_MAX_TOKEN, DEFAULT_ROPE_ORDER, ROPE_ORDERS, SILU_TABLES
 
@@ -22,7 +22,7 @@ from vcu128.format.tables import DEFAULT_MAX_TOKEN, DEFAULT_ROPE_ORDER, ROPE_ORD
 def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--compile_dir", "--compile-dir", required=True, metavar="DIR", help="folder written by compile_sw.py and lm_head.py")
-    p.add_argument("--ports", type=positive_int, default=32, help="HBM ports the weights are spread over (default: 32, the board's)")
+    p.add_argument("--ports", type=positive_int, default=BOARD_PORTS, help=f"HBM ports the weights are spread over (default: {BOARD_PORTS}, the board's)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: DIR/QWEN_BLOCK_write_data_port<ports>)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder that hardware.py did not write")
     p.add_argument("--max_token", "--max-token", type=positive_int, default=DEFAULT_MAX_TOKEN,

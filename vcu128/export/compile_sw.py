@@ -32,7 +32,6 @@ from vcu128.io.jsonfile import dumps
 from vcu128.io.progress import bar
 from vcu128.io.jsonfile import read_json_object
 from vcu128.board.rescale import parse_mode, plan_from_stats
-from vcu128.check.rescale_search import choose_k, evaluation_tokens, measure_stats
 from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
 from vcu128.format.rescale import RescalePlan, scale_fp16, tensor_factor
 from vcu128.board.stats import STATS_FILE, stats_from_report
@@ -70,6 +69,9 @@ def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescaleP
     """The fp16 rescaling factors for --fp16_rescale `mode`, or None."""
     kind, explicit = parse_mode(mode)
     d = ckpt.dims
+    # The search runs the model in torch: imported only when a plan needs it (compile_sw stays torch-free).
+    from vcu128.check.rescale_search import choose_k, evaluation_tokens, measure_stats
+
     if kind == "off":
         return None
     if kind == "explicit":

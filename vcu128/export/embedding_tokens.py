@@ -9,6 +9,7 @@ from pathlib import Path
 from vcu128.io.errors import VCUError
 
 from vcu128.format.layout import (
+    BOARD_EMBEDDING_PARTS,
     CONFIG,
     EMBEDDING_DIR,
     BinFile,
@@ -49,7 +50,7 @@ def embedding_owns(folder: Path) -> set[str] | None:
     return embedding_folder_owned(folder, STEP)
 
 
-def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = 16, progress: bool = True, force: bool = False) -> StepResult:
+def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = BOARD_EMBEDDING_PARTS, progress: bool = True, force: bool = False) -> StepResult:
     """Write the parts into `out` (default <compile>/QWEN_BLOCK_write_data_port32/Embedding). When `out`
     sits in a hardware folder, its manifest.json gets the parts' entries; otherwise `out` gets its own."""
     start = time.perf_counter()

@@ -11,6 +11,7 @@ import numpy as np
 
 from vcu128.io.errors import VCUError
 from vcu128.format.layout import (
+    BOARD_PORTS,
     CONFIG,
     OUT_BIAS_FILE,
     OUT_NORM_FILE,
@@ -153,7 +154,7 @@ hardware_owns = manifest_owns(HARDWARE_KIND, STEP)
 class BoardOptions:
     """What a packed folder assumes about the board (recorded in manifest.json's `assumptions`)."""
 
-    ports: int = 32
+    ports: int = BOARD_PORTS
     int4: str = "twos"
     rope_table: str = DEFAULT_ROPE_ORDER
     silu_table: str = "board"
@@ -209,7 +210,7 @@ def read_gate_range(compile_dir: Path) -> tuple[float, float]:
     return DEFAULT_FIT_RANGE
 
 
-def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = 32, progress: bool = True, force: bool = False,
+def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD_PORTS, progress: bool = True, force: bool = False,
                   opts: BoardOptions | None = None) -> StepResult:
     start = time.perf_counter()
     opts = opts or BoardOptions(ports=ports)

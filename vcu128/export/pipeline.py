@@ -7,14 +7,14 @@ from pathlib import Path
 
 from vcu128.export.compile_sw import compile_software
 from vcu128.export.embedding_tokens import split_embedding
-from vcu128.format.layout import EMBEDDING_DIR
+from vcu128.format.layout import BOARD_EMBEDDING_PARTS, BOARD_PORTS, EMBEDDING_DIR
 from vcu128.export.lm_head import quantize_lm_head
 from vcu128.export.hardware import pack_hardware
 
 log = logging.getLogger("vcu128")
 
 
-def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = 32, parts: int = 16, progress: bool = True,
+def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = BOARD_PORTS, parts: int = BOARD_EMBEDDING_PARTS, progress: bool = True,
                fp16_rescale: str = "auto") -> dict:
     """compile_sw -> lm_head -> hardware -> embedding_tokens; returns the folders."""
     qdir = Path(qdir)

@@ -156,7 +156,7 @@ def _kind(value) -> str:
 
 def _show(value) -> str:
     text = repr(value)
-    return _kind(value) if len(text) > 40 else text
+    return _kind(value) if isinstance(value, dict) or len(text) > 40 else text
 
 
 @dataclass(frozen=True)

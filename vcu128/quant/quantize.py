@@ -1,5 +1,5 @@
-"""Step 1: GPTQ quantization with GPTQModel, W4A16, group 128, symmetric, no act-order, then a
-quality report (perplexity of fp16 and quantized model; per layer, GPTQ's output error next to
+"""Step 1: GPTQ quantization, W4A16, group 128, symmetric, no act-order (this project's engine,
+quant/layerwise.py, or GPTQModel itself with --engine gptqmodel), then a quality report (perplexity of fp16 and quantized model; per layer, GPTQ's output error next to
 plain round-to-nearest on the same inputs) saved as quant_report.json in the checkpoint."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.quant.calibration import Calibration, build_calibration
+from vcu128.board.rescale import TRIGGER  # half the fp16 range
 from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import dumps
 from vcu128.format.gate import check_board_tensors
@@ -300,14 +301,12 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
 
 def warn_headroom(stats: dict) -> None:
     """One line when a site the board stores in fp16 passed half its range on the calibration data."""
-    over = [(row["layer"], site, v) for row in stats["layers"] for site, v in row["max_abs"].items() if not v < FP16_HALF]
+    over = [(row["layer"], site, v) for row in stats["layers"] for site, v in row["max_abs"].items() if not v < TRIGGER]
     if over:
         layer, site, v = max(over, key=lambda o: float("inf") if o[2] != o[2] else o[2])
         log.warning(f"warning: {len(over)} sites pass half the fp16 range on the calibration data (largest: layer {layer}, "
                     f"{site}, {v:.4g}); compile_sw.py --fp16_rescale auto rescales the folder (quant_report.json lists them)")
 
-
-FP16_HALF = 32752.0
 
 
 def checkpoint_owns(folder: Path) -> set[str] | None:

@@ -1,4 +1,5 @@
-"""PyTorch views of a quantized model, for quality reports and the functional check.
+"""PyTorch views of a quantized model, for quantize's quality report (verify's functional check
+streams the model itself: check/functional.py).
 
 `load_checkpoint_model` builds a plain transformers model from a GPTQ checkpoint by dequantizing
 its int4 weights (no GPU kernels needed). `perplexity` and `layer_errors` measure it.
