@@ -258,3 +258,52 @@ def test_verify_replaces_only_its_own_report(tmp_path):
     assert write_report(path, {"tool": "compiler-vcu128", "bit_check": {}})
     assert write_report(path, {"tool": "compiler-vcu128", "bit_check": {"ok": False}})
     assert json.loads(path.read_text())["bit_check"] == {"ok": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict: the bits, and the board model against a named threshold
+
+
+def _result(bits_ok=True, top1=0.97, saturated=0, finite=True, functional=True):
+    f = {"ok": finite, "error": "hardware: non-finite value", "against_hardware": {"checkpoint": {"top1_agreement": top1}},
+         "saturation": [{"layer": 0, "site": "down", "count": 1}] * saturated}
+    return {"bit_check": {"ok": bits_ok}, **({"functional": f} if functional else {})}
+
+
+@pytest.mark.parametrize("case, strict, board, code, step", [
+    (dict(), False, "answers like the checkpoint", 0, None),
+    (dict(top1=0.9), False, "answers like the checkpoint", 0, None),
+    (dict(top1=0.8999), False, "below the threshold", 0, "--model"),
+    (dict(top1=0.8999), True, "below the threshold", 1, "--model"),
+    (dict(saturated=2), False, "below the threshold", 0, "--fp16_rescale measure"),
+    (dict(saturated=2), True, "below the threshold", 1, "--fp16_rescale measure"),
+    (dict(finite=False), False, "non-finite", 1, "NaN or inf"),
+    (dict(bits_ok=False, functional=False), False, "not run", 1, None),
+    (dict(functional=False), True, "not run", 0, None),
+])
+def test_the_verdict_names_the_threshold_and_the_next_step(case, strict, board, code, step):
+    from vcu128.check.verify import BOARD_TOP1_THRESHOLD, judge
+
+    v = judge(_result(**case), strict)
+    assert (v["board_model"], v["exit_code"], v["ok"]) == (board, code, code == 0)
+    assert v["threshold"]["top1_agreement"] == BOARD_TOP1_THRESHOLD == 0.9
+    assert (step is None and "next_step" not in v) or step in v["next_step"]
+
+
+def test_a_random_model_is_not_certified_as_answering_like_the_checkpoint(tmp_path):
+    """Random weights in 4 layers: the bits match, the board model does not answer like the
+    checkpoint (top-1 agreement about 0.6, far from 0.9 on any CPU): a warning with the next step,
+    exit 0; with --strict exit 1; the report's top level says both."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**{**SPEC, "num_layers": 4}))
+    hw = export_all(qdir, lm_method="rtn")["hw"]
+    cmd = [sys.executable, str(ROOT / "verify.py"), "--quantize_model", str(qdir), "--hardware_dir", str(hw), "--eval_tokens", "32", "--tokens", "2"]
+    env = {"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    report = json.loads((hw.parent / "verify_report.json").read_text())
+    assert report["verdict"]["bits"] == "match" and report["verdict"]["board_model"] == "below the threshold", report["verdict"]
+    assert r.returncode == 0, r.stderr
+    assert "warning: the board model is below the threshold (below the threshold (top-1 agreement" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("verify: bits OK: ") and "board model WARNING" in r.stderr.strip().splitlines()[-1]
+    assert report["tool"] == "compiler-vcu128" and report["checkpoint"] == str(qdir.resolve()) and report["time"]
+    r = subprocess.run(cmd + ["--strict"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: verify --strict: the board model is below the threshold")

@@ -436,7 +436,7 @@ def format_functional(result: dict) -> str:
     if not result.get("ok", False):
         return f"functional check FAILED: {result.get('error')}"
     p = result.get("prompt_tokens")
-    lines.append(f"greedy continuation ({len(p)} prompt tokens), {result['numerics']} numerics:")
+    lines.append(f"greedy continuation ({len(p)} prompt tokens; hardware models in {result['numerics']} numerics, checkpoint and fp16 original in fp32):")
     for name, g in result["greedy"].items():
         lines.append(f"  {name:>22}: {g['text']!r}" if g["text"] is not None else f"  {name:>22}: {g['tokens']}")
     lines.append(f"against the hardware model, on {result['eval']['tokens']} evaluation tokens ({result['eval']['source']}):")

@@ -64,6 +64,9 @@ log = logging.getLogger("vcu128")
 
 MAX_REPORTED = 20
 REPORT_NAME = "verify_report.json"
+# The board model answers like the checkpoint when it agrees on the next token this often, with no
+# fp16 site saturated. The tiny demo model measures 0.96; a 7B measures 0.98 or more.
+BOARD_TOP1_THRESHOLD = 0.9
 
 
 @dataclass
@@ -72,6 +75,7 @@ class BitReport:
     files_checked: int = 0
     bytes_checked: int = 0
     more: int = 0  # differences found past MAX_REPORTED
+    stale: list[str] = field(default_factory=list)  # warnings that may explain the differences
 
     def add(self, message: str) -> None:
         if len(self.differences) < MAX_REPORTED:
@@ -256,6 +260,7 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
     d = ckpt.dims
     hints = compile_hints(ckpt.qdir, hw, compile_dir)
     folder = PackedFolder.open(hw, hints)
+    report = BitReport()
     if not folder.has_manifest:
         log.info(f"verify: {hw} has no {MANIFEST_NAME} (made by the original scripts?): {folder.ports} ports and {folder.parts} embedding parts "
                  "inferred from the files; sizes and sha256 not checked against a manifest")
@@ -265,11 +270,11 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
                 raise VCUError(f"{hw / MANIFEST_NAME}: model {key}={folder.model.get(key)!r}, but the checkpoint's config.json says {value!r}")
     found = find_compile_dir(hints, "compile_sw.json")
     if found is not None:
-        warn(stale_compile(found, ckpt.fingerprint()) + (stale_hardware(folder.doc, found) if folder.has_manifest else []))
+        report.stale = stale_compile(found, ckpt.fingerprint()) + (stale_hardware(folder.doc, found) if folder.has_manifest else [])
+        warn(report.stale)
     lm_record = output_layer_record(folder, ckpt, find_compile_dir(hints, "lm_head.json"))
     expected_output = output_layer_rows(ckpt, lm_record)
     rescale = folder.rescale
-    report = BitReport()
 
     def check_layer(layer: int) -> BitReport:
         """One decoder layer's files, into a report of its own (layers are checked side by side)."""
@@ -375,7 +380,7 @@ def check_table_words(report: BitReport, folder: PackedFolder, rel: str, want: n
 
 def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=8,
            device="cpu", functional=True, lm_head_from_checkpoint=False, progress=True, eval_tokens: int = 256,
-           eval_ids=None, numerics: str = "board", centred_variance: bool = False) -> dict:
+           eval_ids=None, numerics: str = "board", centred_variance: bool = False, strict: bool = False) -> dict:
     start = time.perf_counter()
     hw = Path(hw)
     report = bit_check(qdir, hw, compile_dir, progress)
@@ -393,6 +398,7 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
             "seconds": seconds,
             "differences": report.differences,
             "more_differences": report.more,
+            "stale_inputs": report.stale,
         },
     }
     if report.ok and functional:
@@ -411,10 +417,43 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
             lm_head_from_checkpoint=lm_head_from_checkpoint, progress=progress, device=device,
         )
         result["functional"]["seconds"] = time.perf_counter() - start
+    result["verdict"] = judge(result, strict)
     path = hw.parent / REPORT_NAME
     if write_report(path, result):
         result["report_path"] = str(path)
     return result
+
+
+def judge(result: dict, strict: bool = False) -> dict:
+    """The verdict in two parts: the bits (the folder is the checkpoint) and the board model (it
+    answers like the checkpoint: top-1 agreement at least BOARD_TOP1_THRESHOLD, no fp16 site
+    saturated). Exit code 1 for differing bits or a non-finite value, and with `strict` for a board
+    model below the threshold; else 0, with a warning and the next step."""
+    bits_ok = result["bit_check"]["ok"]
+    f = result.get("functional")
+    out = {"bits": "match" if bits_ok else "differ", "threshold": {"top1_agreement": BOARD_TOP1_THRESHOLD, "saturated_sites": 0},
+           "strict": strict}
+    if f is None:
+        out["board_model"] = "not run"
+    elif not f.get("ok"):
+        out["board_model"] = "non-finite"
+        out["next_step"] = "the board would compute NaN or inf: see where above; --fp16_rescale measure at compile_sw.py if it is an overflow"
+    else:
+        top1 = f["against_hardware"]["checkpoint"]["top1_agreement"]
+        saturated = len(f.get("saturation") or [])
+        out.update(top1_agreement=top1, saturated_sites=saturated)
+        good = top1 >= BOARD_TOP1_THRESHOLD and not saturated
+        out["board_model"] = "answers like the checkpoint" if good else "below the threshold"
+        if saturated:
+            out["next_step"] = ("fp16 sites saturate on the board: compile_sw.py --fp16_rescale measure, then hardware.py and "
+                                "embedding_tokens.py, rescales the folder (docs/FORMAT.md 7)")
+        elif not good:
+            out["next_step"] = ("verify.py --model <the fp16 original> shows whether quantization or the board's arithmetic costs it; "
+                                "more calibration (quantize.py --nsamples) or lm_head.py --method rtn may recover it")
+    failed = not bits_ok or out["board_model"] == "non-finite" or (strict and out["board_model"] == "below the threshold")
+    out["ok"] = not failed
+    out["exit_code"] = 1 if failed else 0
+    return out
 
 
 def tool_version() -> str:
