@@ -307,3 +307,16 @@ def test_a_random_model_is_not_certified_as_answering_like_the_checkpoint(tmp_pa
     assert report["tool"] == "compiler-vcu128" and report["checkpoint"] == str(qdir.resolve()) and report["time"]
     r = subprocess.run(cmd + ["--strict"], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: verify --strict: the board model is below the threshold")
+
+
+def test_an_original_of_another_shape_is_one_error(folder, tmp_path):
+    from vcu128.check.verify import verify
+
+    qdir, hw = folder
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = json.loads((qdir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (other / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 512}))
+    with pytest.raises(VCUError, match=r"--model .*other: intermediate 512, the checkpoint's is 384: not the model it was quantized from"):
+        verify(qdir, hw, model=other, progress=False, eval_tokens=16, tokens=1)

@@ -49,7 +49,7 @@ from vcu128.format.layout import (
     unpack_linear_rows,
     weight_word_index,
 )
-from vcu128.format.model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, read_model_config
+from vcu128.format.model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, parse_model_dims, read_model_config
 from vcu128.format.rescale import scale_fp16, tensor_factor
 from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, rope_table, silu_table
 from vcu128.io.errors import VCUError
@@ -404,6 +404,8 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
     if report.ok and functional:
         start = time.perf_counter()
         ckpt = GPTQCheckpoint(qdir)
+        if model is not None:
+            check_same_shape(Path(model), ckpt)
         folder = PackedFolder.open(hw, compile_hints(ckpt.qdir, hw, compile_dir))
         result["source"] = folder.source
         inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
@@ -422,6 +424,16 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
     if write_report(path, result):
         result["report_path"] = str(path)
     return result
+
+
+def check_same_shape(model: Path, ckpt: GPTQCheckpoint) -> None:
+    """--model must be the model the checkpoint was quantized from: the same dimensions."""
+    if not (model / "config.json").is_file():
+        raise VCUError(f"--model {model}: no config.json there (the fp16 original's folder)")
+    theirs, ours = parse_model_dims(model / "config.json").to_json(), ckpt.dims.to_json()
+    for key, value in ours.items():
+        if key not in ("model_type", "tie_word_embeddings") and theirs.get(key) != value:
+            raise VCUError(f"--model {model}: {key} {theirs.get(key)}, the checkpoint's is {value}: not the model it was quantized from")
 
 
 def judge(result: dict, strict: bool = False) -> dict:
