@@ -12,7 +12,7 @@ the folder's decoder holds the checkpoint's bits, so both read the decoder from 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,9 @@ import torch
 from vcu128.format.checkpoint import GPTQCheckpoint, read_tensor, read_tensor_index
 from vcu128.board.datapath import (
     BOARD_EPS,
+    DEFAULT_VARIANT,
     FP16_MAX,
+    BoardVariant,
     Int4Weight,
     KVCache,
     LayerWeights,
@@ -139,11 +141,12 @@ class OutputLayer:
         self.vocab, self.int4, self.rows_fn = vocab, int4, rows_fn
         self.dense = None
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do)."""
+    def logits(self, h: torch.Tensor, group_rounding: str | None = None) -> torch.Tensor:
+        """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do); an int4 layer in
+        the grouped accumulation where `group_rounding` is set (Numerics.group_rounding)."""
         if self.int4 is not None:
             self.int4 = self.int4.to(h.device)  # moved once: greedy decoding uses it every token
-            return self.int4.apply(h)
+            return self.int4.apply(h, group_rounding)
         if h.is_cuda:  # a GPU holds the fp16 table once, instead of reading it again for every token
             if self.dense is None:
                 self.dense = torch.cat([self.rows_fn(a, min(a + VOCAB_SLICE, self.vocab)).to(h.device, torch.float16)
@@ -247,10 +250,10 @@ def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, st
     out = {}
     by_output: dict = {}
     for m in models:
-        by_output.setdefault(id(m.output), []).append(m)
+        by_output.setdefault((id(m.output), m.numerics.group_rounding), []).append(m)
     for group in by_output.values():
         hs = [final_norm(x[m.name], m.final_norm.to(device), m.numerics) for m in group]
-        logits = group[0].output.logits(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]))
+        logits = group[0].output.logits(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]), group[0].numerics.group_rounding)
         row = 0
         for m, h in zip(group, hs, strict=True):
             n = h.shape[0] * h.shape[1]
@@ -303,7 +306,7 @@ def folder_tables(hw: Path, assumptions: dict, cfg: dict, head_dim: int, positio
 def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: dict, inputs: FunctionalInputs,
                      tokens: int, numerics: str = "board", model: Path | None = None, centred_variance: bool = False,
                      lm_head_from_checkpoint: bool = False, rescale: RescalePlan | None = None, progress: bool = True,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", variant: BoardVariant = DEFAULT_VARIANT) -> dict:
     ckpt = GPTQCheckpoint(qdir)
     d = ckpt.dims
     cfg = read_model_config(ckpt.qdir / "config.json")
@@ -321,15 +324,16 @@ def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: 
     hw_embed = hardware_embedding(hw, parts, d.vocab, d.hidden) if parts else _scaled_embed(ck_embed, tensor_factor(rescale, EMBEDDING))
 
     board = numerics == "board"
+    variant = replace(variant, variance="centred") if centred_variance else variant  # centred is the default now
     hw_num = Numerics("hardware", board, BOARD_EPS if board else model_eps, cos_b if board else cos32, sin_b if board else sin32,
-                      silu if board else None, centred_variance if board else False)
+                      silu if board else None, variant=variant)
     models = [
         ModelRun("hardware", hw_num, compact, hw_embed, hw_out, norm(f"{FINAL_NORM}.weight"), hw_factors),
         ModelRun("checkpoint", Numerics("checkpoint", False, model_eps, cos32, sin32), compact, ck_embed,
                  checkpoint_output_layer(ckpt), norm(f"{FINAL_NORM}.weight")),
     ]
     if board and silu is not None:
-        models.append(ModelRun(EXACT_SILU, Numerics(EXACT_SILU, True, BOARD_EPS, cos_b, sin_b, None, centred_variance),
+        models.append(ModelRun(EXACT_SILU, Numerics(EXACT_SILU, True, BOARD_EPS, cos_b, sin_b, None, variant),
                                compact, hw_embed, hw_out, norm(f"{FINAL_NORM}.weight"), hw_factors))
     if model:
         orig = OriginalDecoder(model)
@@ -340,7 +344,8 @@ def functional_check(qdir: Path, hw: Path, ports: int, parts: int, assumptions: 
 
     result: dict = {"numerics": numerics, "device": str(device), "eval": {"tokens": int(len(inputs.eval_ids)), "source": inputs.source},
                     "rope": rope_source, "silu": "table " + ACT_FILE if board and silu is not None else "exact",
-                    "norm_eps": hw_num.eps, "centred_variance": hw_num.centred_variance, "lm_head_from_checkpoint": lm_head_from_checkpoint}
+                    "norm_eps": hw_num.eps, "centred_variance": hw_num.centred_variance,
+                    "variant": variant.name if board else None, "lm_head_from_checkpoint": lm_head_from_checkpoint}
     try:
         with torch.no_grad():
             ids = {m.name: inputs.eval_ids[None, :] for m in models}
