@@ -279,42 +279,60 @@ class Numerics:
 # Matrix products
 
 
-# Partial sums the grouped accumulation holds at once: a few MB on a CPU (its element-wise passes then
-# run in cache), 256 MB on a GPU (fewer, larger kernels).
-GROUPED_BLOCK = {"cpu": 1 << 20, "cuda": 1 << 26}
+# What the grouped accumulation holds at once, in values: its running sums (float64) and a chunk of
+# partial sums (float32). A few MB on a CPU, so that its element-wise passes run in cache; more on a
+# GPU (fewer, larger kernels).
+GROUPED_SUMS = {"cpu": 1 << 18, "cuda": 1 << 24}
+GROUPED_PARTIALS = {"cpu": 1 << 20, "cuda": 1 << 26}
 
 
-def group_sum(partials: torch.Tensor, rounding: str) -> torch.Tensor:
-    """The grouped accumulation of per-group partial sums [groups, ...] (float32, overwritten): each
-    rounded to fp16 (clamped, not flushed), then added in group order in the 1-6-13 float, each sum
-    rounded to it. float32 [...] (an FP20 value is a float32 value)."""
+def _accumulate(acc: torch.Tensor | None, partials: torch.Tensor, rounding: str) -> torch.Tensor:
+    """acc (float64 [...], or None to start from the first group) plus each of the partial sums
+    [groups, ...] (float32, overwritten) in order: each rounded to fp16 (clamped, not flushed), each
+    exact sum (float64 holds it: fp16 values and 14-bit sums are far apart by less than 2^39) rounded
+    to the 1-6-13 float's 13 mantissa bits."""
     y = partials.clamp_(-FP16_MAX, FP16_MAX)
-    p = (_truncate_(y) if rounding == "truncate" else y.half()).double()  # float64: each sum below exact before rounding
-    acc = p[0].clone()
+    p = (_truncate_(y) if rounding == "truncate" else y.half()).double()
+    first = 0
+    if acc is None:
+        acc, first = p[0].clone(), 1
     bits = acc.view(torch.int64)
     lsb = torch.empty_like(bits) if rounding == "nearest" else None
-    for g in range(1, p.shape[0]):  # acc + p[g], rounded to 13 mantissa bits (52 - 39) in place
+    for g in range(first, p.shape[0]):  # acc + p[g], rounded to 13 mantissa bits (52 - 39) in place
         acc.add_(p[g])
         if lsb is not None:
             torch.bitwise_right_shift(bits, 39, out=lsb)
             bits.add_(lsb.bitwise_and_(1)).add_((1 << 38) - 1)
         bits.bitwise_and_(-(1 << 39))
-    return acc.float()
+    return acc
+
+
+def group_sum(partials: torch.Tensor, rounding: str) -> torch.Tensor:
+    """The grouped accumulation of per-group partial sums [groups, ...] (float32, overwritten): each
+    rounded to fp16, then added in group order in the 1-6-13 float, each sum rounded to it. float32
+    [...] (an FP20 value is a float32 value); the caller stores it as fp16."""
+    return _accumulate(None, partials, rounding).float()
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, rounding: str) -> torch.Tensor:
-    """x [N, chin] @ w.T [chin, n] in the grouped accumulation: the partial sums of every 128-input
-    group from one batched product, a block of columns at a time (bounded memory)."""
+    """x [N, chin] @ w.T [chin, n] in the grouped accumulation: for a block of output columns, the
+    partial sums of a chunk of 128-input groups from one batched product over the reshaped weight,
+    accumulated in group order (bounded memory, few element-wise passes)."""
     n_rows, chin = x.shape
     if chin % GROUP:
         raise VCUError(f"grouped accumulation: {chin} inputs is not a multiple of {GROUP}")
-    groups = chin // GROUP
+    groups, n = chin // GROUP, w.shape[0]
+    kind = x.device.type if x.device.type in GROUPED_SUMS else "cpu"
+    cols = max(1, min(n, GROUPED_SUMS[kind] // max(1, n_rows)))
+    chunk = max(1, min(groups, GROUPED_PARTIALS[kind] // max(1, n_rows * cols)))
     xg = x.reshape(n_rows, groups, GROUP).transpose(0, 1).contiguous()  # [G, N, 128]
-    out = torch.empty(n_rows, w.shape[0], device=x.device)
-    step = max(1, GROUPED_BLOCK.get(x.device.type, GROUPED_BLOCK["cpu"]) // max(1, groups * n_rows))
-    for c in range(0, w.shape[0], step):
-        wg = w[c : c + step].reshape(-1, groups, GROUP).permute(1, 2, 0)  # [G, 128, m]
-        out[:, c : c + step] = group_sum(torch.bmm(xg, wg), rounding)
+    out = torch.empty(n_rows, n, device=x.device)
+    for c in range(0, n, cols):
+        wg = w[c : c + cols].reshape(-1, groups, GROUP).permute(1, 2, 0)  # [G, 128, m]
+        acc = None
+        for g in range(0, groups, chunk):
+            acc = _accumulate(acc, torch.bmm(xg[g : g + chunk], wg[g : g + chunk]), rounding)
+        out[:, c : c + cols] = acc
     return out
 
 
