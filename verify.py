@@ -44,8 +44,14 @@ def main(argv=None):
     p.add_argument("--tokens", type=positive_int, default=8, help="tokens to generate greedily (default 8)")
     p.add_argument("--numerics", choices=("board", "fp32"), default="board",
                    help="board (default): the folder's model in the board's fp16 arithmetic; fp32: plain PyTorch arithmetic")
+    p.add_argument("--variant", default="nearest+fp32+centred", metavar="ROUNDING+ACCUMULATION+VARIANCE",
+                   help="the board model's main variant (default nearest+fp32+centred: the testbench reference's operations, "
+                        "rounding to nearest); see docs/FORMAT.md, The emulator")
+    p.add_argument("--variants", choices=("none", "pessimistic", "all"), default="pessimistic",
+                   help="variants run beside it on the same tokens, for what public code cannot tell: pessimistic (default: "
+                        "truncate+grouped with either variance), all (every combination), none; the verdict takes the worst")
     p.add_argument("--centred_variance", "--centred-variance", action="store_true",
-                   help="board numerics: the norm divides by the centred variance, as the testbench's RMS mode does")
+                   help="(the default now; kept for old command lines)")
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) when the board model is below the threshold (fp16 saturation or top-1 agreement below 0.9)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bits_only", "--bits-only", action="store_true", help="only the bit check")
@@ -55,7 +61,7 @@ def main(argv=None):
     result = verify(
         args.quantize_model, args.hardware_dir, compile_dir=args.compile_dir, model=args.model, text=args.text, prompt=args.prompt,
         tokens=args.tokens, device=args.device, functional=not args.bits_only, lm_head_from_checkpoint=args.lm_head_from_checkpoint,
-        eval_tokens=args.eval_tokens, eval_ids=args.eval_ids, numerics=args.numerics, centred_variance=args.centred_variance,
+        eval_tokens=args.eval_tokens, eval_ids=args.eval_ids, numerics=args.numerics, variant=args.variant, variants=args.variants,
         strict=args.strict,
     )
     bits, func, verdict = result["bit_check"], result.get("functional"), result["verdict"]
@@ -93,7 +99,8 @@ def board_line(verdict: dict) -> str:
     t = verdict["threshold"]["top1_agreement"]
     top1 = verdict["top1_agreement"]
     sat = f", {verdict['saturated_sites']} saturated fp16 sites" if verdict["saturated_sites"] else ""
-    return f"{verdict['board_model']} (top-1 agreement {top1:.4f} {'>=' if top1 >= t else '<'} {t}{sat})"
+    which = f"worst of {len(verdict['variants'])} variants, {verdict['worst_variant']}: " if len(verdict.get("variants", [])) > 1 else ""
+    return f"{verdict['board_model']} ({which}top-1 agreement {top1:.4f} {'>=' if top1 >= t else '<'} {t}{sat})"
 
 
 if __name__ == "__main__":

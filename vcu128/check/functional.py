@@ -20,7 +20,9 @@ import torch
 
 from vcu128.board.datapath import (
     BOARD_EPS,
+    DEFAULT_VARIANT,
     FP16_MAX,
+    BoardVariant,
     Int4Weight,
     KVCache,
     LayerWeights,
@@ -130,11 +132,12 @@ class OutputLayer:
         self.vocab, self.int4, self.rows_fn = vocab, int4, rows_fn
         self.dense = None
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do)."""
+    def logits(self, h: torch.Tensor, group_rounding: str | None = None) -> torch.Tensor:
+        """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do); an int4 layer in
+        the grouped accumulation where `group_rounding` is set (Numerics.group_rounding)."""
         if self.int4 is not None:
             self.int4 = self.int4.to(h.device)  # moved once: greedy decoding uses it every token
-            return self.int4.apply(h)
+            return self.int4.apply(h, group_rounding)
         if h.is_cuda:  # a GPU holds the fp16 table once, instead of reading it again for every token
             if self.dense is None:
                 self.dense = torch.cat([self.rows_fn(a, min(a + VOCAB_SLICE, self.vocab)).to(h.device, torch.float16)
@@ -239,10 +242,10 @@ def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, st
     out = {}
     by_output: dict = {}
     for m in models:
-        by_output.setdefault(id(m.output), []).append(m)
+        by_output.setdefault((id(m.output), m.numerics.group_rounding), []).append(m)
     for group in by_output.values():
         hs = [final_norm(x[m.name], m.final_norm.to(device), m.numerics) for m in group]
-        logits = group[0].output.logits(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]))
+        logits = group[0].output.logits(torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]), group[0].numerics.group_rounding)
         row = 0
         for m, h in zip(group, hs, strict=True):
             n = h.shape[0] * h.shape[1]
@@ -317,18 +320,20 @@ class CheckpointSetup:
         return ModelRun(name, Numerics(name, False, self.eps, self.cos32, self.sin32), self.decoder, self.embed, self.output, self.final_norm)
 
     def board_run(self, name: str, cos: torch.Tensor, sin: torch.Tensor, rescale: RescalePlan | None, *, silu=None,
-                  centred_variance: bool = False, embed=None, output: OutputLayer | None = None) -> ModelRun:
+                  variant: BoardVariant = DEFAULT_VARIANT, embed=None, output: OutputLayer | None = None) -> ModelRun:
         """The checkpoint's decoder as a folder holds it (its fp16 factors), in board numerics."""
         d = self.ckpt.dims
         factors = {i: module_factors(rescale, i) for i in range(d.num_layers)}
-        numerics = Numerics(name, True, BOARD_EPS, cos, sin, silu, centred_variance)
+        numerics = Numerics(name, True, BOARD_EPS, cos, sin, silu, variant)
         return ModelRun(name, numerics, self.decoder, embed or _scaled_embed(self.embed, tensor_factor(rescale, EMBEDDING)),
                         output or self.output, self.final_norm, factors)
 
 
 def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: FunctionalInputs, *, tokens: int, numerics: str = "board",
-                     model: Path | None = None, centred_variance: bool = False, lm_head_from_checkpoint: bool = False,
-                     progress: bool = True, device: str = "cpu") -> dict:
+                     model: Path | None = None, variant: BoardVariant = DEFAULT_VARIANT, variants: tuple[BoardVariant, ...] = (),
+                     lm_head_from_checkpoint: bool = False, progress: bool = True, device: str = "cpu") -> dict:
+    """The folder's model (board numerics in `variant`, and in each of `variants` beside it, on the
+    same tokens) next to the checkpoint's model in fp32 (and the fp16 original with `model`)."""
     d = ckpt.dims
     positions = max(len(inputs.eval_ids), len(inputs.prompt_ids) + tokens)
     setup = CheckpointSetup.build(ckpt, positions, device)
@@ -339,8 +344,7 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
 
     board = numerics == "board"
     if board:
-        hardware = setup.board_run("hardware", cos_b, sin_b, folder.rescale, silu=silu, centred_variance=centred_variance,
-                                   embed=hw_embed, output=hw_out)
+        hardware = setup.board_run("hardware", cos_b, sin_b, folder.rescale, silu=silu, variant=variant, embed=hw_embed, output=hw_out)
     else:
         hardware = setup.run("hardware")
         hardware.embed, hardware.output = hw_embed or _scaled_embed(setup.embed, tensor_factor(folder.rescale, EMBEDDING)), hw_out
@@ -348,7 +352,10 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
     hw_num = hardware.numerics
     models = [hardware, setup.run("checkpoint")]
     if board and silu is not None:
-        models.append(setup.board_run(EXACT_SILU, cos_b, sin_b, folder.rescale, centred_variance=centred_variance, embed=hw_embed, output=hw_out))
+        models.append(setup.board_run(EXACT_SILU, cos_b, sin_b, folder.rescale, variant=variant, embed=hw_embed, output=hw_out))
+    others = [v for v in variants if v != variant] if board else []
+    for v in others:
+        models.append(setup.board_run(variant_model(v), cos_b, sin_b, folder.rescale, silu=silu, variant=v, embed=hw_embed, output=hw_out))
     if model:
         orig = OriginalDecoder(model)
         tied = bool(read_model_config(Path(model) / "config.json").get("tie_word_embeddings", False))
@@ -359,7 +366,9 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
 
     result: dict = {"numerics": numerics, "device": str(device), "eval": {"tokens": int(len(inputs.eval_ids)), "source": inputs.source},
                     "rope": rope_source, "silu": "table " + ACT_FILE if board and silu is not None else "exact",
-                    "norm_eps": hw_num.eps, "centred_variance": hw_num.centred_variance, "lm_head_from_checkpoint": lm_head_from_checkpoint}
+                    "norm_eps": hw_num.eps, "centred_variance": hw_num.centred_variance,
+                    "variant": variant.name if board else None, "variant_set": [variant.name] + [v.name for v in others] if board else [],
+                    "lm_head_from_checkpoint": lm_head_from_checkpoint}
     try:
         with torch.no_grad():
             ids = {m.name: inputs.eval_ids[None, :] for m in models}
@@ -372,6 +381,8 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
                 result["silu_effect"]["tokens"] = int(exact.shape[1])
             result["against_hardware"] = compare(logits, "hardware")
             result["against_checkpoint"] = {"hardware": result["against_hardware"]["checkpoint"]}
+            board_runs = [m for m in models if m is hardware or m.name.startswith("hardware [")] if board else []
+            on_checkpoint = compare({m.name: logits[m.name] for m in board_runs} | {"checkpoint": logits["checkpoint"]}, "checkpoint")
             del logits
             generated = greedy([m for m in models if m.name != EXACT_SILU], inputs.prompt_ids, tokens, shape, d.num_layers, progress, device)
     except NonFinite as e:
@@ -386,9 +397,23 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
         r["greedy_tokens_equal"] = gen == hw_tokens
         r["greedy_common_prefix"] = next((i for i, (a, b) in enumerate(zip(gen, hw_tokens, strict=True)) if a != b), len(gen))
     result["saturation"] = hw_num.stats.saturation_list() if board else []
+    if board:
+        result["variants"] = {m.numerics.variant.name: {**on_checkpoint[m.name], "greedy_tokens_equal": generated[m.name] == generated["checkpoint"],
+                                                        "saturated_sites": len(m.numerics.stats.saturation_list())}
+                              for m in board_runs}
+        result["unknowns"] = list(UNKNOWNS)
     result["headroom"] = headroom(models[1].numerics.stats)
     result["ok"] = True
     return result
+
+
+# What no variant covers (docs/FORMAT.md 6): said with every result that names variants.
+UNKNOWNS = ("softmax internals (the precision of its exp and divider)", "whether the RTL saturates and flushes as the references do",
+            "the Qwen-mode RoPE pairing (rotate-half assumed)")
+
+
+def variant_model(v: BoardVariant) -> str:
+    return f"hardware [{v.name}]"
 
 
 def _orig_row(orig: OriginalDecoder, t: int) -> np.ndarray:
@@ -444,6 +469,14 @@ def format_functional(result: dict) -> str:
     for name, r in result["against_hardware"].items():
         same = "yes" if r["greedy_tokens_equal"] else f"first {r['greedy_common_prefix']}"
         lines.append(f"  {name:<22} | {r['top1_agreement']:15.4f} | {r['relative_logit_error']:20.5f} | {same}")
+    variants = result.get("variants") or {}
+    if len(variants) > 1:
+        lines.append("each board-model variant against the checkpoint (what public code cannot tell; docs/FORMAT.md, The emulator):")
+        lines.append("  variant                              | top-1 agreement | relative logit error | same greedy tokens | saturated sites")
+        for name, r in variants.items():
+            lines.append(f"  {name:<36} | {r['top1_agreement']:15.4f} | {r['relative_logit_error']:20.5f} | "
+                         f"{'yes' if r['greedy_tokens_equal'] else 'no':>18} | {r['saturated_sites']}")
+        lines.append("  not covered by any variant: " + "; ".join(result.get("unknowns") or []))
     if "silu_effect" in result:
         e = result["silu_effect"]
         lines.append(f"the folder's piecewise SiLU against exact SiLU, on the first {e['tokens']} tokens: top-1 agreement "

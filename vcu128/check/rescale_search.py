@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vcu128.board.datapath import DEFAULT_VARIANT, pessimistic_variants
 from vcu128.check.functional import CheckpointSetup, compare, forward
 from vcu128.check.inputs import evaluation_inputs
 from vcu128.format.checkpoint import GPTQCheckpoint
@@ -22,7 +23,8 @@ log = logging.getLogger("vcu128")
 def evaluate_plan(qdir: Path, tokens: np.ndarray, plan: RescalePlan | None, reference_only: bool = False) -> tuple[dict, dict | None]:
     """For fp16 rescaling, before any folder exists: the fp32 checkpoint model's site statistics on
     `tokens`, and (unless reference_only) how far the checkpoint rescaled by `plan` moves in board
-    numerics from it: (stats, {top1_agreement, relative_logit_error, saturation})."""
+    numerics from it, the worst of the default board model and the pessimistic variants:
+    (stats, {top1_agreement, relative_logit_error, saturation, variants})."""
     ckpt = GPTQCheckpoint(qdir)
     d = ckpt.dims
     setup = CheckpointSetup.build(ckpt, len(tokens), keep=False)
@@ -30,7 +32,9 @@ def evaluate_plan(qdir: Path, tokens: np.ndarray, plan: RescalePlan | None, refe
     models = [ref]
     if not reference_only:
         cos16, sin16 = (torch.from_numpy(a.astype(np.float32)) for a in rope_cos_sin(setup.cfg, d.head_dim, len(tokens), ckpt.qdir / "config.json"))
-        models.append(setup.board_run("board", cos16, sin16, plan))
+        # weighed in the default board model and in the pessimistic variants: the board may round more
+        for v in (DEFAULT_VARIANT, *pessimistic_variants()):
+            models.append(setup.board_run(f"board [{v.name}]", cos16, sin16, plan, variant=v))
     with torch.no_grad():
         logits = forward(models, {m.name: tokens[None, :] for m in models}, setup.shape, d.num_layers)
     stats = {"measured_on": f"{len(tokens)} tokens, fp32", "layers": []}
@@ -43,8 +47,12 @@ def evaluate_plan(qdir: Path, tokens: np.ndarray, plan: RescalePlan | None, refe
     stats["gate_max_abs"] = max(gate) if gate else None
     if reference_only:
         return stats, None
-    result = compare(logits, "fp32")["board"]
-    result["saturation"] = models[1].numerics.stats.saturation_list()
+    against = compare(logits, "fp32")
+    boards = models[1:]
+    result = {"top1_agreement": min(against[m.name]["top1_agreement"] for m in boards),
+              "relative_logit_error": max(against[m.name]["relative_logit_error"] for m in boards),
+              "saturation": boards[0].numerics.stats.saturation_list(),
+              "variants": [m.numerics.variant.name for m in boards]}
     return stats, result
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128 import __version__
+from vcu128.board.datapath import DEFAULT_VARIANT, VARIANTS, BoardVariant, pessimistic_variants
 from vcu128.check.functional import functional_check
 from vcu128.check.inputs import evaluation_inputs
 from vcu128.format.checkpoint import GPTQCheckpoint
@@ -380,7 +381,12 @@ def check_table_words(report: BitReport, folder: PackedFolder, rel: str, want: n
 
 def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=8,
            device="cpu", functional=True, lm_head_from_checkpoint=False, progress=True, eval_tokens: int = 256,
-           eval_ids=None, numerics: str = "board", centred_variance: bool = False, strict: bool = False) -> dict:
+           eval_ids=None, numerics: str = "board", variant: str = DEFAULT_VARIANT.name, variants: str = "pessimistic",
+           strict: bool = False) -> dict:
+    """Both checks and the verdict; `variants` is the set of board-model variants run beside
+    `variant`: 'none', 'pessimistic' (truncate + grouped, either variance; the default) or 'all'."""
+    chosen = BoardVariant.from_name(variant)
+    extra = variant_set(variants)
     start = time.perf_counter()
     hw = Path(hw)
     report = bit_check(qdir, hw, compile_dir, progress)
@@ -415,7 +421,7 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
             if not torch.cuda.is_available():
                 raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
         result["functional"] = functional_check(
-            ckpt, folder, inputs, tokens=tokens, numerics=numerics, model=model, centred_variance=centred_variance,
+            ckpt, folder, inputs, tokens=tokens, numerics=numerics, model=model, variant=chosen, variants=extra,
             lm_head_from_checkpoint=lm_head_from_checkpoint, progress=progress, device=device,
         )
         result["functional"]["seconds"] = time.perf_counter() - start
@@ -424,6 +430,15 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
     if write_report(path, result):
         result["report_path"] = str(path)
     return result
+
+
+VARIANT_SETS = ("none", "pessimistic", "all")
+
+
+def variant_set(name: str) -> tuple[BoardVariant, ...]:
+    if name not in VARIANT_SETS:
+        raise VCUError(f"--variants {name}: expected one of {', '.join(VARIANT_SETS)}")
+    return {"none": (), "pessimistic": pessimistic_variants(), "all": tuple(VARIANTS.values())}[name]
 
 
 def check_same_shape(model: Path, ckpt: GPTQCheckpoint) -> None:
@@ -453,6 +468,11 @@ def judge(result: dict, strict: bool = False) -> dict:
     else:
         top1 = f["against_hardware"]["checkpoint"]["top1_agreement"]
         saturated = len(f.get("saturation") or [])
+        variants = f.get("variants") or {}
+        if variants:  # the worst variant decides: the board may round more than the default model
+            worst = min(variants, key=lambda name: (variants[name]["top1_agreement"], -variants[name]["saturated_sites"]))
+            top1, saturated = variants[worst]["top1_agreement"], max(v["saturated_sites"] for v in variants.values())
+            out.update(variants=list(variants), worst_variant=worst)
         out.update(top1_agreement=top1, saturated_sites=saturated)
         good = top1 >= BOARD_TOP1_THRESHOLD and not saturated
         out["board_model"] = "answers like the checkpoint" if good else "below the threshold"

@@ -244,7 +244,7 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
         # compile_sw applied it to the scales and embedding rows: record it
         rescale = RescalePlan.from_record(cfg.get(RESCALE_KEY), compile_dir / CONFIG, RESCALE_KEY, dims.num_layers)
         assumptions["fp16_rescale"] = rescale.describe() if rescale else "none"
-        manifest.params.update(assumptions=assumptions, tables=tables, fp16_rescale=rescale.factors_record() if rescale else None)
+        manifest.params.update(assumptions=assumptions, tables=tables, fp16_rescale=rescale_entry(rescale))
         for f in manifest.files:
             f.step = STEP
         manifest.write(stage)
@@ -253,6 +253,14 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
     result = StepResult("hardware", out, files, nbytes, time.perf_counter() - start)
     result.details = {"assumptions": assumptions, "tables": tables}
     return result
+
+
+def rescale_entry(plan: RescalePlan | None) -> dict | None:
+    """The manifest's fp16_rescale: the factors, and the board-model variants k was weighed under."""
+    if plan is None:
+        return None
+    weighed = (plan.k_choice or {}).get("with_k", {}).get("variants") if isinstance(plan.k_choice, dict) else None
+    return {**plan.factors_record(), **({"weighed_under": weighed} if isinstance(weighed, list) else {})}
 
 
 def recorded_sources(compile_dir: Path) -> dict:
