@@ -302,7 +302,9 @@ def test_a_random_model_is_not_certified_as_answering_like_the_checkpoint(tmp_pa
     report = json.loads((hw.parent / "verify_report.json").read_text())
     assert report["verdict"]["bits"] == "match" and report["verdict"]["board_model"] == "below the threshold", report["verdict"]
     assert r.returncode == 0, r.stderr
-    assert "warning: the board model is below the threshold (below the threshold (top-1 agreement" in r.stderr
+    assert "warning: the board model is below the threshold (below the threshold (worst of 3 variants, " in r.stderr
+    assert set(report["verdict"]["variants"]) == {"nearest+fp32+centred", "truncate+grouped+centred", "truncate+grouped+mean_square"}
+    assert report["functional"]["unknowns"] and "not covered by any variant" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("verify: bits OK: ") and "board model WARNING" in r.stderr.strip().splitlines()[-1]
     assert report["tool"] == "compiler-vcu128" and report["checkpoint"] == str(qdir.resolve()) and report["time"]
     r = subprocess.run(cmd + ["--strict"], capture_output=True, text=True, env=env)

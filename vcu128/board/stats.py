@@ -14,7 +14,7 @@ from pathlib import Path
 from vcu128.format.rescale import FP16_MAX  # noqa: F401  (what the board saturates at)
 
 # Sites the board stores in fp16, in pipeline order (the names reports, statistics and the rescaling use).
-SITES = ("q", "k", "v", "attention", "o", "residual_attention", "gate", "up", "silu", "mlp_product", "down", "residual_mlp")
+SITES = ("q", "k", "v", "attention_scores", "attention_probs", "attention", "o", "residual_attention", "gate", "up", "silu", "mlp_product", "down", "residual_mlp")
 # The site each linear's output is.
 LINEAR_SITES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
                 "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
