@@ -29,8 +29,8 @@ def packed_weight_bytes(dims: ModelDims, ports: int = BOARD_PORTS) -> int:
     rows of words, spread over the ports): what must fit in the board's HBM."""
     from vcu128.format.layout import row_words, rows_per_port
 
-    shapes = [dims.linear_shape(lin) for lin in LINEARS] * dims.num_layers + [(dims.hidden, dims.vocab)]
-    return sum(rows_per_port(chout, ports) * ports * row_words(chin) * 4 for chin, chout in shapes)
+    packed = lambda chin, chout: rows_per_port(chout, ports) * ports * row_words(chin) * 4  # noqa: E731
+    return dims.num_layers * sum(packed(*dims.linear_shape(lin)) for lin in LINEARS) + packed(dims.hidden, dims.vocab)
 
 
 def check_board_memory(dims: ModelDims, where: Path) -> None:
