@@ -276,6 +276,6 @@ def test_disk_full_and_permission_messages_name_the_target():
     set_writing("/data/q/compile", 27_300_000_000)
     line, hint = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/data/q/.compile.partial-1/x.bin"))
     assert line.startswith("/data/q/compile: disk full (no space left on device); the step needs about 27.30 GB")
-    assert hint == "free some space or pass --out on another disk"
+    assert hint == "free some space, or choose an output folder on another disk"
     line, _ = describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/data/q/compile"))
     assert line == "/data/q/compile: permission denied (check the folder's owner and permissions)"

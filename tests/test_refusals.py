@@ -103,7 +103,7 @@ def test_chin_not_multiple_of_128(make_checkpoint):
 def test_conflicting_quant_configs(make_checkpoint):
     qdir = make_checkpoint()
     (qdir / "quantize_config.json").write_text(json.dumps({"bits": 3, "group_size": 128}))
-    assert_refused(qdir, r"bits is 4 in config.json quantization_config but 3 in quantize_config.json")
+    assert_refused(qdir, r"quantize_config.json: 'bits' is 3, but .*config.json has 'quantization_config.bits' 4; they must agree")
 
 
 def test_wrong_path(tmp_path):

@@ -114,7 +114,7 @@ def test_index_paths_stay_inside_the_checkpoint(make_checkpoint, shard):
         ("config.json", lambda c: {**c, "tie_word_embeddings": "no"}, r"config.json: 'tie_word_embeddings' is 'no', expected true or false"),
         ("config.json", "{not json", r"config.json: not valid JSON"),
         ("quantize_config.json", "nope", r"quantize_config.json: not valid JSON"),
-        ("config.json", lambda c: {**c, "quantization_config": {**c["quantization_config"], "bits": "4"}}, r"bits is '4' in config.json quantization_config but 4 in quantize_config.json"),
+        ("config.json", lambda c: {**c, "quantization_config": {**c["quantization_config"], "bits": "4"}}, r"config.json: 'quantization_config.bits' is '4', expected an integer"),
         ("model.safetensors.index.json", "{", r"model.safetensors.index.json: not valid JSON"),
         ("model.safetensors.index.json", lambda c: {"weight_map": []}, r"'weight_map' must be an object of tensor name -> shard file name"),
     ],

@@ -57,7 +57,11 @@ def evaluation_inputs(qdir: Path, vocab: int, text: Path | None, eval_ids: Path 
         path = Path(text or DEMO_CORPUS)
         if not path.is_file():
             raise VCUError(f"--text {path}: no such file")
-        ids = np.asarray(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"], np.int64)
+        try:
+            text_read = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise VCUError(f"--text {path}: not UTF-8 text (byte {e.start}); pass a UTF-8 text file") from None
+        ids = np.asarray(tokenizer(text_read, add_special_tokens=False)["input_ids"], np.int64)
         source = f"the last tokens of {path.name}"
     else:
         ids, source = seeded_ids(vocab, eval_tokens), "seeded random ids: the checkpoint has no tokenizer"

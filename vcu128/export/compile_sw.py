@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.io.direct_io import DirectWriter
+from vcu128.io.direct_io import DirectWriter, write_array
 from vcu128.format.layout import (
     CONFIG,
     SW_FP16_DIR,
@@ -26,7 +25,7 @@ from vcu128.format.layout import (
     sw_norm_file,
 )
 from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
-from vcu128.io.output import StepResult, check_out, files_under, folder_stats, read_step_record, record_owns, staged_dir, write_step_record
+from vcu128.io.output import StepResult, check_out, disk_bytes, files_under, folder_stats, read_step_record, record_owns, staged_dir, write_step_record
 from vcu128.io.parallel import ordered_map, rows_per_block
 from vcu128.io.jsonfile import dumps
 from vcu128.io.progress import bar
@@ -51,10 +50,10 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 
     with DirectWriter(paths["qweight"], background=True) as f:
         for block in ordered_map(lambda c: ckpt.signed_weights(qweight[:, c : c + step], np.dtype("<i4")), range(0, chout, step)):
             f.write(block)
-    scale_fp16(np.ascontiguousarray(ckpt.get(f"{name}.scales").T), factor, counter).astype("<f2").tofile(paths["scales"])
+    write_array(paths["scales"], scale_fp16(np.ascontiguousarray(ckpt.get(f"{name}.scales").T), factor, counter).astype("<f2"))
     bias_name = f"{name}.bias"
     bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")
-    scale_fp16(bias, factor, counter).astype("<f2").tofile(paths["bias"])
+    write_array(paths["bias"], scale_fp16(bias, factor, counter).astype("<f2"))
 
 
 def write_embedding(ckpt: GPTQCheckpoint, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
@@ -78,7 +77,7 @@ def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescaleP
         plan = RescalePlan(explicit["k"], (explicit["m"],) * d.num_layers, (f"given: --fp16_rescale {mode}",))
         return None if plan.is_identity else plan
     if kind == "auto":
-        stats = stats_from_report(ckpt.qdir)
+        stats = stats_from_report(ckpt.qdir, d.num_layers)
         if stats is None:
             log.warning(f"warning: {ckpt.qdir}: no fp16 statistics (quant_report.json has none): not rescaled; "
                         "--fp16_rescale measure measures them")
@@ -117,9 +116,9 @@ def output_bytes(dims) -> int:
     per_layer = 0
     for lin in LINEARS:
         chin, chout = dims.linear_shape(lin)
-        per_layer += chout * chin * 4 + chout * (chin // 128) * 2 + chout * 2
-    per_layer += len(LAYER_NORMS) * 4 * dims.hidden
-    return dims.num_layers * per_layer + 4 * dims.hidden + 2 * dims.vocab * dims.hidden
+        per_layer += disk_bytes(chout * chin * 4) + disk_bytes(chout * (chin // 128) * 2) + disk_bytes(chout * 2)
+    per_layer += len(LAYER_NORMS) * disk_bytes(4 * dims.hidden)
+    return dims.num_layers * per_layer + disk_bytes(4 * dims.hidden) + disk_bytes(2 * dims.vocab * dims.hidden)
 
 
 # A compile folder is compile_sw's output when it holds its record; a folder lm_head.py created
@@ -137,16 +136,19 @@ def compile_folder_owns(folder: Path) -> set[str] | None:
 def compile_software(qdir: Path, out: Path | None = None, progress: bool = True, force: bool = False,
                      fp16_rescale: str = "auto", text: Path | None = None) -> StepResult:
     start = time.perf_counter()
+    parse_mode(fp16_rescale)  # options first: one line, before anything is read
     ckpt = GPTQCheckpoint(qdir)
     out = Path(out) if out else ckpt.qdir / "compile"
+    inputs = [ckpt.qdir] + ([Path(text)] if text else [])
+    check_out(out, STEP, compile_folder_owns, inputs, force)  # before any reading or measuring
     ckpt.validate()  # every refusal happens here, before the output folder exists
     dims = ckpt.dims
-    check_out(Path(os.path.abspath(out)), STEP, compile_folder_owns, [ckpt.qdir], force)  # before any measuring
+    stats = stats_from_report(ckpt.qdir, dims.num_layers)  # strictly read: a damaged record is refused now
     plan = rescale_plan(ckpt, fp16_rescale, text)
     made_from = {"checkpoint": str(ckpt.qdir.resolve()), **source_model(ckpt.qdir), "fingerprint": ckpt.fingerprint(),
                  "fp16_rescale": plan.factors_record() if plan else None}
     counter: dict = {}
-    with staged_dir(out, STEP, compile_folder_owns, [ckpt.qdir], force, output_bytes(dims)) as stage:
+    with staged_dir(out, STEP, compile_folder_owns, inputs, force, output_bytes(dims), writes=[CONFIG, f"{STEP}.json"]) as stage:
         (stage / SW_QWEIGHT_DIR).mkdir()
         (stage / SW_FP16_DIR).mkdir()
         shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
@@ -155,19 +157,18 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
                 write_linear(ckpt, lin.name(layer), stage, tensor_factor(plan, lin.name(layer)), counter)
             for norm, _ in LAYER_NORMS:
                 name = f"model.layers.{layer}.{norm}.weight"
-                sw_norm_file(ckpt.get_fp16(name)).tofile(sw_fp16_path(stage, name))
-        sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")).tofile(sw_fp16_path(stage, f"{FINAL_NORM}.weight"))
+                write_array(sw_fp16_path(stage, name), sw_norm_file(ckpt.get_fp16(name)))
+        write_array(sw_fp16_path(stage, f"{FINAL_NORM}.weight"), sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")))
         write_embedding(ckpt, stage, tensor_factor(plan, EMBEDDING), counter)
         if plan:  # config.json says so: every later step reads its factors from there
             plan = plan.with_report(out_of_normal_range=counter.get("out_of_normal_range", 0))
             config = read_json_object(ckpt.qdir / CONFIG)
             config[RESCALE_KEY] = plan.to_record()
-            (stage / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            write_array(stage / CONFIG, np.frombuffer((json.dumps(config, indent=2) + "\n").encode(), np.uint8))
             log.info(f"compile_sw: fp16 rescaling k = {plan.k}, m = {list(plan.m)} ({'; '.join(plan.why)}); "
                      f"{plan.out_of_normal_range} values pushed out of fp16's normal range")
-        stats = stats_from_report(ckpt.qdir)
         if stats is not None:  # what the SiLU fit and the fp16 rescaling need, beside the files they shape
-            (stage / STATS_FILE).write_text(dumps(stats))
+            write_array(stage / STATS_FILE, np.frombuffer(dumps(stats).encode(), np.uint8))
         write_step_record(stage, STEP, made_from, files_under(stage), fp16_rescale=plan.to_record() if plan else None)
     files, nbytes = folder_stats([out])
     result = StepResult("compile_sw", out, files, nbytes, time.perf_counter() - start)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from vcu128.format.layout import (
     embedding_part_file,
     sw_fp16_path,
 )
+from vcu128.format.checkpoint import check_finite
 from vcu128.format.gate import read_model_dims
 from vcu128.format.model import EMBEDDING
 from vcu128.io.jsonfile import dumps
@@ -34,6 +34,7 @@ from vcu128.io.output import (
     StepResult,
     folder_lock,
     folder_stats,
+    out_path,
     replace_file_atomically,
     staged_dir,
     write_whole_file,
@@ -60,7 +61,8 @@ def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = BOA
     dims = read_model_dims(compile_dir / CONFIG)
     rows = check_embedding_split(dims.vocab, parts)
     table = BinFile(sw_fp16_path(compile_dir, EMBEDDING), "<f2", (dims.vocab, dims.hidden))
-    out = Path(os.path.abspath(out)) if out else default_hardware_dir(compile_dir).absolute() / EMBEDDING_DIR
+    given = out if out else default_hardware_dir(compile_dir) / EMBEDDING_DIR
+    out = out_path(given)  # its folder with symlinks resolved: where the packed folder's manifest is
     made_from = compile_ids(compile_dir)["compile_sw"]
     parent_manifest = read_manifest(out.parent)
     in_packed_folder = parent_manifest is not None and parent_manifest["kind"] == HARDWARE_KIND
@@ -69,9 +71,11 @@ def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = BOA
         if made and made_from and made != made_from:
             warn([f"{out.parent} was packed from an earlier compile_sw run than the one in {compile_dir} (re-run hardware.py)"])
     records = []
-    with staged_dir(out, STEP, embedding_owns, [compile_dir], force, 2 * dims.vocab * dims.hidden) as stage:
+    inputs = [compile_dir, table.path, compile_dir / CONFIG]
+    with staged_dir(given, STEP, embedding_owns, inputs, force, 2 * dims.vocab * dims.hidden) as stage:
         for i in bar(range(parts), "embedding", "part", enabled=progress):
             part = table.read_rows(i * rows, (i + 1) * rows)
+            check_finite(str(table.path), part, first_row=i * rows)
             rel = embedding_part_file(i + 1, parts)
             records.append(write_whole_file(stage, rel, part, f"{EMBEDDING}[{i * rows}:{(i + 1) * rows}]", dtype="float16", rows=rows, words_per_row=dims.hidden // 2))
         for r in records:

@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.io.errors import VCUError
+from vcu128.format.checkpoint import check_finite
 from vcu128.format.layout import (
     BOARD_PORTS,
     CONFIG,
+    SW_FP16_DIR,
+    SW_QWEIGHT_DIR,
     OUT_BIAS_FILE,
     OUT_NORM_FILE,
     OUT_WEIGHT_STEM,
@@ -52,17 +55,21 @@ from vcu128.format.tables import (
     DEFAULT_FIT_RANGE,
     DEFAULT_MAX_TOKEN,
     DEFAULT_ROPE_ORDER,
+    ROPE_BYTES_A_POSITION,
     ROPE_ORDERS,
     SILU_TABLES,
+    check_max_token,
     rope_file_name,
     rope_parameters,
-    rope_table,
+    rope_table_blocks,
     silu_table,
 )
 from vcu128.format.folder import HARDWARE_KIND, MANIFEST_NAME, Manifest, default_hardware_dir, manifest_owns, read_manifest
 from vcu128.io.output import (
     FileRecord,
+    HashingWriter,
     StepResult,
+    disk_bytes,
     folder_stats,
     read_step_record,
     replace_file_atomically,
@@ -94,12 +101,15 @@ class PackJob:
             stop = min(start + step, self.chout)
             q = self.qweight.read_rows(start, stop)
             check_int4_range(q, str(self.qweight.path), first_row=start, code=int4)
-            return pack_linear_rows(q, self.scales.read_rows(start, stop), int4)
+            scales = self.scales.read_rows(start, stop)
+            check_finite(str(self.scales.path), scales, first_row=start)
+            return pack_linear_rows(q, scales, int4)
 
         for rows in ordered_map(pack_block, range(0, self.chout, step)):
             writer.write(rows)
         records = writer.close()
         bias = self.bias.read() if self.bias else np.zeros(self.chout, "<f2")
+        check_finite(str(self.bias.path if self.bias else self.name), bias)
         records.append(write_whole_file(root, self.bias_file, pack_bias_words(bias), f"{self.name}.bias", rows=self.chout, words_per_row=1))
         return records
 
@@ -139,12 +149,13 @@ def plan(compile_dir: Path, dims: ModelDims) -> tuple[list[list[PackJob]], list[
     return layers, norms, out_layer
 
 
-def output_bytes(dims: ModelDims, ports: int) -> int:
+def output_bytes(dims: ModelDims, ports: int, max_token: int = DEFAULT_MAX_TOKEN) -> int:
     """What hardware.py writes (FORMAT.md 3), for the free-space check."""
     total = 0
     for chin, chout in [dims.linear_shape(lin) for lin in LINEARS] * dims.num_layers + [(dims.hidden, dims.vocab)]:
-        total += rows_per_port(chout, ports) * ports * row_words(chin) * 4 + 4 * chout
-    return total + (2 * dims.num_layers + 1) * 4 * dims.hidden
+        total += ports * disk_bytes(rows_per_port(chout, ports) * row_words(chin) * 4) + disk_bytes(4 * chout)
+    tables = disk_bytes(ACT_FILE_BYTES) + (disk_bytes(ROPE_BYTES_A_POSITION * max_token) if dims.head_dim == BOARD_HEAD_DIM else 0)
+    return total + (2 * dims.num_layers + 1) * disk_bytes(4 * dims.hidden) + tables
 
 
 hardware_owns = manifest_owns(HARDWARE_KIND, STEP)
@@ -165,8 +176,9 @@ class BoardOptions:
                                      ("--silu_table", self.silu_table, SILU_TABLES)):
             if value not in allowed:
                 raise VCUError(f"{flag} {value}: expected one of {', '.join(allowed)}")
-        if self.ports < 1 or self.max_token < 1:
-            raise VCUError(f"--ports {self.ports}, --max_token {self.max_token}: each must be at least 1")
+        if self.ports < 1:
+            raise VCUError(f"--ports {self.ports}: must be at least 1")
+        check_max_token(self.max_token)
 
 
 def write_tables(stage: Path, cfg: dict, dims: ModelDims, opts: BoardOptions, compile_dir: Path) -> tuple[list[FileRecord], dict, dict]:
@@ -181,15 +193,16 @@ def write_tables(stage: Path, cfg: dict, dims: ModelDims, opts: BoardOptions, co
     else:
         assumptions["rope_table"] = opts.rope_table
         assumptions["rope_rotation"] = "rotate-half: channel i with i + 64, as HF Qwen2/Llama (q_proj, k_proj rows as in the checkpoint)"
-        table = rope_table(cfg, opts.max_token, opts.rope_table, where)
         name = rope_file_name(opts.max_token)
-        records.append(write_whole_file(stage, name, table, f"RoPE cos/sin, {opts.rope_table}", dtype="float16",
-                                        rows=opts.max_token, words_per_row=BOARD_HEAD_DIM // 2))
+        writer = HashingWriter(stage, name, f"RoPE cos/sin, {opts.rope_table}", dtype="float16", rows=opts.max_token, words_per_row=BOARD_HEAD_DIM // 2)
+        for piece in rope_table_blocks(cfg, opts.max_token, opts.rope_table, where):  # a few MB at a time, whatever --max_token
+            writer.write(piece)
+        records.append(writer.close())
         theta, scaling = rope_parameters(cfg, where)
         report["rope"] = {"file": name, "theta": theta, "scaling": scaling["rope_type"], "positions": opts.max_token}
         if isinstance(trained, int) and trained < opts.max_token:
             log.info(f"hardware: the model was trained on {trained} positions; the RoPE table covers the board's {opts.max_token}")
-    fit_range = read_gate_range(compile_dir) if opts.silu_table == "fit" else None
+    fit_range = read_gate_range(compile_dir, dims.num_layers) if opts.silu_table == "fit" else None
     silu = silu_table(opts.silu_table, fit_range)
     error, at = silu.error(*DEFAULT_FIT_RANGE)
     report["silu"] = {"file": ACT_FILE, "table": opts.silu_table, "max_error_on_-16_16": error, "at": at}
@@ -200,9 +213,10 @@ def write_tables(stage: Path, cfg: dict, dims: ModelDims, opts: BoardOptions, co
     return records, assumptions, report
 
 
-def read_gate_range(compile_dir: Path) -> tuple[float, float]:
-    """The range the model's gate outputs take, from the statistics compile_sw copied (else [-16, 16])."""
-    stats = read_activation_stats(compile_dir)
+def read_gate_range(compile_dir: Path, num_layers: int | None = None) -> tuple[float, float]:
+    """The range the model's gate outputs take, from the statistics compile_sw copied (strictly
+    read: a damaged record is one error naming the file and key), else [-16, 16]."""
+    stats = read_activation_stats(compile_dir, num_layers)
     if stats and stats.get("gate_range"):
         lo, hi = stats["gate_range"]
         return float(lo), float(hi)
@@ -226,23 +240,29 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
             raise VCUError(f"{compile_dir / CONFIG}: {what}={chin} is not a multiple of {GROUP_SIZE}, which the board needs")
     if dims.head_dim == BOARD_HEAD_DIM:
         rope_parameters(cfg, compile_dir / CONFIG)  # a scaling the table cannot hold is refused before writing
+    rescale = RescalePlan.from_record(cfg.get(RESCALE_KEY), compile_dir / CONFIG, RESCALE_KEY, dims.num_layers)  # strictly, before any work
     layers, norms, out_layer = plan(compile_dir, dims)
     warn(stale_compile(compile_dir))
     out = Path(out) if out else default_hardware_dir(compile_dir, ports)
     made_from = {**compile_ids(compile_dir), "ports": ports, **asdict(opts)}
     manifest = Manifest(HARDWARE_KIND, dims.to_json(), {"ports": ports, "group_size": GROUP_SIZE, "made_from": made_from,
                                                         **recorded_sources(compile_dir)})
-    with staged_dir(out, STEP, hardware_owns, [compile_dir], force, output_bytes(dims, ports)) as stage:
+    # What it reads (a new folder inside the compile folder is fine; one holding these is not) and
+    # the names it knows it writes (a file of someone else's there is refused before any work).
+    inputs = [compile_dir, compile_dir / SW_QWEIGHT_DIR, compile_dir / SW_FP16_DIR, compile_dir / CONFIG]
+    tables = [ACT_FILE, MANIFEST_NAME] + ([rope_file_name(opts.max_token)] if dims.head_dim == BOARD_HEAD_DIM else [])
+    with staged_dir(out, STEP, hardware_owns, inputs, force, output_bytes(dims, ports, opts.max_token), writes=tables) as stage:
         for jobs in bar(layers, "hardware", "layer", enabled=progress):
             for job in jobs:
                 manifest.files += job.run(stage, ports, opts.int4)
         manifest.files += out_layer.run(stage, ports, opts.int4)
         for src, rel in norms:
-            manifest.files += [write_whole_file(stage, rel, src.read(), src.path.name, dtype="float16", rows=1, words_per_row=dims.hidden)]
+            weights = src.read()
+            check_finite(str(src.path), weights)
+            manifest.files += [write_whole_file(stage, rel, weights, src.path.name, dtype="float16", rows=1, words_per_row=dims.hidden)]
         records, assumptions, tables = write_tables(stage, cfg, dims, opts, compile_dir)
         manifest.files += records
         # compile_sw applied it to the scales and embedding rows: record it
-        rescale = RescalePlan.from_record(cfg.get(RESCALE_KEY), compile_dir / CONFIG, RESCALE_KEY, dims.num_layers)
         assumptions["fp16_rescale"] = rescale.describe() if rescale else "none"
         manifest.params.update(assumptions=assumptions, tables=tables, fp16_rescale=rescale_entry(rescale))
         for f in manifest.files:

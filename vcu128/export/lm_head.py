@@ -16,10 +16,22 @@ import numpy as np
 
 from vcu128.format.checkpoint import GPTQCheckpoint
 from vcu128.io.direct_io import DirectWriter
-from vcu128.format.gate import check_board_tensors
 from vcu128.io.errors import VCUError, set_writing
 from vcu128.format.layout import SW_QWEIGHT_DIR, sw_lm_head_paths
-from vcu128.io.output import StepResult, check_free_space, folder_lock, read_step_record, remove_stale, signals_deferred, stage_tag, write_step_record
+from vcu128.io.output import (
+    StepResult,
+    check_free_space,
+    check_inputs,
+    folder_lock,
+    make_parents,
+    out_path,
+    read_step_record,
+    remove_created,
+    remove_stale,
+    signals_deferred,
+    stage_tag,
+    write_step_record,
+)
 from vcu128.io.parallel import ordered_map, rows_per_block
 from vcu128.io.progress import bar
 from vcu128.quant.rtn import METHODS, dequantize_rows, quantize_rows, squared_error
@@ -43,20 +55,24 @@ def choose_method(ckpt: GPTQCheckpoint, method: str | None) -> str:
     return method
 
 
-def check_lm_head_out(out: Path, qdir: Path, force: bool) -> None:
+def check_lm_head_out(out: Path, qdir: Path, force: bool, created: bool = False) -> None:
     """lm_head adds two files to a compile folder: refuse a target that is a file, the checkpoint
-    (or holds it), or a folder of someone else's; and lm_head files it did not write itself."""
-    out = Path(os.path.abspath(out))
-    qdir = Path(qdir).resolve()
-    if out == qdir or out in qdir.parents:
-        raise VCUError(f"--out {out}: is or contains the checkpoint {qdir}; lm_head writes into a compile folder",
-                       "the default, QDIR/compile, is the one compile_sw.py writes")
+    (or holds it), or a folder of someone else's (`created`: this run made it); and lm_head files
+    it did not write itself."""
+    shown = Path(os.path.abspath(out))
+    try:
+        check_inputs(out, [qdir])
+    except VCUError as e:
+        raise VCUError(f"{e}; lm_head writes into a compile folder", "the default, QDIR/compile, is the one compile_sw.py writes") from None
+    out = out_path(out)
+    if out.is_symlink() and out.resolve().is_dir():
+        out = out.resolve()  # a link to a compile folder: written into, never replaced
     if out.exists() and not out.is_dir():
-        raise VCUError(f"--out {out}: exists and is not a folder; not writing into it")
+        raise VCUError(f"--out {shown}: exists and is not a folder; not writing into it")
     if force or not out.is_dir() or not any(out.iterdir()):
         return
     record = read_step_record(out, STEP)
-    if record is None and read_step_record(out, "compile_sw") is None:
+    if record is None and read_step_record(out, "compile_sw") is None and not created:
         raise VCUError(f"--out {out}: not a compile folder (no compile_sw.json or lm_head.json); not writing into it",
                        "run compile_sw.py first, or pass --force")
     owned = set(record["files"]) if record else set()
@@ -73,22 +89,22 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
     start = time.perf_counter()
     ckpt = GPTQCheckpoint(qdir)
     method = choose_method(ckpt, method)
-    if method == "checkpoint":
-        ckpt.quant.check_supported(str(ckpt.qdir))
     if int4_range not in (7, 8) or (int4_range == 7 and method == "trunc"):
         raise VCUError(f"--int4_range {int4_range} with --method {method}: 7 (the 15 levels -7..7) goes with rtn; trunc is the original rule, kept as it was")
-    ckpt.validate_lm_head()
-    check_board_tensors(ckpt.names(), ckpt.dims, quantized=True, shape_of=lambda n: ckpt.info(n)[1])
+    # The checkpoint as compile_sw and verify see it (bits, group size, symmetric zero points, no
+    # act-order, every tensor's place and shape): an output layer is only of use beside its layers.
+    ckpt.validate()
     dims = ckpt.dims
     source = ckpt.lm_head_source()
     if source == "model.embed_tokens.weight":
         log.info("lm_head: no lm_head.weight in the checkpoint (tied embeddings): quantizing model.embed_tokens.weight")
-    out = Path(out) if out else ckpt.qdir / "compile"
+    out = out_path(out) if out else ckpt.qdir / "compile"
     check_lm_head_out(out, ckpt.qdir, force)
+    if out.is_symlink():
+        out = out.resolve()
     made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(), "method": method, "int4_range": int4_range}
     folder = out / SW_QWEIGHT_DIR
-    created = [p for p in (out, folder) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+    created = make_parents(folder)
     final = sw_lm_head_paths(out)
     set_writing(folder, dims.vocab * dims.hidden * 4 + dims.vocab * (dims.hidden // 128) * 2)
     if method == "checkpoint":  # GPTQ layout [hidden/8, vocab] and [hidden/128, vocab]: half a byte a weight
@@ -99,22 +115,27 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
         if method == "checkpoint":
             q = ckpt.signed_weights(gptq_qweight[:, rows], np.dtype("<i4"))
             return q, np.ascontiguousarray(gptq_scales[:, rows].T), 0.0, 0.0
-        w = ckpt.get(source, rows=rows).astype(np.float32, copy=False)
+        w = ckpt.get(source, rows=rows).astype(np.float32, copy=False)  # a NaN or inf is refused there, by row
         q, scales = quantize_rows(w, method, -int4_range)
+        if not np.isfinite(scales).all():  # finite weights whose group scale (largest |w| / 7) fp16 cannot hold
+            r, g = (int(i) for i in np.argwhere(~np.isfinite(scales))[0])
+            raise VCUError(f"{source}: row {rows.start + r}, group {g}: largest |weight| {float(np.abs(w[r, g * 128:(g + 1) * 128]).max())} "
+                           "gives a scale outside fp16's range (65504), in which the board stores it")
         return q.astype("<i4"), scales, *squared_error(w, dequantize_rows(q, scales))
 
     step = rows_per_block(4 * dims.hidden)
     blocks = [slice(r, min(r + step, dims.vocab)) for r in range(0, dims.vocab, step)]
     err = ref = 0.0
     ok = False
-    with folder_lock(out):
-        for name in final.values():
-            remove_stale(folder, name.name)
-        check_free_space(folder / "x", dims.vocab * dims.hidden * 4)
-        partial = {k: p.with_name(f".{p.name}.partial-{stage_tag()}") for k, p in final.items()}
-        for p in partial.values():  # claimed now: a second run on these files sees a live one
-            p.touch()
+    partial = {k: p.with_name(f".{p.name}.partial-{stage_tag()}") for k, p in final.items()}
     try:
+        with folder_lock(out):
+            for name in final.values():
+                remove_stale(folder, name.name)
+            check_lm_head_out(out, ckpt.qdir, force, created=out in created)  # again, with the folder locked
+            check_free_space(folder / "x", dims.vocab * dims.hidden * 4)
+            for p in partial.values():  # claimed now: a second run on these files sees a live one
+                p.touch()
         with DirectWriter(partial["qweight"], background=True) as fq, DirectWriter(partial["scales"], 1 << 20) as fs:
             for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
                 fq.write(q)
@@ -127,11 +148,10 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
             write_step_record(out, STEP, made_from, [str(p.relative_to(out)) for p in final.values()], relative_error=error)
         ok = True
     finally:
-        for p in partial.values():
-            p.unlink(missing_ok=True)
+        for p in partial.values():  # this run's own (its pid and host are in the names)
+            with contextlib.suppress(OSError):
+                p.unlink()
         if not ok:
-            for p in reversed(created):
-                with contextlib.suppress(OSError):
-                    p.rmdir()
+            remove_created(created)
     nbytes = sum(p.stat().st_size for p in final.values())
     return StepResult("lm_head", out / SW_QWEIGHT_DIR, 2, nbytes, time.perf_counter() - start), method, error

@@ -18,7 +18,7 @@ import numpy as np
 from vcu128.io.direct_io import read_bytes
 from vcu128.format.gate import check_board_tensors, read_model_dims
 from vcu128.io.errors import VCUError
-from vcu128.io.jsonfile import get_bool, get_int, get_str, read_json_object
+from vcu128.io.jsonfile import get_bool, get_int, get_object, get_str, read_json_object
 from vcu128.format.model import (
     EMBEDDING,
     FINAL_NORM,
@@ -66,43 +66,64 @@ class QuantConfig:
                 raise VCUError(f"{where}: {why}")
 
 
+_QUANT_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quant_method", "dynamic")
+
+
+def _quant_values(qc: dict, path: Path, prefix: str) -> dict:
+    """One quantization config's keys, each checked for its type (the error names the file and key)."""
+    out = {}
+    for key in _QUANT_KEYS:
+        if qc.get(key) is None:
+            continue
+        name = prefix + key
+        if key in ("bits", "group_size"):
+            out[key] = get_int(qc, key, path, minimum=1 if key == "bits" else -1, name=name)
+        elif key in ("sym", "desc_act"):
+            out[key] = get_bool(qc, key, path, False, name=name)
+        elif key == "dynamic":
+            out[key] = get_object(qc, key, path, name=name)
+        else:
+            out[key] = get_str(qc, key, path, name=name)
+    return out
+
+
 def read_quant_config(qdir: Path) -> QuantConfig:
-    """Merge quantization_config of config.json with quantize_config.json; they must not disagree."""
-    sources = {}
-    cfg = read_json_object(qdir / "config.json")
+    """Merge quantization_config of config.json with quantize_config.json: each read strictly (a
+    value of the wrong type is one error naming the file and key), and they must not disagree."""
+    sources = []  # (file, key prefix, values)
+    cfg_path, qc_path = qdir / "config.json", qdir / "quantize_config.json"
+    cfg = read_json_object(cfg_path)
     if "quantization_config" in cfg:
-        if not isinstance(cfg["quantization_config"], dict):
-            raise VCUError(f"{qdir / 'config.json'}: 'quantization_config' is not a JSON object")
-        sources["config.json quantization_config"] = cfg["quantization_config"]
-    if (qdir / "quantize_config.json").is_file():
-        sources["quantize_config.json"] = read_json_object(qdir / "quantize_config.json")
+        qc = cfg["quantization_config"]
+        if not isinstance(qc, dict):
+            raise VCUError(f"{cfg_path}: 'quantization_config' is {qc!r:.60}, expected a JSON object")
+        sources.append((cfg_path, "quantization_config.", _quant_values(qc, cfg_path, "quantization_config.")))
+    if qc_path.is_file():
+        sources.append((qc_path, "", _quant_values(read_json_object(qc_path), qc_path, "")))
     if not sources:
         raise VCUError(f"{qdir}: no quantization_config in config.json and no quantize_config.json: not a GPTQ checkpoint")
     merged: dict = {}
-    for where, qc in sources.items():
-        for key in ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quant_method", "dynamic"):
-            if key in qc:
-                if key in merged and merged[key][0] != qc[key]:
-                    raise VCUError(f"{qdir}: {key} is {merged[key][0]!r} in {merged[key][1]} but {qc[key]!r} in {where}")
-                merged[key] = (qc[key], where)
-    values = {k: v for k, (v, _) in merged.items()}
-    where = Path(next(iter(sources)) if len(sources) == 1 else "quantization config")
-    method = get_str(values, "quant_method", where, "gptq")
+    for path, prefix, values in sources:
+        for key, value in values.items():
+            if key in merged and merged[key][0] != value:
+                first, first_path, first_prefix = merged[key]
+                raise VCUError(f"{path}: '{prefix}{key}' is {value!r}, but {first_path} has '{first_prefix}{key}' {first!r}; they must agree")
+            merged.setdefault(key, (value, path, prefix))
+    values = {k: v for k, (v, _, _) in merged.items()}
+    last = sources[-1][0]
+    method = values.get("quant_method", "gptq")
     if method != "gptq":
         raise VCUError(f"{qdir}: quant_method={method!r}: only GPTQ checkpoints are supported")
     for key in ("bits", "group_size"):
         if key not in values:
-            raise VCUError(f"{qdir}: quantization config has no '{key}'")
-    dynamic = values.get("dynamic")
-    if dynamic is not None and not isinstance(dynamic, dict):
-        raise VCUError(f"{qdir}: quantization config 'dynamic' is {dynamic!r}, expected an object")
+            raise VCUError(f"{last}: missing '{key}' (the quantization config has none)")
     return QuantConfig(
-        bits=get_int(values, "bits", where),
-        group_size=get_int(values, "group_size", where, minimum=-1),
-        sym=get_bool(values, "sym", where, True),
-        desc_act=get_bool(values, "desc_act", where, False),
-        checkpoint_format=get_str(values, "checkpoint_format", where) or "gptq",
-        dynamic=dynamic,
+        bits=values["bits"],
+        group_size=values["group_size"],
+        sym=values.get("sym", True),
+        desc_act=values.get("desc_act", False),
+        checkpoint_format=values.get("checkpoint_format") or "gptq",
+        dynamic=values.get("dynamic"),
     )
 
 
@@ -243,6 +264,56 @@ def read_tensor(e: TensorEntry, rows: slice | None = None, direct: bool = True) 
     return data.reshape((stop - start, *e.shape[1:]) if e.shape else ())
 
 
+def check_finite(name: str, data: np.ndarray, dtype: str | None = None, first_row: int = 0) -> None:
+    """Refuse a block of a float tensor (its rows from `first_row`) that holds a NaN or an inf, naming
+    the tensor, row and column: one vectorised pass, the position found only on failure. `dtype` is
+    the safetensors name where the data is as stored (BF16 arrives as its uint16 bits); integer
+    data is not checked. Every step reads float tensors through here (checkpoint, source model,
+    compile folder), so a non-finite value is refused where it is read, not computed with."""
+    if dtype == "BF16" and data.dtype == np.uint16:
+        bad = (data & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
+        if not bad.any():
+            return
+        values = (data.astype(np.uint32) << 16).view(np.float32)
+    elif data.dtype.kind == "f":
+        if data.size == 0 or np.isfinite(data).all():
+            return
+        bad, values = ~np.isfinite(data), data
+    else:
+        return
+    at = np.unravel_index(int(np.flatnonzero(bad.reshape(-1))[0]), data.shape) if data.ndim else ()
+    value = float(values[at])
+    if data.ndim == 0:
+        where = ""
+    elif data.ndim == 1:
+        where = f" element {first_row + int(at[0])}"
+    else:
+        where = f" row {first_row + int(at[0])}, column {', '.join(str(int(i)) for i in at[1:])}"
+    raise VCUError(f"{name}:{where} is {value} (not a finite number): the board would compute NaN or inf from it")
+
+
+def check_fp16_range(name: str, source: np.ndarray, fp16: np.ndarray, first_row: int = 0) -> None:
+    """A finite value that rounds to inf in fp16 (|x| >= 65520) would reach the board as inf: refused."""
+    if fp16.size == 0 or np.isfinite(fp16).all():
+        return
+    at = np.unravel_index(int(np.flatnonzero(~np.isfinite(fp16).reshape(-1))[0]), fp16.shape)
+    where = f"element {first_row + int(at[0])}" if fp16.ndim == 1 else f"row {first_row + int(at[0])}, column {', '.join(str(int(i)) for i in at[1:])}"
+    raise VCUError(f"{name}: {where} is {float(source[at])}, outside fp16's range (largest 65504), in which the board stores it")
+
+
+def scan_finite(folder: Path, tensors: dict[str, TensorEntry] | None = None, block_bytes: int = 64 << 20) -> None:
+    """check_finite over every float tensor of a folder, streamed in blocks of rows (a model a
+    library will load whole, where this tool does not read it itself)."""
+    tensors = read_tensor_index(Path(folder)) if tensors is None else tensors
+    for name, e in sorted(tensors.items()):
+        if e.dtype not in FLOAT_DTYPES or not e.shape:
+            continue
+        row_bytes = max(1, DTYPE_BYTES[e.dtype] * math.prod(e.shape[1:]))
+        step = max(1, block_bytes // row_bytes)
+        for r in range(0, e.shape[0], step):
+            check_finite(name, read_tensor(e, slice(r, r + step), direct=False), e.dtype, r)
+
+
 class GPTQCheckpoint:
     """A GPTQ checkpoint folder, read one tensor at a time."""
 
@@ -286,18 +357,27 @@ class GPTQCheckpoint:
         return e.dtype, e.shape
 
     def get(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """The tensor, or a block of its rows (dim 0), read from disk; bf16 comes back as float32."""
+        """The tensor, or a block of its rows (dim 0), read from disk; bf16 comes back as float32.
+        A float tensor holding a NaN or an inf is refused here, naming the row."""
         e = self._entry(name)
         data = read_tensor(e, rows)
         if e.dtype == "BF16":  # bf16 is the top half of a float32
             data = (data.astype(np.uint32) << 16).view(np.float32)
+        if e.dtype in FLOAT_DTYPES:
+            check_finite(name, data, first_row=rows.indices(e.shape[0])[0] if rows is not None and e.shape else 0)
         return data
 
     def get_fp16(self, name: str, rows: slice | None = None) -> np.ndarray:
-        dtype, _ = self.info(name)
+        """A float tensor (or a block of its rows) as fp16; a value past fp16's range is refused."""
+        dtype, shape = self.info(name)
         if dtype not in FLOAT_DTYPES:
             raise VCUError(f"{name}: dtype {dtype}, expected one of fp16, bf16, fp32")
-        return self.get(name, rows).astype(np.float16, copy=False)
+        data = self.get(name, rows)
+        with np.errstate(over="ignore"):
+            fp16 = data.astype(np.float16, copy=False)
+        if dtype != "F16":
+            check_fp16_range(name, data, fp16, rows.indices(shape[0])[0] if rows is not None and shape else 0)
+        return fp16
 
     # --- what the output layer is ---------------------------------------------------------------
     def lm_head_source(self) -> str:

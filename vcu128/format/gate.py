@@ -12,11 +12,36 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from vcu128.io.errors import VCUError
-from vcu128.format.model import ModelDims, parse_model_dims, read_model_config
+from vcu128.io.errors import VCUError, human_bytes
+from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS, ModelDims, parse_model_dims, read_model_config
+from vcu128.format.tables import rope_values
 
 BOARD_CONTEXT = 2048  # tokens the board's context buffer holds; it has no sliding window
 BOARD_MODEL_TYPES = ("qwen2", "llama", "mistral")
+# Where the packed weights live: the VCU128's XCVU37P has two 4 GiB HBM2 stacks, 32 pseudo-channels
+# of 256 MiB, the 32 ports hardware.py spreads every linear (and the output layer) over.
+BOARD_HBM_BYTES = 8 << 30
+BOARD_PORTS = 32
+
+
+def packed_weight_bytes(dims: ModelDims, ports: int = BOARD_PORTS) -> int:
+    """Bytes of the packed linears and output layer (FORMAT.md 3.1: int4 weights and fp16 scales in
+    rows of words, spread over the ports): what must fit in the board's HBM."""
+    from vcu128.format.layout import row_words, rows_per_port
+
+    packed = lambda chin, chout: rows_per_port(chout, ports) * ports * row_words(chin) * 4  # noqa: E731
+    return dims.num_layers * sum(packed(*dims.linear_shape(lin)) for lin in LINEARS) + packed(dims.hidden, dims.vocab)
+
+
+def check_board_memory(dims: ModelDims, where: Path) -> None:
+    """A model whose packed weights do not fit in the board's HBM cannot run there (and its
+    dimensions are past what the export's own memory plans for): refused from config.json alone,
+    before a byte of it is read."""
+    need = packed_weight_bytes(dims)
+    if need > BOARD_HBM_BYTES:
+        raise VCUError(f"{where}: the model's packed int4 weights need {human_bytes(need)} (hidden_size {dims.hidden}, intermediate_size "
+                       f"{dims.intermediate}, {dims.num_layers} layers, vocab_size {dims.vocab}); the board's HBM holds "
+                       f"{human_bytes(BOARD_HBM_BYTES)} (8 GiB: VCU128's two HBM2 stacks)")
 
 
 def check_board_config(cfg: dict, dims: ModelDims, where: Path) -> None:
@@ -35,6 +60,8 @@ def check_board_config(cfg: dict, dims: ModelDims, where: Path) -> None:
     if dims.num_heads % dims.num_kv_heads:
         raise VCUError(f"{where}: num_attention_heads {dims.num_heads} is not a multiple of num_key_value_heads "
                        f"{dims.num_kv_heads}: each key/value head must serve a whole number of query heads")
+    rope_values(cfg, where)  # rope_theta and the scaling factors: a table (and the model) computed from them must be finite
+    check_board_memory(dims, where)
 
 
 # Tensors the layout has a place for (FORMAT.md 1 and 3.3). Anything else (Qwen3's q_norm and
@@ -76,6 +103,27 @@ def check_board_tensors(names: Iterable[str], dims: ModelDims, quantized: bool, 
         if outputs != heads * dims.head_dim:
             raise VCUError(f"{name}: {outputs} outputs, but {heads} heads x head_dim {dims.head_dim} = {heads * dims.head_dim} "
                            "(config.json): head_dim does not match the checkpoint")
+
+
+def check_float_model_shapes(shape_of, dims: ModelDims, tied: bool, names: Iterable[str] = ()) -> None:
+    """Every tensor an fp16/bf16 model must have (and the biases among `names`), at the shape
+    config.json gives (the quantized checkpoint's are checked by GPTQCheckpoint.validate).
+    `shape_of(name)` raises for a missing one."""
+    want = {EMBEDDING: (dims.vocab, dims.hidden), f"{FINAL_NORM}.weight": (dims.hidden,)}
+    if not tied:
+        want["lm_head.weight"] = (dims.vocab, dims.hidden)
+    for layer in range(dims.num_layers):
+        for lin in LINEARS:
+            chin, chout = dims.linear_shape(lin)
+            want[f"{lin.name(layer)}.weight"] = (chout, chin)
+            if f"{lin.name(layer)}.bias" in names:
+                want[f"{lin.name(layer)}.bias"] = (chout,)
+        for norm, _ in LAYER_NORMS:
+            want[f"model.layers.{layer}.{norm}.weight"] = (dims.hidden,)
+    for name, shape in want.items():
+        got = tuple(shape_of(name))
+        if got != shape:
+            raise VCUError(f"{name}: shape {list(got)}, expected {list(shape)} from config.json")
 
 
 def read_model_dims(config_path: Path) -> ModelDims:

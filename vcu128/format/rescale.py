@@ -108,6 +108,12 @@ class RescalePlan:
         why = doc.get("why", [])
         if not isinstance(why, list) or not all(isinstance(w, str) for w in why):
             raise VCUError(f"{where}: {key}.why is not a list of strings")
+        if "k" not in doc:
+            raise VCUError(f"{where}: {key}.k is missing (the residual stream's factor, a whole number from 0 to {MAX_EXPONENT})")
+        for name, types, what in (("statistics", (str,), "a string"), ("k_choice", (dict,), "an object"), ("out_of_normal_range", (int,), "a whole number")):
+            value = doc.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+                raise VCUError(f"{where}: {key}.{name} is {value!r:.60}, expected {what} (or null)")
         try:
             plan = cls(k, tuple(m), tuple(why), doc.get("statistics"), doc.get("k_choice"), doc.get("out_of_normal_range"))
         except VCUError as e:

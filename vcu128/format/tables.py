@@ -32,27 +32,77 @@ DEFAULT_ROPE_ORDER = "halves"  # FORMAT.md 5: the driver's head stride is half t
 DEFAULT_MAX_TOKEN = 2048
 
 
+# The most positions a RoPE table may hold: 2^24. Two limits meet there. The table's phases are
+# float32(t) * inv_freq, and float32 holds every whole position exactly only up to 2^24 (past it,
+# neighbouring positions share a phase); and the table is 256 bytes a position, so 2^24 positions
+# are 4 GiB, all that a 32-bit byte address (the board's DDR/HBM port addresses) reaches.
+MAX_TOKEN_LIMIT = 1 << 24
+ROPE_BYTES_A_POSITION = BOARD_HEAD_DIM * 2
+
+
+def check_max_token(max_token) -> None:
+    if isinstance(max_token, bool) or not isinstance(max_token, int) or not 1 <= max_token <= MAX_TOKEN_LIMIT:
+        raise VCUError(f"--max_token {max_token}: expected 1 to {MAX_TOKEN_LIMIT} (2^24: float32 positions are exact up to there, "
+                       f"and the table, {ROPE_BYTES_A_POSITION} bytes a position, then fills the board's 32-bit address space)")
+
+
 def rope_file_name(max_token: int) -> str:
     return f"pos_in_4_token{max_token}_ch32.bin"
 
 
-def rope_parameters(cfg: dict, where: Path) -> tuple[float, dict]:
+def _positive(doc: dict, key: str, where: Path, name: str, above: float = 0.0) -> float:
+    value = get_float(doc, key, where, name=name)
+    if value is None:
+        raise VCUError(f"{where}: missing '{name}'")
+    if not value > above:
+        raise VCUError(f"{where}: '{name}' is {value!r}, expected a number above {above:g}")
+    return value
+
+
+def rope_values(cfg: dict, where: Path) -> tuple[float, dict]:
     """(theta, scaling) from a config, old style (rope_theta, rope_scaling) or transformers 5's
-    rope_parameters. Scaling types a static table cannot hold are refused."""
+    rope_parameters, every value the table is computed from checked (a theta of 0, below 1, NaN or
+    not a number, a scaling factor of 0 ...: one error naming the key), whatever the scaling type."""
     params = cfg.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
-        raise VCUError(f"{where}: 'rope_parameters' is not a JSON object")
+        raise VCUError(f"{where}: 'rope_parameters' is {params!r}, expected an object or null")
     params = dict(params or {})
     scaling = cfg.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         raise VCUError(f"{where}: 'rope_scaling' is {scaling!r}, expected an object or null")
-    merged = {**(scaling or {}), **params}
-    theta = get_float(merged, "rope_theta", where) or get_float(cfg, "rope_theta", where, 10000.0)
-    kind = merged.get("rope_type") or merged.get("type") or "default"
+    scaling = dict(scaling or {})
+    merged = {**scaling, **params}
+    source = {**{k: "rope_scaling" for k in scaling}, **{k: "rope_parameters" for k in params}}
+    named = lambda key: f"{source[key]}.{key}" if key in source else key  # noqa: E731
+    if "rope_theta" in merged and merged["rope_theta"] is not None:
+        # theta^(2i/128) with theta <= 1 gives frequencies that rise along the head: no model has one
+        theta = _positive(merged, "rope_theta", where, named("rope_theta"), above=1.0)
+    elif cfg.get("rope_theta") is not None:
+        theta = _positive(cfg, "rope_theta", where, "rope_theta", above=1.0)
+    else:
+        theta = 10000.0
+    kind = merged.get("rope_type", merged.get("type")) or "default"
+    if not isinstance(kind, str):
+        raise VCUError(f"{where}: '{named('rope_type' if 'rope_type' in merged else 'type')}' is {kind!r}, expected a string")
+    if kind in ("linear", "llama3"):
+        _positive(merged, "factor", where, named("factor"))
+    if kind == "llama3":
+        low = _positive(merged, "low_freq_factor", where, named("low_freq_factor"))
+        high = _positive(merged, "high_freq_factor", where, named("high_freq_factor"))
+        if high == low:
+            raise VCUError(f"{where}: '{named('high_freq_factor')}' equals '{named('low_freq_factor')}' ({low}): llama3 scaling divides by their difference")
+        get_int(merged, "original_max_position_embeddings", where, name=named("original_max_position_embeddings"))
+    return theta, {**merged, "rope_type": kind}
+
+
+def rope_parameters(cfg: dict, where: Path) -> tuple[float, dict]:
+    """rope_values, and refused unless a static table can hold the scaling type."""
+    theta, scaling = rope_values(cfg, where)
+    kind = scaling["rope_type"]
     if kind not in ("default", "linear", "llama3"):
         raise VCUError(f"{where}: rope scaling {kind!r}: a static RoPE table holds only none, linear or llama3 "
                        "(dynamic and YaRN scaling change with the sequence)")
-    return theta, {**merged, "rope_type": kind}
+    return theta, scaling
 
 
 def rope_inv_freq(cfg: dict, head_dim: int, where: Path):
@@ -78,13 +128,14 @@ def rope_inv_freq(cfg: dict, head_dim: int, where: Path):
     return inv_freq
 
 
-def rope_cos_sin(cfg: dict, head_dim: int, positions: int, where: Path) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [positions, head_dim / 2] as fp16: transformers' fp32 product and cos/sin, then
-    rounded to fp16 as the model's half-precision forward rounds them."""
+def rope_cos_sin(cfg: dict, head_dim: int, positions: int, where: Path, start: int = 0, inv_freq=None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [positions, head_dim / 2] (of positions start .. start + positions - 1) as fp16:
+    transformers' fp32 product and cos/sin, then rounded to fp16 as the model's half-precision
+    forward rounds them. Element by element: a block of positions is exactly those rows of the whole."""
     import torch
 
-    inv_freq = rope_inv_freq(cfg, head_dim, where)
-    freqs = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    inv_freq = rope_inv_freq(cfg, head_dim, where) if inv_freq is None else inv_freq
+    freqs = torch.arange(start, start + positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     return freqs.cos().half().numpy(), freqs.sin().half().numpy()
 
 
@@ -113,6 +164,20 @@ def unpack_rope_table(data: np.ndarray, max_token: int) -> np.ndarray:
 def rope_table(cfg: dict, max_token: int, order: str, where: Path) -> np.ndarray:
     cos, sin = rope_cos_sin(cfg, BOARD_HEAD_DIM, max_token, where)
     return pack_rope_table(rope_rows(cos, sin, order))
+
+
+def rope_table_blocks(cfg: dict, max_token: int, order: str, where: Path, positions_a_block: int = 1 << 16):
+    """rope_table's fp16 stream in pieces, in file order (its four blocks of 32 channels, each in
+    runs of positions): the same bytes, in memory a few MB at a time whatever --max_token is."""
+    check_max_token(max_token)
+    if order not in ROPE_ORDERS:
+        raise VCUError(f"--rope_table {order}: expected one of {', '.join(ROPE_ORDERS)}")
+    inv_freq = rope_inv_freq(cfg, BOARD_HEAD_DIM, where)
+    for block in range(BOARD_HEAD_DIM // ROPE_CHANNELS_PER_BLOCK):
+        for start in range(0, max_token, positions_a_block):
+            n = min(positions_a_block, max_token - start)
+            rows = rope_rows(*rope_cos_sin(cfg, BOARD_HEAD_DIM, n, where, start, inv_freq), order)
+            yield np.ascontiguousarray(rows[:, block * ROPE_CHANNELS_PER_BLOCK : (block + 1) * ROPE_CHANNELS_PER_BLOCK]).reshape(-1)
 
 
 def rope_from_rows(rows: np.ndarray, order: str) -> tuple[np.ndarray, np.ndarray]:

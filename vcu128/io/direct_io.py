@@ -130,6 +130,13 @@ class DirectWriter:
         self.close()
 
 
+def write_array(path: Path, array) -> None:
+    """A small array's bytes as a whole file. (numpy's tofile reports a full disk as a short write
+    without an errno; a plain write raises ENOSPC, which the error line names.)"""
+    with open(path, "wb") as f:
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
 def read_bytes(path: Path, offset: int, nbytes: int, direct: bool = True) -> np.ndarray:
     """`nbytes` bytes of a file from `offset`, as uint8: with O_DIRECT, the aligned range around
     them is read into an aligned buffer and the asked-for bytes returned as a view of it."""

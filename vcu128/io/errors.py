@@ -8,9 +8,11 @@ SIGINT / SIGTERM (staging folders are removed on the way out); 3 a bug in this t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -39,6 +41,29 @@ def set_writing(target, need_bytes: int | None = None) -> None:
     _writing.update(target=str(target), need=need_bytes)
 
 
+@contextlib.contextmanager
+def writing(target, need_bytes: int | None = None):
+    """set_writing for the time a step writes `target`; what was set before comes back after, so a
+    later failure (a report written elsewhere) is not blamed on this target."""
+    saved = dict(_writing)
+    set_writing(target, need_bytes)
+    try:
+        yield
+    except BaseException:
+        raise  # the error is described (naming the target) on the way out: keep it set
+    else:
+        _writing.clear()
+        _writing.update(saved)
+
+
+def one_line(text) -> str:
+    """`text` with its control characters escaped (a newline in a path becomes \\n): an error stays one line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
 def human_bytes(n: int) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
@@ -57,17 +82,53 @@ def _free_bytes(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def _in_staging_of(path: str, target: str) -> bool:
+    """Is `path` the target, inside it, or under one of its staging paths (parent/.name.partial-..., .old-...)?"""
+    t, p = os.path.abspath(target), os.path.abspath(path)
+    if p == t or p.startswith(t + os.sep):
+        return True
+    parent, name = os.path.split(t)
+    rel = os.path.relpath(p, parent)
+    return not rel.startswith("..") and rel.split(os.sep, 1)[0].startswith(f".{name}.")
+
+
+# A short write reported without an errno (numpy's tofile): "100 requested and 0 written".
+_SHORT_WRITE = re.compile(r"requested and \d+ written")
+_WRAPPED_ERRNO = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """The OSError inside another library's exception (safetensors' SafetensorError says
+    "... (os error 28)"), or None."""
+    if isinstance(e, OSError):
+        return e
+    m = _WRAPPED_ERRNO.search(str(e))
+    if m:
+        code = int(m.group(1) or m.group(2))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def describe_os_error(e: OSError) -> tuple[str, str | None]:
-    """(error line, hint) for a failed file operation."""
-    where = e.filename or _writing.get("target") or "?"
-    if e.errno == errno.ENOSPC:
-        target = _writing.get("target") or where
-        need, free = _writing.get("need"), _free_bytes(target)
+    """(error line, hint) for a failed file operation. A disk-full error names the output being
+    written (not its staging folder, which is gone by now) and the free space of its filesystem."""
+    target = _writing.get("target")
+    where = e.filename if e.filename is not None else target
+    code = e.errno
+    if code is None and _SHORT_WRITE.search(str(e)):
+        code = errno.ENOSPC  # a short write: the disk filled up (the free space below says so)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        named = target if target and (where is None or _in_staging_of(str(where), target)) else where
+        need = _writing.get("need") if named == target else None
+        free = _free_bytes(str(named)) if named is not None else None
         need_s = f"; the step needs about {human_bytes(need)}" if need else ""
         free_s = f", {human_bytes(free)} are free there" if free is not None else ""
-        return f"{target}: disk full (no space left on device){need_s}{free_s}; nothing was left behind", "free some space or pass --out on another disk"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{where}: {e.strerror.lower()} (check the folder's owner and permissions)", None
+        what = "disk full (no space left on device)" if code == errno.ENOSPC else "disk quota exceeded"
+        return (f"{named if named is not None else 'an output file'}: {what}{need_s}{free_s}; nothing was left behind",
+                "free some space, or choose an output folder on another disk")
+    where = where if where is not None else "a file"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}: {(e.strerror or str(e)).lower()} (check the folder's owner and permissions)", None
     return f"{where}: {e.strerror or e}", None
 
 
@@ -90,14 +151,25 @@ def _raise_terminated(signum, frame):
 
 
 def _fail(message: str, hint: str | None = None) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     if hint:
-        print(f"hint: {hint}", file=sys.stderr)
+        print(f"hint: {one_line(hint)}", file=sys.stderr)
+
+
+class _OneLineWarnings(logging.Formatter):
+    """Warnings and errors are one line each, whatever a path in them holds."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return one_line(text) if record.levelno >= logging.WARNING else text
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a step's main() (its return value is the exit code, None meaning 0)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if type(handler.formatter) is logging.Formatter and handler.formatter._fmt == "%(message)s":
+            handler.setFormatter(_OneLineWarnings("%(message)s"))
     quiet_third_party()
     old_term = signal.getsignal(signal.SIGTERM)
     try:
@@ -121,7 +193,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except MemoryError:
         _fail("out of memory", "close other programs or use a machine with more memory")
         return 2
-    except Exception:
+    except Exception as e:
+        wrapped = os_error_of(e)
+        if wrapped is not None:  # a library's own wrapper around a file error (disk full while saving)
+            _fail(*describe_os_error(wrapped))
+            return 2
         traceback.print_exc()
         _fail("internal error (a bug in compiler-vcu128, not in your input): please report the traceback above")
         return 3

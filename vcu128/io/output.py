@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,8 +22,8 @@ import numpy as np
 
 from vcu128 import __version__
 from vcu128.io.direct_io import DirectWriter, read_bytes
-from vcu128.io.errors import VCUError, human_bytes, set_writing
-from vcu128.io.jsonfile import dumps
+from vcu128.io.errors import VCUError, human_bytes, writing
+from vcu128.io.jsonfile import dumps, get_float, get_object, get_str, get_str_list, read_json_object
 
 log = logging.getLogger("vcu128")
 TOOL = "compiler-vcu128"
@@ -47,28 +48,109 @@ FOLDER_MODE = 0o777 & ~UMASK  # outputs follow the umask (0755 under 022), as mk
 Owns = Callable[[Path], "set[str] | None"]  # folder -> the files a step wrote there, or None if not its output
 
 
+def real_path(path) -> Path:
+    """`path` with every symlink and `..` resolved (as far as it exists; the rest appended): what
+    inputs and outputs are compared as."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def out_path(target) -> Path:
+    """Where an output really goes: its parent folder with symlinks and `..` resolved, its own name
+    kept (a symlink there is refused by check_out, never followed)."""
+    t = Path(os.path.join(os.getcwd(), os.fspath(target)))  # not normalised: `link/..` is the link's target's parent
+    if t.name in ("", ".."):
+        return real_path(t)
+    return real_path(t.parent) / t.name
+
+
+def _shown(target) -> str:
+    """The output as the user named it, and what it really is where that differs (a symlink on the way)."""
+    shown, real = Path(os.path.abspath(os.fspath(target))), real_path(target)
+    return f"{shown}" if shown == real else f"{shown} (that is {real})"
+
+
+def check_inputs(target, inputs, flag: str = "--out") -> None:
+    """Refuse an output that is one of the step's inputs, or holds one, compared after resolving
+    symlinks and `..` (a new folder inside an input folder is fine: it holds no input)."""
+    real = real_path(target)
+    for inp in inputs:
+        inp = real_path(inp)
+        if inp == real or real in inp.parents:
+            raise VCUError(f"{flag} {_shown(target)}: is or contains the input {inp}; choose another folder",
+                           "choose a new folder (one inside an input folder is fine)")
+
+
 def check_out(target: Path, step: str, owns: Owns, inputs=(), force: bool = False, flag: str = "--out") -> str:
     """Refuse an --out that would destroy something the step did not write. Returns 'new' (nothing
     there, or an empty folder), 'own' (the step's earlier output) or 'force'."""
-    if not target.name or target == target.parent:
+    phys = out_path(target)
+    if not phys.name or phys == phys.parent:
         raise VCUError(f"{target}: not a folder the step can write (pass --out with a folder name)")
-    for inp in inputs:
-        inp = Path(inp).resolve()
-        if inp == target or target in inp.parents:
-            raise VCUError(f"{flag} {target}: is or contains the input {inp}; choose another folder",
-                           "a new folder inside the input folder is fine (the default is)")
-    if not target.exists() and not target.is_symlink():
+    check_inputs(target, inputs, flag)
+    if not phys.exists() and not phys.is_symlink():
         return "new"
-    if not target.is_dir() or target.is_symlink():
-        raise VCUError(f"{flag} {target}: exists and is not a folder; not replacing it (choose another {flag})")
-    if owns(target) is not None:
+    if phys.is_symlink():
+        raise VCUError(f"{flag} {_shown(target)}: exists and is a symbolic link; not replacing it (choose another {flag})")
+    if not phys.is_dir():
+        raise VCUError(f"{flag} {_shown(target)}: exists and is not a folder; not replacing it (choose another {flag})")
+    try:
+        owned = owns(phys)
+    except VCUError as e:  # its record is damaged: not replaced on that record's word
+        if force:
+            return "force"
+        raise VCUError(str(e), f"choose another {flag}, or pass --force to replace that folder") from None
+    if owned is not None:
         return "own"
-    if not any(target.iterdir()):
+    if not any(phys.iterdir()):
         return "new"
     if force:
         return "force"
-    raise VCUError(f"{flag} {target}: exists and was not written by {step}.py; not replacing it",
+    raise VCUError(f"{flag} {_shown(target)}: exists and was not written by {step}.py; not replacing it",
                    f"choose another {flag}, or pass --force to replace that folder")
+
+
+def check_not_theirs(folder: Path, owned: set[str], names, step: str, force: bool) -> None:
+    """A step overwrites a file only where its records say it wrote that file: any of `names`
+    (relative to `folder`) that is there and not in `owned` is refused, unless --force."""
+    if force:
+        return
+    for rel in names:
+        if rel not in owned and _lexists_under(folder, rel):
+            raise VCUError(f"{Path(folder) / rel}: exists and was not written by {step}.py (its records do not list it); not replacing it",
+                           "move it away, or pass --force to replace it")
+
+
+def _lexists_under(folder: Path, rel: str) -> bool:
+    """Is there something at folder/rel, or a non-folder where one of rel's parent folders would go?"""
+    if os.path.lexists(Path(folder) / rel):
+        return True
+    parts = Path(rel).parts
+    for i in range(1, len(parts)):
+        p = Path(folder, *parts[:i])
+        if os.path.lexists(p) and (p.is_symlink() or not p.is_dir()):
+            return True
+    return False
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it created (deepest first), for remove_created."""
+    missing, p = [], Path(folder)
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        remove_created(missing)
+        raise
+    return missing
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the folders make_parents created, where they are still empty (a failed run leaves no trace)."""
+    for p in created:
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 @contextlib.contextmanager
@@ -92,14 +174,35 @@ def stage_tag() -> str:
     return f"{os.getpid()}@{HOST}"
 
 
+# What follows `.{name}.partial-` in a staging path of this tool: `pid@host@random` (a run's staging
+# folder), `pid@host` (lm_head's staging files); earlier versions' `pid-random`, `pid-done` (trash) and
+# `pid` (a file being replaced). Anything else is not ours, whatever its name starts with.
+_RUN_TAG = re.compile(r"([0-9]+)@([^@/]+)(?:@\w+)?")
+_EARLIER_TAG = re.compile(r"[0-9]+(?:-\w+)?")
+_OLD_TAG = re.compile(r"[0-9]+")
+
+
+def staging_paths(parent: Path, name: str, kind: str = "partial") -> list[Path]:
+    """The staging (`partial`) or swapped-aside (`old`) paths of target `name` in `parent`, matched
+    literally (a name such as `hw [v2]` is not a glob pattern)."""
+    prefix = f".{name}.{kind}-"
+    pattern = _OLD_TAG if kind == "old" else None
+    found = []
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            rest = entry.name[len(prefix):]
+            if (pattern.fullmatch(rest) if pattern else (_RUN_TAG.fullmatch(rest) or _EARLIER_TAG.fullmatch(rest))):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
 def _staging_run(path: Path, name: str) -> tuple[int, str] | None:
     """(pid, host) of the run a staging path belongs to; None for one this version cannot name
     (an earlier version's, or a finished run's trash)."""
-    rest = path.name[len(f".{name}.partial-"):]
-    pid, _, host = rest.partition("@")
-    if not host or not pid.isdigit():
-        return None
-    return int(pid), host.split("@")[0]
+    m = _RUN_TAG.fullmatch(path.name[len(f".{name}.partial-"):])
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def _alive(pid: int) -> bool:
@@ -117,14 +220,14 @@ def remove_stale(parent: Path, name: str, owns: Owns | None = None) -> None:
     writing the same target (refused); one whose run is gone was left by a killed run (removed,
     and said: it only ever holds what the step wrote). A `.old` folder (a run killed while swapping,
     a window of a few renames) may hold other steps' files: they go back where they were."""
-    for p in sorted(parent.glob(f".{name}.partial-*")):
+    for p in staging_paths(parent, name):
         run = _staging_run(p, name)
         if run is not None and run[0] != os.getpid() and (run[1] != HOST or _alive(run[0])):
             raise VCUError(f"{parent / name}: another run (pid {run[0]} on {run[1]}) is writing it right now; wait for it to finish",
                            f"if that run is gone, remove {p}")
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         log.warning(f"warning: removed {p}: a staging folder left by a killed run")
-    for old in sorted(parent.glob(f".{name}.old-*")):
+    for old in staging_paths(parent, name, "old"):
         target = parent / name
         if not target.exists():
             os.replace(old, target)
@@ -179,51 +282,71 @@ def make_stage(parent: Path, name: str) -> Path:
 
 @contextlib.contextmanager
 def staged_dir(target: Path, step: str = "this step", owns: Owns | None = None, inputs=(), force: bool = False,
-               need_bytes: int | None = None, flag: str = "--out") -> Iterator[Path]:
+               need_bytes: int | None = None, flag: str = "--out", writes=()) -> Iterator[Path]:
     """Yield an empty folder beside `target`; on success it takes `target`'s place, on any error
-    (SIGINT and SIGTERM included) it is removed, so a failed step leaves nothing behind and an older
-    good output stays as it was. What the older output held that the step does not own (other
-    steps' files, a user's notes) is moved into the new one: re-running a step replaces only its
-    own files. `owns(folder)` names the step's files in an earlier output (None: not its output)."""
+    (SIGINT and SIGTERM included) it is removed, so a failed step leaves nothing behind (no parent
+    folder it created either) and an older good output stays as it was. What the older output held
+    that the step does not own (other steps' files, a user's notes) is moved into the new one:
+    re-running a step replaces only its own files, and refuses to overwrite one it did not write
+    (`writes`: names the step knows it will write, checked before any work; every file is checked
+    again at the swap). `owns(folder)` names the step's files in an earlier output (None: not its
+    output). Paths are compared after resolving symlinks and `..`."""
     owns = owns or (lambda folder: None)
-    target = Path(os.path.abspath(target))
-    check_out(target, step, owns, inputs, force, flag)  # before anything is created
-    target.parent.mkdir(parents=True, exist_ok=True)
-    set_writing(target, need_bytes)
-    with folder_lock(target.parent):
-        remove_stale(target.parent, target.name, owns)
-        mode = check_out(target, step, owns, inputs, force, flag)  # again: a killed run's output may be back
-        check_free_space(target, need_bytes)
-        stage = make_stage(target.parent, target.name)  # from here on, a second run on this target is refused
+    given = target
+    target = out_path(target)
+    mode = check_out(given, step, owns, inputs, force, flag)  # before anything is created
+    if mode == "own":
+        check_not_theirs(target, owns(target), writes, step, force)
+    created = make_parents(target.parent)
+    stage = None
     try:
-        yield stage
+        with writing(target, need_bytes):
+            with folder_lock(target.parent):
+                remove_stale(target.parent, target.name, owns)
+                mode = check_out(given, step, owns, inputs, force, flag)  # again: a killed run's output may be back
+                check_free_space(target, need_bytes)
+                stage = make_stage(target.parent, target.name)  # from here on, a second run on this target is refused
+            yield stage
+            with folder_lock(target.parent):
+                trash = _swap_in(stage, target, owns(target) if mode == "own" else None, mode == "own", step, force)
+            stage = None
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        remove_created(created)
         raise
-    with folder_lock(target.parent):
-        trash = _swap_in(stage, target, owns(target) if mode == "own" else None, carry=mode == "own")
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _swap_in(stage: Path, target: Path, owned: set[str] | None, carry: bool) -> Path | None:
+def _swap_in(stage: Path, target: Path, owned: set[str] | None, carry: bool, step: str = "this step", force: bool = False) -> Path | None:
     """Renames only: the old output aside, the stage in, what it does not own carried over. Returns
-    the old output's remains to delete (after the lock is released: deleting gigabytes takes time)."""
+    the old output's remains to delete (after the lock is released: deleting gigabytes takes time).
+    A file the step did not write where the stage has one refuses the swap (unless --force)."""
     with signals_deferred():
         if not target.exists():
             os.replace(stage, target)
             return None
+        carried = _carried(target, owned or set()) if carry else []
+        clash = [rel for rel in carried if _lexists_under(stage, rel)]  # theirs, where this run wrote a file
+        if clash and not force:
+            raise VCUError(f"{target / clash[0]}: exists and was not written by {step}.py (its records do not list it); not replacing it",
+                           "move it away, or pass --force to replace it")
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, old)
         os.replace(stage, target)
-        if carry:
-            for rel in _carried(old, owned or set()):
-                if not (target / rel).exists():
-                    (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(old / rel, target / rel)
+        for rel in carried:
+            if not _lexists_under(target, rel):
+                (target / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(old / rel, target / rel)
         trash = target.parent / f".{target.name}.partial-{os.getpid()}-done"
         os.replace(old, trash)
     return trash
+
+
+def disk_bytes(nbytes: int, block: int = 4096) -> int:
+    """What a file of `nbytes` takes on disk: whole blocks (a folder of many small files needs more than their sum)."""
+    return -(-nbytes // block) * block
 
 
 def check_free_space(target: Path, need_bytes: int | None) -> None:
@@ -234,26 +357,48 @@ def check_free_space(target: Path, need_bytes: int | None) -> None:
     free = st.f_bavail * st.f_frsize
     if free < need_bytes:
         raise VCUError(f"{target}: not enough disk space: the step needs about {human_bytes(need_bytes)}, "
-                       f"{human_bytes(free)} are free there", "free some space or pass --out on another disk")
+                       f"{human_bytes(free)} are free there", "free some space, or choose an output folder on another disk")
 
 
 def replace_file_atomically(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a file beside it renamed into place. On any failure (a full
+    disk included) the partial file is removed and the error names `path`."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and (e.filename is None or e.filename == str(tmp)):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
 
 
 def read_step_record(folder: Path, step: str) -> dict | None:
-    """The record `step` wrote into a shared folder (compile_sw.json, lm_head.json), or None."""
+    """The record `step` wrote into a shared folder (compile_sw.json, lm_head.json), or None when
+    there is none. Read strictly: a record that is not this tool's, or has a key of the wrong
+    type, is one error naming the file and the key."""
     path = Path(folder) / f"{step}{STEP_RECORD_SUFFIX}"
     if not path.is_file():
+        if os.path.lexists(path):
+            raise VCUError(f"{path}: not a file (the record {step}.py writes is a JSON file)")
         return None
-    try:
-        doc = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(doc, dict) or doc.get("tool") != TOOL or doc.get("step") != step:
-        return None
+    doc = read_json_object(path)
+    for key, want in (("tool", TOOL), ("step", step)):
+        if doc.get(key) != want:
+            raise VCUError(f"{path}: '{key}' is {doc.get(key)!r}, expected {want!r} (not the record {step}.py writes)")
+    get_str(doc, "version", path)
+    if not isinstance(get_str(doc, "id", path), str):
+        raise VCUError(f"{path}: missing 'id'")
+    made_from = get_object(doc, "made_from", path, required=True)
+    for key in ("checkpoint", "fingerprint", "method"):
+        get_str(made_from, key, path, name=f"made_from.{key}")
+    get_str_list(doc, "files", path, relative_paths=True)
+    get_object(doc, "fp16_rescale", path)  # compile_sw's plan (its factors are read from compile/config.json)
+    get_float(doc, "relative_error", path)  # lm_head's
     return doc
 
 
@@ -273,9 +418,9 @@ def made_from_id(made_from: dict) -> str:
 def record_owns(step: str) -> Owns:
     def owns(folder: Path) -> set[str] | None:
         doc = read_step_record(folder, step)
-        if doc is None or not isinstance(doc.get("files"), list):
+        if doc is None:
             return None
-        return {str(f) for f in doc["files"]} | {f"{step}{STEP_RECORD_SUFFIX}"}
+        return set(doc["files"]) | {f"{step}{STEP_RECORD_SUFFIX}"}
 
     return owns
 

@@ -63,6 +63,28 @@ def read_texts(path: Path) -> list[str]:
     return [text]
 
 
+# What a HuggingFace tokenizer is saved as (transformers 5 builds an empty tokenizer from config.json
+# alone, which then tokenizes every text to nothing: only these files count).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def load_tokenizer(model: Path):
+    """The model folder's tokenizer, refused by name when the folder has none or it cannot be read."""
+    model = Path(model)
+    if not any((model / f).is_file() for f in TOKENIZER_FILES):
+        raise VCUError(f"{model}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}): calibration text cannot be tokenized",
+                       "copy the model's tokenizer files into the folder (save_pretrained writes them)")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    except Exception as e:  # transformers raises many types here
+        raise VCUError(f"{model}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if len(tokenizer) == 0 or not tokenizer("The", add_special_tokens=False)["input_ids"]:
+        raise VCUError(f"{model}: its tokenizer turns text into no tokens (an empty vocabulary)")
+    return tokenizer
+
+
 def file_digest(path: Path) -> str:
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

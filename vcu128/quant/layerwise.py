@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcu128.format.checkpoint import read_tensor, read_tensor_index
-from vcu128.io.errors import VCUError
+from vcu128.format.checkpoint import check_finite, read_tensor, read_tensor_index
+from vcu128.io.errors import VCUError, os_error_of
 from vcu128.quant.gptq import DAMP_PERCENT, DAMP_STEP, HessianAccumulator, dequantize, gptq_quantize, gptq_tensors
 from vcu128.format.model import GROUP_SIZE
 from vcu128.io.progress import bar
@@ -88,7 +88,9 @@ class SourceWeights:
             raise VCUError(f"{name}: dtype {e.dtype}, expected fp16, bf16 or fp32")
         # Buffered: a model folder is often still in the page cache (just downloaded or converted),
         # and a GPU machine has the memory to keep it there.
-        t = torch.from_numpy(read_tensor(e, direct=False)).view(TORCH_DTYPES[e.dtype])
+        data = read_tensor(e, direct=False)
+        check_finite(name, data, e.dtype)  # a NaN or inf in the model: refused by name, not quantized into garbage
+        t = torch.from_numpy(data).view(TORCH_DTYPES[e.dtype])
         return t.pin_memory() if (self.pin if pin is None else pin) else t
 
     def get(self, name: str, device, dtype) -> torch.Tensor:
@@ -112,6 +114,18 @@ class SourceWeights:
 
     def close(self) -> None:
         self.reader.shutdown(wait=True, cancel_futures=True)
+
+
+def _save_shard(save_file, make, path: Path) -> None:
+    """safetensors' save_file, its errors as an OSError naming the shard (a full disk is
+    SafetensorError "... (os error 28)" there)."""
+    try:
+        save_file(make(), str(path), {"format": "pt"})
+    except Exception as e:
+        wrapped = os_error_of(e)
+        if wrapped is None:
+            raise
+        raise OSError(wrapped.errno, wrapped.strerror, str(path)) from None
 
 
 class CheckpointWriter:
@@ -149,7 +163,7 @@ class CheckpointWriter:
         while len(self.pending) >= 2:
             self.pending.pop(0).result()
         waited = time.perf_counter() - start
-        self.pending.append(self.pool.submit(lambda: save_file(make(), str(self.out / name), {"format": "pt"})))
+        self.pending.append(self.pool.submit(_save_shard, save_file, make, self.out / name))
         return waited
 
     @staticmethod

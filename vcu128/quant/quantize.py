@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from vcu128.quant.calibration import Calibration, build_calibration
+from vcu128.board.stats import read_quant_report
+from vcu128.format.checkpoint import scan_finite
+from vcu128.quant.calibration import Calibration, build_calibration, load_tokenizer
+from vcu128.io.errors import VCUError, human_bytes
+from vcu128.io.jsonfile import dumps, get_int
+from vcu128.format.gate import check_board_tensors, check_float_model_shapes, read_model_dims
+from vcu128.format.model import GROUP_SIZE, LINEARS, read_model_config
 from vcu128.board.rescale import TRIGGER  # half the fp16 range
-from vcu128.io.errors import VCUError
-from vcu128.io.jsonfile import dumps
-from vcu128.format.gate import check_board_tensors
-from vcu128.format.gate import read_model_dims
-from vcu128.format.model import GROUP_SIZE, read_model_config
 from vcu128.io.output import TOOL, check_out, files_under, staged_dir
 
 log = logging.getLogger("vcu128")
@@ -84,7 +85,54 @@ def check_model_folder(model: Path) -> dict:
         return tensors[name].shape
 
     check_board_tensors(tensors, dims, quantized=False, shape_of=shape_of)
+    check_float_model_shapes(shape_of, dims, dims.tie_word_embeddings, tensors)
     return cfg
+
+
+def memory_needed(dims, opts: "QuantizeOptions") -> int:
+    """About the least memory GPTQ needs, whatever the engine: the calibration activations of every
+    sample at one layer's input (fp32 on the CPU, 16-bit on a GPU) and the Hessian of the widest
+    linear input (chin x chin in fp32) with the two matrices of that size its solve keeps beside it."""
+    act = 4 if opts.device == "cpu" else 2
+    widest = max(max(dims.linear_shape(lin)[0] for lin in LINEARS), dims.hidden)
+    return opts.nsamples * opts.seqlen * dims.hidden * act + 3 * widest * widest * 4
+
+
+def machine_memory(device: str) -> int | None:
+    """The memory of the device quantize runs on (host RAM for the CPU), or None when unknown."""
+    try:
+        if device == "cpu":
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        import torch
+
+        if device.startswith("cuda") and torch.cuda.is_available():
+            return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    except (ValueError, OSError, RuntimeError, AssertionError):
+        return None
+    return None
+
+
+def check_memory(dims, opts: "QuantizeOptions", where: Path) -> None:
+    """Refused before anything is loaded: a model and calibration set that cannot fit in the
+    machine's memory at all (the allocator would fail mid-run with a traceback)."""
+    need, have = memory_needed(dims, opts), machine_memory(opts.device)
+    if have is not None and need > have:
+        raise VCUError(f"{where}: quantizing needs at least {human_bytes(need)} of memory on {opts.device} (hidden_size {dims.hidden}, "
+                       f"widest linear input {max(max(dims.linear_shape(lin)[0] for lin in LINEARS), dims.hidden)}, --nsamples "
+                       f"{opts.nsamples} x --seqlen {opts.seqlen}); the machine has {human_bytes(have)}",
+                       "fewer --nsamples or a shorter --seqlen shrink the activations; the Hessian is the model's own")
+
+
+def check_seqlen(cfg: dict, seqlen: int, where: Path) -> None:
+    """Refused: --seqlen past the positions the model was trained on. Calibration samples that long
+    put the last positions' activations (and so the Hessians GPTQ fits, and the report's perplexity)
+    where the model has never been: the checkpoint would be tuned on inputs it will not see, and the
+    report would not say so. A refusal costs one re-run with a smaller --seqlen; a warning would
+    scroll past and leave that checkpoint behind."""
+    trained = get_int(cfg, "max_position_embeddings", where) if cfg.get("max_position_embeddings") is not None else None
+    if trained is not None and seqlen > trained:
+        raise VCUError(f"--seqlen {seqlen}: the model was trained on at most {trained} positions ({where}: max_position_embeddings)",
+                       f"pass --seqlen {trained} or less")
 
 
 def check_board_settings(opts: QuantizeOptions) -> None:
@@ -266,24 +314,23 @@ def format_report(report: dict) -> str:
 
 def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tuple[Path, dict]:
     """Quantize into `out` (default <model>-W<bits>A16-gptq), atomically; returns (out, report)."""
-    from transformers import AutoTokenizer
-
     model = Path(model).resolve()
     check_engine_settings(opts)
+    if opts.calib is None:
+        raise VCUError("--calib: pass a text file, a JSONL file, a saved dataset folder, or 'random'")
     cfg = check_model_folder(model)
+    check_seqlen(cfg, opts.seqlen, model / "config.json")
+    check_memory(read_model_dims(model / "config.json"), opts, model / "config.json")
     out = Path(out) if out else default_output(model, opts.wbits)
     if opts.lm_head and cfg.get("tie_word_embeddings"):
         raise VCUError(f"{model}: --lm_head with tie_word_embeddings: the output layer is the embedding "
                        "(leave --lm_head off; lm_head.py quantizes the tied embedding)")
     inputs = [model] + [Path(p) for p in (opts.calib, opts.eval_text) if p and p != "random"]
-    check_out(Path(os.path.abspath(out)), "quantize", checkpoint_owns, inputs, opts.force, "--quantize_model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model))
-    except Exception as e:  # transformers raises many types here
-        raise VCUError(f"{model}: no usable tokenizer ({type(e).__name__}: {e})") from None
-    if opts.calib is None:
-        raise VCUError("--calib: pass a text file, a JSONL file, a saved dataset folder, or 'random'")
+    check_out(out, "quantize", checkpoint_owns, inputs, opts.force, "--quantize_model")
+    tokenizer = load_tokenizer(model)
     calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"))
+    if opts.engine == "gptqmodel":  # GPTQModel loads the model whole: look at every float first (this engine reads each tensor itself)
+        scan_finite(model)
     report: dict = {"tool": TOOL, "step": "quantize", "calibration": calib.meta,
                     "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force")}}
     with staged_dir(out, "quantize", checkpoint_owns, inputs, opts.force, flag="--quantize_model") as stage:
@@ -311,15 +358,13 @@ def warn_headroom(stats: dict) -> None:
 
 def checkpoint_owns(folder: Path) -> set[str] | None:
     """A checkpoint quantize.py wrote: its quant_report.json lists the files (compile/ and whatever
-    else is in the folder is carried over to a re-run's checkpoint)."""
-    try:
-        doc = json.loads((Path(folder) / REPORT_NAME).read_bytes())
-    except (OSError, ValueError):
+    else is in the folder is carried over to a re-run's checkpoint). The report is read strictly:
+    a damaged one is an error naming the file and key (--force replaces the folder anyway)."""
+    doc = read_quant_report(folder)
+    if doc is None:
         return None
-    if not isinstance(doc, dict):
-        return None
-    if doc.get("tool") == TOOL and isinstance(doc.get("files"), list):
-        return {str(f) for f in doc["files"]}
+    if doc.get("tool") == TOOL and "files" in doc:
+        return set(doc["files"])
     if {"calibration", "settings", "seconds_quantize"} <= set(doc):  # an earlier version's report: its files are the top level ones
         return {p.name for p in Path(folder).iterdir() if p.is_file()}
     return None

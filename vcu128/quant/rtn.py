@@ -37,7 +37,8 @@ def quantize_rows(weight: np.ndarray, method: str, qmin: int = -8) -> tuple[np.n
     quotient = np.divide(w, divisor)  # float32 / float32: a true IEEE division, not a reciprocal multiply
     (np.trunc if method == "trunc" else np.rint)(quotient, out=quotient)
     np.clip(quotient, qmin, 7, out=quotient)
-    return quotient.astype(np.int8).reshape(rows, cols), scale.astype(np.float16)
+    with np.errstate(over="ignore"):  # a scale past fp16's range becomes inf: the caller refuses it by row
+        return quotient.astype(np.int8).reshape(rows, cols), scale.astype(np.float16)
 
 
 def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
