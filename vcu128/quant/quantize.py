@@ -4,11 +4,13 @@ plain round-to-nearest on the same inputs) saved as quant_report.json in the che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,39 +20,16 @@ from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import dumps
 from vcu128.format.gate import check_board_tensors
 from vcu128.format.gate import read_model_dims
-from vcu128.format.model import GROUP_SIZE, read_model_config
+from vcu128.format.model import read_model_config
 from vcu128.io.output import TOOL, check_out, files_under, staged_dir
+from vcu128.io.uptodate import fingerprint
+from vcu128.quant.options import ENGINES, QuantizeOptions, check_arguments, check_board_settings, check_engine_settings  # noqa: F401 (the options' home)
 
 log = logging.getLogger("vcu128")
 
 REPORT_NAME = "quant_report.json"
 CALIBRATION_META_KEY = "vcu128_calibration"
 GPU_BATCH = 16  # calibration samples a forward pass on a GPU (plain GPTQModel: 1); see bench/bench_quantize.py
-
-
-@dataclass
-class QuantizeOptions:
-    wbits: int = 4
-    group_size: int = GROUP_SIZE
-    sym: bool = True
-    desc_act: bool = False
-    device: str = "cpu"
-    nsamples: int = 256
-    seqlen: int = 512
-    seed: int = 0
-    calib: str | None = None
-    eval_text: str | None = None
-    lm_head: bool = False
-    engine: str = "vcu128"  # "vcu128" (this project's GPTQ, vcu128/quant/gptq.py) or "gptqmodel"
-    batch_size: int | None = None  # samples a forward pass; None: vcu128 16384 tokens' worth, gptqmodel 1 on CPU, GPU_BATCH on a GPU
-    # GPTQModel engine only:
-    offload: bool | None = None  # GPTQModel's offload_to_disk; None: off on a GPU, its default on the CPU
-    pack_impl: str | None = None  # GPTQModel's int4 packing; None: "gpu" on a GPU, "original" on the CPU
-    tf32: bool | None = None  # TF32 matmuls for the Hessians and their inverses; None: on for a GPU
-    true_sequential: bool = True  # one forward a group of linears in a layer (GPTQ's default) or one a layer
-    report: bool = True
-    force: bool = False  # replace an existing output folder this step did not write
-    int4_range: int = 8  # 8: the full -8..7 grid; 7: the 15 levels -7..7 that sign-magnitude boards hold
 
 
 def default_output(model: Path, wbits: int) -> Path:
@@ -86,19 +65,6 @@ def check_model_folder(model: Path) -> dict:
     return cfg
 
 
-def check_board_settings(opts: QuantizeOptions) -> None:
-    """What --compile needs: the board runs only W4, group 128, symmetric, no act-order."""
-    bad = [
-        (opts.wbits != 4, f"--wbits {opts.wbits}"),
-        (opts.group_size != GROUP_SIZE, f"--group_size {opts.group_size}"),
-        (not opts.sym, "--no-sym"),
-        (opts.desc_act, "--desc_act"),
-    ]
-    for is_bad, flag in bad:
-        if is_bad:
-            raise VCUError(f"{flag} with --compile: the board supports only 4-bit, group size 128, symmetric, no act-order")
-
-
 def _redirect_gptqmodel_logs(folder: Path) -> None:
     """GPTQModel writes its per-run logs to ./logs; send them into the checkpoint instead."""
     try:
@@ -117,9 +83,6 @@ def _add_calibration_meta(folder: Path, meta: dict) -> None:
             section = doc[key] if key else doc
             section.setdefault("meta", {})[CALIBRATION_META_KEY] = meta
             path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-ENGINES = ("vcu128", "gptqmodel")
 
 
 def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> tuple[float, dict | None]:
@@ -141,26 +104,13 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
     return seconds, run.stats_report(run.dtype)
 
 
-def check_engine_settings(opts: QuantizeOptions) -> None:
-    for flag, value, least in (("--nsamples", opts.nsamples, 1), ("--seqlen", opts.seqlen, 2), ("--batch_size", opts.batch_size or 1, 1)):
-        if not isinstance(value, int) or value < least:
-            raise VCUError(f"{flag} {value}: must be an integer of at least {least}")
-    if opts.engine not in ENGINES:
-        raise VCUError(f"--engine {opts.engine}: expected one of {', '.join(ENGINES)}")
-    if opts.int4_range not in (7, 8):
-        raise VCUError(f"--int4_range {opts.int4_range}: expected 8 (-8..7, the default) or 7 (-7..7, for sign-magnitude boards)")
-    if opts.int4_range == 7 and opts.engine != "vcu128":
-        raise VCUError("--int4_range 7 needs --engine vcu128 (GPTQModel has no 15-level grid)")
-    if opts.engine == "vcu128" and (opts.wbits, opts.group_size, opts.sym, opts.desc_act) != (4, GROUP_SIZE, True, False):
-        raise VCUError("--engine vcu128 quantizes only what the board runs (4-bit, group size 128, symmetric, "
-                       "no act-order); pass --engine gptqmodel for other settings")
-
-
 def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
     """Quantize `model` into `out` with GPTQModel; returns seconds."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
+
+    with quiet_stdout(not opts.verbose):  # its import prints a banner
+        from gptqmodel import GPTQModel, QuantizeConfig
 
     _redirect_gptqmodel_logs(out / "quant_logs")
     cpu = opts.device == "cpu"
@@ -187,14 +137,44 @@ def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOpti
     cfg = read_model_config(Path(model) / "config.json")
     saved = cfg.get("torch_dtype") or cfg.get("dtype") or ""
     dtype = {"float16": torch.float16, "float32": torch.float32}.get(saved, torch.bfloat16)  # the model's own; never a narrower range
-    gm = GPTQModel.load(str(model), qc, dtype=dtype, device=opts.device)
-    with FallbackWatch() as watch:
-        gm.quantize(calib.samples, batch_size=batch)
-    watch.check()
-    gm.save(str(out))
+    with quiet_stdout(not opts.verbose):
+        gm = GPTQModel.load(str(model), qc, dtype=dtype, device=opts.device)
+        with FallbackWatch() as watch:
+            gm.quantize(calib.samples, batch_size=batch)
+        watch.check()
+        gm.save(str(out))
     seconds = time.perf_counter() - start
     del gm
     return seconds
+
+
+@contextlib.contextmanager
+def quiet_stdout(quiet: bool = True, keep_lines: int = 40):
+    """GPTQModel prints hundreds of lines of banners, progress and tables on stdout: keep them off it
+    (file descriptor 1, so that C-level and cached-stream writes are caught too) unless `quiet` is
+    False (quantize.py --verbose). If the block fails, its last `keep_lines` lines go to stderr, so
+    the error keeps its context."""
+    if not quiet:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        except BaseException:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            sink.seek(0)
+            tail = sink.read().decode(errors="replace").splitlines()[-keep_lines:]
+            if tail:
+                print("\n".join(["GPTQModel's last output:"] + tail), file=sys.stderr)
+            raise
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 class FallbackWatch(logging.Handler):
@@ -265,11 +245,11 @@ def format_report(report: dict) -> str:
 
 def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tuple[Path, dict]:
     """Quantize into `out` (default <model>-W<bits>A16-gptq), atomically; returns (out, report)."""
+    check_arguments(opts)  # before the model is opened
+    model = Path(model).resolve()
+    cfg = check_model_folder(model)  # before transformers' import (seconds)
     from transformers import AutoTokenizer
 
-    model = Path(model).resolve()
-    check_engine_settings(opts)
-    cfg = check_model_folder(model)
     out = Path(out) if out else default_output(model, opts.wbits)
     if opts.lm_head and cfg.get("tie_word_embeddings"):
         raise VCUError(f"{model}: --lm_head with tie_word_embeddings: the output layer is the embedding "
@@ -280,11 +260,13 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
         tokenizer = AutoTokenizer.from_pretrained(str(model))
     except Exception as e:  # transformers raises many types here
         raise VCUError(f"{model}: no usable tokenizer ({type(e).__name__}: {e})") from None
-    if opts.calib is None:
-        raise VCUError("--calib: pass a text file, a JSONL file, a saved dataset folder, or 'random'")
-    calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"))
-    report: dict = {"tool": TOOL, "step": "quantize", "calibration": calib.meta,
-                    "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force")}}
+    calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"),
+                              evaluate=opts.report)
+    # What the checkpoint was made from and how: the source model (its path and fingerprint, see
+    # vcu128/io/uptodate.py), the calibration and every option (main.sh's stamps compare these too).
+    report: dict = {"tool": TOOL, "step": "quantize", "model": str(model),
+                    "made_from": {"model": str(model), "fingerprint": fingerprint(model)}, "calibration": calib.meta,
+                    "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force", "verbose")}}
     with staged_dir(out, "quantize", checkpoint_owns, inputs, opts.force, flag="--quantize_model") as stage:
         report["seconds_quantize"], stats = run_gptq(model, stage, calib, opts, tokenizer)
         if stats:
