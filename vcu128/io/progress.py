@@ -82,4 +82,4 @@ def bar(iterable=None, desc: str = "", unit: str = "it", total=None, enabled: bo
         return FinalLine(iterable, desc, unit, total)
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, unit=unit, total=total, mininterval=0.5, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, unit=unit, total=total, mininterval=0.5, dynamic_ncols=True, disable=False)
