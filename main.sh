@@ -68,6 +68,7 @@ model_dirs=()
 for m in "${model_args[@]}"; do
   model_dirs+=("$(realpath -m -- "$m")")
 done
+started_in="$PWD"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"   # logs and the demo go here
 root="${VCU128_ROOT:-$here}"                             # the tools (tests run a copy of main.sh with VCU128_ROOT set)
 cd "$here" || exit 2
@@ -183,16 +184,17 @@ for model_dir in "${model_dirs[@]}"; do
     run_step embedding_tokens python "$root/embedding_tokens.py" --compile_dir "$cdir" --out "$hw/Embedding" --parts "$embedding_parts" || status=$?
   fi
   if ((status == 0)) && [[ $compile == 1 ]]; then
-    ins=("$qdir:!compile" "$cdir/compile_sw.json" "$cdir/lm_head.json" "$hw/manifest.json"); outs=("$cdir/verify_report.json"); made=()
+    ins=("$qdir:!compile" "$cdir/compile_sw.json" "$cdir/lm_head.json" "$hw"); outs=("$cdir/verify_report.json"); made=()
     run_step verify python "$root/verify.py" --quantize_model "$qdir" --hardware_dir "$hw" --device "$device" || status=$?
   fi
   steps=$(printf '%s s, ' "${times[@]}" | sed 's/ - s,/ up to date,/g; s/, $//')
+  shown_log=$log; [[ $here != "$started_in" ]] && shown_log="$here/$log"
   if [[ -n $interrupted ]]; then
-    summary+=("$(printf '%-24s interrupted during %s (%s); log: %s' "$model" "$step" "$steps" "$log")")
+    summary+=("$(printf '%-24s interrupted during %s (%s); log: %s' "$model" "$step" "$steps" "$shown_log")")
     failed=1
   elif ((status != 0)); then
     reason=$(grep -a '^error:' "$log" | tail -n 1)
-    summary+=("$(printf '%-24s FAILED at %s (exit %d)%s; log: %s' "$model" "$step" "$status" "${reason:+: ${reason#error: }}" "$log")")
+    summary+=("$(printf '%-24s FAILED at %s (exit %d)%s; log: %s' "$model" "$step" "$status" "${reason:+: ${reason#error: }}" "$shown_log")")
     failed=1
   elif [[ $compile == 1 ]]; then
     summary+=("$(printf '%-24s ok (%s); packed folder: %s' "$model" "$steps" "$hw")")

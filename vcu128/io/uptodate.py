@@ -11,8 +11,8 @@ option, so a changed setting re-runs the step; a re-run step changes its record 
 next step's input, so the steps after it run again too.
 
 A fingerprint names a path as it is now without reading gigabytes: every file under it (sorted, by
-its path relative to it), small files (up to 1 MiB: configs, records, tokenizers) by their content,
-large ones (weights) by size and modification time.
+its path relative to it), JSON files and files up to 64 KiB (configs, records, manifests, tokenizers)
+by their content, the others (weights, packed files) by size and modification time.
 
 Standard library only: main.sh runs this between steps.
 """
@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-SMALL = 1 << 20
+SMALL = 1 << 16
 VERSION = 1
 
 
@@ -42,7 +42,7 @@ def fingerprint(path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> str |
         st = f.stat()
         rel = "." if f == path else f.relative_to(path).as_posix()
         sha.update(f"{rel}\0{st.st_size}\0".encode())
-        if st.st_size <= SMALL:
+        if st.st_size <= SMALL or f.suffix == ".json":
             sha.update(f.read_bytes())
         else:
             sha.update(f"{st.st_mtime_ns}".encode())
