@@ -131,6 +131,26 @@ def test_options_checks_need_no_model():
         check_arguments(QuantizeOptions())
 
 
+def test_gptqmodels_stdout_is_kept_off_unless_verbose(capfd):
+    """quantize --engine gptqmodel: GPTQModel's banners and tables (print and raw writes to fd 1) are
+    kept off stdout; when it fails, their last lines go to stderr with the error; --verbose shows them."""
+    from vcu128.quant.quantize import quiet_stdout
+
+    with quiet_stdout():
+        print("banner", flush=True)
+        os.write(1, b"table\n")
+    assert capfd.readouterr().out == ""
+    with pytest.raises(RuntimeError):
+        with quiet_stdout():
+            print("context line", flush=True)
+            raise RuntimeError("boom")
+    captured = capfd.readouterr()
+    assert captured.out == "" and "GPTQModel's last output:\ncontext line" in captured.err
+    with quiet_stdout(False):
+        print("shown", flush=True)
+    assert capfd.readouterr().out == "shown\n"
+
+
 # --- progress bars -----------------------------------------------------------------------------
 
 

@@ -105,12 +105,16 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
 
 
 def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
-    """Quantize `model` into `out` with GPTQModel; returns seconds."""
+    """Quantize `model` into `out` with GPTQModel; returns seconds. Its stdout (banner, progress,
+    tables) is kept off ours unless --verbose."""
+    with quiet_stdout(not opts.verbose):
+        return _run_gptqmodel(model, out, calib, opts)
+
+
+def _run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     import torch
-
-    with quiet_stdout(not opts.verbose):  # its import prints a banner
-        from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import GPTQModel, QuantizeConfig
 
     _redirect_gptqmodel_logs(out / "quant_logs")
     cpu = opts.device == "cpu"
@@ -137,12 +141,11 @@ def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOpti
     cfg = read_model_config(Path(model) / "config.json")
     saved = cfg.get("torch_dtype") or cfg.get("dtype") or ""
     dtype = {"float16": torch.float16, "float32": torch.float32}.get(saved, torch.bfloat16)  # the model's own; never a narrower range
-    with quiet_stdout(not opts.verbose):
-        gm = GPTQModel.load(str(model), qc, dtype=dtype, device=opts.device)
-        with FallbackWatch() as watch:
-            gm.quantize(calib.samples, batch_size=batch)
-        watch.check()
-        gm.save(str(out))
+    gm = GPTQModel.load(str(model), qc, dtype=dtype, device=opts.device)
+    with FallbackWatch() as watch:
+        gm.quantize(calib.samples, batch_size=batch)
+    watch.check()
+    gm.save(str(out))
     seconds = time.perf_counter() - start
     del gm
     return seconds
@@ -159,11 +162,13 @@ def quiet_stdout(quiet: bool = True, keep_lines: int = 40):
         return
     sys.stdout.flush()
     saved = os.dup(1)
-    with tempfile.TemporaryFile() as sink:
+    with tempfile.TemporaryFile() as sink, open(sink.fileno(), "w", closefd=False) as text:
         os.dup2(sink.fileno(), 1)
         try:
-            yield
+            with contextlib.redirect_stdout(text):  # sys.stdout too, where it is not file descriptor 1
+                yield
         except BaseException:
+            text.flush()
             sys.stdout.flush()
             os.dup2(saved, 1)
             sink.seek(0)
@@ -172,6 +177,7 @@ def quiet_stdout(quiet: bool = True, keep_lines: int = 40):
                 print("\n".join(["GPTQModel's last output:"] + tail), file=sys.stderr)
             raise
         finally:
+            text.flush()
             sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
