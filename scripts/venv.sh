@@ -2,7 +2,8 @@
 # requirements.txt changed since), then put it first on PATH.
 #
 # torch: requirements.txt pins its version. Which build of it:
-#   (unset)                 what pip finds for the pin (on the 2-core CPU machines: the CPU build on local disk)
+#   (unset)                 the build already in .venv; in a new one, what pip finds for the pin (on the 2-core
+#                           CPU machines: the CPU build on local disk)
 #   VCU128_TORCH=cuda       the CUDA build of the pinned version from PyTorch's index (CUDA 13.0: cu130)
 #   VCU128_TORCH=cu128      ... another CUDA variant (cu126, cu128, cu129, cu130: pytorch.org lists them)
 #   VCU128_TORCH=cpu        the CPU build from PyTorch's index (a GPU machine that should not use its GPU)
@@ -42,7 +43,11 @@ if [[ ${VCU128_VENV_PLAN:-} == 1 ]]; then
   _vcu128_setup print
   return 0 2>/dev/null || exit 0
 fi
-if [[ ! -x "$_venv/bin/python" || "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]]; then
+_have="$(cat "$_stamp" 2>/dev/null)"
+if [[ -z ${VCU128_TORCH:-} ]]; then
+  _have="${_have%% *}"  # unset: keep whichever torch build was installed (VCU128_TORCH=cuda stays CUDA)
+fi
+if [[ ! -x "$_venv/bin/python" || "$_have" != "$_want" ]]; then
   _py="${PYTHON:-python3}"
   if ! "$_py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     echo "note: $_py is $("$_py" --version 2>&1); torch==$_torch_pin (CPU) is pinned for Python 3.11" >&2
