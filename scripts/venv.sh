@@ -29,14 +29,14 @@ case "${VCU128_TORCH:-}" in
     ;;
 esac
 _vcu128_setup() {  # $1: run, or print (VCU128_VENV_PLAN=1)
-  local py="${PYTHON:-python3}" do=()
-  [[ $1 == print ]] && do=(_vcu128_print)
-  "${do[@]}" "$py" -m venv "$_venv" || return
-  "${do[@]}" "$_venv/bin/python" -m pip install -q --upgrade pip || return
+  local py="${PYTHON:-python3}" via=()
+  [[ $1 == print ]] && via=(_vcu128_print)
+  "${via[@]}" "$py" -m venv "$_venv" || return
+  "${via[@]}" "$_venv/bin/python" -m pip install -q --upgrade pip || return
   if ((${#_torch_cmd[@]})); then
-    "${do[@]}" "$_venv/bin/python" "${_torch_cmd[@]}" || return  # first: requirements.txt's pin is then satisfied by this build
+    "${via[@]}" "$_venv/bin/python" "${_torch_cmd[@]}" || return  # first: requirements.txt's pin is then satisfied by this build
   fi
-  "${do[@]}" "$_venv/bin/python" -m pip install -q -r "$_root/requirements.txt" || return
+  "${via[@]}" "$_venv/bin/python" -m pip install -q -r "$_root/requirements.txt" || return
 }
 _vcu128_print() { printf '%q ' "$@" | sed 's/ $//'; echo; }
 if [[ ${VCU128_VENV_PLAN:-} == 1 ]]; then
