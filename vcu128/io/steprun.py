@@ -65,6 +65,13 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _kill_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run(log_path: str, command: list[str]) -> int:
     env = dict(os.environ)
     if os.isatty(1):
@@ -72,6 +79,17 @@ def run(log_path: str, command: list[str]) -> int:
     else:
         env.pop("VCU128_TTY", None)
     log = LogLines(log_path)
+    forwarded: list[int] = []
+    running: list[subprocess.Popen] = []
+
+    def forward(signum, frame):
+        if not forwarded:  # once: a second signal would interrupt the step's own clean-up
+            forwarded.append(signum)
+            if running:
+                _kill_group(running[0].pid, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # before the step starts: none is lost
+        signal.signal(sig, forward)
     try:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     except OSError as e:
@@ -80,18 +98,9 @@ def run(log_path: str, command: list[str]) -> int:
         log.write(message)
         log.close()
         return 127
-    forwarded = []
-
-    def forward(signum, frame):
-        if not forwarded:  # once: a second signal would interrupt the step's own clean-up
-            forwarded.append(signum)
-            try:
-                os.killpg(child.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+    running.append(child)
+    if forwarded:  # came while it was starting
+        _kill_group(child.pid, forwarded[0])
     fd = child.stdout.fileno()
     while True:
         try:
