@@ -142,6 +142,9 @@ run_step() {
   done
   step_pid=""
   times+=("$name $((SECONDS - start))")
+  if [[ -z $interrupted ]] && ((rc == 130 || rc == 143)); then  # the step was interrupted (a signal we could not trap)
+    interrupted=$( ((rc == 130)) && echo INT || echo TERM)
+  fi
   if ((rc == 0)) && [[ -z $interrupted ]]; then
     python -m vcu128.io.uptodate record "$stamp" --in "${ins[@]}" --out "${outs[@]}" --made "${made[@]}" -- "$@"
   fi
