@@ -8,8 +8,7 @@ a refused checkpoint leaves nothing behind. See FORMAT.md section 2.
 import logging
 import sys
 
-from vcu128.export.compile_sw import compile_software
-from vcu128.io.errors import ArgumentParser, run_cli
+from vcu128.io.errors import ArgumentParser, run_cli  # standard library only: first
 
 
 def main(argv=None):
@@ -22,6 +21,8 @@ def main(argv=None):
                         "statistics, nothing without them; measure: run the model first; off; or explicit factors")
     p.add_argument("--text", help="with --fp16_rescale measure (or a residual factor to weigh): text to measure on (default: data/demo_corpus.txt)")
     args = p.parse_args(argv)
+    from vcu128.export.compile_sw import compile_software
+
     result = compile_software(args.quantize_model, args.out, force=args.force, fp16_rescale=args.fp16_rescale, text=args.text)
     logging.getLogger("vcu128").info(result.line())
 

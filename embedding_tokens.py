@@ -7,9 +7,8 @@ Writes Embedding_01-of-16.bin ... in row order; a vocab that K does not divide i
 import logging
 import sys
 
-from vcu128.export.embedding_tokens import split_embedding
-from vcu128.format.layout import BOARD_EMBEDDING_PARTS
-from vcu128.io.errors import ArgumentParser, positive_int, run_cli
+from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
+from vcu128.format.constants import BOARD_EMBEDDING_PARTS
 
 
 def main(argv=None):
@@ -19,6 +18,8 @@ def main(argv=None):
     p.add_argument("--out", metavar="DIR", help="output folder (default: DIR/QWEN_BLOCK_write_data_port32/Embedding)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder that embedding_tokens.py did not write")
     args = p.parse_args(argv)
+    from vcu128.export.embedding_tokens import split_embedding
+
     result = split_embedding(args.compile_dir, args.out, args.parts, force=args.force)
     logging.getLogger("vcu128").info(result.line())
 

@@ -13,13 +13,13 @@ folder's config.json. Writes manifest.json (every file's bytes, sha256, source).
 import logging
 import sys
 
-from vcu128.io.errors import ArgumentParser, positive_int, run_cli
-from vcu128.format.layout import BOARD_PORTS, INT4_CODES
-from vcu128.export.hardware import BoardOptions, format_assumptions, pack_hardware
-from vcu128.format.tables import DEFAULT_MAX_TOKEN, DEFAULT_ROPE_ORDER, ROPE_ORDERS, SILU_TABLES
+from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
 
 
 def main(argv=None):
+    from vcu128.format.layout import BOARD_PORTS, INT4_CODES
+    from vcu128.format.tables import DEFAULT_MAX_TOKEN, DEFAULT_ROPE_ORDER, ROPE_ORDERS, SILU_TABLES
+
     p = ArgumentParser(__doc__)
     p.add_argument("--compile_dir", "--compile-dir", required=True, metavar="DIR", help="folder written by compile_sw.py and lm_head.py")
     p.add_argument("--ports", type=positive_int, default=BOARD_PORTS, help=f"HBM ports the weights are spread over (default: {BOARD_PORTS}, the board's)")
@@ -34,6 +34,8 @@ def main(argv=None):
     p.add_argument("--int4", choices=INT4_CODES, default="twos",
                    help="int4 nibble code: twos (default; the 1128 bitstream) or sign_magnitude (the older bitstream, -7..7)")
     args = p.parse_args(argv)
+    from vcu128.export.hardware import BoardOptions, format_assumptions, pack_hardware
+
     opts = BoardOptions(ports=args.ports, int4=args.int4, rope_table=args.rope_table, silu_table=args.silu_table, max_token=args.max_token)
     result = pack_hardware(args.compile_dir, args.out, force=args.force, opts=opts)
     log = logging.getLogger("vcu128")

@@ -10,11 +10,12 @@ Prints the relative error ||W - W_hat|| / ||W|| of the method used.
 import logging
 import sys
 
-from vcu128.io.errors import ArgumentParser, run_cli
-from vcu128.export.lm_head import ALL_METHODS, quantize_lm_head
+from vcu128.io.errors import ArgumentParser, run_cli  # standard library only: first
 
 
 def main(argv=None):
+    from vcu128.export.lm_head import ALL_METHODS, quantize_lm_head
+
     p = ArgumentParser(__doc__)
     p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="GPTQ checkpoint folder")
     p.add_argument("--method", choices=ALL_METHODS, help="default: checkpoint if the checkpoint has lm_head.qweight, else rtn")

@@ -2,29 +2,28 @@
 """GPTQ-quantize a HuggingFace causal LM (Qwen2 / Llama layout): W4A16, group 128,
 symmetric, no act-order, saved as a standard GPTQ (v1) checkpoint <model>-W4A16-gptq with its
 tokenizer, calibration metadata and quant_report.json (perplexity fp16 vs GPTQ; per-layer output
-error of GPTQ next to plain round-to-nearest).
+error of GPTQ next to plain round-to-nearest; the source model's fingerprint and the options).
 
 With --compile, the export steps run right after: compile_sw, lm_head, hardware, embedding_tokens.
 """
 
-import logging
+import argparse
 import sys
 
-from argparse import BooleanOptionalAction
-
-from vcu128.io.errors import ArgumentParser, positive_int, run_cli
-from vcu128.quant.quantize import QuantizeOptions, format_report, quantize_model
+from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
 
 
 def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--model", required=True, help="HuggingFace model folder (fp16/bf16)")
-    p.add_argument("--quantize_model", "--quantize-model", metavar="QDIR", help="output checkpoint (default: <model>-W<wbits>A16-gptq)")
+    p.add_argument("--out", "--quantize_model", "--quantize-model", dest="quantize_model", metavar="QDIR",
+                   help="output checkpoint (default: <model>-W<wbits>A16-gptq beside the model)")
     p.add_argument("--wbits", type=positive_int, default=4, help="weight bits (the board: 4)")
     p.add_argument("--group_size", "--group-size", type=positive_int, default=128, help="quantization group size (the board: 128)")
-    p.add_argument("--sym", action=BooleanOptionalAction, default=True, help="symmetric quantization (the board needs it)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="symmetric quantization (the board needs it; --no_sym too)")
+    p.add_argument("--no_sym", dest="sym", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--desc_act", "--desc-act", action="store_true", help="act-order (the board cannot run it)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (a GPU needs torch's CUDA build: README 'GPU setup')")
     p.add_argument("--calib", required=True, help="calibration: text file, JSONL with 'text', saved HF dataset folder, or 'random'")
     p.add_argument("--eval_text", "--eval-text", help="held-out text for the report (default: the last 10%% of --calib)")
     p.add_argument("--nsamples", type=positive_int, default=256, help="calibration samples (default 256)")
@@ -38,22 +37,33 @@ def main(argv=None):
                    help="8: the full -8..7 grid (default); 7: 15 levels -7..7, what a sign-magnitude board (hardware.py --int4 sign_magnitude) holds")
     p.add_argument("--lm_head", "--lm-head", action="store_true", help="also GPTQ-quantize the output layer")
     p.add_argument("--no_report", "--no-report", action="store_true", help="skip the perplexity / layer-error report")
+    p.add_argument("--verbose", action="store_true", help="let GPTQModel (--engine gptqmodel) print its banners and tables")
     p.add_argument("--compile", action="store_true", help="run the export steps after quantizing")
-    p.add_argument("--force", action="store_true", help="replace an existing --quantize_model folder this step did not write")
-    p.add_argument("--lm_head_method", "--lm-head-method", choices=("rtn", "trunc", "checkpoint"), help="with --compile (default: automatic)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder this step did not write")
+    p.add_argument("--method", "--lm_head_method", "--lm-head-method", dest="lm_head_method", choices=("rtn", "trunc", "checkpoint"),
+                   help="with --compile: lm_head.py's --method (default: automatic)")
     p.add_argument("--ports", type=positive_int, default=32, help="with --compile: HBM ports (default 32)")
-    p.add_argument("--embedding_parts", "--embedding-parts", type=positive_int, default=16, help="with --compile: embedding parts (default 16)")
+    p.add_argument("--parts", "--embedding_parts", "--embedding-parts", dest="embedding_parts", type=positive_int, default=16,
+                   help="with --compile: embedding parts (default 16)")
     args = p.parse_args(argv)
+
+    from vcu128.io.devices import check_device
+    from vcu128.quant.options import QuantizeOptions, check_arguments
+
+    check_device(args.device)
     opts = QuantizeOptions(
         wbits=args.wbits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act, device=args.device,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib=args.calib, eval_text=args.eval_text,
-        lm_head=args.lm_head, engine=args.engine, batch_size=args.batch_size, report=not args.no_report, force=args.force, int4_range=args.int4_range,
+        lm_head=args.lm_head, engine=args.engine, batch_size=args.batch_size, report=not args.no_report, force=args.force,
+        int4_range=args.int4_range, verbose=args.verbose,
     )
-    log = logging.getLogger("vcu128")
-    if args.compile:
-        from vcu128.quant.quantize import check_board_settings
+    check_arguments(opts, compile=args.compile)  # before any model is opened
 
-        check_board_settings(opts)
+    import logging
+
+    from vcu128.quant.quantize import format_report, quantize_model
+
+    log = logging.getLogger("vcu128")
     out, report = quantize_model(args.model, args.quantize_model, opts)
     if "perplexity" in report:
         log.info(format_report(report))

@@ -25,9 +25,7 @@ threshold. 2: bad input.
 import logging
 import sys
 
-from vcu128.io.errors import ArgumentParser, positive_int, run_cli
-from vcu128.check.functional import format_functional
-from vcu128.check.verify import verify
+from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
 
 
 def main(argv=None):
@@ -53,10 +51,17 @@ def main(argv=None):
     p.add_argument("--centred_variance", "--centred-variance", action="store_true",
                    help="(the default now; kept for old command lines)")
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) when the board model is below the threshold (fp16 saturation or top-1 agreement below 0.9)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (a GPU needs torch's CUDA build: README 'GPU setup')")
     p.add_argument("--bits_only", "--bits-only", action="store_true", help="only the bit check")
     p.add_argument("--lm_head_from_checkpoint", action="store_true", help="functional check with the checkpoint's float lm_head (isolates packing from lm_head quantization)")
     args = p.parse_args(argv)
+    from vcu128.io.devices import check_device
+
+    check_device(args.device)  # before torch and the checkpoint are loaded
+
+    from vcu128.check.functional import format_functional
+    from vcu128.check.verify import verify
+
     log = logging.getLogger("vcu128")
     result = verify(
         args.quantize_model, args.hardware_dir, compile_dir=args.compile_dir, model=args.model, text=args.text, prompt=args.prompt,

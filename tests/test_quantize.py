@@ -34,6 +34,18 @@ def test_gptq_beats_round_to_nearest(quantized):
     assert 1 < p["fp16"] < 50 and abs(p["gptq"] / p["fp16"] - 1) < 0.1
 
 
+def test_the_report_names_the_source_model_and_the_options(quantized, tiny_model):
+    """What main.sh (and a reader) needs to tell whether a checkpoint is up to date with its source."""
+    from vcu128.io.uptodate import fingerprint
+
+    _, report = quantized
+    assert report["model"] == str(tiny_model.resolve())
+    assert report["made_from"] == {"model": report["model"], "fingerprint": fingerprint(tiny_model)}
+    assert {k: report["settings"][k] for k in ("nsamples", "seqlen", "device", "engine", "report")} == {
+        "nsamples": FAST["nsamples"], "seqlen": FAST["seqlen"], "device": "cpu", "engine": "vcu128", "report": True}
+    assert report["calibration"]["calib_sha256"] and report["calibration"]["seed"] == 0
+
+
 def test_checkpoint_is_fp16_gptq_v1_with_metadata(quantized, tiny_model):
     out, _ = quantized
     assert out == tiny_model.parent / "tiny-qwen2-W4A16-gptq"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vcu128.check.inputs import DEMO_CORPUS
+from vcu128.io.progress import bar
 
 log = logging.getLogger("vcu128")
 
@@ -51,9 +52,12 @@ def train_tokenizer(text: str, vocab_size: int):
 TRAIN_STEPS = 200  # fixed, so the demo model (and every test built on it) is the same on any machine, busy or idle
 
 
-def build_tiny_model(out: Path, text_path: Path = DEMO_CORPUS, train_steps: int = TRAIN_STEPS, seed: int = 0, **overrides) -> Path:
+def build_tiny_model(out: Path, text_path: Path = DEMO_CORPUS, train_steps: int = TRAIN_STEPS, seed: int = 0,
+                     progress: bool = True, **overrides) -> Path:
     """Write a trained tiny Qwen2 (fp16 safetensors, config, tokenizer) into `out`: a fixed number
-    of steps with a fixed seed on a fixed thread count, so the weights are the same wherever it runs."""
+    of steps with a fixed seed on a fixed thread count, so the weights are the same wherever it runs
+    (0 steps: the seeded random initialisation, for tests that need a model, not a good one).
+    `progress`: a bar over the training steps (vcu128.io.progress: live on a terminal, a line in a log)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     threads = torch.get_num_threads()
@@ -68,7 +72,8 @@ def build_tiny_model(out: Path, text_path: Path = DEMO_CORPUS, train_steps: int 
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         seqlen, batch = 128, 8
         start = time.perf_counter()
-        for _ in range(train_steps):
+        loss = None
+        for _ in bar(range(train_steps), "training the demo model", "step", enabled=progress):
             starts = torch.randint(0, len(ids) - seqlen - 1, (batch,))
             x = torch.stack([ids[s : s + seqlen] for s in starts])
             loss = model(x, labels=x).loss
@@ -77,7 +82,8 @@ def build_tiny_model(out: Path, text_path: Path = DEMO_CORPUS, train_steps: int 
             opt.step()
     finally:
         torch.set_num_threads(threads)
-    log.info(f"tiny Qwen2: {train_steps} training steps in {time.perf_counter() - start:.0f} s, loss {loss.item():.2f}")
+    if loss is not None:
+        log.info(f"tiny Qwen2: {train_steps} training steps in {time.perf_counter() - start:.0f} s, loss {loss.item():.2f}")
     out = Path(out)
     model.to(torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -85,11 +91,19 @@ def build_tiny_model(out: Path, text_path: Path = DEMO_CORPUS, train_steps: int 
     return out
 
 
+def main(argv=None):
+    from vcu128.io.errors import ArgumentParser
+
+    p = ArgumentParser("Build the demo's tiny Qwen2 (and its tokenizer), trained on the demo corpus.", prog="python -m vcu128.demo.tiny_model")
+    p.add_argument("out", help="folder to write the model into")
+    p.add_argument("train_steps", nargs="?", type=int, default=TRAIN_STEPS, help=f"training steps (default {TRAIN_STEPS})")
+    args = p.parse_args(argv)
+    build_tiny_model(Path(args.out), train_steps=args.train_steps)
+
+
 if __name__ == "__main__":  # python -m vcu128.demo.tiny_model OUT_DIR [TRAIN_STEPS]
     import sys
 
-    from vcu128.io.errors import quiet_third_party
+    from vcu128.io.errors import run_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet_third_party()
-    build_tiny_model(Path(sys.argv[1]), train_steps=int(sys.argv[2]) if len(sys.argv) > 2 else TRAIN_STEPS)
+    sys.exit(run_cli(main))

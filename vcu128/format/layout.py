@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS  # noqa: F401 (the layout's counts)
 from vcu128.io.direct_io import read_bytes
 from vcu128.io.errors import VCUError
 from vcu128.format.model import EMBEDDING, GROUP_SIZE, Linear
@@ -333,8 +334,6 @@ OUT_WEIGHT_STEM = "OutLayer/MVM_BN_write_to_HBM_bin/MVMBN_Argmax"
 OUT_BIAS_FILE = "OutLayer/MVM_BN_DDR_bin/MVMBN_Argmax_wt_and_bias_in_DDR.bin"
 OUT_NORM_FILE = "OutLayer/LN_DDR_bin/LN_wt_in_DDR.bin"
 EMBEDDING_DIR = "Embedding"
-BOARD_PORTS = 32  # the HBM pseudo-channels the board spreads weights over
-BOARD_EMBEDDING_PARTS = 16  # the parts the board's host reads the embedding from
 
 
 def embedding_part_file(i: int, parts: int) -> str:

@@ -3,6 +3,9 @@
 Exit codes: 0 success; 1 only for "verify found differences"; 2 every failure a user can cause (bad
 input, a refused --out, a full disk, a missing permission, a busy target); 130 / 143 interrupted by
 SIGINT / SIGTERM (staging folders are removed on the way out); 3 a bug in this tool (traceback).
+
+Only the standard library is imported here: the command lines import this first, so that a missing
+environment (no torch, numpy or tqdm: run outside scripts/venv.sh) is one `error:` line, not a traceback.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def quiet_third_party() -> None:
     for name in ("torchao", "torch._inductor", "torch.utils._pytree", "gptqmodel", "transformers.modeling_utils", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading / saving bars (read at its import)
     os.environ.setdefault("TORCHAO_SUPPRESS_WARNINGS", "1")
 
 
@@ -164,18 +168,81 @@ class _OneLineWarnings(logging.Formatter):
         return one_line(text) if record.levelno >= logging.WARNING else text
 
 
+# What every step needs (requirements.txt), by import name; GPTQModel is needed by --engine gptqmodel only.
+REQUIRED_PACKAGES = ("tqdm", "numpy", "safetensors", "torch", "transformers")
+SETUP_HINT = "run 'source scripts/venv.sh' first (or bash main.sh)"
+
+
+def missing_package_message(name: str) -> str:
+    return f"missing package '{name}': {SETUP_HINT}"
+
+
+def check_environment(packages=REQUIRED_PACKAGES) -> None:
+    """One `error:` line and exit 2 when a package the steps need is not installed (found without
+    importing it: a few milliseconds)."""
+    import importlib.util
+
+    for name in packages:
+        if importlib.util.find_spec(name) is None:
+            _fail(missing_package_message(name))
+            sys.exit(2)
+
+
+def _third_party(e: ModuleNotFoundError) -> str | None:
+    """The top-level name of a missing package that is not this project's own module."""
+    name = (e.name or "").split(".")[0]
+    return name if name and name != "vcu128" else None
+
+
+def version_line() -> str:
+    """`compiler-vcu128 <version> (<git describe>)`; the part in parentheses where git and the
+    checkout's history are there."""
+    import subprocess
+
+    from vcu128 import __version__
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        r = subprocess.run(["git", "-C", root, "describe", "--always", "--tags", "--dirty"], capture_output=True, text=True, timeout=5)
+        described = r.stdout.strip() if r.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        described = ""
+    return f"compiler-vcu128 {__version__}" + (f" ({described})" if described else "")
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help="print the version and exit"):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    _fail("internal error (a bug in compiler-vcu128, not in your input): please report the traceback above")
+    return 3
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a step's main() (its return value is the exit code, None meaning 0)."""
+    """Run a step's main() (its return value is the exit code, None meaning 0). The step's heavy
+    imports belong inside main(), after its arguments are parsed: `--help` stays fast, and a package
+    missing there is named on one line."""
+    check_environment()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         if type(handler.formatter) is logging.Formatter and handler.formatter._fmt == "%(message)s":
             handler.setFormatter(_OneLineWarnings("%(message)s"))
     quiet_third_party()
     old_term = signal.getsignal(signal.SIGTERM)
+    old_int = signal.getsignal(signal.SIGINT)
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
+        # Ctrl-C is KeyboardInterrupt even where SIGINT came in ignored (a background job of a script)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:  # not the main thread (a test calling main() from a worker): leave it
-        old_term = None
+        old_term = old_int = None
     try:
         return main(argv) or 0
     except VCUError as e:
@@ -183,6 +250,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 2
     except OSError as e:
         _fail(*describe_os_error(e))
+        return 2
+    except ModuleNotFoundError as e:
+        if _third_party(e) is None:
+            return _internal_error()
+        _fail(missing_package_message(_third_party(e)))
         return 2
     except KeyboardInterrupt:
         _fail("interrupted (no output was left behind)")
@@ -198,13 +270,13 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         if wrapped is not None:  # a library's own wrapper around a file error (disk full while saving)
             _fail(*describe_os_error(wrapped))
             return 2
-        traceback.print_exc()
-        _fail("internal error (a bug in compiler-vcu128, not in your input): please report the traceback above")
-        return 3
+        return _internal_error()
     finally:
         _writing.clear()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -213,10 +285,21 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, description: str | None = None, **kw):
         kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(description=description, **kw)
+        self.add_argument("--version", action=_VersionAction)
 
     def error(self, message: str):
         _fail(message, f"{self.prog} --help lists the options")
         sys.exit(2)
+
+    def _get_option_tuples(self, option_string):
+        """An abbreviation that matches several spellings of one option (--quant: --quantize_model and
+        --quantize-model) means that option, not an ambiguity."""
+        seen, unique = set(), []
+        for t in super()._get_option_tuples(option_string):
+            if id(t[0]) not in seen:
+                seen.add(id(t[0]))
+                unique.append(t)
+        return unique
 
 
 def positive_int(text: str) -> int:

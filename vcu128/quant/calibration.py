@@ -115,27 +115,33 @@ def build_calibration(
     seed: int,
     eval_text: str | None = None,
     vocab_size: int | None = None,
+    evaluate: bool = True,
 ) -> Calibration:
+    """The calibration samples and the held-out evaluation ids. `evaluate` False (quantize --no_report):
+    no evaluation text is needed, and none is read (--calib random then needs no --eval_text). The
+    samples do not depend on it."""
     rng = np.random.default_rng(seed)
     if calib == "random":
         log.warning("warning: calibrating on random tokens (--calib random): fine for a smoke test, "
                     "not for a model you will use; pass a text file for real quantization")
-        if eval_text is None:
-            raise VCUError("--calib random: pass --eval_text too, there is no held-out text to evaluate on")
+        if eval_text is None and evaluate:
+            raise VCUError("--calib random: pass --eval_text too, there is no held-out text to evaluate on",
+                           "or pass --no_report: the held-out text is for the report only")
         ids = rng.integers(0, vocab_size or len(tokenizer), (nsamples, seqlen))
         samples = [{"input_ids": row.tolist(), "attention_mask": [1] * seqlen} for row in ids]
         meta = {"calib": "random", "seed": seed, "nsamples": nsamples, "seqlen": seqlen}
-        return Calibration(samples, tokenize(tokenizer, read_texts(eval_text)), meta)
+        eval_ids = tokenize(tokenizer, read_texts(eval_text)) if evaluate else np.zeros(0, np.int64)
+        return Calibration(samples, eval_ids, meta)
     ids = tokenize(tokenizer, read_texts(calib))
     if eval_text is None:
         cut = int(len(ids) * (1 - HELD_OUT_FRACTION))
         ids, eval_ids = ids[:cut], ids[cut:]
     else:
-        eval_ids = tokenize(tokenizer, read_texts(eval_text))
+        eval_ids = tokenize(tokenizer, read_texts(eval_text)) if evaluate else np.zeros(0, np.int64)
     if len(ids) < seqlen + 1:
         raise VCUError(f"{calib}: too little text: {len(ids)} calibration tokens, need more than --seqlen {seqlen}"
                        + ("" if eval_text else f" after holding out {HELD_OUT_FRACTION:.0%} for evaluation"))
-    if len(eval_ids) < 2:
+    if evaluate and len(eval_ids) < 2:
         raise VCUError(f"{eval_text or calib}: too little held-out text to evaluate on ({len(eval_ids)} tokens)")
     if nsamples * seqlen > 4 * len(ids):
         log.warning(f"warning: {nsamples} samples of {seqlen} tokens from {len(ids)} tokens of text: samples overlap heavily")

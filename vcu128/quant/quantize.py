@@ -4,11 +4,13 @@ plain round-to-nearest on the same inputs) saved as quant_report.json in the che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,40 +21,17 @@ from vcu128.quant.calibration import Calibration, build_calibration, load_tokeni
 from vcu128.io.errors import VCUError, human_bytes
 from vcu128.io.jsonfile import dumps, get_int
 from vcu128.format.gate import check_board_tensors, check_float_model_shapes, read_model_dims
-from vcu128.format.model import GROUP_SIZE, LINEARS, read_model_config
+from vcu128.format.model import LINEARS, read_model_config
 from vcu128.board.rescale import TRIGGER  # half the fp16 range
 from vcu128.io.output import TOOL, check_out, files_under, staged_dir
+from vcu128.io.uptodate import fingerprint
+from vcu128.quant.options import ENGINES, QuantizeOptions, check_arguments, check_board_settings, check_engine_settings  # noqa: F401 (the options' home)
 
 log = logging.getLogger("vcu128")
 
 REPORT_NAME = "quant_report.json"
 CALIBRATION_META_KEY = "vcu128_calibration"
 GPU_BATCH = 16  # calibration samples a forward pass on a GPU (plain GPTQModel: 1); see bench/bench_quantize.py
-
-
-@dataclass
-class QuantizeOptions:
-    wbits: int = 4
-    group_size: int = GROUP_SIZE
-    sym: bool = True
-    desc_act: bool = False
-    device: str = "cpu"
-    nsamples: int = 256
-    seqlen: int = 512
-    seed: int = 0
-    calib: str | None = None
-    eval_text: str | None = None
-    lm_head: bool = False
-    engine: str = "vcu128"  # "vcu128" (this project's GPTQ, vcu128/quant/gptq.py) or "gptqmodel"
-    batch_size: int | None = None  # samples a forward pass; None: vcu128 16384 tokens' worth, gptqmodel 1 on CPU, GPU_BATCH on a GPU
-    # GPTQModel engine only:
-    offload: bool | None = None  # GPTQModel's offload_to_disk; None: off on a GPU, its default on the CPU
-    pack_impl: str | None = None  # GPTQModel's int4 packing; None: "gpu" on a GPU, "original" on the CPU
-    tf32: bool | None = None  # TF32 matmuls for the Hessians and their inverses; None: on for a GPU
-    true_sequential: bool = True  # one forward a group of linears in a layer (GPTQ's default) or one a layer
-    report: bool = True
-    force: bool = False  # replace an existing output folder this step did not write
-    int4_range: int = 8  # 8: the full -8..7 grid; 7: the 15 levels -7..7 that sign-magnitude boards hold
 
 
 def default_output(model: Path, wbits: int) -> Path:
@@ -135,19 +114,6 @@ def check_seqlen(cfg: dict, seqlen: int, where: Path) -> None:
                        f"pass --seqlen {trained} or less")
 
 
-def check_board_settings(opts: QuantizeOptions) -> None:
-    """What --compile needs: the board runs only W4, group 128, symmetric, no act-order."""
-    bad = [
-        (opts.wbits != 4, f"--wbits {opts.wbits}"),
-        (opts.group_size != GROUP_SIZE, f"--group_size {opts.group_size}"),
-        (not opts.sym, "--no-sym"),
-        (opts.desc_act, "--desc_act"),
-    ]
-    for is_bad, flag in bad:
-        if is_bad:
-            raise VCUError(f"{flag} with --compile: the board supports only 4-bit, group size 128, symmetric, no act-order")
-
-
 def _redirect_gptqmodel_logs(folder: Path) -> None:
     """GPTQModel writes its per-run logs to ./logs; send them into the checkpoint instead."""
     try:
@@ -166,9 +132,6 @@ def _add_calibration_meta(folder: Path, meta: dict) -> None:
             section = doc[key] if key else doc
             section.setdefault("meta", {})[CALIBRATION_META_KEY] = meta
             path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-ENGINES = ("vcu128", "gptqmodel")
 
 
 def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> tuple[float, dict | None]:
@@ -190,23 +153,14 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
     return seconds, run.stats_report(run.dtype)
 
 
-def check_engine_settings(opts: QuantizeOptions) -> None:
-    for flag, value, least in (("--nsamples", opts.nsamples, 1), ("--seqlen", opts.seqlen, 2), ("--batch_size", opts.batch_size or 1, 1)):
-        if not isinstance(value, int) or value < least:
-            raise VCUError(f"{flag} {value}: must be an integer of at least {least}")
-    if opts.engine not in ENGINES:
-        raise VCUError(f"--engine {opts.engine}: expected one of {', '.join(ENGINES)}")
-    if opts.int4_range not in (7, 8):
-        raise VCUError(f"--int4_range {opts.int4_range}: expected 8 (-8..7, the default) or 7 (-7..7, for sign-magnitude boards)")
-    if opts.int4_range == 7 and opts.engine != "vcu128":
-        raise VCUError("--int4_range 7 needs --engine vcu128 (GPTQModel has no 15-level grid)")
-    if opts.engine == "vcu128" and (opts.wbits, opts.group_size, opts.sym, opts.desc_act) != (4, GROUP_SIZE, True, False):
-        raise VCUError("--engine vcu128 quantizes only what the board runs (4-bit, group size 128, symmetric, "
-                       "no act-order); pass --engine gptqmodel for other settings")
-
-
 def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
-    """Quantize `model` into `out` with GPTQModel; returns seconds."""
+    """Quantize `model` into `out` with GPTQModel; returns seconds. Its stdout (banner, progress,
+    tables) is kept off ours unless --verbose."""
+    with quiet_stdout(not opts.verbose):
+        return _run_gptqmodel(model, out, calib, opts)
+
+
+def _run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
@@ -244,6 +198,38 @@ def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOpti
     seconds = time.perf_counter() - start
     del gm
     return seconds
+
+
+@contextlib.contextmanager
+def quiet_stdout(quiet: bool = True, keep_lines: int = 40):
+    """GPTQModel prints hundreds of lines of banners, progress and tables on stdout: keep them off it
+    (file descriptor 1, so that C-level and cached-stream writes are caught too) unless `quiet` is
+    False (quantize.py --verbose). If the block fails, its last `keep_lines` lines go to stderr, so
+    the error keeps its context."""
+    if not quiet:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink, open(sink.fileno(), "w", closefd=False) as text:
+        os.dup2(sink.fileno(), 1)
+        try:
+            with contextlib.redirect_stdout(text):  # sys.stdout too, where it is not file descriptor 1
+                yield
+        except BaseException:
+            text.flush()
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            sink.seek(0)
+            tail = sink.read().decode(errors="replace").splitlines()[-keep_lines:]
+            if tail:
+                print("\n".join(["GPTQModel's last output:"] + tail), file=sys.stderr)
+            raise
+        finally:
+            text.flush()
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 class FallbackWatch(logging.Handler):
@@ -314,11 +300,9 @@ def format_report(report: dict) -> str:
 
 def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tuple[Path, dict]:
     """Quantize into `out` (default <model>-W<bits>A16-gptq), atomically; returns (out, report)."""
+    check_arguments(opts)  # before the model is opened
     model = Path(model).resolve()
-    check_engine_settings(opts)
-    if opts.calib is None:
-        raise VCUError("--calib: pass a text file, a JSONL file, a saved dataset folder, or 'random'")
-    cfg = check_model_folder(model)
+    cfg = check_model_folder(model)  # before transformers' import (seconds)
     check_seqlen(cfg, opts.seqlen, model / "config.json")
     check_memory(read_model_dims(model / "config.json"), opts, model / "config.json")
     out = Path(out) if out else default_output(model, opts.wbits)
@@ -328,11 +312,15 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
     inputs = [model] + [Path(p) for p in (opts.calib, opts.eval_text) if p and p != "random"]
     check_out(out, "quantize", checkpoint_owns, inputs, opts.force, "--quantize_model")
     tokenizer = load_tokenizer(model)
-    calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"))
+    calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"),
+                              evaluate=opts.report)
     if opts.engine == "gptqmodel":  # GPTQModel loads the model whole: look at every float first (this engine reads each tensor itself)
         scan_finite(model)
-    report: dict = {"tool": TOOL, "step": "quantize", "calibration": calib.meta,
-                    "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force")}}
+    # What the checkpoint was made from and how: the source model (its path and fingerprint, see
+    # vcu128/io/uptodate.py), the calibration and every option (main.sh's stamps compare these too).
+    report: dict = {"tool": TOOL, "step": "quantize", "model": str(model),
+                    "made_from": {"model": str(model), "fingerprint": fingerprint(model)}, "calibration": calib.meta,
+                    "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force", "verbose")}}
     with staged_dir(out, "quantize", checkpoint_owns, inputs, opts.force, flag="--quantize_model") as stage:
         report["seconds_quantize"], stats = run_gptq(model, stage, calib, opts, tokenizer)
         if stats:
