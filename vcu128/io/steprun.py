@@ -9,7 +9,7 @@ whole whether it is a terminal, a pipe or a file (`bash main.sh > run.log 2>&1`,
 Signals: the command runs in its own process group and gets exactly one SIGINT or SIGTERM from here
 when we (or main.sh) receive one, so that its staging folders are removed once; a Ctrl-C on the
 terminal reaches it only through us. Its output is copied to the end, and its exit status is ours
-(128 + the signal if it died of one).
+(128 + the signal if it died of one, or failed after we passed one on).
 
 Standard library only: main.sh runs this between steps.
 """
@@ -113,6 +113,8 @@ def run(log_path: str, command: list[str]) -> int:
         log.write(data)
     log.close()
     code = child.wait()
+    if forwarded and code != 0:  # interrupted, however it ended (a signal during its start-up: a fatal error)
+        return 128 + forwarded[0]
     return 128 - code if code < 0 else code
 
 
