@@ -11,6 +11,10 @@ import argparse
 import sys
 
 from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
+from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS
+from vcu128.quant.options import ENGINES, QuantizeOptions  # light: the defaults' one home
+
+DEFAULTS = QuantizeOptions()
 
 
 def main(argv=None):
@@ -18,22 +22,22 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="HuggingFace model folder (fp16/bf16)")
     p.add_argument("--out", "--quantize_model", "--quantize-model", dest="quantize_model", metavar="QDIR",
                    help="output checkpoint (default: <model>-W<wbits>A16-gptq beside the model)")
-    p.add_argument("--wbits", type=positive_int, default=4, help="weight bits (the board: 4)")
-    p.add_argument("--group_size", "--group-size", type=positive_int, default=128, help="quantization group size (the board: 128)")
-    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="symmetric quantization (the board needs it; --no_sym too)")
+    p.add_argument("--wbits", type=positive_int, default=DEFAULTS.wbits, help="weight bits (the board: 4)")
+    p.add_argument("--group_size", "--group-size", type=positive_int, default=DEFAULTS.group_size, help="quantization group size (the board: 128)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=DEFAULTS.sym, help="symmetric quantization (the board needs it; --no_sym too)")
     p.add_argument("--no_sym", dest="sym", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--desc_act", "--desc-act", action="store_true", help="act-order (the board cannot run it)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (a GPU needs torch's CUDA build: README 'GPU setup')")
+    p.add_argument("--device", default=DEFAULTS.device, help="cpu, cuda or cuda:N (a GPU needs torch's CUDA build: README 'GPU setup')")
     p.add_argument("--calib", required=True, help="calibration: text file, JSONL with 'text', saved HF dataset folder, or 'random'")
     p.add_argument("--eval_text", "--eval-text", help="held-out text for the report (default: the last 10%% of --calib)")
-    p.add_argument("--nsamples", type=positive_int, default=256, help="calibration samples (default 256)")
-    p.add_argument("--seqlen", type=positive_int, default=512, help="tokens a sample (default 512)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", type=positive_int, default=DEFAULTS.nsamples, help=f"calibration samples (default {DEFAULTS.nsamples})")
+    p.add_argument("--seqlen", type=positive_int, default=DEFAULTS.seqlen, help=f"tokens a sample (default {DEFAULTS.seqlen})")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--batch_size", "--batch-size", type=positive_int,
                    help="calibration samples a forward pass (default: 16384 tokens' worth; gptqmodel engine: 1 on CPU, 16 on a GPU)")
-    p.add_argument("--engine", choices=("vcu128", "gptqmodel"), default="vcu128",
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULTS.engine,
                    help="vcu128: this project's GPTQ, one layer at a time (default; fast on a GPU); gptqmodel: GPTQModel 7.6")
-    p.add_argument("--int4_range", "--int4-range", type=int, choices=(8, 7), default=8,
+    p.add_argument("--int4_range", "--int4-range", type=int, choices=(8, 7), default=DEFAULTS.int4_range,
                    help="8: the full -8..7 grid (default); 7: 15 levels -7..7, what a sign-magnitude board (hardware.py --int4 sign_magnitude) holds")
     p.add_argument("--lm_head", "--lm-head", action="store_true", help="also GPTQ-quantize the output layer")
     p.add_argument("--no_report", "--no-report", action="store_true", help="skip the perplexity / layer-error report")
@@ -42,13 +46,13 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace an existing --out folder this step did not write")
     p.add_argument("--method", "--lm_head_method", "--lm-head-method", dest="lm_head_method", choices=("rtn", "trunc", "checkpoint"),
                    help="with --compile: lm_head.py's --method (default: automatic)")
-    p.add_argument("--ports", type=positive_int, default=32, help="with --compile: HBM ports (default 32)")
-    p.add_argument("--parts", "--embedding_parts", "--embedding-parts", dest="embedding_parts", type=positive_int, default=16,
-                   help="with --compile: embedding parts (default 16)")
+    p.add_argument("--ports", type=positive_int, default=BOARD_PORTS, help=f"with --compile: HBM ports (default {BOARD_PORTS})")
+    p.add_argument("--parts", "--embedding_parts", "--embedding-parts", dest="embedding_parts", type=positive_int, default=BOARD_EMBEDDING_PARTS,
+                   help=f"with --compile: embedding parts (default {BOARD_EMBEDDING_PARTS})")
     args = p.parse_args(argv)
 
     from vcu128.io.devices import check_device
-    from vcu128.quant.options import QuantizeOptions, check_arguments
+    from vcu128.quant.options import check_arguments
 
     check_device(args.device)
     opts = QuantizeOptions(

@@ -139,7 +139,10 @@ def parts() -> dict:
     (one product, and the blocks on and above the diagonal)."""
     import torch
 
-    from vcu128.quant.gptq import HessianAccumulator, gptq_quantize, hessian_factor, hessian_inverse_factor_usual
+    from vcu128.quant.gptq import HessianAccumulator, gptq_quantize, hessian_factor
+
+    def hessian_inverse_factor_usual(H):  # GPTQ's usual route to U, what the engine's factor replaced
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     def timed(fn, repeat=3):
         fn()

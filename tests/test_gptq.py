@@ -384,14 +384,15 @@ def test_engine_is_the_textbook_algorithm(monkeypatch):
 
 
 def test_hessian_factor_is_the_reverse_cholesky_factor():
-    from vcu128.quant.gptq import DAMP_PERCENT, hessian_factor, hessian_inverse_factor_usual
+    from vcu128.quant.gptq import DAMP_PERCENT, hessian_factor
 
     _, _, H = correlated_problem(rows=8, cols=256)
     damped = H.double() + DAMP_PERCENT * H.diagonal().mean().double() * torch.eye(256, dtype=torch.float64)
     R = hessian_factor(H.flip(0, 1).clone(), "test")
     assert torch.equal(R, R.triu()) and (R.diagonal() > 0).all()
     assert torch.allclose(R.double() @ R.double().T, damped, rtol=0, atol=1e-5 * float(damped.abs().max()))
-    U = hessian_inverse_factor_usual(damped)  # float64: the reference
+    # GPTQ's usual route to U, in float64: the reference
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     assert torch.allclose(torch.linalg.inv(R.double()), U, rtol=0, atol=1e-4 * float(U.abs().max()))
 
 

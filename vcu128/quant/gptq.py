@@ -108,11 +108,6 @@ def hessian_factor(H_reversed: torch.Tensor, name: str) -> torch.Tensor:
         H.diagonal().add_(step * DAMP_STEP / DAMP_PERCENT)
 
 
-def hessian_inverse_factor_usual(H: torch.Tensor) -> torch.Tensor:
-    """GPTQ's usual route to U (no damping): for the benchmark's comparison of speed."""
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-
-
 def group_aware_order(diag: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """GPTQModel's act-group-aware column order from the Hessian diagonal: (perm, with perm[new]
     = old column; group_order, the original group quantized b-th)."""
