@@ -68,9 +68,6 @@ def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescaleP
     """The fp16 rescaling factors for --fp16_rescale `mode`, or None."""
     kind, explicit = parse_mode(mode)
     d = ckpt.dims
-    # The search runs the model in torch: imported only when a plan needs it (compile_sw stays torch-free).
-    from vcu128.check.rescale_search import choose_k, evaluation_tokens, measure_stats
-
     if kind == "off":
         return None
     if kind == "explicit":
@@ -84,6 +81,8 @@ def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescaleP
             return None
         source = "quant_report.json"
     else:
+        from vcu128.check.rescale_search import evaluation_tokens, measure_stats  # torch: only where a model runs
+
         tokens, where = evaluation_tokens(ckpt.qdir, d.vocab, text)
         stats = measure_stats(ckpt.qdir, tokens)
         source = f"measured on {where}"
@@ -91,6 +90,8 @@ def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescaleP
     if plan.is_identity:
         return None
     if plan.k:
+        from vcu128.check.rescale_search import choose_k, evaluation_tokens  # torch: only where a model runs
+
         k = plan.k
         tokens, _ = evaluation_tokens(ckpt.qdir, d.vocab, text)
         plan = choose_k(ckpt.qdir, tokens, plan)
