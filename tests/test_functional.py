@@ -55,10 +55,14 @@ def test_board_storage_rounds_saturates_and_flushes():
     assert num.stats.max_abs[(3, "residual_mlp")] == 1e5
 
 
-def test_a_nan_fails_the_check_and_is_named(packed, tmp_path):
+def test_a_nan_in_the_checkpoint_is_refused_by_name(packed, tmp_path):
+    """Issue #18: a non-finite value in a checkpoint tensor is refused where it is read (exit 2, the
+    tensor and element named) by every step, verify included; it never reaches the functional check.
+    (The functional check's own NaN naming, for a NaN the arithmetic makes, is left to its tests.)"""
     qdir0, _ = packed
     qdir = tmp_path / "q"
     shutil.copytree(qdir0, qdir)
+    hw = export_all(qdir)["hw"]
     from safetensors.numpy import load_file, save_file
 
     name = "model.layers.1.post_attention_layernorm.weight"
@@ -67,14 +71,13 @@ def test_a_nan_fails_the_check_and_is_named(packed, tmp_path):
     tensors[name] = tensors[name].copy()
     tensors[name][3] = np.inf
     save_file(tensors, shard)
-    hw = export_all(qdir)["hw"]  # the bits are faithfully the checkpoint's: the bit check passes
-    r = subprocess.run([sys.executable, str(ROOT / "verify.py"), "--quantize_model", str(qdir), "--hardware_dir", str(hw)],
-                       capture_output=True, text=True, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 1, r.stderr
-    assert "error: verify: hardware: non-finite value (NaN or inf) first at layer 1, post_attention_norm" in r.stderr
-    doc = json.loads((hw.parent / "verify_report.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the report"))
-    assert doc["bit_check"]["ok"] and doc["functional"]["ok"] is False
-    assert doc["functional"]["nonfinite"] == {"model": "hardware", "layer": 1, "site": "post_attention_norm"}
+    (hw.parent / "verify_report.json").unlink(missing_ok=True)
+    for args in (["compile_sw.py", "--quantize_model", str(qdir)], ["verify.py", "--quantize_model", str(qdir), "--hardware_dir", str(hw)]):
+        r = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], capture_output=True, text=True,
+                           env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+        assert r.returncode == 2, r.stderr
+        assert f"error: {name}: element 3 is inf (not a finite number)" in r.stderr
+    assert not (hw.parent / "verify_report.json").exists()
 
 
 def test_a_checkpoint_without_tokenizer_is_evaluated_on_seeded_ids(packed, tmp_path):
