@@ -1,0 +1,281 @@
+"""Known answers that mutation testing (bench/mutation.py) showed missing: each test here kills
+mutants that survived every other test (bench/results/mutation.md lists which). Bit-exact,
+deterministic, fast: no export unless the test is about one."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import export_all
+
+from vcu128 import __version__
+from vcu128.check import verify as verify_module
+from vcu128.check.verify import _is_verify_report, _rope_place, _silu_place, judge, tool_version, verify, write_report
+from vcu128.format.layout import PackedLinearWriter, check_int4_range, offset_binary_bytes, pack_nibbles, row_words
+from vcu128.format.rescale import FP16_MAX, RescalePlan, module_factors, scale_fp16, tensor_factor
+from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
+from vcu128.format.tables import BOARD_SILU, BOARD_SILU_WORDS, SiluTable, fit_silu, rope_from_rows
+from vcu128.io.errors import VCUError
+
+# ---------------------------------------------------------------------------------------------
+# The SiLU tables, word for word
+
+# fit_silu's words, as this project's fit makes them (numpy float64, fp16 rounding); a change of
+# the fit (segments, minimax lines, bisection, rounding) changes the board's SiLU: it must be seen.
+FIT_WORDS = {
+    (-16.0, 16.0): {
+        "wt": [0x0000, 0xA1A7, 0xA99F, 0xADB2, 0x1403, 0x302E, 0x348C, 0x3736, 0x38F6, 0x3A42, 0x3B6B, 0x3C2C, 0x3C5B, 0x3C2D, 0x3C0B, 0x3C00],
+        "bias": [0x0000, 0xAD6A, 0xB400, 0xB69B, 0xB461, 0xB07B, 0xA999, 0x14D0, 0xA192, 0xAD03, 0xB22A, 0xB55A, 0xB69A, 0xB401, 0xAD4E, 0x0000],
+        "x_region": [0xC7A9, 0xC508, 0xC338, 0xBE30, 0xBC1F, 0xB905, 0xB451, 0x2C8B, 0x36A8, 0x3A4E, 0x3CE7, 0x3F64, 0x433B, 0x450A, 0x47A9, 0x0000],
+    },
+    (-4.0, 6.0): {
+        "wt": [0x0000, 0xAC9B, 0xADD1, 0xA47E, 0x2DA5, 0x32E0, 0x35AD, 0x3802, 0x392E, 0x3A4C, 0x3B4F, 0x3C13, 0x3C5D, 0x3C35, 0x3C16, 0x3C00],
+        "bias": [0x0000, 0xB5B7, 0xB6AE, 0xB4C8, 0xB1B6, 0xAD2F, 0xA4BF, 0x198E, 0xA4E9, 0xAD42, 0xB1C4, 0xB4CE, 0xB6AD, 0xB482, 0xB08C, 0x0000],
+        "x_region": [0xC7FD, 0xC1CE, 0xBE77, 0xBC8F, 0xBA28, 0xB724, 0xB0A5, 0x30C8, 0x3737, 0x3A32, 0x3C95, 0x3E80, 0x42F5, 0x44A5, 0x47FD, 0x0000],
+    },
+}
+
+
+@pytest.mark.parametrize("fit_range", list(FIT_WORDS), ids=["default", "narrow"])
+def test_the_fitted_silu_table_word_for_word(fit_range):
+    table = fit_silu.__wrapped__(*fit_range)  # past the cache: the fit itself runs
+    got = {k: [int(w) for w in getattr(table, k).view("<u2")] for k in ("wt", "bias", "x_region")}
+    assert got == FIT_WORDS[fit_range]
+
+
+def test_the_board_silu_table_from_its_words_and_through_its_file():
+    t = SiluTable.from_words(BOARD_SILU_WORDS)
+    data = t.pack()
+    for beat, k in enumerate(("wt", "bias", "x_region")):
+        assert data[64 * beat : 64 * beat + 32].view("<u2").tolist() == BOARD_SILU_WORDS[k]
+        assert not data[64 * beat + 32 : 64 * beat + 64].any()
+    back = SiluTable.unpack(data)
+    assert all(getattr(back, k).shape == (16,) and getattr(back, k).dtype == np.dtype("<f2") for k in ("wt", "bias", "x_region"))
+    assert np.array_equal(back.pack(), BOARD_SILU.pack())
+
+
+def test_rope_values_back_from_either_order():
+    rows = np.arange(3 * 128, dtype=np.float16).reshape(3, 128)
+    cos, sin = rope_from_rows(rows, "pairs")
+    assert np.array_equal(cos, rows[:, 0::2]) and np.array_equal(sin, rows[:, 1::2]) and cos.shape == (3, 64)
+    cos, sin = rope_from_rows(rows, "halves")
+    assert np.array_equal(cos, rows[:, :64]) and np.array_equal(sin, rows[:, 64:])
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16 rescaling: the exact multiplication and the plan's record
+
+
+def test_scale_fp16_known_answers_and_what_it_counts():
+    values = np.array([1.0, -2.0, 2.0**-14, 2.0**-13, 3e-5, 60000.0, 0.0, -65504.0], np.float16)
+    counter: dict = {}
+    down = scale_fp16(values, 2.0**-2, counter)
+    assert down.dtype == np.float16
+    assert down.tolist() == [0.25, -0.5, float(np.float16(2.0**-16)), float(np.float16(2.0**-15)), float(np.float16(3e-5 / 4)), 15000.0, 0.0, -16376.0]
+    assert counter == {"out_of_normal_range": 2}  # 2^-14 and 2^-13 leave the normal range; 3e-5 was already subnormal
+    up = scale_fp16(values, 2.0**3, counter)
+    assert up.tolist() == [8.0, -16.0, 2.0**-11, 2.0**-10, float(np.float16(np.float32(np.float16(3e-5)) * 8)), FP16_MAX, 0.0, -FP16_MAX]
+    assert counter == {"out_of_normal_range": 4}  # 60000 and -65504 saturate
+    exact = np.array([2.0**-14, 65504.0], np.float16)
+    assert scale_fp16(exact, 1.0 / 1, counter) is exact and counter == {"out_of_normal_range": 4}  # factor 1: untouched, not counted
+    fresh: dict = {}
+    scale_fp16(np.array([2.0**-14, 2.0**15], np.float16), 0.5, fresh)
+    scale_fp16(np.array([2.0**15], np.float16), 1.0, fresh)
+    assert fresh == {"out_of_normal_range": 1}
+    assert scale_fp16(np.array([32768.0], np.float16), 2.0).tolist() == [FP16_MAX]  # 65536 saturates (and no counter is fine)
+
+
+def test_the_plans_record_and_its_copies():
+    plan = RescalePlan(2, (0, 1), ("why",), "quant_report.json", {"kept": "with_k"}, 3)
+    assert plan.to_record() == {"k": 2, "m": [0, 1], "why": ["why"], "statistics": "quant_report.json", "k_choice": {"kept": "with_k"},
+                                "out_of_normal_range": 3}
+    assert RescalePlan(1, ()).to_record() == {"k": 1, "m": [], "why": []}
+    assert RescalePlan.from_record(plan.to_record(), "x", "key", num_layers=2) == plan
+    assert plan.with_k(5) == RescalePlan(5, (0, 1), ("why",), "quant_report.json", {"kept": "with_k"}, 3)
+    assert plan.with_report(out_of_normal_range=7).out_of_normal_range == 7
+    assert plan.factors_record() == {"k": 2, "m": [0, 1]} and plan.describe() == "k=2, m=[0, 1]"
+    assert plan.layer_m(1) == 1 and plan.layer_m(2) == 0 and plan.layer_m(7) == 0
+    assert not plan.is_identity and RescalePlan(0, (0, 0)).is_identity and not RescalePlan(0, (0, 1)).is_identity
+    assert RescalePlan(30, (30,)).k == 30
+    for bad in (True, 31, -1, 2.0):
+        with pytest.raises(VCUError, match="expected a whole number from 0 to 30"):
+            RescalePlan(bad, ())
+    with pytest.raises(VCUError, match=r"m\[0\]=True"):
+        RescalePlan(0, (True,))
+    with pytest.raises(VCUError, match=r"key.why is not a list of strings"):
+        RescalePlan.from_record({"k": 1, "m": [], "why": [1]}, "x", "key")
+    with pytest.raises(VCUError, match=r"key.why is not a list of strings"):
+        RescalePlan.from_record({"k": 1, "m": [], "why": "text"}, "x", "key")
+    assert RescalePlan.from_record({"k": 1}, "x", "key") == RescalePlan(1, ())
+
+
+def test_every_factor_the_plan_gives_and_none_without_a_plan():
+    plan = RescalePlan(0, (1,))  # down_proj 2^(1 - 0) = 2: a factor above 1 is a factor too
+    assert module_factors(plan, 0) == {"mlp.up_proj": 0.5, "mlp.down_proj": 2.0}
+    assert module_factors(plan, 1) == {} and module_factors(None, 0) == {}
+    assert tensor_factor(None, "model.layers.0.mlp.up_proj") == 1.0 and tensor_factor(None, "model.embed_tokens.weight") == 1.0
+    assert tensor_factor(RescalePlan(3, ()), "model.embed_tokens.weight") == 2.0**-3
+    assert tensor_factor(plan, "model.layers.0.mlp.up_proj.bias") == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The packing helpers' edges
+
+
+def test_int4_range_edges_and_messages():
+    check_int4_range(np.array([[-8, 7]]), "w")  # two's complement is the default
+    check_int4_range(np.zeros((0, 8), np.int8), "w")
+    for bad, value in ((np.array([[8]]), 8), (np.array([[-9]]), -9), (np.array([[0, 0], [0, 8]]), 8)):
+        with pytest.raises(VCUError) as e:
+            check_int4_range(bad, "lin", first_row=10)
+        r, c = np.argwhere(bad == value)[0]
+        assert str(e.value) == f"lin: row {10 + r}, input {c} holds {value}, outside the int4 range -8..7"
+    with pytest.raises(VCUError) as e:
+        check_int4_range(np.array([[0, 1], [2, -8]]), "lin", first_row=4, code="sign_magnitude")
+    assert str(e.value).startswith("lin: row 5, input 1 holds -8, which sign-magnitude int4 cannot hold (-7..7)")
+    assert e.value.hint == "quantize with quantize.py --int4_range 7 (and lm_head.py --int4_range 7), or pack with --int4 twos"
+    with pytest.raises(VCUError, match=r"lin: row 0, input 0 holds 9, outside the int4 range -7..7"):
+        check_int4_range(np.array([[9]]), "lin", code="sign_magnitude")
+
+
+def test_offset_binary_bytes_default_is_twos_complement():
+    q = np.arange(-8, 8, dtype=np.int8).reshape(1, 16)
+    words = pack_nibbles(q)
+    assert np.array_equal(offset_binary_bytes(words), offset_binary_bytes(words, "twos"))
+    assert offset_binary_bytes(words).tolist() == [[0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]]
+
+
+def test_the_port_writer_records_each_files_shape(tmp_path):
+    w = PackedLinearWriter(tmp_path, "x/y", chin=256, chout=5, ports=2, source="s")
+    w.write(np.zeros((5, row_words(256)), "<u4"))
+    records = w.close()
+    assert [(r.path, r.rows, r.words_per_row, r.bytes) for r in records] == \
+        [("x/y_HBM_DDR_00.bin", 3, 40, 480), ("x/y_HBM_DDR_01.bin", 3, 40, 480)]
+
+
+# ---------------------------------------------------------------------------------------------
+# verify's report, verdict and messages
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    qdir = write_gptq_checkpoint(tmp_path_factory.mktemp("report") / "q", SyntheticSpec(hidden=256, intermediate=384, num_layers=1,
+                                                                                       num_heads=2, num_kv_heads=1, vocab=256, seed=9))
+    export_all(qdir, lm_method="rtn")
+    return qdir
+
+
+def test_verify_report_with_the_defaults(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    result = verify(qdir, hw, progress=False)
+    bits = result["bit_check"]
+    assert set(result) == {"tool", "version", "time", "checkpoint", "hardware_dir", "bit_check", "source", "functional", "verdict", "report_path"}
+    assert result["tool"] == "compiler-vcu128" and result["version"] == tool_version()
+    assert len(result["time"]) == 24 and result["time"][4] == "-" and result["time"][10] == "T"  # 2026-11-30T22:40:14+0000
+    assert result["checkpoint"] == str(qdir.resolve()) and result["hardware_dir"] == str(hw.resolve())
+    assert bits == {"ok": True, "files": 7 * 33 + 2 + 34 + 16 + 2, "bytes": bits["bytes"], "seconds": bits["seconds"], "differences": [],
+                    "more_differences": 0, "stale_inputs": []}
+    assert bits["bytes"] == sum(p.stat().st_size for p in hw.rglob("*.bin")) and 0 < bits["seconds"] < 600
+    assert result["source"] == {"checkpoint": str(exported.resolve())}  # where the folder was made (copied since)
+    f = result["functional"]
+    # the defaults: board numerics, the folder's int4 output layer, 256 evaluation tokens, 8 greedy tokens
+    assert (f["numerics"], f["centred_variance"], f["lm_head_from_checkpoint"], f["device"]) == ("board", False, False, "cpu")
+    assert f["eval"]["tokens"] == 256 and len(f["greedy"]["hardware"]["tokens"]) == 8 and 0 < f["seconds"] < 600
+    assert result["verdict"]["strict"] is False and result["verdict"]["bits"] == "match"
+    assert result["report_path"] == str(hw.parent / "verify_report.json")
+    assert json.loads((hw.parent / "verify_report.json").read_text()) == {k: v for k, v in result.items() if k != "report_path"}
+    bits_only = verify(qdir, hw, progress=False, functional=False, strict=True)
+    assert "functional" not in bits_only and bits_only["verdict"]["board_model"] == "not run" and bits_only["verdict"]["strict"] is True
+
+
+def test_verify_does_not_run_the_board_model_when_the_bits_differ(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    part = hw / "Embedding" / "Embedding_01-of-16.bin"
+    data = np.fromfile(part, "<u2")
+    data[0] ^= 1
+    data.tofile(part)
+    result = verify(qdir, hw, progress=False)
+    assert not result["bit_check"]["ok"] and "functional" not in result and result["verdict"]["exit_code"] == 1
+
+
+def test_a_cuda_device_without_cuda_is_refused(exported, tmp_path, monkeypatch):
+    import torch
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(VCUError, match=r"--device cuda:0: no CUDA device here \(torch "):
+        verify(qdir, qdir / "compile" / "QWEN_BLOCK_write_data_port32", progress=False, device="cuda:0")
+
+
+def _result(bits_ok=True, top1=0.97, saturated=0, finite=True, functional=True):
+    f = {"ok": finite, "against_hardware": {"checkpoint": {"top1_agreement": top1}},
+         "saturation": [{"layer": 0, "site": "down", "count": 1}] * saturated}
+    return {"bit_check": {"ok": bits_ok}, **({"functional": f} if functional else {})}
+
+
+THRESHOLD = {"top1_agreement": 0.9, "saturated_sites": 0}
+
+
+def test_the_verdicts_word_for_word():
+    assert judge(_result()) == {"bits": "match", "threshold": THRESHOLD, "strict": False, "top1_agreement": 0.97, "saturated_sites": 0,
+                                "board_model": "answers like the checkpoint", "ok": True, "exit_code": 0}
+    assert judge(_result(bits_ok=False, functional=False)) == {"bits": "differ", "threshold": THRESHOLD, "strict": False,
+                                                               "board_model": "not run", "ok": False, "exit_code": 1}
+    assert judge(_result(finite=False), True) == {
+        "bits": "match", "threshold": THRESHOLD, "strict": True, "board_model": "non-finite", "ok": False, "exit_code": 1,
+        "next_step": "the board would compute NaN or inf: see where above; --fp16_rescale measure at compile_sw.py if it is an overflow"}
+    assert judge(_result(saturated=3)) == {
+        "bits": "match", "threshold": THRESHOLD, "strict": False, "top1_agreement": 0.97, "saturated_sites": 3, "board_model": "below the threshold",
+        "next_step": "fp16 sites saturate on the board: compile_sw.py --fp16_rescale measure, then hardware.py and embedding_tokens.py, "
+                     "rescales the folder (docs/FORMAT.md 7)", "ok": True, "exit_code": 0}
+    assert judge(_result(top1=0.5)) == {
+        "bits": "match", "threshold": THRESHOLD, "strict": False, "top1_agreement": 0.5, "saturated_sites": 0, "board_model": "below the threshold",
+        "next_step": "verify.py --model <the fp16 original> shows whether quantization or the board's arithmetic costs it; "
+                     "more calibration (quantize.py --nsamples) or lm_head.py --method rtn may recover it", "ok": True, "exit_code": 0}
+
+
+def test_where_a_table_difference_is():
+    assert _rope_place(0, 2048, "halves") == "position 0, channel 0 (cos of frequency 0)"
+    assert _rope_place(2 * 2048 * 32 + 5 * 32 + 1, 2048, "halves") == "position 5, channel 65 (sin of frequency 1)"
+    assert _rope_place(2048 * 32 + 31, 2048, "halves") == "position 0, channel 63 (cos of frequency 63)"
+    assert _rope_place(3 * 16 * 32 + 7 * 32 + 31, 16, "pairs") == "position 7, channel 127 (sin of frequency 63)"
+    assert _rope_place(3 * 16 * 32 + 7 * 32 + 30, 16, "pairs") == "position 7, channel 126 (cos of frequency 63)"
+    assert _rope_place(4, 16, "pairs") == "position 0, channel 4 (cos of frequency 2)"
+    assert [_silu_place(i) for i in (0, 15, 16, 32, 47, 64, 79, 80, 96, 4000)] == [
+        "slope 0", "slope 15", "byte 32 (must be 0)", "offset 0", "offset 15", "breakpoint 0", "breakpoint 15", "byte 160 (must be 0)",
+        "byte 192 (must be 0)", "byte 8000 (must be 0)"]
+
+
+def test_the_version_names_the_checkout():
+    here = Path(verify_module.__file__).resolve().parent
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        described = ""
+    assert tool_version() == (f"{__version__} ({described})" if described else __version__)
+
+
+@pytest.mark.parametrize("content", ['{"a": 1}', "[1, 2]", '"text"', '{"bit_check": [1]}', "not json", "", '{"bit_check": {"ok": true}}'],
+                         ids=["object", "list", "string", "bit_check not an object", "not json", "empty", "too few keys"])
+def test_a_users_verify_report_json_is_never_replaced(tmp_path, content, caplog):
+    path = tmp_path / "verify_report.json"
+    path.write_text(content)
+    assert not write_report(path, {"tool": "compiler-vcu128", "bit_check": {}})
+    assert path.read_text() == content
+    assert f"warning: {path} exists and is not a verify report: not replacing it (the result is above)" in caplog.text
+    assert not _is_verify_report(json.loads(content)) if content.strip() and content != "not json" else True
+
+
+def test_only_a_report_of_this_tool_is_taken_for_one():
+    assert _is_verify_report({"tool": "compiler-vcu128", "bit_check": {}})
+    assert not _is_verify_report({"tool": "other", "bit_check": {}})
+    assert _is_verify_report({"bit_check": {"ok": True, "files": 1, "bytes": 2, "differences": []}})
+    assert not _is_verify_report(None) and not _is_verify_report({"tool": "compiler-vcu128"})
