@@ -48,7 +48,8 @@ MUTMUT_VERSION = "3.8.1"  # bench/requirements-mutation.txt
 # Tests left out of every selection: they run a step in a subprocess (a mutant is never active
 # there), or need the tiny trained model (minutes a mutant), or are property-based fuzzing.
 EXCLUDE = ("cli or command_line or random_model or 15_level or functional_check_matches or exits_2 or bad_arguments "
-           "or concurrent or side_by_side or umask or sigterm or fuzzed or quantize_records or without_rescaling or rescaled_")
+           "or concurrent or side_by_side or umask or sigterm or unrelated_folder or out_a_file or out_dot or out_may_not or nan_never_prints "
+           "or fuzzed or quantize_records or without_rescaling or rescaled_")
 
 
 @dataclass
@@ -162,14 +163,14 @@ def toml_list(items) -> str:
     return "[" + ", ".join(json.dumps(str(i)) for i in items) + "]"
 
 
-def prepare(module: str, work: Path, timeout_multiplier: float, timeout_constant: float) -> Path:
+def prepare(module: str, work: Path, timeout_multiplier: float, timeout_constant: float, tests: list[str] | None = None) -> Path:
     d = work / short(module)
     copy_tree(d)
     (d / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
         'source_paths = ["vcu128"]\n'
         f"only_mutate = {toml_list([module])}\n"
-        f"pytest_add_cli_args_test_selection = {toml_list(SCOPE[module].tests)}\n"
+        f"pytest_add_cli_args_test_selection = {toml_list(tests or SCOPE[module].tests)}\n"
         f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', '-k', f'not ({EXCLUDE})'])}\n"
         f"timeout_multiplier = {timeout_multiplier}\n"
         f"timeout_constant = {timeout_constant}\n"
@@ -239,7 +240,7 @@ def _print_diffs(names: list[str]) -> None:
     print(json.dumps(out))
 
 
-def run_extra(extra: Extra, work: Path, deadline: float, timeout: float) -> dict:
+def run_extra(extra: Extra, work: Path, deadline: float, timeout: float, tests: list[str] | None = None) -> dict:
     d = work / "extra" / re.sub(r"[^A-Za-z0-9]+", "-", extra.key)
     copy_tree(d)
     path = d / extra.module
@@ -250,7 +251,7 @@ def run_extra(extra: Extra, work: Path, deadline: float, timeout: float) -> dict
     left = deadline - time.time()
     if left < 10:
         return {"status": "not checked"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", f"not ({EXCLUDE})", *SCOPE[extra.module].tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", f"not ({EXCLUDE})", *(tests or SCOPE[extra.module].tests)]
     start = time.time()
     try:
         r = subprocess.run(cmd, cwd=d, env=child_env(), capture_output=True, text=True, timeout=min(timeout, left))
@@ -283,20 +284,39 @@ def cmd_run(args) -> None:
     raw = {"machine": {"cpus": cores, "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor()},
            "mutmut": MUTMUT_VERSION, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "max_children_per_module": per_module, "modules": {},
            "excluded_from_this_run": {m: SCOPE[m].note or "not in --modules" for m in SCOPE if m not in names}, "test_selection_filter": f"not ({EXCLUDE})"}
-    dirs = {m: prepare(m, work, args.timeout_multiplier, args.timeout_constant) for m in names}
-    patterns = args.mutants or []
-    extras = [e for e in EXTRA if e.module in names] if not patterns else []
+    tests = args.tests.split(",") if args.tests else None
+    patterns = {m: args.mutants or [] for m in names}
+    extras = [e for e in EXTRA if e.module in names] if not args.mutants else []
+    if args.survivors_of:  # a re-check: only what an earlier run left alive, usually against the added tests alone
+        earlier = json.loads(Path(args.survivors_of).read_text())
+        alive = lambda code: status_of(code) in ("survived", "no tests", "suspicious", "segfault")  # noqa: E731
+        patterns = {m: [n for n, c in earlier["modules"].get(m, {}).get("codes", {}).items() if alive(c)] for m in names}
+        names = [m for m in names if patterns[m]]
+        extras = [e for e in extras if (earlier.get("extra") or {}).get(e.key, {}).get("status") in ("survived", "no tests", "suspicious")]
+        raw["recheck_of"] = {"raw": str(args.survivors_of), "started": earlier.get("started"), "tests": tests}
+    if args.not_checked_of:  # a random sample of what an earlier run did not reach (its deadline), with the full selection
+        import random
+
+        earlier = json.loads(Path(args.not_checked_of).read_text())
+        rng = random.Random(args.seed)
+        pool_ = {m: sorted(n for n, c in earlier["modules"].get(m, {}).get("codes", {}).items() if status_of(c) == "not checked") for m in names}
+        patterns = {m: rng.sample(pool_[m], min(args.sample, len(pool_[m]))) for m in names}
+        names = [m for m in names if patterns[m]]
+        extras = [e for e in extras if (earlier.get("extra") or {}).get(e.key, {}).get("status") == "not checked"]
+        raw["sample_of"] = {"raw": str(args.not_checked_of), "started": earlier.get("started"), "seed": args.seed,
+                            "sampled": {m: len(patterns[m]) for m in names}, "not_checked_before": {m: len(v) for m, v in pool_.items()}}
+    dirs = {m: prepare(m, work, args.timeout_multiplier, args.timeout_constant, tests) for m in names}
     # the hand-made mutants run beside mutmut, on a few workers of their own
     extra_pool = ThreadPoolExecutor(max(1, args.extra_workers or cores // 4))
-    extra_futures = [extra_pool.submit(run_extra, e, work, deadline, args.extra_timeout) for e in extras]
-    with ThreadPoolExecutor(len(names)) as pool:
-        runs = dict(zip(names, pool.map(lambda m: run_mutmut(m, dirs[m], per_module, deadline, patterns), names)))
+    extra_futures = [extra_pool.submit(run_extra, e, work, deadline, args.extra_timeout, tests) for e in extras]
+    with ThreadPoolExecutor(max(1, len(names))) as pool:
+        runs = dict(zip(names, pool.map(lambda m: run_mutmut(m, dirs[m], per_module, deadline, patterns[m]), names)))
     for m in names:
         meta = read_meta(m, dirs[m])
         codes = meta.get("codes", {})
         not_killed = [n for n, c in codes.items() if status_of(c) not in ("killed", "timeout", "not checked", "skipped")]
         tail = (dirs[m] / "mutmut.log").read_text(errors="replace")[-3000:] if (dirs[m] / "mutmut.log").is_file() else ""
-        raw["modules"][m] = {**runs[m], "tests": SCOPE[m].tests, "codes": codes, "durations": meta.get("durations", {}),
+        raw["modules"][m] = {**runs[m], "tests": tests or SCOPE[m].tests, "codes": codes, "durations": meta.get("durations", {}),
                              "diffs": diffs(dirs[m], not_killed), "log_tail": tail if not codes or runs[m]["rc"] not in (0, None) else ""}
     extra_pool.shutdown(wait=True)
     if extras:
@@ -312,6 +332,33 @@ def cmd_run(args) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The report
+
+
+def merge(raw: dict, rechecks: list[dict]) -> dict:
+    """A full run's results with the kills of later re-checks of its survivors (tests were only
+    added since, so what was killed stays killed): each such mutant is marked with the re-check."""
+    for re_ in rechecks:
+        for m, r in re_.get("modules", {}).items():
+            base = raw["modules"][m]
+            base["diffs"].update(r.get("diffs", {}))
+            for name, code in r["codes"].items():
+                if name not in base["codes"] or status_of(code) == "not checked":
+                    continue
+                if status_of(base["codes"][name]) == "not checked":  # a sample of what the full run did not reach
+                    base["codes"][name] = code
+                    base.setdefault("sampled", []).append(name)
+                elif status_of(code) in ("killed", "timeout") and status_of(base["codes"][name]) not in ("killed", "timeout"):
+                    base["codes"][name] = code
+                    base.setdefault("killed_in_recheck", []).append(name)
+        for key, e in (re_.get("extra") or {}).items():
+            before = raw.get("extra", {}).get(key)
+            if before is None or e["status"] == "not checked":
+                continue
+            if before["status"] == "not checked" or (e["status"] in ("killed", "timeout") and before["status"] not in ("killed", "timeout")):
+                raw["extra"][key] = {**before, **e, "killed_in_recheck": before["status"] != "not checked"}
+        raw.setdefault("rechecks", []).append({"started": re_.get("started"), "machine": re_.get("machine"), "seconds": re_.get("seconds"),
+                                               "survivors_of": re_.get("recheck_of"), "sample_of": re_.get("sample_of")})
+    return raw
 
 
 def report(raw: dict, results: Path) -> None:
@@ -429,12 +476,18 @@ def main() -> None:
     r.add_argument("--timeout-constant", type=float, default=20.0,
                    help="mutmut's timeout_constant, seconds: large enough for the fixtures (an export), which mutmut does not time")
     r.add_argument("--mutants", nargs="*", help="only these mutmut mutant names or patterns (a quick look; no hand-made mutants)")
+    r.add_argument("--survivors-of", help="raw results of an earlier run: run only what it left alive (mutmut's and the hand-made ones)")
+    r.add_argument("--not-checked-of", help="raw results of an earlier run: run a random sample (--sample) of what it did not reach")
+    r.add_argument("--sample", type=int, default=100, help="mutants a module for --not-checked-of (default 100)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tests", help="comma-separated test files instead of each module's selection (with --survivors-of: the tests added since)")
     r.add_argument("--work", default=str(WORK))
     r.add_argument("--raw", help="where the raw results go (default WORK/raw.json)")
     r.add_argument("--results", default=str(RESULTS))
     r.add_argument("--no-report", action="store_true")
     q = sub.add_parser("report", help="the report again, from raw results (after editing the dispositions)")
     q.add_argument("--raw", default=str(WORK / "raw.json"))
+    q.add_argument("--recheck", nargs="*", default=[], help="raw results of --survivors-of runs: their kills count")
     q.add_argument("--results", default=str(RESULTS))
     d = sub.add_parser("_diffs")
     d.add_argument("names", nargs="*")
@@ -442,7 +495,7 @@ def main() -> None:
     if args.cmd == "run":
         cmd_run(args)
     elif args.cmd == "report":
-        report(json.loads(Path(args.raw).read_text()), Path(args.results))
+        report(merge(json.loads(Path(args.raw).read_text()), [json.loads(Path(r).read_text()) for r in args.recheck]), Path(args.results))
     else:
         _print_diffs(args.names)
 

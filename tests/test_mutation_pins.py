@@ -279,3 +279,47 @@ def test_only_a_report_of_this_tool_is_taken_for_one():
     assert not _is_verify_report({"tool": "other", "bit_check": {}})
     assert _is_verify_report({"bit_check": {"ok": True, "files": 1, "bytes": 2, "differences": []}})
     assert not _is_verify_report(None) and not _is_verify_report({"tool": "compiler-vcu128"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder's record: defaults and what is refused
+
+
+def test_the_folders_assumptions_and_output_layer_defaults():
+    from vcu128.format.folder import Assumptions, OutputLayerRecord
+
+    a = Assumptions()
+    assert (a.int4, a.rope_table, a.max_token, a.silu_table, a.silu_fit_range) == ("twos", "halves", 2048, "board", None)
+    assert a.has_rope_table and Assumptions(rope_table="pairs").has_rope_table
+    assert not Assumptions(rope_table="none: head_dim 64 is not the board's 128").has_rope_table
+    assert OutputLayerRecord("rtn").int4_range == 8
+
+
+def test_a_manifest_without_the_optional_keys_reads_as_the_defaults(exported, tmp_path):
+    from vcu128.format.folder import PackedFolder
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["lm_head"].pop("int4_range", None)
+    for key in ("int4", "rope_table", "max_token", "silu_table"):
+        doc["assumptions"].pop(key, None)
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    f = PackedFolder.open(hw)
+    assert f.output_layer.int4_range == 8 and f.output_layer.method == "rtn"
+    assert (f.assumptions.int4, f.assumptions.rope_table, f.assumptions.max_token, f.assumptions.silu_table) == ("twos", "halves", 2048, "board")
+
+
+@pytest.mark.parametrize("sha", ["abc", "A" * 64, "0" * 63, "0" * 65], ids=["short", "upper case", "63 digits", "65 digits"])
+def test_a_manifest_sha256_that_is_not_one_is_refused(exported, tmp_path, sha):
+    from vcu128.format.folder import PackedFolder
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["files"][2]["sha256"] = sha
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError, match=r"files\[2\].sha256 .* is not a sha256 \(64 hex digits\)"):
+        PackedFolder.open(hw)
