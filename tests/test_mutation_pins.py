@@ -323,3 +323,16 @@ def test_a_manifest_sha256_that_is_not_one_is_refused(exported, tmp_path, sha):
     (hw / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(VCUError, match=r"files\[2\].sha256 .* is not a sha256 \(64 hex digits\)"):
         PackedFolder.open(hw)
+
+
+def test_verify_passes_its_evaluation_ids_and_its_model_on(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    ids = tmp_path / "ids.txt"
+    ids.write_text("5 6 7 8 9")
+    f = verify(qdir, hw, progress=False, eval_ids=ids, tokens=1)["functional"]
+    assert f["eval"] == {"tokens": 5, "source": f"ids from {ids}"}
+    # --model names the unquantized original: a GPTQ checkpoint is not one, and is refused as such
+    with pytest.raises(VCUError, match=r"model.layers.0.self_attn.q_proj.weight: missing from the --model folder"):
+        verify(qdir, hw, progress=False, model=qdir, tokens=1, eval_tokens=8)
