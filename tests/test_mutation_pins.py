@@ -86,6 +86,10 @@ def test_scale_fp16_known_answers_and_what_it_counts():
     scale_fp16(np.array([2.0**15], np.float16), 1.0, fresh)
     assert fresh == {"out_of_normal_range": 1}
     assert scale_fp16(np.array([32768.0], np.float16), 2.0).tolist() == [FP16_MAX]  # 65536 saturates (and no counter is fine)
+    edges: dict = {}
+    assert scale_fp16(np.array([2.0**-13], np.float16), 0.5, edges).tolist() == [2.0**-14]  # the smallest normal: nothing lost
+    assert scale_fp16(np.array([32752.0], np.float16), 2.0, edges).tolist() == [FP16_MAX]  # the largest finite: nothing lost
+    assert edges == {"out_of_normal_range": 0}
 
 
 def test_the_plans_record_and_its_copies():
