@@ -361,8 +361,23 @@ def merge(raw: dict, rechecks: list[dict]) -> dict:
     return raw
 
 
+def disposition(disp: dict, name: str) -> dict:
+    """A mutant's disposition: by its name, else by the first pattern (fnmatch) that matches it."""
+    import fnmatch
+
+    if name in disp:
+        return disp[name]
+    return next((d for pattern, d in disp.items() if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern)), {})
+
+
+def survivor_disposition(disp: dict, name: str) -> dict:
+    """What a live mutant is: equivalent (with why), or open; a 'killed' pattern does not cover a mutant still alive."""
+    d = disposition(disp, name)
+    return d if d.get("disposition") == "equivalent" or name in disp else {}
+
+
 def report(raw: dict, results: Path) -> None:
-    disp = json.loads(DISPOSITIONS.read_text()) if DISPOSITIONS.is_file() else {}
+    disp = {k: v for k, v in (json.loads(DISPOSITIONS.read_text()) if DISPOSITIONS.is_file() else {}).items() if not k.startswith("_")}
     out = {"tool": f"mutmut {raw['mutmut']}", "machine": raw["machine"], "started": raw["started"], "seconds": raw.get("seconds"),
            "test_selection_filter": raw.get("test_selection_filter"), "excluded_from_this_run": raw.get("excluded_from_this_run", {}),
            "modules": {}, "survivors": []}
@@ -379,7 +394,7 @@ def report(raw: dict, results: Path) -> None:
             else:
                 counts["suspicious"] += 1
             if s in ("survived", "no tests", "suspicious", "segfault"):
-                d = disp.get(name, {})
+                d = survivor_disposition(disp, name)
                 if d.get("disposition") == "equivalent":
                     counts["equivalent"] += 1
                 out["survivors"].append({"mutant": name, "module": m, "status": s, "diff": r["diffs"].get(name, ""), **d})
@@ -392,9 +407,15 @@ def report(raw: dict, results: Path) -> None:
         counts["stopped_at_deadline"] = r.get("stopped_at_deadline")
         out["modules"][m] = counts
         rows.append((m, counts))
-    for name, d in disp.items():  # survivors of earlier runs that an added test now kills
-        if d.get("disposition") == "killed" and not any(s["mutant"] == name for s in out["survivors"]):
-            out.setdefault("killed_by_added_tests", []).append({"mutant": name, **d})
+    for m, r in raw["modules"].items():  # survivors of the full run that the added tests kill (the re-check)
+        for name in r.get("killed_in_recheck", []):
+            out.setdefault("killed_by_added_tests", []).append({"mutant": name, "module": m, "diff": r["diffs"].get(name, ""),
+                                                                "test": disposition(disp, name).get("test", "")})
+    for key, e in (raw.get("extra") or {}).items():
+        if e.get("killed_in_recheck"):
+            out.setdefault("killed_by_added_tests", []).append({"mutant": key, "module": e["module"], "diff": e["change"],
+                                                                "test": e.get("killed_by") or disposition(disp, key).get("test", "")})
+    out["rechecks"] = raw.get("rechecks", [])
     total = {k: sum(c[k] for _, c in rows) for k in ("total", "killed", "timeout", "survived", "no tests", "suspicious", "not checked", "equivalent")}
     non_eq = total["total"] - total["not checked"] - total["equivalent"]
     total["kill_rate_non_equivalent"] = round((total["killed"] + total["timeout"]) / non_eq, 4) if non_eq else None
@@ -416,7 +437,7 @@ def _add_extra(raw: dict, module: str, counts: dict, out: dict, disp: dict) -> N
         else:
             counts["suspicious"] += 1
         if s not in ("killed", "timeout", "not checked"):
-            d = disp.get(key, {})
+            d = survivor_disposition(disp, key)
             if d.get("disposition") == "equivalent":
                 counts["equivalent"] += 1
             out["survivors"].append({"mutant": key, "module": module, "status": s, "diff": e["change"], **d})
@@ -438,6 +459,16 @@ def markdown(out: dict) -> str:
     rate = f"{100 * t['kill_rate_non_equivalent']:.1f}%" if t["kill_rate_non_equivalent"] is not None else "-"
     lines.append(f"| **all** | {t['total']} | {t['killed']} | {t['timeout']} | {t['survived']} | {t['no tests']} | {t['equivalent']} | "
                  f"{t['not checked']} | **{rate}** |")
+    for r in out.get("rechecks", []):
+        where = f"{r['machine']['cpus']} cores, Python {r['machine']['python']}" if r.get("machine") else ""
+        if r.get("survivors_of"):
+            lines += ["", f"Re-check ({r['started']}, {r.get('seconds')} s, {where}): the full run's survivors against "
+                          f"{', '.join(r['survivors_of'].get('tests') or ['the full selection'])}; their kills are counted above."]
+        if r.get("sample_of"):
+            s = r["sample_of"]
+            lines += ["", f"Sample ({r['started']}, {r.get('seconds')} s, {where}, seed {s['seed']}): of the mutants the full run did not reach, "
+                          + ", ".join(f"{n} of {s['not_checked_before'].get(m)} in `{m}`" for m, n in s["sampled"].items())
+                          + ", run with the full selection; counted above, the rest stays 'not checked'."]
     if out.get("excluded_from_this_run"):
         lines += ["", "Not in this run: " + "; ".join(f"`{k}` ({v})" for k, v in out["excluded_from_this_run"].items()) + "."]
     lines += ["", "## Every survivor", "", "| mutant | status | change | disposition |", "| --- | --- | --- | --- |"]
@@ -447,9 +478,17 @@ def markdown(out: dict) -> str:
         what = s.get("disposition", "open")
         lines.append(f"| `{s['mutant']}` | {s['status']} | `{change}` | {what}: {why} |")
     if out.get("killed_by_added_tests"):
-        lines += ["", "## Survivors of earlier runs now killed by added tests", "", "| mutant | killed by |", "| --- | --- |"]
+        groups: dict = {}
         for s in out["killed_by_added_tests"]:
-            lines.append(f"| `{s['mutant']}` | {s.get('test', '')} ({s.get('why', '')}) |")
+            function = s["mutant"].rsplit("__mutmut_", 1)[0] if "__mutmut_" in s["mutant"] else s["mutant"]
+            g = groups.setdefault(function, {"n": 0, "tests": set()})
+            g["n"] += 1
+            if s.get("test"):
+                g["tests"].add(s["test"])
+        lines += ["", f"## Survivors of the full run killed by the added tests ({len(out['killed_by_added_tests'])}; each listed in mutation.json)", "",
+                  "| function (mutants) | killed by |", "| --- | --- |"]
+        for function, g in groups.items():
+            lines.append(f"| `{function}` ({g['n']}) | {', '.join(sorted(g['tests'])) or 'tests/test_mutation_pins.py'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -148,7 +148,7 @@ def test_the_board_model_computes_silu_through_the_table():
     from vcu128.board.datapath import Numerics, silu
 
     line = SiluTable(np.full(16, 2.0, "<f2"), np.full(16, 1.0, "<f2"), BOARD_SILU.x_region)
-    num = Numerics("board", True, 1e-6, torch.zeros(1, 1), torch.zeros(1, 1), line)
+    num = Numerics(name="board", board=True, eps=1e-6, cos=torch.zeros(1, 1), sin=torch.zeros(1, 1), silu_table=line)
     x = torch.tensor([-20.0, -1.0, 0.0, 0.5, 3.0, 30.0])
     assert silu(x, num).tolist() == [-39.0, -1.0, 1.0, 2.0, 7.0, 61.0]
 
