@@ -62,12 +62,13 @@ class Scope:
 # Each module and the tests that cover it (mutmut narrows these further, per mutated function).
 SCOPE = {
     "vcu128/format/layout.py": Scope(["tests/test_formats.py", "tests/test_export.py", "tests/test_folder_reader.py", "tests/test_verify.py",
-                                      "tests/test_tables.py", "tests/test_refusals.py", "tests/test_pins.py"]),
-    "vcu128/format/tables.py": Scope(["tests/test_tables.py", "tests/test_folder_reader.py", "tests/test_pins.py"]),
+                                      "tests/test_tables.py", "tests/test_refusals.py", "tests/test_pins.py", "tests/test_mutation_pins.py"]),
+    "vcu128/format/tables.py": Scope(["tests/test_tables.py", "tests/test_folder_reader.py", "tests/test_pins.py", "tests/test_mutation_pins.py"]),
     "vcu128/format/folder.py": Scope(["tests/test_folder_reader.py", "tests/test_verify.py", "tests/test_tables.py", "tests/test_outputs.py",
-                                      "tests/test_pins.py"]),
-    "vcu128/format/rescale.py": Scope(["tests/test_rescale.py", "tests/test_folder_reader.py", "tests/test_pins.py"]),
-    "vcu128/check/verify.py": Scope(["tests/test_verify.py", "tests/test_folder_reader.py", "tests/test_tables.py", "tests/test_pins.py"]),
+                                      "tests/test_pins.py", "tests/test_mutation_pins.py"]),
+    "vcu128/format/rescale.py": Scope(["tests/test_rescale.py", "tests/test_folder_reader.py", "tests/test_pins.py", "tests/test_mutation_pins.py"]),
+    "vcu128/check/verify.py": Scope(["tests/test_verify.py", "tests/test_folder_reader.py", "tests/test_tables.py", "tests/test_pins.py",
+                                     "tests/test_mutation_pins.py"]),
     "vcu128/board/datapath.py": Scope(["tests/test_functional.py", "tests/test_pins.py"], False,
                                       "being rewritten (emulator defaults and variants): run with --modules datapath once it lands"),
     "vcu128/io/output.py": Scope(["tests/test_outputs.py", "tests/test_export.py", "tests/test_refusals.py", "tests/test_pins.py"], False,
