@@ -57,6 +57,15 @@ def test_the_board_silu_table_from_its_words_and_through_its_file():
     assert np.array_equal(back.pack(), BOARD_SILU.pack())
 
 
+def test_the_longest_piece_when_even_the_shortest_candidate_errs_too_much():
+    """The fit's piece search falls back to bisecting between the start and its first candidate."""
+    from vcu128.format.tables import _line_errors, _longest_piece
+
+    b = _longest_piece(0.0, 8.0, 1e-6)
+    assert b == 0.005615234375  # 46/1024 of the first candidate, 8/64
+    assert _line_errors(0.0, b)[0][0] <= 1e-6 < _line_errors(0.0, b + 8 / 64 / 1024)[0][0]
+
+
 def test_rope_values_back_from_either_order():
     rows = np.arange(3 * 128, dtype=np.float16).reshape(3, 128)
     cos, sin = rope_from_rows(rows, "pairs")
@@ -250,6 +259,7 @@ def test_where_a_table_difference_is():
     assert _rope_place(0, 2048, "halves") == "position 0, channel 0 (cos of frequency 0)"
     assert _rope_place(2 * 2048 * 32 + 5 * 32 + 1, 2048, "halves") == "position 5, channel 65 (sin of frequency 1)"
     assert _rope_place(2048 * 32 + 31, 2048, "halves") == "position 0, channel 63 (cos of frequency 63)"
+    assert _rope_place(2 * 2048 * 32, 2048, "halves") == "position 0, channel 64 (sin of frequency 0)"
     assert _rope_place(3 * 16 * 32 + 7 * 32 + 31, 16, "pairs") == "position 7, channel 127 (sin of frequency 63)"
     assert _rope_place(3 * 16 * 32 + 7 * 32 + 30, 16, "pairs") == "position 7, channel 126 (cos of frequency 63)"
     assert _rope_place(4, 16, "pairs") == "position 0, channel 4 (cos of frequency 2)"
@@ -340,3 +350,18 @@ def test_verify_passes_its_evaluation_ids_and_its_model_on(exported, tmp_path):
     # --model names the unquantized original: a GPTQ checkpoint is not one, and is refused as such
     with pytest.raises(VCUError, match=r"model.layers.0.self_attn.q_proj.weight: missing from the --model folder"):
         verify(qdir, hw, progress=False, model=qdir, tokens=1, eval_tokens=8)
+
+
+def test_verify_reads_the_compile_folder_it_is_given(exported, tmp_path):
+    """--compile_dir: its records are what the stale-input warnings are about."""
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    other = tmp_path / "other"
+    other.mkdir()
+    record = json.loads((qdir / "compile" / "compile_sw.json").read_text())
+    record["made_from"]["fingerprint"] = "0" * 16
+    (other / "compile_sw.json").write_text(json.dumps(record))
+    result = verify(qdir, qdir / "compile" / "QWEN_BLOCK_write_data_port32", compile_dir=other, progress=False, functional=False)
+    assert f"{other}: made from another checkpoint, or the checkpoint changed since (re-run compile_sw.py)" in result["bit_check"]["stale_inputs"]
+    plain = verify(qdir, qdir / "compile" / "QWEN_BLOCK_write_data_port32", progress=False, functional=False)
+    assert plain["bit_check"]["stale_inputs"] == []
