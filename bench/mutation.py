@@ -529,6 +529,10 @@ def main() -> None:
     q.add_argument("--raw", default=str(WORK / "raw.json"))
     q.add_argument("--recheck", nargs="*", default=[], help="raw results of --survivors-of runs: their kills count")
     q.add_argument("--results", default=str(RESULTS))
+    g = sub.add_parser("merge", help="a full run's raw results with re-checks and samples merged, as raw results (for another --survivors-of)")
+    g.add_argument("--raw", required=True)
+    g.add_argument("--recheck", nargs="*", default=[])
+    g.add_argument("--out", required=True)
     d = sub.add_parser("_diffs")
     d.add_argument("names", nargs="*")
     args = p.parse_args()
@@ -536,6 +540,9 @@ def main() -> None:
         cmd_run(args)
     elif args.cmd == "report":
         report(merge(json.loads(Path(args.raw).read_text()), [json.loads(Path(r).read_text()) for r in args.recheck]), Path(args.results))
+    elif args.cmd == "merge":
+        merged = merge(json.loads(Path(args.raw).read_text()), [json.loads(Path(r).read_text()) for r in args.recheck])
+        Path(args.out).write_text(json.dumps(merged, indent=1))
     else:
         _print_diffs(args.names)
 

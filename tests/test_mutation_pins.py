@@ -36,10 +36,20 @@ FIT_WORDS = {
         "bias": [0x0000, 0xB5B7, 0xB6AE, 0xB4C8, 0xB1B6, 0xAD2F, 0xA4BF, 0x198E, 0xA4E9, 0xAD42, 0xB1C4, 0xB4CE, 0xB6AD, 0xB482, 0xB08C, 0x0000],
         "x_region": [0xC7FD, 0xC1CE, 0xBE77, 0xBC8F, 0xBA28, 0xB724, 0xB0A5, 0x30C8, 0x3737, 0x3A32, 0x3C95, 0x3E80, 0x42F5, 0x44A5, 0x47FD, 0x0000],
     },
+    (0.0, 1.0): {
+        "wt": [0x0000, 0x3842, 0x38C5, 0x3947, 0x39C6, 0x3A41, 0x3AB7, 0x3B26, 0x3B65, 0x3B65, 0x3B65, 0x3B65, 0x3B65, 0x3B65, 0x3B65, 0x3C00],
+        "bias": [0x0000, 0x9041, 0xA07C, 0xA673, 0xAA55, 0xAD31, 0xAFA8, 0xB13E, 0xB22F, 0xB22F, 0xB22F, 0xB22F, 0xB22F, 0xB22F, 0xB22F, 0x0000],
+        "x_region": [0xC8ED, 0x3021, 0x3425, 0x3644, 0x3838, 0x3959, 0x3A88, 0x3BCA, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x0000],
+    },
+    (10.0, 20.0): {
+        "wt": [0x0000, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00],
+        "bias": [0x0000, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x0000],
+        "x_region": [0xC8ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x0000],
+    },
 }
 
 
-@pytest.mark.parametrize("fit_range", list(FIT_WORDS), ids=["default", "narrow"])
+@pytest.mark.parametrize("fit_range", list(FIT_WORDS), ids=["default", "narrow", "few segments", "on the identity"])
 def test_the_fitted_silu_table_word_for_word(fit_range):
     table = fit_silu.__wrapped__(*fit_range)  # past the cache: the fit itself runs
     got = {k: [int(w) for w in getattr(table, k).view("<u2")] for k in ("wt", "bias", "x_region")}
@@ -365,3 +375,34 @@ def test_verify_reads_the_compile_folder_it_is_given(exported, tmp_path):
     assert f"{other}: made from another checkpoint, or the checkpoint changed since (re-run compile_sw.py)" in result["bit_check"]["stale_inputs"]
     plain = verify(qdir, qdir / "compile" / "QWEN_BLOCK_write_data_port32", progress=False, functional=False)
     assert plain["bit_check"]["stale_inputs"] == []
+
+
+def test_a_folder_without_manifest_or_ports_and_a_wrong_kind_of_record(exported, tmp_path):
+    from vcu128.format.folder import PackedFolder
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VCUError) as e:
+        PackedFolder.open(empty)
+    assert str(e.value) == f"{empty}: no manifest.json and no BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN0_q_HBM_DDR_00.bin: not a packed folder"
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["assumptions"] = True
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError, match=r"assumptions is a boolean, expected an object"):
+        PackedFolder.open(hw)
+
+
+def test_layer_reports_merge_their_counts():
+    from vcu128.check.verify import MAX_REPORTED, BitReport
+
+    a, b = BitReport(files_checked=2, bytes_checked=10, more=1), BitReport(files_checked=3, bytes_checked=5, more=4)
+    for i in range(MAX_REPORTED):
+        b.add(f"d{i}")
+    a.add("first")
+    a.merge(b)
+    assert (a.files_checked, a.bytes_checked) == (5, 15)
+    assert a.differences == ["first"] + [f"d{i}" for i in range(MAX_REPORTED - 1)]
+    assert a.more == 1 + 4 + 1  # its own, the other's, and the one past MAX_REPORTED in the merge
