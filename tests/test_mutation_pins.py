@@ -411,3 +411,50 @@ def test_layer_reports_merge_their_counts():
     assert (a.files_checked, a.bytes_checked) == (5, 15)
     assert a.differences == ["first"] + [f"d{i}" for i in range(MAX_REPORTED - 1)]
     assert a.more == 1 + 4 + 1  # its own, the other's, and the one past MAX_REPORTED in the merge
+
+
+def test_a_bad_llama3_scaling_value_names_the_config():
+    from vcu128.format.tables import rope_inv_freq
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "x", "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    with pytest.raises(VCUError) as e:
+        rope_inv_freq({"rope_scaling": scaling}, 128, Path("model/config.json"))
+    assert str(e.value) == "model/config.json: 'low_freq_factor' is 'x', expected a finite number"
+
+
+def test_verify_passes_its_numerics_options_on(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    f = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16, numerics="fp32", lm_head_from_checkpoint=True)["functional"]
+    assert (f["numerics"], f["lm_head_from_checkpoint"], f["centred_variance"]) == ("fp32", True, False)
+    f = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16, centred_variance=True)["functional"]
+    assert (f["numerics"], f["lm_head_from_checkpoint"], f["centred_variance"]) == ("board", False, True)
+
+
+def test_verify_runs_the_board_model_of_a_folder_without_manifest(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    (hw / "manifest.json").unlink()
+    result = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16)
+    assert result["bit_check"]["ok"], result["bit_check"]["differences"]
+    assert result["functional"]["ok"] and result["source"] == {}
+
+
+def test_an_older_folder_takes_its_output_layer_method_from_the_compile_record(exported, tmp_path):
+    """No lm_head in the manifest: lm_head.json's method, with the default grid (8) when it names none."""
+    from vcu128.check.verify import output_layer_record
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.format.folder import PackedFolder
+    from vcu128.io.output import write_step_record
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc.pop("lm_head")
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    write_step_record(qdir / "compile", "lm_head", {"method": "rtn"}, [])
+    record = output_layer_record(PackedFolder.open(hw), GPTQCheckpoint(qdir), qdir / "compile")
+    assert (record.method, record.int4_range) == ("rtn", 8)
