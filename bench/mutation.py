@@ -325,6 +325,7 @@ def cmd_run(args) -> None:
                         for e, f in zip(extras, extra_futures)}
     raw["seconds"] = round(time.time() - start, 1)
     path = Path(args.raw or work / "raw.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(raw, indent=1))
     print(f"raw results: {path}")
     if not args.no_report:
@@ -348,14 +349,16 @@ def merge(raw: dict, rechecks: list[dict]) -> dict:
                 if status_of(base["codes"][name]) == "not checked":  # a sample of what the full run did not reach
                     base["codes"][name] = code
                     base.setdefault("sampled", []).append(name)
-                elif status_of(code) in ("killed", "timeout") and status_of(base["codes"][name]) not in ("killed", "timeout"):
+                elif (status_of(code), status_of(base["codes"][name])) != ("timeout", "timeout") and status_of(code) in ("killed", "timeout") \
+                        and status_of(base["codes"][name]) != "killed":  # a kill, or a timeout where it had survived
                     base["codes"][name] = code
                     base.setdefault("killed_in_recheck", []).append(name)
         for key, e in (re_.get("extra") or {}).items():
             before = raw.get("extra", {}).get(key)
             if before is None or e["status"] == "not checked":
                 continue
-            if before["status"] == "not checked" or (e["status"] in ("killed", "timeout") and before["status"] not in ("killed", "timeout")):
+            if before["status"] == "not checked" or (e["status"] == "killed" and before["status"] != "killed") or \
+                    (e["status"] == "timeout" and before["status"] not in ("killed", "timeout")):
                 raw["extra"][key] = {**before, **e, "killed_in_recheck": before["status"] != "not checked"}
         raw.setdefault("rechecks", []).append({"started": re_.get("started"), "machine": re_.get("machine"), "seconds": re_.get("seconds"),
                                                "survivors_of": re_.get("recheck_of"), "sample_of": re_.get("sample_of")})
