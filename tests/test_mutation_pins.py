@@ -1,0 +1,460 @@
+"""Known answers that mutation testing (bench/mutation.py) showed missing: each test here kills
+mutants that survived every other test (bench/results/mutation.md lists which). Bit-exact,
+deterministic, fast: no export unless the test is about one."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import export_all
+
+from vcu128 import __version__
+from vcu128.check import verify as verify_module
+from vcu128.check.verify import _is_verify_report, _rope_place, _silu_place, judge, tool_version, verify, write_report
+from vcu128.format.layout import PackedLinearWriter, check_int4_range, offset_binary_bytes, pack_nibbles, row_words
+from vcu128.format.rescale import FP16_MAX, RescalePlan, module_factors, scale_fp16, tensor_factor
+from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
+from vcu128.format.tables import BOARD_SILU, BOARD_SILU_WORDS, SiluTable, fit_silu, rope_from_rows
+from vcu128.io.errors import VCUError
+
+# ---------------------------------------------------------------------------------------------
+# The SiLU tables, word for word
+
+# fit_silu's words, as this project's fit makes them (numpy float64, fp16 rounding); a change of
+# the fit (segments, minimax lines, bisection, rounding) changes the board's SiLU: it must be seen.
+FIT_WORDS = {
+    (-16.0, 16.0): {
+        "wt": [0x0000, 0xA1A7, 0xA99F, 0xADB2, 0x1403, 0x302E, 0x348C, 0x3736, 0x38F6, 0x3A42, 0x3B6B, 0x3C2C, 0x3C5B, 0x3C2D, 0x3C0B, 0x3C00],
+        "bias": [0x0000, 0xAD6A, 0xB400, 0xB69B, 0xB461, 0xB07B, 0xA999, 0x14D0, 0xA192, 0xAD03, 0xB22A, 0xB55A, 0xB69A, 0xB401, 0xAD4E, 0x0000],
+        "x_region": [0xC7A9, 0xC508, 0xC338, 0xBE30, 0xBC1F, 0xB905, 0xB451, 0x2C8B, 0x36A8, 0x3A4E, 0x3CE7, 0x3F64, 0x433B, 0x450A, 0x47A9, 0x0000],
+    },
+    (-4.0, 6.0): {
+        "wt": [0x0000, 0xAC9B, 0xADD1, 0xA47E, 0x2DA5, 0x32E0, 0x35AD, 0x3802, 0x392E, 0x3A4C, 0x3B4F, 0x3C13, 0x3C5D, 0x3C35, 0x3C16, 0x3C00],
+        "bias": [0x0000, 0xB5B7, 0xB6AE, 0xB4C8, 0xB1B6, 0xAD2F, 0xA4BF, 0x198E, 0xA4E9, 0xAD42, 0xB1C4, 0xB4CE, 0xB6AD, 0xB482, 0xB08C, 0x0000],
+        "x_region": [0xC7FD, 0xC1CE, 0xBE77, 0xBC8F, 0xBA28, 0xB724, 0xB0A5, 0x30C8, 0x3737, 0x3A32, 0x3C95, 0x3E80, 0x42F5, 0x44A5, 0x47FD, 0x0000],
+    },
+    (0.0, 1.0): {
+        "wt": [0x0000, 0x3842, 0x38C5, 0x3947, 0x39C6, 0x3A41, 0x3AB7, 0x3B26, 0x3B65, 0x3B65, 0x3B65, 0x3B65, 0x3B65, 0x3B65, 0x3B65, 0x3C00],
+        "bias": [0x0000, 0x9041, 0xA07C, 0xA673, 0xAA55, 0xAD31, 0xAFA8, 0xB13E, 0xB22F, 0xB22F, 0xB22F, 0xB22F, 0xB22F, 0xB22F, 0xB22F, 0x0000],
+        "x_region": [0xC8ED, 0x3021, 0x3425, 0x3644, 0x3838, 0x3959, 0x3A88, 0x3BCA, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x0000],
+    },
+    (10.0, 20.0): {
+        "wt": [0x0000, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00, 0x3C00],
+        "bias": [0x0000, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x8FF9, 0x0000],
+        "x_region": [0xC8ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x0000],
+    },
+    (-20.0, -10.0): {
+        "wt": [0x0000, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x8001, 0x3C00],
+        "bias": [0x0000, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x8FFB, 0x0000],
+        "x_region": [0xC8ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x48ED, 0x0000],
+    },
+}
+
+
+@pytest.mark.parametrize("fit_range", list(FIT_WORDS), ids=["default", "narrow", "few segments", "on the identity", "on zero"])
+def test_the_fitted_silu_table_word_for_word(fit_range):
+    table = fit_silu.__wrapped__(*fit_range)  # past the cache: the fit itself runs
+    got = {k: [int(w) for w in getattr(table, k).view("<u2")] for k in ("wt", "bias", "x_region")}
+    assert got == FIT_WORDS[fit_range]
+
+
+def test_the_board_silu_table_from_its_words_and_through_its_file():
+    t = SiluTable.from_words(BOARD_SILU_WORDS)
+    data = t.pack()
+    for beat, k in enumerate(("wt", "bias", "x_region")):
+        assert data[64 * beat : 64 * beat + 32].view("<u2").tolist() == BOARD_SILU_WORDS[k]
+        assert not data[64 * beat + 32 : 64 * beat + 64].any()
+    back = SiluTable.unpack(data)
+    assert all(getattr(back, k).shape == (16,) and getattr(back, k).dtype == np.dtype("<f2") for k in ("wt", "bias", "x_region"))
+    assert np.array_equal(back.pack(), BOARD_SILU.pack())
+
+
+def test_the_longest_piece_when_even_the_shortest_candidate_errs_too_much():
+    """The fit's piece search falls back to bisecting between the start and its first candidate."""
+    from vcu128.format.tables import _line_errors, _longest_piece
+
+    b = _longest_piece(0.0, 8.0, 1e-6)
+    assert b == 0.005615234375  # 46/1024 of the first candidate, 8/64
+    assert _line_errors(0.0, b)[0][0] <= 1e-6 < _line_errors(0.0, b + 8 / 64 / 1024)[0][0]
+
+
+def test_rope_values_back_from_either_order():
+    rows = np.arange(3 * 128, dtype=np.float16).reshape(3, 128)
+    cos, sin = rope_from_rows(rows, "pairs")
+    assert np.array_equal(cos, rows[:, 0::2]) and np.array_equal(sin, rows[:, 1::2]) and cos.shape == (3, 64)
+    cos, sin = rope_from_rows(rows, "halves")
+    assert np.array_equal(cos, rows[:, :64]) and np.array_equal(sin, rows[:, 64:])
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16 rescaling: the exact multiplication and the plan's record
+
+
+def test_scale_fp16_known_answers_and_what_it_counts():
+    values = np.array([1.0, -2.0, 2.0**-14, 2.0**-13, 3e-5, 60000.0, 0.0, -65504.0], np.float16)
+    counter: dict = {}
+    down = scale_fp16(values, 2.0**-2, counter)
+    assert down.dtype == np.float16
+    assert down.tolist() == [0.25, -0.5, float(np.float16(2.0**-16)), float(np.float16(2.0**-15)), float(np.float16(3e-5 / 4)), 15000.0, 0.0, -16376.0]
+    assert counter == {"out_of_normal_range": 2}  # 2^-14 and 2^-13 leave the normal range; 3e-5 was already subnormal
+    up = scale_fp16(values, 2.0**3, counter)
+    assert up.tolist() == [8.0, -16.0, 2.0**-11, 2.0**-10, float(np.float16(np.float32(np.float16(3e-5)) * 8)), FP16_MAX, 0.0, -FP16_MAX]
+    assert counter == {"out_of_normal_range": 4}  # 60000 and -65504 saturate
+    exact = np.array([2.0**-14, 65504.0], np.float16)
+    assert scale_fp16(exact, 1.0 / 1, counter) is exact and counter == {"out_of_normal_range": 4}  # factor 1: untouched, not counted
+    fresh: dict = {}
+    scale_fp16(np.array([2.0**-14, 2.0**15], np.float16), 0.5, fresh)
+    scale_fp16(np.array([2.0**15], np.float16), 1.0, fresh)
+    assert fresh == {"out_of_normal_range": 1}
+    assert scale_fp16(np.array([32768.0], np.float16), 2.0).tolist() == [FP16_MAX]  # 65536 saturates (and no counter is fine)
+    edges: dict = {}
+    assert scale_fp16(np.array([2.0**-13], np.float16), 0.5, edges).tolist() == [2.0**-14]  # the smallest normal: nothing lost
+    assert scale_fp16(np.array([32752.0], np.float16), 2.0, edges).tolist() == [FP16_MAX]  # the largest finite: nothing lost
+    assert edges == {"out_of_normal_range": 0}
+
+
+def test_the_plans_record_and_its_copies():
+    plan = RescalePlan(2, (0, 1), ("why",), "quant_report.json", {"kept": "with_k"}, 3)
+    assert plan.to_record() == {"k": 2, "m": [0, 1], "why": ["why"], "statistics": "quant_report.json", "k_choice": {"kept": "with_k"},
+                                "out_of_normal_range": 3}
+    assert RescalePlan(1, ()).to_record() == {"k": 1, "m": [], "why": []}
+    assert RescalePlan.from_record(plan.to_record(), "x", "key", num_layers=2) == plan
+    assert plan.with_k(5) == RescalePlan(5, (0, 1), ("why",), "quant_report.json", {"kept": "with_k"}, 3)
+    assert plan.with_report(out_of_normal_range=7).out_of_normal_range == 7
+    assert plan.factors_record() == {"k": 2, "m": [0, 1]} and plan.describe() == "k=2, m=[0, 1]"
+    assert plan.layer_m(1) == 1 and plan.layer_m(2) == 0 and plan.layer_m(7) == 0
+    assert not plan.is_identity and RescalePlan(0, (0, 0)).is_identity and not RescalePlan(0, (0, 1)).is_identity
+    assert RescalePlan(30, (30,)).k == 30
+    for bad in (True, 31, -1, 2.0):
+        with pytest.raises(VCUError, match="expected a whole number from 0 to 30"):
+            RescalePlan(bad, ())
+    with pytest.raises(VCUError, match=r"m\[0\]=True"):
+        RescalePlan(0, (True,))
+    with pytest.raises(VCUError, match=r"key.why is not a list of strings"):
+        RescalePlan.from_record({"k": 1, "m": [], "why": [1]}, "x", "key")
+    with pytest.raises(VCUError, match=r"key.why is not a list of strings"):
+        RescalePlan.from_record({"k": 1, "m": [], "why": "text"}, "x", "key")
+    assert RescalePlan.from_record({"k": 1}, "x", "key") == RescalePlan(1, ())
+
+
+def test_every_factor_the_plan_gives_and_none_without_a_plan():
+    plan = RescalePlan(0, (1,))  # down_proj 2^(1 - 0) = 2: a factor above 1 is a factor too
+    assert module_factors(plan, 0) == {"mlp.up_proj": 0.5, "mlp.down_proj": 2.0}
+    assert module_factors(plan, 1) == {} and module_factors(None, 0) == {}
+    assert tensor_factor(None, "model.layers.0.mlp.up_proj") == 1.0 and tensor_factor(None, "model.embed_tokens.weight") == 1.0
+    assert tensor_factor(RescalePlan(3, ()), "model.embed_tokens.weight") == 2.0**-3
+    assert tensor_factor(plan, "model.layers.0.mlp.up_proj.bias") == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The packing helpers' edges
+
+
+def test_int4_range_edges_and_messages():
+    check_int4_range(np.array([[-8, 7]]), "w")  # two's complement is the default
+    check_int4_range(np.zeros((0, 8), np.int8), "w")
+    for bad, value in ((np.array([[8]]), 8), (np.array([[-9]]), -9), (np.array([[0, 0], [0, 8]]), 8)):
+        with pytest.raises(VCUError) as e:
+            check_int4_range(bad, "lin", first_row=10)
+        r, c = np.argwhere(bad == value)[0]
+        assert str(e.value) == f"lin: row {10 + r}, input {c} holds {value}, outside the int4 range -8..7"
+    with pytest.raises(VCUError) as e:
+        check_int4_range(np.array([[0, 1], [2, -8]]), "lin", first_row=4, code="sign_magnitude")
+    assert str(e.value).startswith("lin: row 5, input 1 holds -8, which sign-magnitude int4 cannot hold (-7..7)")
+    assert e.value.hint == "quantize with quantize.py --int4_range 7 (and lm_head.py --int4_range 7), or pack with --int4 twos"
+    with pytest.raises(VCUError, match=r"lin: row 0, input 0 holds 9, outside the int4 range -7..7"):
+        check_int4_range(np.array([[9]]), "lin", code="sign_magnitude")
+
+
+def test_offset_binary_bytes_default_is_twos_complement():
+    q = np.arange(-8, 8, dtype=np.int8).reshape(1, 16)
+    words = pack_nibbles(q)
+    assert np.array_equal(offset_binary_bytes(words), offset_binary_bytes(words, "twos"))
+    assert offset_binary_bytes(words).tolist() == [[0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE]]
+
+
+def test_the_port_writer_records_each_files_shape(tmp_path):
+    w = PackedLinearWriter(tmp_path, "x/y", chin=256, chout=5, ports=2, source="s")
+    w.write(np.zeros((5, row_words(256)), "<u4"))
+    records = w.close()
+    assert [(r.path, r.rows, r.words_per_row, r.bytes) for r in records] == \
+        [("x/y_HBM_DDR_00.bin", 3, 40, 480), ("x/y_HBM_DDR_01.bin", 3, 40, 480)]
+
+
+# ---------------------------------------------------------------------------------------------
+# verify's report, verdict and messages
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    qdir = write_gptq_checkpoint(tmp_path_factory.mktemp("report") / "q", SyntheticSpec(hidden=256, intermediate=384, num_layers=1,
+                                                                                       num_heads=2, num_kv_heads=1, vocab=256, seed=9))
+    export_all(qdir, lm_method="rtn")
+    return qdir
+
+
+def test_verify_report_with_the_defaults(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    result = verify(qdir, hw, progress=False)
+    bits = result["bit_check"]
+    assert set(result) == {"tool", "version", "time", "checkpoint", "hardware_dir", "bit_check", "source", "functional", "verdict", "report_path"}
+    assert result["tool"] == "compiler-vcu128" and result["version"] == tool_version()
+    assert len(result["time"]) == 24 and result["time"][4] == "-" and result["time"][10] == "T"  # 2026-11-30T22:40:14+0000
+    assert result["checkpoint"] == str(qdir.resolve()) and result["hardware_dir"] == str(hw.resolve())
+    assert bits == {"ok": True, "files": 7 * 33 + 2 + 34 + 16 + 2, "bytes": bits["bytes"], "seconds": bits["seconds"], "differences": [],
+                    "more_differences": 0, "stale_inputs": []}
+    assert bits["bytes"] == sum(p.stat().st_size for p in hw.rglob("*.bin")) and 0 < bits["seconds"] < 600
+    assert result["source"] == {"checkpoint": str(exported.resolve())}  # where the folder was made (copied since)
+    f = result["functional"]
+    # the defaults: board numerics, the folder's int4 output layer, 256 evaluation tokens, 8 greedy tokens
+    assert (f["numerics"], f["centred_variance"], f["lm_head_from_checkpoint"], f["device"]) == ("board", False, False, "cpu")
+    assert f["eval"]["tokens"] == 256 and len(f["greedy"]["hardware"]["tokens"]) == 8 and 0 < f["seconds"] < 600
+    assert result["verdict"]["strict"] is False and result["verdict"]["bits"] == "match"
+    assert result["report_path"] == str(hw.parent / "verify_report.json")
+    assert json.loads((hw.parent / "verify_report.json").read_text()) == {k: v for k, v in result.items() if k != "report_path"}
+    bits_only = verify(qdir, hw, progress=False, functional=False, strict=True)
+    assert "functional" not in bits_only and bits_only["verdict"]["board_model"] == "not run" and bits_only["verdict"]["strict"] is True
+
+
+def test_verify_does_not_run_the_board_model_when_the_bits_differ(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    part = hw / "Embedding" / "Embedding_01-of-16.bin"
+    data = np.fromfile(part, "<u2")
+    data[0] ^= 1
+    data.tofile(part)
+    result = verify(qdir, hw, progress=False)
+    assert not result["bit_check"]["ok"] and "functional" not in result and result["verdict"]["exit_code"] == 1
+
+
+def test_a_cuda_device_without_cuda_is_refused(exported, tmp_path, monkeypatch):
+    import torch
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(VCUError, match=r"--device cuda:0: no CUDA device here \(torch "):
+        verify(qdir, qdir / "compile" / "QWEN_BLOCK_write_data_port32", progress=False, device="cuda:0")
+
+
+def _result(bits_ok=True, top1=0.97, saturated=0, finite=True, functional=True):
+    f = {"ok": finite, "against_hardware": {"checkpoint": {"top1_agreement": top1}},
+         "saturation": [{"layer": 0, "site": "down", "count": 1}] * saturated}
+    return {"bit_check": {"ok": bits_ok}, **({"functional": f} if functional else {})}
+
+
+THRESHOLD = {"top1_agreement": 0.9, "saturated_sites": 0}
+
+
+def test_the_verdicts_word_for_word():
+    assert judge(_result()) == {"bits": "match", "threshold": THRESHOLD, "strict": False, "top1_agreement": 0.97, "saturated_sites": 0,
+                                "board_model": "answers like the checkpoint", "ok": True, "exit_code": 0}
+    assert judge(_result(bits_ok=False, functional=False)) == {"bits": "differ", "threshold": THRESHOLD, "strict": False,
+                                                               "board_model": "not run", "ok": False, "exit_code": 1}
+    assert judge(_result(finite=False), True) == {
+        "bits": "match", "threshold": THRESHOLD, "strict": True, "board_model": "non-finite", "ok": False, "exit_code": 1,
+        "next_step": "the board would compute NaN or inf: see where above; --fp16_rescale measure at compile_sw.py if it is an overflow"}
+    assert judge(_result(saturated=3)) == {
+        "bits": "match", "threshold": THRESHOLD, "strict": False, "top1_agreement": 0.97, "saturated_sites": 3, "board_model": "below the threshold",
+        "next_step": "fp16 sites saturate on the board: compile_sw.py --fp16_rescale measure, then hardware.py and embedding_tokens.py, "
+                     "rescales the folder (docs/FORMAT.md 7)", "ok": True, "exit_code": 0}
+    assert judge(_result(top1=0.5)) == {
+        "bits": "match", "threshold": THRESHOLD, "strict": False, "top1_agreement": 0.5, "saturated_sites": 0, "board_model": "below the threshold",
+        "next_step": "verify.py --model <the fp16 original> shows whether quantization or the board's arithmetic costs it; "
+                     "more calibration (quantize.py --nsamples) or lm_head.py --method rtn may recover it", "ok": True, "exit_code": 0}
+
+
+def test_where_a_table_difference_is():
+    assert _rope_place(0, 2048, "halves") == "position 0, channel 0 (cos of frequency 0)"
+    assert _rope_place(2 * 2048 * 32 + 5 * 32 + 1, 2048, "halves") == "position 5, channel 65 (sin of frequency 1)"
+    assert _rope_place(2048 * 32 + 31, 2048, "halves") == "position 0, channel 63 (cos of frequency 63)"
+    assert _rope_place(2 * 2048 * 32, 2048, "halves") == "position 0, channel 64 (sin of frequency 0)"
+    assert _rope_place(3 * 16 * 32 + 7 * 32 + 31, 16, "pairs") == "position 7, channel 127 (sin of frequency 63)"
+    assert _rope_place(3 * 16 * 32 + 7 * 32 + 30, 16, "pairs") == "position 7, channel 126 (cos of frequency 63)"
+    assert _rope_place(4, 16, "pairs") == "position 0, channel 4 (cos of frequency 2)"
+    assert [_silu_place(i) for i in (0, 15, 16, 32, 47, 64, 79, 80, 96, 4000)] == [
+        "slope 0", "slope 15", "byte 32 (must be 0)", "offset 0", "offset 15", "breakpoint 0", "breakpoint 15", "byte 160 (must be 0)",
+        "byte 192 (must be 0)", "byte 8000 (must be 0)"]
+
+
+def test_the_version_names_the_checkout():
+    here = Path(verify_module.__file__).resolve().parent
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        described = ""
+    assert tool_version() == (f"{__version__} ({described})" if described else __version__)
+
+
+@pytest.mark.parametrize("content", ['{"a": 1}', "[1, 2]", '"text"', '{"bit_check": [1]}', "not json", "", '{"bit_check": {"ok": true}}'],
+                         ids=["object", "list", "string", "bit_check not an object", "not json", "empty", "too few keys"])
+def test_a_users_verify_report_json_is_never_replaced(tmp_path, content, caplog):
+    path = tmp_path / "verify_report.json"
+    path.write_text(content)
+    assert not write_report(path, {"tool": "compiler-vcu128", "bit_check": {}})
+    assert path.read_text() == content
+    assert f"warning: {path} exists and is not a verify report: not replacing it (the result is above)" in caplog.text
+    assert not _is_verify_report(json.loads(content)) if content.strip() and content != "not json" else True
+
+
+def test_only_a_report_of_this_tool_is_taken_for_one():
+    assert _is_verify_report({"tool": "compiler-vcu128", "bit_check": {}})
+    assert not _is_verify_report({"tool": "other", "bit_check": {}})
+    assert _is_verify_report({"bit_check": {"ok": True, "files": 1, "bytes": 2, "differences": []}})
+    assert not _is_verify_report(None) and not _is_verify_report({"tool": "compiler-vcu128"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder's record: defaults and what is refused
+
+
+def test_the_folders_assumptions_and_output_layer_defaults():
+    from vcu128.format.folder import Assumptions, OutputLayerRecord
+
+    a = Assumptions()
+    assert (a.int4, a.rope_table, a.max_token, a.silu_table, a.silu_fit_range) == ("twos", "halves", 2048, "board", None)
+    assert a.has_rope_table and Assumptions(rope_table="pairs").has_rope_table
+    assert not Assumptions(rope_table="none: head_dim 64 is not the board's 128").has_rope_table
+    assert OutputLayerRecord("rtn").int4_range == 8
+
+
+def test_a_manifest_without_the_optional_keys_reads_as_the_defaults(exported, tmp_path):
+    from vcu128.format.folder import PackedFolder
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["lm_head"].pop("int4_range", None)
+    for key in ("int4", "rope_table", "max_token", "silu_table"):
+        doc["assumptions"].pop(key, None)
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    f = PackedFolder.open(hw)
+    assert f.output_layer.int4_range == 8 and f.output_layer.method == "rtn"
+    assert (f.assumptions.int4, f.assumptions.rope_table, f.assumptions.max_token, f.assumptions.silu_table) == ("twos", "halves", 2048, "board")
+
+
+@pytest.mark.parametrize("sha", ["abc", "A" * 64, "0" * 63, "0" * 65], ids=["short", "upper case", "63 digits", "65 digits"])
+def test_a_manifest_sha256_that_is_not_one_is_refused(exported, tmp_path, sha):
+    from vcu128.format.folder import PackedFolder
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["files"][2]["sha256"] = sha
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError, match=r"files\[2\].sha256 .* is not a sha256 \(64 hex digits\)"):
+        PackedFolder.open(hw)
+
+
+def test_verify_passes_its_evaluation_ids_and_its_model_on(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    ids = tmp_path / "ids.txt"
+    ids.write_text("5 6 7 8 9")
+    f = verify(qdir, hw, progress=False, eval_ids=ids, tokens=1)["functional"]
+    assert f["eval"] == {"tokens": 5, "source": f"ids from {ids}"}
+    # --model names the unquantized original: a GPTQ checkpoint is not one, and is refused as such
+    with pytest.raises(VCUError, match=r"model.layers.0.self_attn.q_proj.weight: missing from the --model folder"):
+        verify(qdir, hw, progress=False, model=qdir, tokens=1, eval_tokens=8)
+
+
+def test_verify_reads_the_compile_folder_it_is_given(exported, tmp_path):
+    """--compile_dir: its records are what the stale-input warnings are about."""
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    other = tmp_path / "other"
+    other.mkdir()
+    record = json.loads((qdir / "compile" / "compile_sw.json").read_text())
+    record["made_from"]["fingerprint"] = "0" * 16
+    (other / "compile_sw.json").write_text(json.dumps(record))
+    result = verify(qdir, qdir / "compile" / "QWEN_BLOCK_write_data_port32", compile_dir=other, progress=False, functional=False)
+    assert f"{other}: made from another checkpoint, or the checkpoint changed since (re-run compile_sw.py)" in result["bit_check"]["stale_inputs"]
+    plain = verify(qdir, qdir / "compile" / "QWEN_BLOCK_write_data_port32", progress=False, functional=False)
+    assert plain["bit_check"]["stale_inputs"] == []
+
+
+def test_a_folder_without_manifest_or_ports_and_a_wrong_kind_of_record(exported, tmp_path):
+    from vcu128.format.folder import PackedFolder
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VCUError) as e:
+        PackedFolder.open(empty)
+    assert str(e.value) == f"{empty}: no manifest.json and no BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN0_q_HBM_DDR_00.bin: not a packed folder"
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["assumptions"] = True
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError, match=r"assumptions is a boolean, expected an object"):
+        PackedFolder.open(hw)
+
+
+def test_layer_reports_merge_their_counts():
+    from vcu128.check.verify import MAX_REPORTED, BitReport
+
+    a, b = BitReport(files_checked=2, bytes_checked=10, more=1), BitReport(files_checked=3, bytes_checked=5, more=4)
+    for i in range(MAX_REPORTED):
+        b.add(f"d{i}")
+    a.add("first")
+    a.merge(b)
+    assert (a.files_checked, a.bytes_checked) == (5, 15)
+    assert a.differences == ["first"] + [f"d{i}" for i in range(MAX_REPORTED - 1)]
+    assert a.more == 1 + 4 + 1  # its own, the other's, and the one past MAX_REPORTED in the merge
+
+
+def test_a_bad_llama3_scaling_value_names_the_config():
+    from vcu128.format.tables import rope_inv_freq
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "x", "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    with pytest.raises(VCUError) as e:
+        rope_inv_freq({"rope_scaling": scaling}, 128, Path("model/config.json"))
+    assert str(e.value) == "model/config.json: 'low_freq_factor' is 'x', expected a finite number"
+
+
+def test_verify_passes_its_numerics_options_on(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    f = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16, numerics="fp32", lm_head_from_checkpoint=True)["functional"]
+    assert (f["numerics"], f["lm_head_from_checkpoint"], f["centred_variance"]) == ("fp32", True, False)
+    f = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16, centred_variance=True)["functional"]
+    assert (f["numerics"], f["lm_head_from_checkpoint"], f["centred_variance"]) == ("board", False, True)
+
+
+def test_verify_runs_the_board_model_of_a_folder_without_manifest(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    (hw / "manifest.json").unlink()
+    result = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16)
+    assert result["bit_check"]["ok"], result["bit_check"]["differences"]
+    assert result["functional"]["ok"] and result["source"] == {}
+
+
+def test_an_older_folder_takes_its_output_layer_method_from_the_compile_record(exported, tmp_path):
+    """No lm_head in the manifest: lm_head.json's method, with the default grid (8) when it names none."""
+    from vcu128.check.verify import output_layer_record
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.format.folder import PackedFolder
+    from vcu128.io.output import write_step_record
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc.pop("lm_head")
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    write_step_record(qdir / "compile", "lm_head", {"method": "rtn"}, [])
+    record = output_layer_record(PackedFolder.open(hw), GPTQCheckpoint(qdir), qdir / "compile")
+    assert (record.method, record.int4_range) == ("rtn", 8)
