@@ -25,7 +25,7 @@ threshold. 2: bad input.
 import logging
 import sys
 
-from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
+from vcu128.io.errors import ArgumentParser, one_line, positive_int, run_cli  # standard library only: first
 
 
 def main(argv=None):
@@ -74,21 +74,21 @@ def main(argv=None):
         log.info(format_functional(func))
     if not bits["ok"]:
         for d in bits["differences"]:
-            print(f"difference: {d}", file=sys.stderr)
+            print(one_line(f"difference: {d}"), file=sys.stderr)
         for line in bits.get("stale_inputs") or []:  # said again here: they may explain the differences above
-            print(f"warning: {line}", file=sys.stderr)
+            print(one_line(f"warning: {line}"), file=sys.stderr)
         more = f" (and {bits['more_differences']} more)" if bits["more_differences"] else ""
-        print(f"error: verify: {len(bits['differences'])} differences{more} in {args.hardware_dir}; do not load it on the board", file=sys.stderr)
+        print(one_line(f"error: verify: {len(bits['differences'])} differences{more} in {args.hardware_dir}; do not load it on the board"), file=sys.stderr)
         return 1
     if func is not None and not func["ok"]:
-        print(f"error: verify: {func['error']}; the board would compute garbage from this folder", file=sys.stderr)
+        print(one_line(f"error: verify: {func['error']}; the board would compute garbage from this folder"), file=sys.stderr)
         return 1
     report = f"; report: {result['report_path']}" if "report_path" in result else ""
     board = board_line(verdict)
     if verdict["board_model"] == "below the threshold":
         log.warning(f"warning: the board model is below the threshold ({board}); next: {verdict['next_step']}")
         if args.strict:
-            print(f"error: verify --strict: the board model is below the threshold ({board})", file=sys.stderr)
+            print(one_line(f"error: verify --strict: the board model is below the threshold ({board})"), file=sys.stderr)
             return 1
         log.info(f"verify: bits OK: {bits['files']} files, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit; "
                  f"board model WARNING: {board}{report}")

@@ -28,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vcu128.format.synthetic import QWEN2_7B, SyntheticSpec  # noqa: E402
 from vcu128.io.direct_io import ALIGN, O_DIRECT, aligned_empty, read_bytes  # noqa: E402
 from vcu128.io.output import folder_stats  # noqa: E402
-from vcu128.format.synthetic import QWEN2_7B, SyntheticSpec  # noqa: E402
 
 
 def drop_page_cache() -> bool:

@@ -59,8 +59,8 @@ def build(model_dir: Path, layers: int, seed: int) -> None:
 def calibration(model_dir: Path, nsamples: int, seqlen: int):
     from transformers import AutoTokenizer
 
-    from vcu128.quant.calibration import build_calibration
     from vcu128.demo.tiny_model import DEMO_CORPUS
+    from vcu128.quant.calibration import build_calibration
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     return build_calibration(tok, "random", nsamples, seqlen, seed=0, eval_text=str(DEMO_CORPUS), vocab_size=QWEN2_7B_CONFIG["vocab_size"])
@@ -105,7 +105,12 @@ def solver_check() -> dict:
     how many ints differ (float rounding order only) and the output error of each."""
     import torch
 
-    from vcu128.quant.gptq import add_to_hessian, dequantize, gptq_quantize, solve_block_eager
+    from vcu128.quant.gptq import (
+        add_to_hessian,
+        dequantize,
+        gptq_quantize,
+        solve_block_eager,
+    )
 
     torch.manual_seed(0)
     rows, cols, n = 512, 2048, 8192

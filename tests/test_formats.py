@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import reference as ref
 
-from vcu128.io.errors import VCUError
 from vcu128.format.layout import (
     BinFile,
     PackedLinearWriter,
@@ -22,6 +21,7 @@ from vcu128.format.layout import (
     unpack_nibbles,
     weight_word_index,
 )
+from vcu128.io.errors import VCUError
 
 
 def test_nibble_order_and_twos_complement():

@@ -11,11 +11,18 @@ import pytest
 import torch
 from conftest import ROOT, export_all
 
-from vcu128.format.checkpoint import GPTQCheckpoint
 from vcu128.board.datapath import FLUSH, FP16_MAX, Numerics
-from vcu128.check.functional import CompactDecoder, ModelRun, Shape, checkpoint_embedding, checkpoint_output_layer, forward
-from vcu128.format.model import EMBEDDING
+from vcu128.check.functional import (
+    CompactDecoder,
+    ModelRun,
+    Shape,
+    checkpoint_embedding,
+    checkpoint_output_layer,
+    forward,
+)
 from vcu128.check.verify import verify
+from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.format.model import EMBEDDING
 
 
 @pytest.fixture(scope="module")

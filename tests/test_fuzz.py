@@ -19,8 +19,8 @@ from conftest import ROOT, export_all
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from vcu128.io.errors import run_cli
 from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
+from vcu128.io.errors import run_cli
 
 STEPS = ["compile_sw", "lm_head", "hardware", "embedding_tokens", "verify"]
 HW = "compile/QWEN_BLOCK_write_data_port32"

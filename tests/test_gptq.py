@@ -6,9 +6,15 @@ import torch
 from conftest import FAST
 
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.io.errors import VCUError
 from vcu128.format.model import GROUP_SIZE
-from vcu128.quant.gptq import add_to_hessian, dequantize, gptq_quantize, gptq_tensors, group_aware_order
+from vcu128.io.errors import VCUError
+from vcu128.quant.gptq import (
+    add_to_hessian,
+    dequantize,
+    gptq_quantize,
+    gptq_tensors,
+    group_aware_order,
+)
 from vcu128.quant.quantize import QuantizeOptions, quantize_model
 from vcu128.quant.report import rtn_symmetric
 
@@ -182,8 +188,9 @@ def test_an_fp16_overflow_is_named_and_the_layer_retried_in_float32(tiny_model, 
     fp16: the overflow is found (not reported as degenerate inputs), and the layer re-run in fp32."""
     import json
 
-    import vcu128.quant.layerwise as gm
     from conftest import plant_overflow
+
+    import vcu128.quant.layerwise as gm
 
     model = plant_overflow(tiny_model, tmp_path / "m", residual=2.0**13)
     monkeypatch.setattr(gm, "compute_dtype", lambda model_dir, device: torch.float16)

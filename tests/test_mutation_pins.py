@@ -13,11 +13,37 @@ from conftest import export_all
 
 from vcu128 import __version__
 from vcu128.check import verify as verify_module
-from vcu128.check.verify import _is_verify_report, _rope_place, _silu_place, judge, tool_version, verify, write_report
-from vcu128.format.layout import PackedLinearWriter, check_int4_range, offset_binary_bytes, pack_nibbles, row_words
-from vcu128.format.rescale import FP16_MAX, RescalePlan, module_factors, scale_fp16, tensor_factor
+from vcu128.check.verify import (
+    _is_verify_report,
+    _rope_place,
+    _silu_place,
+    judge,
+    tool_version,
+    verify,
+    write_report,
+)
+from vcu128.format.layout import (
+    PackedLinearWriter,
+    check_int4_range,
+    offset_binary_bytes,
+    pack_nibbles,
+    row_words,
+)
+from vcu128.format.rescale import (
+    FP16_MAX,
+    RescalePlan,
+    module_factors,
+    scale_fp16,
+    tensor_factor,
+)
 from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
-from vcu128.format.tables import BOARD_SILU, BOARD_SILU_WORDS, SiluTable, fit_silu, rope_from_rows
+from vcu128.format.tables import (
+    BOARD_SILU,
+    BOARD_SILU_WORDS,
+    SiluTable,
+    fit_silu,
+    rope_from_rows,
+)
 from vcu128.io.errors import VCUError
 
 # ---------------------------------------------------------------------------------------------

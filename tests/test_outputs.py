@@ -11,13 +11,13 @@ import sys
 import pytest
 from conftest import ROOT, export_all
 
-from vcu128.io import output
+from vcu128.check.verify import bit_check
 from vcu128.export.compile_sw import compile_software
 from vcu128.export.embedding_tokens import split_embedding
-from vcu128.io.errors import VCUError, describe_os_error, run_cli, set_writing
-from vcu128.export.lm_head import quantize_lm_head
 from vcu128.export.hardware import pack_hardware
-from vcu128.check.verify import bit_check
+from vcu128.export.lm_head import quantize_lm_head
+from vcu128.io import output
+from vcu128.io.errors import VCUError, describe_os_error, run_cli, set_writing
 
 HW = "QWEN_BLOCK_write_data_port32"
 

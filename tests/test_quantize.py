@@ -15,10 +15,10 @@ from test_export import (
     check_software,
 )
 
-from vcu128.quant.calibration import build_calibration, read_texts
-from vcu128.format.checkpoint import GPTQCheckpoint
 from vcu128.demo.tiny_model import DEMO_CORPUS
+from vcu128.format.checkpoint import GPTQCheckpoint
 from vcu128.io.errors import VCUError
+from vcu128.quant.calibration import build_calibration, read_texts
 from vcu128.quant.quantize import QuantizeOptions, check_board_settings, quantize_model
 
 

@@ -12,9 +12,9 @@ from safetensors.numpy import load_file, save_file
 
 from vcu128.export.compile_sw import compile_software
 from vcu128.export.embedding_tokens import split_embedding
-from vcu128.io.errors import VCUError
-from vcu128.export.lm_head import quantize_lm_head
 from vcu128.export.hardware import pack_hardware
+from vcu128.export.lm_head import quantize_lm_head
+from vcu128.io.errors import VCUError
 
 
 def edit_tensor(qdir, name, change):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import FAST, export_all
 
-from vcu128.io.errors import VCUError
 from vcu128.board.rescale import plan_from_stats
-from vcu128.format.rescale import module_factors
 from vcu128.check.verify import verify
+from vcu128.format.rescale import module_factors
+from vcu128.io.errors import VCUError
 
 RESIDUAL, MLP = 2.0**13, 2.0**10
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT
 
 from vcu128.export.compile_sw import compile_software
-from vcu128.io.errors import VCUError
 from vcu128.format.gate import read_model_dims
+from vcu128.io.errors import VCUError
 
 SHARD = "model-00001-of-00003.safetensors"
 

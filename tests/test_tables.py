@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import export_all
 
-from vcu128.io.errors import VCUError
-from vcu128.export.hardware import BoardOptions, pack_hardware
 from vcu128.check.verify import bit_check
+from vcu128.export.hardware import BoardOptions, pack_hardware
+from vcu128.io.errors import VCUError
 
 ROPE = "pos_in_4_token2048_ch32.bin"
 ACT = "ACT_parameter_in_DDR.bin"
@@ -290,10 +290,10 @@ def _clip_checkpoint_to_seven(qdir):
 def test_quantize_on_the_15_level_grid_gives_a_sign_magnitude_folder_that_verifies(tiny_model, tmp_path):
     from conftest import FAST
 
-    from vcu128.format.checkpoint import GPTQCheckpoint
     from vcu128.export.compile_sw import compile_software
     from vcu128.export.embedding_tokens import split_embedding
     from vcu128.export.lm_head import quantize_lm_head
+    from vcu128.format.checkpoint import GPTQCheckpoint
     from vcu128.quant.quantize import QuantizeOptions, quantize_model
 
     qdir, report = quantize_model(tiny_model, tmp_path / "q7", QuantizeOptions(**FAST, int4_range=7))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, export_all
 
-from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
 from vcu128.check.verify import bit_check, verify
+from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
 
 HW = "compile/QWEN_BLOCK_write_data_port32"
 

@@ -14,7 +14,15 @@ from pathlib import Path
 
 from vcu128.format.rescale import FP16_MAX  # noqa: F401  (what the board saturates at)
 from vcu128.io.errors import VCUError
-from vcu128.io.jsonfile import get_int, get_list, get_object, get_str, get_str_list, read_json_object, shown
+from vcu128.io.jsonfile import (
+    get_int,
+    get_list,
+    get_object,
+    get_str,
+    get_str_list,
+    read_json_object,
+    shown,
+)
 
 # Sites the board stores in fp16, in pipeline order (the names reports, statistics and the rescaling use).
 SITES = ("q", "k", "v", "attention_scores", "attention_probs", "attention", "o", "residual_attention", "gate", "up", "silu", "mlp_product", "down", "residual_mlp")

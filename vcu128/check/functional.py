@@ -35,8 +35,21 @@ from vcu128.board.datapath import (
 from vcu128.check.inputs import FunctionalInputs
 from vcu128.format.checkpoint import GPTQCheckpoint, read_tensor, read_tensor_index
 from vcu128.format.folder import PackedFolder
-from vcu128.format.layout import OUT_WEIGHT_STEM, BinFile, offset_binary_bytes, read_port_rows, split_linear_rows
-from vcu128.format.model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, read_model_config
+from vcu128.format.layout import (
+    OUT_WEIGHT_STEM,
+    BinFile,
+    offset_binary_bytes,
+    read_port_rows,
+    split_linear_rows,
+)
+from vcu128.format.model import (
+    EMBEDDING,
+    FINAL_NORM,
+    GROUP_SIZE,
+    LAYER_NORMS,
+    LINEARS,
+    read_model_config,
+)
 from vcu128.format.rescale import RescalePlan, module_factors, scale_fp16, tensor_factor
 from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, rope_cos_sin, rope_inv_freq
 from vcu128.io.errors import VCUError

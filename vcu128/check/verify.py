@@ -26,11 +26,21 @@ from pathlib import Path
 import numpy as np
 
 from vcu128 import __version__
-from vcu128.board.datapath import DEFAULT_VARIANT, VARIANTS, BoardVariant, pessimistic_variants
+from vcu128.board.datapath import (
+    DEFAULT_VARIANT,
+    VARIANTS,
+    BoardVariant,
+    pessimistic_variants,
+)
 from vcu128.check.functional import functional_check
 from vcu128.check.inputs import evaluation_inputs
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.format.folder import MANIFEST_NAME, OutputLayerRecord, PackedFolder, find_compile_dir
+from vcu128.format.folder import (
+    MANIFEST_NAME,
+    OutputLayerRecord,
+    PackedFolder,
+    find_compile_dir,
+)
 from vcu128.format.layout import (
     BIAS_MULTIPLIER,
     OUT_BIAS_FILE,
@@ -50,12 +60,25 @@ from vcu128.format.layout import (
     unpack_linear_rows,
     weight_word_index,
 )
-from vcu128.format.model import EMBEDDING, FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, parse_model_dims, read_model_config
+from vcu128.format.model import (
+    EMBEDDING,
+    FINAL_NORM,
+    GROUP_SIZE,
+    LAYER_NORMS,
+    LINEARS,
+    parse_model_dims,
+    read_model_config,
+)
 from vcu128.format.rescale import scale_fp16, tensor_factor
 from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, rope_table, silu_table
 from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import dumps
-from vcu128.io.output import TOOL, read_step_record, replace_file_atomically, sha256_file
+from vcu128.io.output import (
+    TOOL,
+    read_step_record,
+    replace_file_atomically,
+    sha256_file,
+)
 from vcu128.io.parallel import rows_per_block
 from vcu128.io.progress import bar
 from vcu128.io.provenance import stale_compile, stale_hardware, warn

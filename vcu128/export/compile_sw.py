@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vcu128.board.rescale import parse_mode, plan_from_stats
+from vcu128.board.stats import STATS_FILE, stats_from_report
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.io.direct_io import DirectWriter, write_array
 from vcu128.format.layout import (
     CONFIG,
     SW_FP16_DIR,
@@ -25,15 +26,23 @@ from vcu128.format.layout import (
     sw_norm_file,
 )
 from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
-from vcu128.io.output import StepResult, check_out, disk_bytes, files_under, folder_stats, read_step_record, record_owns, staged_dir, write_step_record
-from vcu128.io.parallel import ordered_map, rows_per_block
-from vcu128.io.jsonfile import dumps
-from vcu128.io.progress import bar
-from vcu128.io.jsonfile import read_json_object
-from vcu128.board.rescale import parse_mode, plan_from_stats
 from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
 from vcu128.format.rescale import RescalePlan, scale_fp16, tensor_factor
-from vcu128.board.stats import STATS_FILE, stats_from_report
+from vcu128.io.direct_io import DirectWriter, write_array
+from vcu128.io.jsonfile import dumps, read_json_object
+from vcu128.io.output import (
+    StepResult,
+    check_out,
+    disk_bytes,
+    files_under,
+    folder_stats,
+    read_step_record,
+    record_owns,
+    staged_dir,
+    write_step_record,
+)
+from vcu128.io.parallel import ordered_map, rows_per_block
+from vcu128.io.progress import bar
 
 log = logging.getLogger("vcu128")
 STEP = "compile_sw"
@@ -81,7 +90,10 @@ def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescaleP
             return None
         source = "quant_report.json"
     else:
-        from vcu128.check.rescale_search import evaluation_tokens, measure_stats  # torch: only where a model runs
+        from vcu128.check.rescale_search import (  # torch: only where a model runs
+            evaluation_tokens,
+            measure_stats,
+        )
 
         tokens, where = evaluation_tokens(ckpt.qdir, d.vocab, text)
         stats = measure_stats(ckpt.qdir, tokens)
@@ -90,7 +102,10 @@ def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescaleP
     if plan.is_identity:
         return None
     if plan.k:
-        from vcu128.check.rescale_search import choose_k, evaluation_tokens  # torch: only where a model runs
+        from vcu128.check.rescale_search import (  # torch: only where a model runs
+            choose_k,
+            evaluation_tokens,
+        )
 
         k = plan.k
         tokens, _ = evaluation_tokens(ckpt.qdir, d.vocab, text)

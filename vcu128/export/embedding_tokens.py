@@ -5,21 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vcu128.io.errors import VCUError
-
-from vcu128.format.layout import (
-    BOARD_EMBEDDING_PARTS,
-    CONFIG,
-    EMBEDDING_DIR,
-    BinFile,
-    check_embedding_split,
-    embedding_part_file,
-    sw_fp16_path,
-)
 from vcu128.format.checkpoint import check_finite
-from vcu128.format.gate import read_model_dims
-from vcu128.format.model import EMBEDDING
-from vcu128.io.jsonfile import dumps
 from vcu128.format.folder import (
     EMBEDDING_KIND,
     HARDWARE_KIND,
@@ -30,6 +16,19 @@ from vcu128.format.folder import (
     embedding_folder_owned,
     read_manifest,
 )
+from vcu128.format.gate import read_model_dims
+from vcu128.format.layout import (
+    BOARD_EMBEDDING_PARTS,
+    CONFIG,
+    EMBEDDING_DIR,
+    BinFile,
+    check_embedding_split,
+    embedding_part_file,
+    sw_fp16_path,
+)
+from vcu128.format.model import EMBEDDING
+from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import dumps
 from vcu128.io.output import (
     StepResult,
     folder_lock,

@@ -9,19 +9,28 @@ from pathlib import Path
 
 import numpy as np
 
-from vcu128.io.errors import VCUError
+from vcu128.board.stats import read_activation_stats
 from vcu128.format.checkpoint import check_finite
+from vcu128.format.folder import (
+    HARDWARE_KIND,
+    MANIFEST_NAME,
+    Manifest,
+    default_hardware_dir,
+    manifest_owns,
+    read_manifest,
+)
+from vcu128.format.gate import read_model_dims
 from vcu128.format.layout import (
     BOARD_PORTS,
     CONFIG,
-    SW_FP16_DIR,
-    SW_QWEIGHT_DIR,
+    INT4_CODES,
     OUT_BIAS_FILE,
     OUT_NORM_FILE,
     OUT_WEIGHT_STEM,
+    SW_FP16_DIR,
+    SW_QWEIGHT_DIR,
     BinFile,
     PackedLinearWriter,
-    INT4_CODES,
     check_int4_range,
     hw_layer_norm_file,
     hw_linear_stems,
@@ -43,11 +52,8 @@ from vcu128.format.model import (
     ModelDims,
     read_model_config,
 )
-from vcu128.format.gate import read_model_dims
-from vcu128.io.jsonfile import dumps
 from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
 from vcu128.format.rescale import RescalePlan
-from vcu128.board.stats import read_activation_stats
 from vcu128.format.tables import (
     ACT_FILE,
     ACT_FILE_BYTES,
@@ -64,7 +70,8 @@ from vcu128.format.tables import (
     rope_table_blocks,
     silu_table,
 )
-from vcu128.format.folder import HARDWARE_KIND, MANIFEST_NAME, Manifest, default_hardware_dir, manifest_owns, read_manifest
+from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import dumps
 from vcu128.io.output import (
     FileRecord,
     HashingWriter,
@@ -76,10 +83,9 @@ from vcu128.io.output import (
     staged_dir,
     write_whole_file,
 )
-from vcu128.io.provenance import compile_ids, stale_compile, warn
 from vcu128.io.parallel import ordered_map, rows_per_block
 from vcu128.io.progress import bar
-
+from vcu128.io.provenance import compile_ids, stale_compile, warn
 
 log = logging.getLogger("vcu128")
 STEP = "hardware"

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.format.layout import SW_QWEIGHT_DIR, sw_lm_head_paths
 from vcu128.io.direct_io import DirectWriter
 from vcu128.io.errors import VCUError, set_writing
-from vcu128.format.layout import SW_QWEIGHT_DIR, sw_lm_head_paths
 from vcu128.io.output import (
     StepResult,
     check_free_space,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from vcu128.export.compile_sw import compile_software
 from vcu128.export.embedding_tokens import split_embedding
-from vcu128.format.layout import BOARD_EMBEDDING_PARTS, BOARD_PORTS, EMBEDDING_DIR
-from vcu128.export.lm_head import quantize_lm_head
 from vcu128.export.hardware import pack_hardware
+from vcu128.export.lm_head import quantize_lm_head
+from vcu128.format.layout import BOARD_EMBEDDING_PARTS, BOARD_PORTS, EMBEDDING_DIR
 
 log = logging.getLogger("vcu128")
 

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vcu128.io.direct_io import read_bytes
 from vcu128.format.gate import check_board_tensors, read_model_dims
-from vcu128.io.errors import VCUError
-from vcu128.io.jsonfile import get_bool, get_int, get_object, get_str, read_json_object
 from vcu128.format.model import (
     EMBEDDING,
     FINAL_NORM,
@@ -27,6 +24,9 @@ from vcu128.format.model import (
     LINEARS,
     ModelDims,
 )
+from vcu128.io.direct_io import read_bytes
+from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import get_bool, get_int, get_object, get_str, read_json_object
 
 # Symmetric 4-bit: every stored zero-point nibble is 8 (v2) or 8 - 1 (v1 stores zero - 1).
 SYMMETRIC_ZERO_WORD = {"gptq": 0x77777777, "gptq_v2": 0x88888888}

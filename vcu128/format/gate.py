@@ -12,9 +12,17 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from vcu128.io.errors import VCUError, human_bytes
-from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS, ModelDims, parse_model_dims, read_model_config
+from vcu128.format.model import (
+    EMBEDDING,
+    FINAL_NORM,
+    LAYER_NORMS,
+    LINEARS,
+    ModelDims,
+    parse_model_dims,
+    read_model_config,
+)
 from vcu128.format.tables import rope_values
+from vcu128.io.errors import VCUError, human_bytes
 
 BOARD_CONTEXT = 2048  # tokens the board's context buffer holds; it has no sliding window
 BOARD_MODEL_TYPES = ("qwen2", "llama", "mistral")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS  # noqa: F401 (the layout's counts)
+from vcu128.format.model import EMBEDDING, GROUP_SIZE, Linear
 from vcu128.io.direct_io import read_bytes
 from vcu128.io.errors import VCUError
-from vcu128.format.model import EMBEDDING, GROUP_SIZE, Linear
 from vcu128.io.output import HashingWriter
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,14 @@ import numpy as np
 from vcu128 import __version__
 from vcu128.io.direct_io import DirectWriter, read_bytes
 from vcu128.io.errors import VCUError, human_bytes, writing
-from vcu128.io.jsonfile import dumps, get_float, get_object, get_str, get_str_list, read_json_object
+from vcu128.io.jsonfile import (
+    dumps,
+    get_float,
+    get_object,
+    get_str,
+    get_str_list,
+    read_json_object,
+)
 
 log = logging.getLogger("vcu128")
 TOOL = "compiler-vcu128"

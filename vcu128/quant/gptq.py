@@ -25,8 +25,8 @@ import logging
 
 import torch
 
-from vcu128.io.errors import VCUError
 from vcu128.format.model import GROUP_SIZE
+from vcu128.io.errors import VCUError
 
 BITS = 4
 QMIN, QMAX = -(1 << (BITS - 1)), (1 << (BITS - 1)) - 1  # signed levels -8..7 (stored unsigned with zero 8)

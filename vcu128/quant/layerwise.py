@@ -29,12 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcu128.format.checkpoint import check_finite, read_tensor, read_tensor_index
-from vcu128.io.errors import VCUError, os_error_of
-from vcu128.quant.gptq import DAMP_PERCENT, DAMP_STEP, HessianAccumulator, dequantize, gptq_quantize, gptq_tensors
-from vcu128.format.model import GROUP_SIZE
-from vcu128.io.progress import bar
 from vcu128.board.stats import LINEAR_SITES
+from vcu128.format.checkpoint import check_finite, read_tensor, read_tensor_index
+from vcu128.format.model import GROUP_SIZE
+from vcu128.io.errors import VCUError, os_error_of
+from vcu128.io.progress import bar
+from vcu128.quant.gptq import (
+    DAMP_PERCENT,
+    DAMP_STEP,
+    HessianAccumulator,
+    dequantize,
+    gptq_quantize,
+    gptq_tensors,
+)
 
 log = logging.getLogger("vcu128")
 

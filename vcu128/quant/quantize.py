@@ -15,17 +15,27 @@ from pathlib import Path
 
 import numpy as np
 
+from vcu128.board.rescale import TRIGGER  # half the fp16 range
 from vcu128.board.stats import read_quant_report
 from vcu128.format.checkpoint import scan_finite
-from vcu128.quant.calibration import Calibration, build_calibration, load_tokenizer
+from vcu128.format.gate import (
+    check_board_tensors,
+    check_float_model_shapes,
+    read_model_dims,
+)
+from vcu128.format.model import LINEARS, read_model_config
 from vcu128.io.errors import VCUError, human_bytes
 from vcu128.io.jsonfile import dumps, get_int
-from vcu128.format.gate import check_board_tensors, check_float_model_shapes, read_model_dims
-from vcu128.format.model import LINEARS, read_model_config
-from vcu128.board.rescale import TRIGGER  # half the fp16 range
 from vcu128.io.output import TOOL, check_out, files_under, staged_dir
 from vcu128.io.uptodate import fingerprint
-from vcu128.quant.options import ENGINES, QuantizeOptions, check_arguments, check_board_settings, check_engine_settings  # noqa: F401 (the options' home)
+from vcu128.quant.calibration import Calibration, build_calibration, load_tokenizer
+from vcu128.quant.options import (  # noqa: F401 (the options' home)
+    ENGINES,
+    QuantizeOptions,
+    check_arguments,
+    check_board_settings,
+    check_engine_settings,
+)
 
 log = logging.getLogger("vcu128")
 

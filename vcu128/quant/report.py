@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.quant.gptq import dequantize
 from vcu128.format.model import GROUP_SIZE, LINEARS
+from vcu128.quant.gptq import dequantize
 
 
 def rtn_symmetric(w: torch.Tensor) -> torch.Tensor:
