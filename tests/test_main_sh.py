@@ -94,13 +94,14 @@ def test_runs_redirected_goes_on_after_a_failure_and_skips_what_is_up_to_date(wo
     assert r.returncode == 1, out[-3000:]
     assert out.startswith("==> [missing] quantize (no record of an earlier run): python "), out[:500]
     assert "\0" not in out and "\r" not in out
-    assert ran(out) == list(STEPS) and "verify: OK: 518 files" in out
+    # the bits verdict; the tiny untrained model's board-model verdict may carry a warning
+    assert ran(out) == list(STEPS) and re.search(r"^verify: (OK|bits OK): 518 files", out, re.M), out[-2000:]
     summary = out[out.index("main.sh: done") :].splitlines()
     assert re.fullmatch(r"missing +FAILED at quantize \(exit 2\): .*/models/missing: no such model folder; log: log/missing.log", summary[1]), summary
     assert re.fullmatch(r"m +ok \(quantize \d+ s, compile_sw \d+ s, lm_head \d+ s, hardware \d+ s, embedding_tokens \d+ s, verify \d+ s\); "
                         r"packed folder: .*/m-W4A16-gptq/compile/QWEN_BLOCK_write_data_port32", summary[2]), summary
     log = (tmp_path / "log" / "m.log").read_text()
-    assert ran(log) == list(STEPS) and "GPTQ: 2/2 layer in" in log and "\r" not in log and "verify: OK" in log
+    assert ran(log) == list(STEPS) and "GPTQ: 2/2 layer in" in log and "\r" not in log and re.search(r"^verify: (OK|bits OK): ", log, re.M)
     report = (qdir / "compile" / "verify_report.json").stat().st_mtime_ns
 
     # 2. The same again, the model given as an argument: nothing to do.

@@ -238,7 +238,7 @@ def test_verify_report_with_the_defaults(exported, tmp_path):
     assert result["source"] == {"checkpoint": str(exported.resolve())}  # where the folder was made (copied since)
     f = result["functional"]
     # the defaults: board numerics, the folder's int4 output layer, 256 evaluation tokens, 8 greedy tokens
-    assert (f["numerics"], f["centred_variance"], f["lm_head_from_checkpoint"], f["device"]) == ("board", False, False, "cpu")
+    assert (f["numerics"], f["centred_variance"], f["lm_head_from_checkpoint"], f["device"]) == ("board", True, False, "cpu")
     assert f["eval"]["tokens"] == 256 and len(f["greedy"]["hardware"]["tokens"]) == 8 and 0 < f["seconds"] < 600
     assert result["verdict"]["strict"] is False and result["verdict"]["bits"] == "match"
     assert result["report_path"] == str(hw.parent / "verify_report.json")
@@ -445,7 +445,7 @@ def test_a_bad_llama3_scaling_value_names_the_config():
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "x", "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     with pytest.raises(VCUError) as e:
         rope_inv_freq({"rope_scaling": scaling}, 128, Path("model/config.json"))
-    assert str(e.value) == "model/config.json: 'low_freq_factor' is 'x', expected a finite number"
+    assert str(e.value) == "model/config.json: 'rope_scaling.low_freq_factor' is 'x', expected a finite number"
 
 
 def test_verify_passes_its_numerics_options_on(exported, tmp_path):
@@ -454,8 +454,9 @@ def test_verify_passes_its_numerics_options_on(exported, tmp_path):
     hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
     f = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16, numerics="fp32", lm_head_from_checkpoint=True)["functional"]
     assert (f["numerics"], f["lm_head_from_checkpoint"], f["centred_variance"]) == ("fp32", True, False)
-    f = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16, centred_variance=True)["functional"]
-    assert (f["numerics"], f["lm_head_from_checkpoint"], f["centred_variance"]) == ("board", False, True)
+    f = verify(qdir, hw, progress=False, tokens=1, eval_tokens=16, variant="truncate+fp32+mean_square", variants="none")["functional"]
+    assert (f["numerics"], f["lm_head_from_checkpoint"], f["centred_variance"], f["variant"]) == ("board", False, False, "truncate+fp32+mean_square")
+    assert f["variant_set"] == ["truncate+fp32+mean_square"] and list(f["variants"]) == ["truncate+fp32+mean_square"]
 
 
 def test_verify_runs_the_board_model_of_a_folder_without_manifest(exported, tmp_path):

@@ -139,6 +139,8 @@ def test_rescaled_folder_answers_like_the_fp32_checkpoint(both, overflowing, che
     assert doc["fp16_rescale"]["k"] == smallest_power(residual) > 0
     assert doc["fp16_rescale"]["m"] == [smallest_power(max(stats[i]["up"], stats[i]["mlp_product"])) for i in sorted(stats)]
     assert max(doc["fp16_rescale"]["m"]) > 0  # the planted MLP intermediate is rescaled too
+    # k was weighed in the default board model and in both pessimistic variants (issue #20)
+    assert doc["fp16_rescale"]["weighed_under"] == ["nearest+fp32+centred", "truncate+grouped+centred", "truncate+grouped+mean_square"]
     assert answers_like_the_checkpoint(f, checkpoint_steps) == []
     ours, theirs = f["against_hardware"]["checkpoint"], off["against_hardware"]["checkpoint"]
     assert ours["relative_logit_error"] < theirs["relative_logit_error"] / 2
