@@ -420,6 +420,12 @@ def report(raw: dict, results: Path) -> None:
             out.setdefault("killed_by_added_tests", []).append({"mutant": key, "module": e["module"], "diff": e["change"],
                                                                 "test": e.get("killed_by") or disposition(disp, key).get("test", "")})
     out["rechecks"] = raw.get("rechecks", [])
+    sampled = [n for r in raw["modules"].values() for n in r.get("sampled", [])]
+    if sampled:  # what the random sample of unreached mutants says about them
+        alive = {s["mutant"]: s for s in out["survivors"]}
+        eq = sum(1 for n in sampled if alive.get(n, {}).get("disposition") == "equivalent")
+        left = sum(1 for n in sampled if n in alive) - eq
+        out["sample"] = {"mutants": len(sampled), "killed": len(sampled) - eq - left, "equivalent": eq, "survived": left}
     total = {k: sum(c[k] for _, c in rows) for k in ("total", "killed", "timeout", "survived", "no tests", "suspicious", "not checked", "equivalent")}
     non_eq = total["total"] - total["not checked"] - total["equivalent"]
     total["kill_rate_non_equivalent"] = round((total["killed"] + total["timeout"]) / non_eq, 4) if non_eq else None
@@ -472,7 +478,9 @@ def markdown(out: dict) -> str:
             s = r["sample_of"]
             lines += ["", f"Sample ({r['started']}, {r.get('seconds')} s, {where}, seed {s['seed']}): of the mutants the full run did not reach, "
                           + ", ".join(f"{n} of {s['not_checked_before'].get(m)} in `{m}`" for m, n in s["sampled"].items())
-                          + ", run with the full selection; counted above, the rest stays 'not checked'."]
+                          + ", run with the full selection; counted above, the rest stays 'not checked'."
+                          + (f" Of the sample, now: {out['sample']['killed']} killed, {out['sample']['equivalent']} equivalent, "
+                             f"{out['sample']['survived']} survived." if out.get("sample") else "")]
     if out.get("excluded_from_this_run"):
         lines += ["", "Not in this run: " + "; ".join(f"`{k}` ({v})" for k, v in out["excluded_from_this_run"].items()) + "."]
     lines += ["", "## Every survivor", "", "| mutant | status | change | disposition |", "| --- | --- | --- | --- |"]
