@@ -142,7 +142,7 @@ def require_mutmut() -> None:
         from importlib.metadata import version
 
         got = version("mutmut")
-    except Exception:
+    except ImportError:
         sys.exit("mutmut is not installed: pip install -r bench/requirements-mutation.txt (this script installs nothing)")
     if got != MUTMUT_VERSION:
         print(f"note: mutmut {got}, the results were made with {MUTMUT_VERSION} (bench/requirements-mutation.txt)", file=sys.stderr)
@@ -191,22 +191,21 @@ def child_env() -> dict:
 
 def run_mutmut(module: str, d: Path, max_children: int, deadline: float, patterns: list[str]) -> dict:
     start = time.time()
-    log = open(d / "mutmut.log", "w")
-    p = subprocess.Popen([sys.executable, "-c", "from mutmut.__main__ import cli; cli()", "run", "--max-children", str(max_children), *patterns],
-                         cwd=d, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     stopped = False
-    while p.poll() is None:
-        if time.time() > deadline:
-            os.killpg(p.pid, signal.SIGINT)  # mutmut stops its workers; every finished mutant is already saved
-            stopped = True
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            break
-        time.sleep(2)
-    log.close()
+    with open(d / "mutmut.log", "w") as log:
+        p = subprocess.Popen([sys.executable, "-c", "from mutmut.__main__ import cli; cli()", "run", "--max-children", str(max_children), *patterns],
+                             cwd=d, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while p.poll() is None:
+            if time.time() > deadline:
+                os.killpg(p.pid, signal.SIGINT)  # mutmut stops its workers; every finished mutant is already saved
+                stopped = True
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+                break
+            time.sleep(2)
     return {"rc": p.returncode, "seconds": round(time.time() - start, 1), "stopped_at_deadline": stopped}
 
 
@@ -222,7 +221,8 @@ def diffs(d: Path, names: list[str]) -> dict:
     """mutmut's diff of each named mutant (read in the module's copy, where its config is)."""
     if not names:
         return {}
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_diffs", *names], cwd=d, capture_output=True, text=True, env=child_env())
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_diffs", *names], cwd=d, capture_output=True, text=True, env=child_env(),
+                       check=False)
     try:
         return json.loads(r.stdout)
     except ValueError:
@@ -255,10 +255,10 @@ def run_extra(extra: Extra, work: Path, deadline: float, timeout: float, tests: 
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", f"not ({EXCLUDE})", *(tests or SCOPE[extra.module].tests)]
     start = time.time()
     try:
-        r = subprocess.run(cmd, cwd=d, env=child_env(), capture_output=True, text=True, timeout=min(timeout, left))
+        r = subprocess.run(cmd, cwd=d, env=child_env(), capture_output=True, text=True, timeout=min(timeout, left), check=False)
     except subprocess.TimeoutExpired:  # its own time limit: a timeout (detected); the run's deadline: not checked
         return {"status": "timeout" if timeout <= left else "not checked", "seconds": round(time.time() - start, 1)}
-    failed = re.findall(r"^FAILED (\S+)", r.stdout, re.M) or re.findall(r"^ERROR (\S+)", r.stdout, re.M)
+    failed = re.findall(r"^FAILED (\S+)", r.stdout, re.MULTILINE) or re.findall(r"^ERROR (\S+)", r.stdout, re.MULTILINE)
     status = {0: "survived", 1: "killed", 5: "no tests"}.get(r.returncode, "killed" if failed else "suspicious")
     out = {"status": status, "seconds": round(time.time() - start, 1)}
     if failed:
@@ -290,7 +290,7 @@ def cmd_run(args) -> None:
     extras = [e for e in EXTRA if e.module in names] if not args.mutants else []
     if args.survivors_of:  # a re-check: only what an earlier run left alive, usually against the added tests alone
         earlier = json.loads(Path(args.survivors_of).read_text())
-        alive = lambda code: status_of(code) in ("survived", "no tests", "suspicious", "segfault")  # noqa: E731
+        alive = lambda code: status_of(code) in ("survived", "no tests", "suspicious", "segfault")
         patterns = {m: [n for n, c in earlier["modules"].get(m, {}).get("codes", {}).items() if alive(c)] for m in names}
         names = [m for m in names if patterns[m]]
         extras = [e for e in extras if (earlier.get("extra") or {}).get(e.key, {}).get("status") in ("survived", "no tests", "suspicious")]
@@ -420,6 +420,12 @@ def report(raw: dict, results: Path) -> None:
             out.setdefault("killed_by_added_tests", []).append({"mutant": key, "module": e["module"], "diff": e["change"],
                                                                 "test": e.get("killed_by") or disposition(disp, key).get("test", "")})
     out["rechecks"] = raw.get("rechecks", [])
+    sampled = [n for r in raw["modules"].values() for n in r.get("sampled", [])]
+    if sampled:  # what the random sample of unreached mutants says about them
+        alive = {s["mutant"]: s for s in out["survivors"]}
+        eq = sum(1 for n in sampled if alive.get(n, {}).get("disposition") == "equivalent")
+        left = sum(1 for n in sampled if n in alive) - eq
+        out["sample"] = {"mutants": len(sampled), "killed": len(sampled) - eq - left, "equivalent": eq, "survived": left}
     total = {k: sum(c[k] for _, c in rows) for k in ("total", "killed", "timeout", "survived", "no tests", "suspicious", "not checked", "equivalent")}
     non_eq = total["total"] - total["not checked"] - total["equivalent"]
     total["kill_rate_non_equivalent"] = round((total["killed"] + total["timeout"]) / non_eq, 4) if non_eq else None
@@ -450,9 +456,9 @@ def _add_extra(raw: dict, module: str, counts: dict, out: dict, disp: dict) -> N
 def markdown(out: dict) -> str:
     m = out["machine"]
     lines = ["# Mutation testing (issue #23)", "",
-             f"{out['tool']}, started {out['started']}, {out.get('seconds')} s on {m['cpus']} cores ({m['platform']}, Python {m['python']}). "
-             "Made by `python bench/mutation.py run`; mutants in function bodies by mutmut, module-level constants and decorated "
-             "functions by the script's hand-made EXTRA list. Kill rate = (killed + timeout) / (tested - equivalent).", "",
+             (f"{out['tool']}, started {out['started']}, {out.get('seconds')} s on {m['cpus']} cores ({m['platform']}, Python {m['python']}). "
+              "Made by `python bench/mutation.py run`; mutants in function bodies by mutmut, module-level constants and decorated "
+              "functions by the script's hand-made EXTRA list. Kill rate = (killed + timeout) / (tested - equivalent)."), "",
              "| module | mutants | killed | timeout | survived | no tests | equivalent | not checked | kill rate (non-equivalent) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for mod, c in out["modules"].items():
@@ -466,13 +472,15 @@ def markdown(out: dict) -> str:
     for r in out.get("rechecks", []):
         where = f"{r['machine']['cpus']} cores, Python {r['machine']['python']}" if r.get("machine") else ""
         if r.get("survivors_of"):
-            lines += ["", f"Re-check ({r['started']}, {r.get('seconds')} s, {where}): the full run's survivors against "
-                          f"{', '.join(r['survivors_of'].get('tests') or ['the full selection'])}; their kills are counted above."]
+            tests = ", ".join(r["survivors_of"].get("tests") or ["the full selection"])
+            lines += ["", f"Re-check ({r['started']}, {r.get('seconds')} s, {where}): the survivors so far against {tests}; their kills are counted above."]
         if r.get("sample_of"):
             s = r["sample_of"]
             lines += ["", f"Sample ({r['started']}, {r.get('seconds')} s, {where}, seed {s['seed']}): of the mutants the full run did not reach, "
                           + ", ".join(f"{n} of {s['not_checked_before'].get(m)} in `{m}`" for m, n in s["sampled"].items())
-                          + ", run with the full selection; counted above, the rest stays 'not checked'."]
+                          + ", run with the full selection; counted above, the rest stays 'not checked'."
+                          + (f" Of the sample, now: {out['sample']['killed']} killed, {out['sample']['equivalent']} equivalent, "
+                             f"{out['sample']['survived']} survived." if out.get("sample") else "")]
     if out.get("excluded_from_this_run"):
         lines += ["", "Not in this run: " + "; ".join(f"`{k}` ({v})" for k, v in out["excluded_from_this_run"].items()) + "."]
     lines += ["", "## Every survivor", "", "| mutant | status | change | disposition |", "| --- | --- | --- | --- |"]

@@ -105,6 +105,7 @@ def test_the_longest_piece_when_even_the_shortest_candidate_errs_too_much():
     b = _longest_piece(0.0, 8.0, 1e-6)
     assert b == 0.005615234375  # 46/1024 of the first candidate, 8/64
     assert _line_errors(0.0, b)[0][0] <= 1e-6 < _line_errors(0.0, b + 8 / 64 / 1024)[0][0]
+    assert _longest_piece(0.0, 8.0, 2e-6) == 0.0079345703125  # 65/1024 of it (bisecting up to the second candidate: 0.0078125)
 
 
 def test_rope_values_back_from_either_order():
@@ -312,7 +313,7 @@ def test_where_a_table_difference_is():
 def test_the_version_names_the_checkout():
     here = Path(verify_module.__file__).resolve().parent
     try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5, check=False).stdout.strip()
     except OSError:
         described = ""
     assert tool_version() == (f"{__version__} ({described})" if described else __version__)
@@ -485,3 +486,25 @@ def test_an_older_folder_takes_its_output_layer_method_from_the_compile_record(e
     write_step_record(qdir / "compile", "lm_head", {"method": "rtn"}, [])
     record = output_layer_record(PackedFolder.open(hw), GPTQCheckpoint(qdir), qdir / "compile")
     assert (record.method, record.int4_range) == ("rtn", 8)
+
+
+def test_an_unknown_silu_table_is_refused_with_the_choices():
+    from vcu128.format.tables import silu_table
+
+    with pytest.raises(VCUError) as e:
+        silu_table("exact")
+    assert str(e.value) == "--silu_table exact: expected one of board, fit"
+
+
+def test_a_manifest_for_another_model_is_refused_naming_the_key(exported, tmp_path):
+    from vcu128.check.verify import bit_check
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["model"]["hidden"] = 512
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError) as e:
+        bit_check(qdir, hw, progress=False)
+    assert str(e.value) == f"{hw / 'manifest.json'}: model hidden=512, but the checkpoint's config.json says 256"
