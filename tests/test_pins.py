@@ -199,15 +199,8 @@ def test_a_run_killed_mid_swap_keeps_a_users_file_left_in_old(make_checkpoint):
 
 # The other steps went on between the kill and the next compile_sw run (a user running the steps one
 # by one: lm_head.py, then hardware.py, which makes a new packed folder): the target then holds a
-# packed folder of the same name as the one in .old, and remove_stale deletes the old one whole,
-# with the user's file inside it. A real bug in io/output.py (reported in issue #23's work; its
-# owner fixes it): strict xfail, so the fix turns this into a failure that asks for the mark's removal.
-USERS_FILE_IN_A_FOLDER_BOTH_HOLD = pytest.mark.xfail(
-    strict=True, reason="io/output.py remove_stale: a folder of .old that the target also holds is deleted whole, "
-                        "a user's file inside it with it (carried only when the target lacks the whole folder)")
-
-
-@USERS_FILE_IN_A_FOLDER_BOTH_HOLD
+# packed folder of the same name as the one in .old. The user's file inside the old one must come
+# back into the new one (remove_stale once deleted the old folder whole, with the file).
 def test_a_run_killed_mid_swap_then_the_later_steps_keep_a_users_file_in_the_packed_folder(make_checkpoint):
     exported = export_all(make_checkpoint())
     comp, qdir = exported["compile"], exported["qdir"]
@@ -220,7 +213,6 @@ def test_a_run_killed_mid_swap_then_the_later_steps_keep_a_users_file_in_the_pac
     assert kept == ["loaded on board 3, 2026-11-20"], "the user's file in the packed folder left in .compile.old-PID was deleted"
 
 
-@USERS_FILE_IN_A_FOLDER_BOTH_HOLD
 def test_recovery_keeps_a_users_file_in_a_folder_the_new_target_also_has(tmp_path):
     """remove_stale alone, the same state in miniature: .old holds packed/notes.txt (the user's) and
     packed/made.bin (another step's), the target a new packed/made.bin."""

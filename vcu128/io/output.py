@@ -242,11 +242,21 @@ def remove_stale(parent: Path, name: str, owns: Owns | None = None) -> None:
             continue
         owned = (owns(old) if owns else None) or set()
         for rel in _carried(old, owned):
-            if not (target / rel).exists():
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(old / rel, target / rel)
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            _move_back(old / rel, target / rel)
         shutil.rmtree(old, ignore_errors=True)
         log.warning(f"warning: removed {old}, left by a run killed while replacing {target} (other steps' files kept)")
+
+
+def _move_back(src: Path, dst: Path) -> None:
+    """Put `src` back at `dst`. Where a later run made `dst` meanwhile (a folder of the same name),
+    what only `src` holds goes into it, folder by folder: a user's file there is kept; a file both
+    hold stays as the later run wrote it."""
+    if not dst.exists() and not dst.is_symlink():
+        os.replace(src, dst)
+    elif src.is_dir() and not src.is_symlink() and dst.is_dir() and not dst.is_symlink():
+        for entry in sorted(os.scandir(src), key=lambda e: e.name):
+            _move_back(Path(entry.path), dst / entry.name)
 
 
 def _carried(root: Path, owned: set[str]) -> list[str]:
