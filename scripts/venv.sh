@@ -43,7 +43,7 @@ if [[ ${VCU128_VENV_PLAN:-} == 1 ]]; then
   _vcu128_setup print
   return 0 2>/dev/null || exit 0
 fi
-_have="$(cat "$_stamp" 2>/dev/null)"
+_have="$(cat "$_stamp" 2>/dev/null || true)"  # no stamp yet (a fresh clone): empty, not a failure under set -e
 if [[ -z ${VCU128_TORCH:-} ]]; then
   _have="${_have%% *}"  # unset: keep whichever torch build was installed (VCU128_TORCH=cuda stays CUDA)
 fi
