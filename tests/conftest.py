@@ -76,3 +76,16 @@ def plant_overflow(model_dir: Path, out: Path, residual: float = 1.0, mlp: float
     t[f"model.layers.{mlp_layer}.mlp.down_proj.weight"] /= mlp
     save_file({k: v.astype(np.float16) for k, v in t.items()}, path, metadata={"format": "pt"})
     return out
+
+
+def rewrite_manifest(hw: Path) -> None:
+    """Make a packed folder's manifest.json agree with its files as they are now (sizes and sha256):
+    what an exporter bug would leave, so that only the bytes themselves can show a difference."""
+    import hashlib
+    import json
+
+    doc = json.loads((hw / "manifest.json").read_text())
+    for f in doc["files"]:
+        data = (hw / f["path"]).read_bytes()
+        f["bytes"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (hw / "manifest.json").write_text(json.dumps(doc))

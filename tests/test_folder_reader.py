@@ -5,7 +5,6 @@ exporter bug would leave), and the bit check must still name the file; the outpu
 again from the checkpoint, so a changed lm_head, a changed lm_head_*.bin or another model's are
 all differences; a damaged manifest is one error naming the key."""
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, export_all
+from conftest import ROOT, export_all, rewrite_manifest
 from safetensors.numpy import load_file, save_file
 
 from vcu128.check.verify import bit_check, write_report
@@ -44,15 +43,6 @@ def folder(clean, tmp_path):
     qdir = tmp_path / "q"
     shutil.copytree(clean, qdir)
     return qdir, qdir / HW
-
-
-def rewrite_manifest(hw):
-    """Make manifest.json agree with the files as they are now (sizes and sha256)."""
-    doc = json.loads((hw / "manifest.json").read_text())
-    for f in doc["files"]:
-        data = (hw / f["path"]).read_bytes()
-        f["bytes"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (hw / "manifest.json").write_text(json.dumps(doc))
 
 
 def change_word(path, index, xor, dtype="<u4"):

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, export_all
+from conftest import ROOT, export_all, rewrite_manifest
 from safetensors.numpy import load_file, save_file
 
 from vcu128.check.functional import functional_check
@@ -52,16 +52,6 @@ def folder(clean, tmp_path):
     qdir = tmp_path / "q"
     shutil.copytree(clean, qdir)
     return qdir, qdir / HW
-
-
-def rewrite_manifest(hw):
-    import hashlib
-
-    doc = json.loads((hw / "manifest.json").read_text())
-    for f in doc["files"]:
-        data = (hw / f["path"]).read_bytes()
-        f["bytes"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (hw / "manifest.json").write_text(json.dumps(doc))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import read_utf8_text
 
 DEMO_CORPUS = Path(__file__).resolve().parents[2] / "data" / "demo_corpus.txt"
 
@@ -57,10 +58,7 @@ def evaluation_inputs(qdir: Path, vocab: int, text: Path | None, eval_ids: Path 
         path = Path(text or DEMO_CORPUS)
         if not path.is_file():
             raise VCUError(f"--text {path}: no such file")
-        try:
-            text_read = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise VCUError(f"--text {path}: not UTF-8 text (byte {e.start}); pass a UTF-8 text file") from None
+        text_read = read_utf8_text(path, f"--text {path}", "pass a UTF-8 text file")
         ids = np.asarray(tokenizer(text_read, add_special_tokens=False)["input_ids"], np.int64)
         source = f"the last tokens of {path.name}"
     else:

@@ -111,6 +111,14 @@ def get_str_list(doc: dict, key: str, path: Path, relative_paths: bool = False, 
     return values
 
 
+def read_utf8_text(path: Path, label: str, needs: str) -> str:
+    """A text file the user gave, as UTF-8: anything else is one error naming it and the byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VCUError(f"{label}: not UTF-8 text (byte {e.start}); {needs}") from None
+
+
 def dumps(doc) -> str:
     """Strict JSON (NaN and inf become null: strict readers refuse bare NaN)."""
     return json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import read_utf8_text
 
 log = logging.getLogger("vcu128")
 
@@ -44,10 +45,7 @@ def read_texts(path: Path) -> list[str]:
         return rows or [t for t in ds["text"] if t.strip()]
     if not path.is_file():
         raise VCUError(f"{path}: no such calibration file or dataset folder")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise VCUError(f"{path}: not UTF-8 text (byte {e.start}); calibration needs a text, JSONL or saved dataset") from None
+    text = read_utf8_text(path, str(path), "calibration needs a text, JSONL or saved dataset")
     if path.suffix == ".jsonl":
         rows = []
         for i, line in enumerate(text.splitlines()):
