@@ -18,7 +18,7 @@ from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard l
 
 def main(argv=None):
     from vcu128.format.layout import BOARD_PORTS, INT4_CODES
-    from vcu128.format.tables import DEFAULT_MAX_TOKEN, DEFAULT_ROPE_ORDER, ROPE_ORDERS, SILU_TABLES
+    from vcu128.format.tables import DEFAULT_MAX_TOKEN, ROPE_ORDERS, SILU_TABLES
 
     p = ArgumentParser(__doc__)
     p.add_argument("--compile_dir", "--compile-dir", required=True, metavar="DIR", help="folder written by compile_sw.py and lm_head.py")
@@ -27,8 +27,9 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace an existing --out folder that hardware.py did not write")
     p.add_argument("--max_token", "--max-token", type=positive_int, default=DEFAULT_MAX_TOKEN,
                    help="positions in the RoPE table: the board's context buffer (default 2048), not the model's")
-    p.add_argument("--rope_table", "--rope-table", choices=ROPE_ORDERS, default=DEFAULT_ROPE_ORDER,
-                   help="value order of a RoPE row: halves (64 cos, then 64 sin; default) or pairs (cos, sin interleaved); see docs/FORMAT.md 5")
+    p.add_argument("--rope_table", "--rope-table", choices=ROPE_ORDERS, default=None,
+                   help="value order of a RoPE row: for Qwen2/Llama halves (64 cos, then 64 sin; default) or pairs (cos, sin interleaved); "
+                        "for ChatGLM/GLM glm (the only one: cos, sin of 32 frequencies interleaved, then zeros); see docs/FORMAT.md 5 and 8")
     p.add_argument("--silu_table", "--silu-table", choices=SILU_TABLES, default="board",
                    help="board (default): the table the accelerator's host code loads, bit for bit; fit: this project's minimax fit")
     p.add_argument("--int4", choices=INT4_CODES, default="twos",

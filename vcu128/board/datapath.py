@@ -16,7 +16,8 @@ In `board` numerics the default follows the reference tasks op by op:
 - attention is three stored steps: q.k times the fp16 scale register (0x2DA8 for head_dim 128;
   `TRP_RunMVMFP16_soft`, `RunHBM_MVM_afterTRP`), the softmax with masked scores -65504 (subtract the
   max, exp, divide; `Softmax_task`), then p.v (`F2W_RunMVMFP16_soft`);
-- RoPE takes cos/sin from the folder's table (rotate-half), SiLU is exact or the folder's piecewise
+- RoPE takes cos/sin from the folder's table (rotate-half; GLM: interleaved pairs of the first half of
+  each head), SiLU is exact or the folder's piecewise
   table (`Run_Activation_Soft`), and the residual adds and the MLP's element-wise product
   (`Run_Res_soft`) are separate rounded steps.
 
@@ -394,6 +395,7 @@ class Shape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    rope: str = "rotate_half"  # or "glm_interleaved" (format.family)
 
 
 def shared_matmul(xs: list[torch.Tensor], weight, group_roundings: list[str | None] | None = None) -> list[torch.Tensor]:
@@ -476,8 +478,15 @@ def multiply(a: torch.Tensor, b: torch.Tensor, num: Numerics, layer, site: str) 
     return num.store(a * b, layer, site)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's rotate-half RoPE: channel i with i + head_dim / 2. x [B, H, T, D], cos/sin [T, D/2]."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: str = "rotate_half") -> torch.Tensor:
+    """HF's rotate-half RoPE: channel i with i + head_dim / 2, x [B, H, T, D], cos/sin [T, D/2]; or
+    GLM's (`glm_interleaved`; ChatGLM, `Run_PosEmb_Software`): pairs (2j, 2j+1) of the first 2F
+    channels turned by frequency j, the rest passed through, cos/sin [T, F]."""
+    if rope == "glm_interleaved":
+        n = 2 * cos.shape[-1]
+        even, odd = x[..., 0:n:2], x[..., 1:n:2]
+        turned = torch.stack([even * cos - odd * sin, odd * cos + even * sin], -1).flatten(-2)
+        return torch.cat([turned, x[..., n:]], -1)
     c = torch.cat([cos, cos], -1)
     s = torch.cat([sin, sin], -1)
     half = x.shape[-1] // 2
@@ -522,8 +531,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape, n
     H, KV, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
     q, k, v = (t.view(B, T, n, D).transpose(1, 2) for t, n in ((q, H), (k, KV), (v, KV)))
     cos, sin = num.cos[start : start + T], num.sin[start : start + T]
-    q = num.store(rotate(q, cos, sin), layer, "q_rope")
-    k = num.store(rotate(k, cos, sin), layer, "k_rope")
+    q = num.store(rotate(q, cos, sin, shape.rope), layer, "q_rope")
+    k = num.store(rotate(k, cos, sin, shape.rope), layer, "k_rope")
     if cache is not None:
         k, v = cache.extend(k, v)
     groups = H // KV

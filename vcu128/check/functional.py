@@ -33,7 +33,13 @@ from vcu128.board.datapath import (
     final_norm,
 )
 from vcu128.check.inputs import FunctionalInputs
-from vcu128.format.checkpoint import GPTQCheckpoint, read_tensor, read_tensor_index
+from vcu128.format.checkpoint import (
+    GPTQCheckpoint,
+    TensorView,
+    read_tensor,
+    read_tensor_index,
+)
+from vcu128.format.family import rotary_dim
 from vcu128.format.folder import PackedFolder
 from vcu128.format.layout import (
     OUT_WEIGHT_STEM,
@@ -48,10 +54,17 @@ from vcu128.format.model import (
     GROUP_SIZE,
     LAYER_NORMS,
     LINEARS,
+    LM_HEAD,
     read_model_config,
 )
 from vcu128.format.rescale import RescalePlan, module_factors, scale_fp16, tensor_factor
-from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, rope_cos_sin, rope_inv_freq
+from vcu128.format.tables import (
+    ACT_FILE,
+    BOARD_HEAD_DIM,
+    ROPE_ORDERS_OF,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from vcu128.io.errors import VCUError
 from vcu128.io.progress import bar
 
@@ -115,18 +128,26 @@ def float32_rows(entry, rows: slice | None = None) -> torch.Tensor:
 
 
 class OriginalDecoder:
-    """The unquantized model's layers (fp16/bf16/fp32 safetensors), read per use."""
+    """The unquantized model's layers (fp16/bf16/fp32 safetensors), read per use, under the pipeline's
+    names (the checkpoint's dimensions and family)."""
 
-    def __init__(self, model_dir: Path):
-        self.entries = read_tensor_index(Path(model_dir))
+    def __init__(self, model_dir: Path, dims):
+        self.view = TensorView(read_tensor_index(Path(model_dir)), dims, Path(model_dir))
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.entries:
-            raise VCUError(f"{name}: missing from the --model folder")
-        return float32_rows(self.entries[name])
+        if not self.view.has(name):
+            raise VCUError(f"{self.view.source_name(name)}: missing from the --model folder")
+        dtype, _ = self.view.info(name)
+        data = self.view.read(name, direct=False)
+        if dtype == "BF16":
+            return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
+        return torch.from_numpy(data.astype(np.float32))
 
     def has(self, name: str) -> bool:
-        return name in self.entries
+        return self.view.has(name)
+
+    def entry(self, name: str):
+        return self.view.entry(name)
 
     def layer(self, layer: int, factors=None) -> LayerWeights:
         linears = {}
@@ -190,8 +211,8 @@ def checkpoint_output_layer(ckpt: GPTQCheckpoint) -> OutputLayer:
 
 
 def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> OutputLayer:
-    name = EMBEDDING if tied or not orig.has("lm_head.weight") else "lm_head.weight"
-    entry = orig.entries[name]
+    name = EMBEDDING if tied or not orig.has(f"{LM_HEAD}.weight") else f"{LM_HEAD}.weight"
+    entry = orig.entry(name)
     return OutputLayer(vocab, rows_fn=lambda start, stop: float32_rows(entry, slice(start, stop)))
 
 
@@ -288,15 +309,16 @@ def greedy(models: list[ModelRun], prompt: np.ndarray, tokens: int, shape: Shape
 # The check
 
 
-def folder_tables(folder: PackedFolder, cfg: dict, head_dim: int, positions: int, where: Path):
-    """cos, sin [positions, head_dim/2] and the SiLU table the folder holds, for the board-numerics
+def folder_tables(folder: PackedFolder, cfg: dict, dims, positions: int, where: Path):
+    """cos, sin [positions, rotary_dim/2] and the SiLU table the folder holds, for the board-numerics
     model; computed when absent."""
-    held = folder.rope_cos_sin(positions) if head_dim == BOARD_HEAD_DIM else None
+    head_dim, order = dims.head_dim, ROPE_ORDERS_OF[dims.family.rope][0]
+    held = folder.rope_cos_sin(positions, order) if head_dim == BOARD_HEAD_DIM else None
     if held is not None:
         cos, sin = held
-        source = folder.describe_rope()
+        source = folder.describe_rope(order)
     else:
-        cos, sin = rope_cos_sin(cfg, head_dim, positions, where)
+        cos, sin = rope_cos_sin(cfg, rotary_dim(dims), positions, where)
         source = "computed (no table in the folder)" if head_dim == BOARD_HEAD_DIM else f"computed (head_dim {head_dim})"
     return torch.from_numpy(cos[:positions].astype(np.float32)), torch.from_numpy(sin[:positions].astype(np.float32)), folder.silu_table(), source
 
@@ -322,9 +344,9 @@ class CheckpointSetup:
         d = ckpt.dims
         where = ckpt.qdir / "config.json"
         cfg = read_model_config(where)
-        cos32, sin32 = (torch.from_numpy(a.astype(np.float32)).to(device) for a in _fp32_rope(cfg, d.head_dim, positions, where))
+        cos32, sin32 = (torch.from_numpy(a.astype(np.float32)).to(device) for a in _fp32_rope(cfg, rotary_dim(d), positions, where))
         embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
-        return cls(ckpt, cfg, Shape(d.num_heads, d.num_kv_heads, d.head_dim), float(cfg.get("rms_norm_eps", 1e-6)), cos32, sin32,
+        return cls(ckpt, cfg, Shape(d.num_heads, d.num_kv_heads, d.head_dim, d.family.rope), model_eps(cfg), cos32, sin32,
                    CompactDecoder(ckpt, keep), embed, checkpoint_output_layer(ckpt),
                    torch.from_numpy(ckpt.get_fp16(f"{FINAL_NORM}.weight").astype(np.float32)))
 
@@ -350,7 +372,7 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
     d = ckpt.dims
     positions = max(len(inputs.eval_ids), len(inputs.prompt_ids) + tokens)
     setup = CheckpointSetup.build(ckpt, positions, device)
-    cos_b, sin_b, silu, rope_source = folder_tables(folder, setup.cfg, d.head_dim, positions, ckpt.qdir / "config.json")
+    cos_b, sin_b, silu, rope_source = folder_tables(folder, setup.cfg, d, positions, ckpt.qdir / "config.json")
     cos_b, sin_b = cos_b.to(device), sin_b.to(device)
     hw_out = setup.output if lm_head_from_checkpoint else packed_output_layer(folder, d.hidden, d.vocab)
     hw_embed = hardware_embedding(folder, d.vocab, d.hidden) if folder.parts else None
@@ -370,7 +392,7 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
     for v in others:
         models.append(setup.board_run(variant_model(v), cos_b, sin_b, folder.rescale, silu=silu, variant=v, embed=hw_embed, output=hw_out))
     if model:
-        orig = OriginalDecoder(model)
+        orig = OriginalDecoder(model, d)
         tied = bool(read_model_config(Path(model) / "config.json").get("tie_word_embeddings", False))
         models.append(ModelRun("fp16 original", Numerics("fp16 original", False, setup.eps, setup.cos32, setup.sin32), orig,
                                checkpoint_embedding(lambda t: _orig_row(orig, t), d.hidden),
@@ -430,11 +452,16 @@ def variant_model(v: BoardVariant) -> str:
 
 
 def _orig_row(orig: OriginalDecoder, t: int) -> np.ndarray:
-    return float32_rows(orig.entries[EMBEDDING], slice(t, t + 1))[0].numpy()
+    return float32_rows(orig.entry(EMBEDDING), slice(t, t + 1))[0].numpy()
 
 
 def _scaled_embed(embed, factor: float):
     return embed if factor == 1.0 else (lambda ids: (embed(ids) * factor).half().float())
+
+
+def model_eps(cfg: dict) -> float:
+    """The RMSNorm eps the model was trained with (ChatGLM calls it layernorm_epsilon)."""
+    return float(cfg.get("rms_norm_eps", cfg.get("layernorm_epsilon", 1e-6)))
 
 
 def _fp32_rope(cfg: dict, head_dim: int, positions: int, where: Path):

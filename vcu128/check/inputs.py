@@ -46,9 +46,9 @@ def evaluation_inputs(qdir: Path, vocab: int, text: Path | None, eval_ids: Path 
     has_files = any((Path(qdir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     if has_files and (eval_ids is None or prompt):
         try:
-            from transformers import AutoTokenizer
+            from vcu128.quant.calibration import open_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(qdir))
+            tokenizer = open_tokenizer(qdir)
         except Exception:  # no tokenizer files, or ones transformers cannot read: evaluate on ids
             tokenizer = None
     decode = tokenizer.decode if tokenizer is not None else None

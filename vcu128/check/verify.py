@@ -70,7 +70,13 @@ from vcu128.format.model import (
     read_model_config,
 )
 from vcu128.format.rescale import scale_fp16, tensor_factor
-from vcu128.format.tables import ACT_FILE, BOARD_HEAD_DIM, rope_table, silu_table
+from vcu128.format.tables import (
+    ACT_FILE,
+    BOARD_HEAD_DIM,
+    ROPE_ORDERS_OF,
+    rope_table,
+    silu_table,
+)
 from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import dumps
 from vcu128.io.output import (
@@ -353,12 +359,17 @@ def check_tables(report: BitReport, folder: PackedFolder, ckpt: GPTQCheckpoint, 
     a = folder.assumptions
     missing = []
     rope = folder.rope_name
+    orders = ROPE_ORDERS_OF[ckpt.dims.family.rope]
+    order = a.rope_table if folder.has_manifest else orders[0]
     if ckpt.dims.head_dim == BOARD_HEAD_DIM:
         if not a.has_rope_table:
             report.add(f"{MANIFEST_NAME}: assumptions.rope_table is {a.rope_table!r}, but the model's heads are the board's {BOARD_HEAD_DIM}")
+        elif order not in orders:
+            report.add(f"{MANIFEST_NAME}: assumptions.rope_table is {order!r}, but a {ckpt.dims.model_type} model's table is "
+                       f"{' or '.join(orders)} (its RoPE is {ckpt.dims.family.rope})")
         elif folder.has_manifest or (folder.path / rope).is_file():
-            want = rope_table(cfg, a.max_token, a.rope_table, ckpt.qdir / "config.json")
-            check_table_words(report, folder, rope, want, lambda i: _rope_place(i, a.max_token, a.rope_table))
+            want = rope_table(cfg, a.max_token, order, ckpt.qdir / "config.json")
+            check_table_words(report, folder, rope, want, lambda i: _rope_place(i, a.max_token, order))
         else:
             missing.append(rope)
             expected_files.discard(rope)
@@ -376,8 +387,12 @@ def _rope_place(i: int, max_token: int, order: str) -> str:
     block, rest = divmod(i, max_token * 32)
     t, c = divmod(rest, 32)
     channel = block * 32 + c
-    value = (("cos" if channel < 64 else "sin") + f" of frequency {channel % 64}") if order == "halves" else \
-        (("cos" if channel % 2 == 0 else "sin") + f" of frequency {channel // 2}")
+    if order == "halves":
+        value = ("cos" if channel < 64 else "sin") + f" of frequency {channel % 64}"
+    elif order == "glm" and channel >= 64:
+        value = "zero padding of the GLM table"
+    else:
+        value = ("cos" if channel % 2 == 0 else "sin") + f" of frequency {channel // 2}"
     return f"position {t}, channel {channel} ({value})"
 
 

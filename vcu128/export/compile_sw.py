@@ -19,8 +19,7 @@ from vcu128.board.stats import STATS_FILE, stats_from_report
 from vcu128.format.checkpoint import GPTQCheckpoint
 from vcu128.format.layout import (
     CONFIG,
-    SW_FP16_DIR,
-    SW_QWEIGHT_DIR,
+    sw_dirs,
     sw_fp16_path,
     sw_linear_paths,
     sw_norm_file,
@@ -52,7 +51,7 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 
     """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin;
     scales and bias times `factor` (a power of two: fp16 rescaling)."""
     counter = {} if counter is None else counter
-    paths = sw_linear_paths(folder, name)
+    paths = sw_linear_paths(folder, name, ckpt.dims.family.software)
     qweight = ckpt.get(f"{name}.qweight")  # int32 [chin/8, chout]: half a byte a weight
     chin, chout = qweight.shape[0] * 8, qweight.shape[1]
     step = rows_per_block(4 * chin)
@@ -68,7 +67,7 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 
 def write_embedding(ckpt: GPTQCheckpoint, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
     vocab, hidden = ckpt.dims.vocab, ckpt.dims.hidden
     step = rows_per_block(2 * hidden)
-    with DirectWriter(sw_fp16_path(folder, EMBEDDING), background=True) as f:
+    with DirectWriter(sw_fp16_path(folder, EMBEDDING, ckpt.dims.family.software), background=True) as f:
         for r in range(0, vocab, step):
             f.write(scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)), factor, {} if counter is None else counter).astype("<f2"))
 
@@ -165,16 +164,18 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
                  "fp16_rescale": plan.factors_record() if plan else None}
     counter: dict = {}
     with staged_dir(out, STEP, compile_folder_owns, inputs, force, output_bytes(dims), writes=[CONFIG, f"{STEP}.json"]) as stage:
-        (stage / SW_QWEIGHT_DIR).mkdir()
-        (stage / SW_FP16_DIR).mkdir()
+        software = dims.family.software
+        for sub in sw_dirs(software):
+            (stage / sub).mkdir()
         shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
         for layer in bar(range(dims.num_layers), "compile_sw", "layer", enabled=progress):
             for lin in LINEARS:
+                sw_linear_paths(stage, lin.name(layer), software)["qweight"].parent.mkdir(parents=True, exist_ok=True)
                 write_linear(ckpt, lin.name(layer), stage, tensor_factor(plan, lin.name(layer)), counter)
             for norm, _ in LAYER_NORMS:
                 name = f"model.layers.{layer}.{norm}.weight"
-                write_array(sw_fp16_path(stage, name), sw_norm_file(ckpt.get_fp16(name)))
-        write_array(sw_fp16_path(stage, f"{FINAL_NORM}.weight"), sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")))
+                write_array(sw_fp16_path(stage, name, software), sw_norm_file(ckpt.get_fp16(name)))
+        write_array(sw_fp16_path(stage, f"{FINAL_NORM}.weight", software), sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")))
         write_embedding(ckpt, stage, tensor_factor(plan, EMBEDDING), counter)
         if plan:  # config.json says so: every later step reads its factors from there
             plan = plan.with_report(out_of_normal_range=counter.get("out_of_normal_range", 0))

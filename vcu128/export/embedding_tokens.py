@@ -59,7 +59,7 @@ def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = BOA
         raise VCUError(f"{compile_dir}: no such compile folder (run compile_sw.py first)")
     dims = read_model_dims(compile_dir / CONFIG)
     rows = check_embedding_split(dims.vocab, parts)
-    table = BinFile(sw_fp16_path(compile_dir, EMBEDDING), "<f2", (dims.vocab, dims.hidden))
+    table = BinFile(sw_fp16_path(compile_dir, EMBEDDING, dims.family.software), "<f2", (dims.vocab, dims.hidden))
     given = out if out else default_hardware_dir(compile_dir) / EMBEDDING_DIR
     out = out_path(given)  # its folder with symlinks resolved: where the packed folder's manifest is
     made_from = compile_ids(compile_dir)["compile_sw"]

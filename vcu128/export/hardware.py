@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,6 @@ from vcu128.format.layout import (
     OUT_BIAS_FILE,
     OUT_NORM_FILE,
     OUT_WEIGHT_STEM,
-    SW_FP16_DIR,
-    SW_QWEIGHT_DIR,
     BinFile,
     PackedLinearWriter,
     check_int4_range,
@@ -38,6 +36,7 @@ from vcu128.format.layout import (
     pack_linear_rows,
     row_words,
     rows_per_port,
+    sw_dirs,
     sw_fp16_path,
     sw_linear_paths,
     sw_lm_head_paths,
@@ -63,6 +62,7 @@ from vcu128.format.tables import (
     DEFAULT_ROPE_ORDER,
     ROPE_BYTES_A_POSITION,
     ROPE_ORDERS,
+    ROPE_ORDERS_OF,
     SILU_TABLES,
     check_max_token,
     rope_file_name,
@@ -120,8 +120,8 @@ class PackJob:
         return records
 
 
-def linear_job(compile_dir: Path, name: str, chin: int, chout: int, stems: tuple[str, str]) -> PackJob:
-    paths = sw_linear_paths(compile_dir, name)
+def linear_job(compile_dir: Path, name: str, chin: int, chout: int, stems: tuple[str, str], software: str = "qwen2") -> PackJob:
+    paths = sw_linear_paths(compile_dir, name, software)
     return PackJob(
         name,
         sw_qweight_file(paths["qweight"], chout, chin),
@@ -135,13 +135,15 @@ def plan(compile_dir: Path, dims: ModelDims) -> tuple[list[list[PackJob]], list[
     """Open (and so size-check) every input before anything is written: per layer its jobs,
     the norm copies, and the output layer."""
     layers, norms = [], []
+    software = dims.family.software
     for layer in range(dims.num_layers):
-        layers.append([linear_job(compile_dir, lin.name(layer), *dims.linear_shape(lin), hw_linear_stems(layer, lin)) for lin in LINEARS])
+        layers.append([linear_job(compile_dir, lin.name(layer), *dims.linear_shape(lin), hw_linear_stems(layer, lin), software)
+                       for lin in LINEARS])
         for norm, board in LAYER_NORMS:
-            src = sw_fp16_path(compile_dir, f"model.layers.{layer}.{norm}.weight")
+            src = sw_fp16_path(compile_dir, f"model.layers.{layer}.{norm}.weight", software)
             norms.append((BinFile(src, "<f2", (2 * dims.hidden,)), hw_layer_norm_file(layer, board)))
-    norms.append((BinFile(sw_fp16_path(compile_dir, f"{FINAL_NORM}.weight"), "<f2", (2 * dims.hidden,)), OUT_NORM_FILE))
-    lm = sw_lm_head_paths(compile_dir)
+    norms.append((BinFile(sw_fp16_path(compile_dir, f"{FINAL_NORM}.weight", software), "<f2", (2 * dims.hidden,)), OUT_NORM_FILE))
+    lm = sw_lm_head_paths(compile_dir, software)
     if not lm["qweight"].is_file():
         raise VCUError(f"{lm['qweight']}: missing (run lm_head.py first)")
     out_layer = PackJob(
@@ -166,6 +168,14 @@ def output_bytes(dims: ModelDims, ports: int, max_token: int = DEFAULT_MAX_TOKEN
 
 hardware_owns = manifest_owns(HARDWARE_KIND, STEP)
 
+# What the folder's RoPE table assumes the board's unit does (manifest.json `assumptions.rope_rotation`).
+ROPE_ROTATIONS = {
+    "rotate_half": "rotate-half: channel i with i + 64, as HF Qwen2/Llama (q_proj, k_proj rows as in the checkpoint)",
+    "glm_interleaved": "GLM mode: channel pairs (2j, 2j+1) of the first 64 of each head rotated by frequency j, channels 64-127 "
+                       "passed through, as ChatGLM computes and as the testbench reference tasks_EMB.vh does (FORMAT.md 8); the table "
+                       "holds cos, sin of the 32 frequencies interleaved, then 64 zeros (HBM_emb_test.cpp's zero padding)",
+}
+
 
 @dataclass(frozen=True)
 class BoardOptions:
@@ -173,18 +183,28 @@ class BoardOptions:
 
     ports: int = BOARD_PORTS
     int4: str = "twos"
-    rope_table: str = DEFAULT_ROPE_ORDER
+    rope_table: str | None = None  # None: the family's (DEFAULT_ROPE_ORDER, or GLM's)
     silu_table: str = "board"
     max_token: int = DEFAULT_MAX_TOKEN
 
     def check(self) -> None:
-        for flag, value, allowed in (("--int4", self.int4, INT4_CODES), ("--rope_table", self.rope_table, ROPE_ORDERS),
+        for flag, value, allowed in (("--int4", self.int4, INT4_CODES), ("--rope_table", self.rope_table or DEFAULT_ROPE_ORDER, ROPE_ORDERS),
                                      ("--silu_table", self.silu_table, SILU_TABLES)):
             if value not in allowed:
                 raise VCUError(f"{flag} {value}: expected one of {', '.join(allowed)}")
         if self.ports < 1:
             raise VCUError(f"--ports {self.ports}: must be at least 1")
         check_max_token(self.max_token)
+
+    def for_model(self, dims: ModelDims) -> "BoardOptions":
+        """The options with the RoPE table's layout settled for the model's family (FORMAT.md 5, 8):
+        a Qwen/Llama model's `halves` or `pairs`; a GLM model's only `glm`."""
+        allowed = ROPE_ORDERS_OF[dims.family.rope]
+        order = self.rope_table or allowed[0]
+        if order not in allowed:
+            raise VCUError(f"--rope_table {order}: a {dims.model_type} model's RoPE table is {' or '.join(allowed)} "
+                           f"({'GLM mode: pairs of the first 64 channels' if dims.family.rope == 'glm_interleaved' else 'rotate-half'})")
+        return replace(self, rope_table=order)
 
 
 def write_tables(stage: Path, cfg: dict, dims: ModelDims, opts: BoardOptions, compile_dir: Path) -> tuple[list[FileRecord], dict, dict]:
@@ -198,7 +218,7 @@ def write_tables(stage: Path, cfg: dict, dims: ModelDims, opts: BoardOptions, co
         log.info(f"hardware: no RoPE table: head_dim is {dims.head_dim}, the board's RoPE unit rotates heads of {BOARD_HEAD_DIM}")
     else:
         assumptions["rope_table"] = opts.rope_table
-        assumptions["rope_rotation"] = "rotate-half: channel i with i + 64, as HF Qwen2/Llama (q_proj, k_proj rows as in the checkpoint)"
+        assumptions["rope_rotation"] = ROPE_ROTATIONS[dims.family.rope]
         name = rope_file_name(opts.max_token)
         writer = HashingWriter(stage, name, f"RoPE cos/sin, {opts.rope_table}", dtype="float16", rows=opts.max_token, words_per_row=BOARD_HEAD_DIM // 2)
         for piece in rope_table_blocks(cfg, opts.max_token, opts.rope_table, where):  # a few MB at a time, whatever --max_token
@@ -240,6 +260,7 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
         raise VCUError(f"{compile_dir}: no such compile folder (run compile_sw.py first)")
     opts.check()
     dims = read_model_dims(compile_dir / CONFIG)
+    opts = opts.for_model(dims)
     cfg = read_model_config(compile_dir / CONFIG)
     for what, chin in (("hidden_size", dims.hidden), ("intermediate_size", dims.intermediate), ("q dim", dims.q_dim)):
         if chin % GROUP_SIZE:
@@ -255,7 +276,7 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
                                                         **recorded_sources(compile_dir)})
     # What it reads (a new folder inside the compile folder is fine; one holding these is not) and
     # the names it knows it writes (a file of someone else's there is refused before any work).
-    inputs = [compile_dir, compile_dir / SW_QWEIGHT_DIR, compile_dir / SW_FP16_DIR, compile_dir / CONFIG]
+    inputs = [compile_dir, *(compile_dir / sub for sub in sw_dirs(dims.family.software)), compile_dir / CONFIG]
     tables = [ACT_FILE, MANIFEST_NAME] + ([rope_file_name(opts.max_token)] if dims.head_dim == BOARD_HEAD_DIM else [])
     with staged_dir(out, STEP, hardware_owns, inputs, force, output_bytes(dims, ports, opts.max_token), writes=tables) as stage:
         for jobs in bar(layers, "hardware", "layer", enabled=progress):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.format.layout import SW_QWEIGHT_DIR, sw_lm_head_paths
+from vcu128.format.layout import sw_lm_head_half_paths, sw_lm_head_paths
 from vcu128.io.direct_io import DirectWriter
 from vcu128.io.errors import VCUError, set_writing
 from vcu128.io.output import (
@@ -55,7 +55,16 @@ def choose_method(ckpt: GPTQCheckpoint, method: str | None) -> str:
     return method
 
 
-def check_lm_head_out(out: Path, qdir: Path, force: bool, created: bool = False) -> None:
+def lm_head_files(out: Path, software: str) -> dict[str, Path]:
+    """What lm_head writes into a compile folder: the output layer's ints and scales, and in the GLM
+    layout the same rows again in two halves of the vocabulary (`qweight_0`, ... `scales_1`)."""
+    files = dict(sw_lm_head_paths(out, software))
+    for i, half in enumerate(sw_lm_head_half_paths(out, software)):
+        files.update({f"{k}_{i}": p for k, p in half.items()})
+    return files
+
+
+def check_lm_head_out(out: Path, qdir: Path, force: bool, created: bool = False, software: str = "qwen2") -> None:
     """lm_head adds two files to a compile folder: refuse a target that is a file, the checkpoint
     (or holds it), or a folder of someone else's (`created`: this run made it); and lm_head files
     it did not write itself."""
@@ -76,7 +85,7 @@ def check_lm_head_out(out: Path, qdir: Path, force: bool, created: bool = False)
         raise VCUError(f"--out {out}: not a compile folder (no compile_sw.json or lm_head.json); not writing into it",
                        "run compile_sw.py first, or pass --force")
     owned = set(record["files"]) if record else set()
-    for p in sw_lm_head_paths(out).values():
+    for p in lm_head_files(out, software).values():
         rel = str(p.relative_to(out))
         if p.exists() and rel not in owned:
             raise VCUError(f"{p}: exists and was not written by lm_head.py; not replacing it", "pass --force to replace it")
@@ -99,14 +108,16 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
     if source == "model.embed_tokens.weight":
         log.info("lm_head: no lm_head.weight in the checkpoint (tied embeddings): quantizing model.embed_tokens.weight")
     out = out_path(out) if out else ckpt.qdir / "compile"
-    check_lm_head_out(out, ckpt.qdir, force)
+    software = dims.family.software
+    check_lm_head_out(out, ckpt.qdir, force, software=software)
     if out.is_symlink():
         out = out.resolve()
     made_from = {"checkpoint": str(ckpt.qdir.resolve()), "fingerprint": ckpt.fingerprint(), "method": method, "int4_range": int4_range}
-    folder = out / SW_QWEIGHT_DIR
+    final = lm_head_files(out, software)
+    folder = final["qweight"].parent
     created = make_parents(folder)
-    final = sw_lm_head_paths(out)
-    set_writing(folder, dims.vocab * dims.hidden * 4 + dims.vocab * (dims.hidden // 128) * 2)
+    nbytes = (dims.vocab * dims.hidden * 4 + dims.vocab * (dims.hidden // 128) * 2) * (2 if len(final) > 2 else 1)
+    set_writing(folder, nbytes)
     if method == "checkpoint":  # GPTQ layout [hidden/8, vocab] and [hidden/128, vocab]: half a byte a weight
         gptq_qweight, gptq_scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
 
@@ -132,14 +143,24 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
         with folder_lock(out):
             for name in final.values():
                 remove_stale(folder, name.name)
-            check_lm_head_out(out, ckpt.qdir, force, created=out in created)  # again, with the folder locked
-            check_free_space(folder / "x", dims.vocab * dims.hidden * 4)
+            check_lm_head_out(out, ckpt.qdir, force, created=out in created, software=software)  # again, with the folder locked
+            check_free_space(folder / "x", nbytes)
             for p in partial.values():  # claimed now: a second run on these files sees a live one
                 p.touch()
-        with DirectWriter(partial["qweight"], background=True) as fq, DirectWriter(partial["scales"], 1 << 20) as fs:
-            for q, scales, e, n in bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks), progress):
-                fq.write(q)
-                fs.write(scales.astype("<f2"))
+        with contextlib.ExitStack() as files:
+            writers = {k: files.enter_context(DirectWriter(p, background=True) if k.startswith("qweight") else DirectWriter(p, 1 << 20))
+                       for k, p in partial.items()}
+            half = dims.vocab // 2
+            for block, (q, scales, e, n) in zip(blocks, bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks),
+                                                            progress), strict=True):
+                scales = scales.astype("<f2")
+                writers["qweight"].write(q)
+                writers["scales"].write(scales)
+                if "qweight_0" in writers:  # rows below vocab/2 to the _0 copies, the rest to _1
+                    cut = min(max(half - block.start, 0), q.shape[0])
+                    for i, rows in ((0, slice(0, cut)), (1, slice(cut, None))):
+                        writers[f"qweight_{i}"].write(np.ascontiguousarray(q[rows]))
+                        writers[f"scales_{i}"].write(np.ascontiguousarray(scales[rows]))
                 err, ref = err + e, ref + n
         error = None if method == "checkpoint" else (err / ref) ** 0.5 if ref else 0.0
         with folder_lock(out), signals_deferred():
@@ -154,4 +175,4 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
         if not ok:
             remove_created(created)
     nbytes = sum(p.stat().st_size for p in final.values())
-    return StepResult("lm_head", out / SW_QWEIGHT_DIR, 2, nbytes, time.perf_counter() - start), method, error
+    return StepResult("lm_head", folder, len(final), nbytes, time.perf_counter() - start), method, error

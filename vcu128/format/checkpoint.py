@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vcu128.format.family import OUTPUT_AXIS, QWEN2, module_alias, source_linears
 from vcu128.format.gate import check_board_tensors, read_model_dims
 from vcu128.format.model import (
     EMBEDDING,
@@ -22,6 +23,7 @@ from vcu128.format.model import (
     GROUP_SIZE,
     LAYER_NORMS,
     LINEARS,
+    LM_HEAD,
     ModelDims,
 )
 from vcu128.io.direct_io import read_bytes
@@ -319,8 +321,74 @@ def scan_finite(folder: Path, tensors: dict[str, TensorEntry] | None = None, blo
             check_finite(name, read_tensor(e, slice(r, r + step), direct=False), e.dtype, r)
 
 
+class TensorView:
+    """A model folder's tensors under the pipeline's names (format.family): a fused tensor's part is
+    read as its rows (or, GPTQ-transposed, its columns), so no step needs to know the family. A name
+    the family does not map is the checkpoint's own."""
+
+    def __init__(self, entries: dict[str, TensorEntry], dims: ModelDims, where: Path):
+        self.entries, self.dims, self.where = entries, dims, Path(where)
+        self.family = dims.family
+
+    def locate(self, name: str) -> tuple[str, int | None, int, int]:
+        """(the checkpoint's tensor, axis of the rows, first, past last) of a pipeline name."""
+        if self.family is QWEN2:
+            return name, None, 0, 0
+        module, _, part = name.rpartition(".")
+        alias = module_alias(self.family, self.dims, module)
+        if alias is None:
+            return name, None, 0, 0
+        source = f"{alias.module}.{part}"
+        axis = OUTPUT_AXIS.get(part)
+        if alias.start is None or axis is None:
+            return source, None, 0, 0
+        per = 8 if part == "qzeros" else 1  # eight zero points a word
+        return source, axis, alias.start // per, alias.stop // per
+
+    def has(self, name: str) -> bool:
+        return self.locate(name)[0] in self.entries
+
+    def source_name(self, name: str) -> str:
+        return self.locate(name)[0]
+
+    def entry(self, name: str) -> TensorEntry:
+        """The checkpoint's tensor of a pipeline name that is a whole tensor (an embedding, a norm)."""
+        source, axis, _, _ = self.locate(name)
+        if source not in self.entries:
+            raise VCUError(f"{source}: missing from {self.where}")
+        if axis is not None:
+            raise ValueError(f"{name} is part of {source}, not a tensor of its own")
+        return self.entries[source]
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        source, axis, start, stop = self.locate(name)
+        if source not in self.entries:
+            raise VCUError(f"{source}: missing from {self.where}")
+        e = self.entries[source]
+        if axis is None:
+            return e.dtype, e.shape
+        if len(e.shape) <= axis or e.shape[axis] < stop:
+            raise VCUError(f"{source}: shape {list(e.shape)} has no room for {name} (its rows {start}..{stop - 1}) "
+                           "at the dimensions config.json gives")
+        shape = list(e.shape)
+        shape[axis] = stop - start
+        return e.dtype, tuple(shape)
+
+    def read(self, name: str, rows: slice | None = None, direct: bool = True) -> np.ndarray:
+        """The tensor, or a block of its rows (dim 0), as stored."""
+        source, axis, start, stop = self.locate(name)
+        self.info(name)  # present, and wide enough
+        e = self.entries[source]
+        if axis is None:
+            return read_tensor(e, rows, direct)
+        if axis == 0:
+            first, last = (0, stop - start) if rows is None else rows.indices(stop - start)[:2]
+            return read_tensor(e, slice(start + first, start + max(first, last)), direct)
+        return np.ascontiguousarray(read_tensor(e, rows, direct)[:, start:stop])
+
+
 class GPTQCheckpoint:
-    """A GPTQ checkpoint folder, read one tensor at a time."""
+    """A GPTQ checkpoint folder, read one tensor at a time, under the pipeline's names (TensorView)."""
 
     def __init__(self, qdir: Path):
         self.qdir = Path(qdir)
@@ -329,6 +397,7 @@ class GPTQCheckpoint:
         self.dims: ModelDims = read_model_dims(self.qdir / "config.json")
         self.quant: QuantConfig = read_quant_config(self.qdir)
         self._tensors = read_tensor_index(self.qdir)
+        self.view = TensorView(self._tensors, self.dims, self.qdir)
 
     def fingerprint(self) -> str:
         """Names this checkpoint as it is now: its JSON files, and each shard's name, size,
@@ -347,29 +416,38 @@ class GPTQCheckpoint:
 
     # --- tensor access -------------------------------------------------------------------------
     def has(self, name: str) -> bool:
-        return name in self._tensors
+        return self.view.has(name)
+
+    def describe(self, name: str) -> str:
+        """A pipeline name as the checkpoint has it, for messages (`...query_key_value.qweight, its
+        k_proj part`)."""
+        source, axis, _, _ = self.view.locate(name)
+        return source if axis is None else f"{source}, its {name.rpartition('.')[0].rpartition('.')[2]} part"
 
     def names(self) -> list[str]:
+        """The checkpoint's own tensor names."""
         return list(self._tensors)
 
     def _entry(self, name: str) -> TensorEntry:
-        if name not in self._tensors:
+        if self.view.family is QWEN2 and name not in self._tensors:
             raise VCUError(f"{name}: missing from the checkpoint {self.qdir}")
-        return self._tensors[name]
+        return self.view.entry(name)
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
-        e = self._entry(name)
-        return e.dtype, e.shape
+        if self.view.family is QWEN2:
+            e = self._entry(name)
+            return e.dtype, e.shape
+        return self.view.info(name)
 
     def get(self, name: str, rows: slice | None = None) -> np.ndarray:
         """The tensor, or a block of its rows (dim 0), read from disk; bf16 comes back as float32.
         A float tensor holding a NaN or an inf is refused here, naming the row."""
-        e = self._entry(name)
-        data = read_tensor(e, rows)
-        if e.dtype == "BF16":  # bf16 is the top half of a float32
+        dtype, shape = self.info(name)
+        data = self.view.read(name, rows)
+        if dtype == "BF16":  # bf16 is the top half of a float32
             data = (data.astype(np.uint32) << 16).view(np.float32)
-        if e.dtype in FLOAT_DTYPES:
-            check_finite(name, data, first_row=rows.indices(e.shape[0])[0] if rows is not None and e.shape else 0)
+        if dtype in FLOAT_DTYPES:
+            check_finite(self.view.source_name(name), data, first_row=rows.indices(shape[0])[0] if rows is not None and shape else 0)
         return data
 
     def get_fp16(self, name: str, rows: slice | None = None) -> np.ndarray:
@@ -389,22 +467,24 @@ class GPTQCheckpoint:
         """The output layer as HF computes with it: 'lm_head' (GPTQ-quantized in the checkpoint),
         the embedding when config.json ties them (whatever lm_head.weight may hold), else
         lm_head.weight, which an untied model must have."""
-        if self.has("lm_head.qweight"):
-            return "lm_head"
+        if self.has(f"{LM_HEAD}.qweight"):
+            return LM_HEAD
         if self.dims.tie_word_embeddings:
             return EMBEDDING
-        if self.has("lm_head.weight"):
-            return "lm_head.weight"
-        raise VCUError(f"{self.qdir}: no lm_head.weight, and config.json's tie_word_embeddings is false: the output layer is missing",
+        if self.has(f"{LM_HEAD}.weight"):
+            return f"{LM_HEAD}.weight"
+        weight = self.view.source_name(f"{LM_HEAD}.weight")
+        raise VCUError(f"{self.qdir}: no {weight}, and config.json's tie_word_embeddings is false: the output layer is missing",
                        "a model whose output layer is its embedding says tie_word_embeddings: true")
 
     # --- validation ------------------------------------------------------------------------------
     def expect(self, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:
         dtype, got = self.info(name)
+        shown = self.describe(name)
         if dtype not in dtypes:
-            raise VCUError(f"{name}: dtype {dtype}, expected {' or '.join(dtypes)}")
+            raise VCUError(f"{shown}: dtype {dtype}, expected {' or '.join(dtypes)}")
         if got != shape:
-            raise VCUError(f"{name}: shape {list(got)}, expected {list(shape)} from config.json")
+            raise VCUError(f"{shown}: shape {list(got)}, expected {list(shape)} from config.json")
 
     def validate_linear(self, prefix: str, chin: int, chout: int) -> None:
         """Check one quantized linear: shapes, symmetric zero points, no act-order."""
@@ -447,6 +527,7 @@ class GPTQCheckpoint:
         d = self.dims
         self.quant.check_supported(str(self.qdir))
         check_board_tensors(self.names(), d, quantized=True, shape_of=lambda name: self.info(name)[1])
+        self.validate_fused()
         for layer in range(d.num_layers):
             for lin in LINEARS:
                 self.validate_linear(lin.name(layer), *d.linear_shape(lin))
@@ -456,11 +537,26 @@ class GPTQCheckpoint:
         self.expect(EMBEDDING, FLOAT_DTYPES, (d.vocab, d.hidden))
         self.validate_lm_head()
 
+    def validate_fused(self) -> None:
+        """A fused tensor holds exactly its parts' rows (a wider one would have rows no board file takes)."""
+        if not self.view.family.fused:
+            return
+        for layer in range(self.dims.num_layers):
+            for prefix, rows, parts in source_linears(self.view.family, self.dims, layer):
+                for part, axis in (("qweight", 1), ("scales", 1), ("qzeros", 1), ("bias", 0)):
+                    name = f"{prefix}.{part}"
+                    if name in self._tensors:
+                        shape = self._tensors[name].shape
+                        want = rows // 8 if part == "qzeros" else rows
+                        if len(shape) <= axis or shape[axis] != want:
+                            raise VCUError(f"{name}: shape {list(shape)}, but its parts ({', '.join(p.rpartition('.')[2] for p in parts)}) "
+                                           f"hold {want} {'columns' if axis else 'rows'} at the dimensions config.json gives")
+
     def validate_lm_head(self) -> None:
         d = self.dims
         src = self.lm_head_source()
-        if src == "lm_head":
-            self.validate_linear("lm_head", d.hidden, d.vocab)
+        if src == LM_HEAD:
+            self.validate_linear(LM_HEAD, d.hidden, d.vocab)
         else:
             self.expect(src, FLOAT_DTYPES, (d.vocab, d.hidden))
             if d.hidden % GROUP_SIZE:

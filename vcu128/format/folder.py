@@ -337,10 +337,15 @@ class PackedFolder:
         return {str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
 
     # --- contents -----------------------------------------------------------------------------------
-    def rope_cos_sin(self, positions: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """cos, sin [positions, 64] as the folder's RoPE table holds them, or None without one."""
+    def rope_order(self, default: str = DEFAULT_ROPE_ORDER) -> str:
+        """The RoPE table's value order: the manifest's, else `default` (the model family's first)."""
+        return self.assumptions.rope_table if self.has_manifest else default
+
+    def rope_cos_sin(self, positions: int, default: str = DEFAULT_ROPE_ORDER) -> tuple[np.ndarray, np.ndarray] | None:
+        """cos, sin [positions, 64] ([positions, 32] for GLM) as the folder's RoPE table holds them,
+        or None without one."""
         path = self.path / self.rope_name
-        order = self.assumptions.rope_table if self.has_manifest else DEFAULT_ROPE_ORDER
+        order = self.rope_order(default)
         if order not in ROPE_ORDERS or not path.is_file():
             return None
         max_token = self.assumptions.max_token
@@ -354,8 +359,8 @@ class PackedFolder:
         path = self.path / ACT_FILE
         return SiluTable.unpack(np.fromfile(path, np.uint8)) if path.is_file() else None
 
-    def describe_rope(self) -> str:
-        return f"{self.rope_name} ({self.assumptions.rope_table if self.has_manifest else DEFAULT_ROPE_ORDER})"
+    def describe_rope(self, default: str = DEFAULT_ROPE_ORDER) -> str:
+        return f"{self.rope_name} ({self.rope_order(default)})"
 
 
 def find_compile_dir(candidates, marker: str) -> Path | None:

@@ -8,24 +8,33 @@ here, with the key or tensor and the rule.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Iterable
 
+from vcu128.format.family import CHATGLM, GLM, tensor_places, top_tensors
 from vcu128.format.model import (
     EMBEDDING,
     FINAL_NORM,
     LAYER_NORMS,
     LINEARS,
+    LM_HEAD,
     ModelDims,
     parse_model_dims,
     read_model_config,
 )
-from vcu128.format.tables import rope_values
+from vcu128.format.tables import BOARD_HEAD_DIM, rope_values
 from vcu128.io.errors import VCUError, human_bytes
 
 BOARD_CONTEXT = 2048  # tokens the board's context buffer holds; it has no sliding window
-BOARD_MODEL_TYPES = ("qwen2", "llama", "mistral")
+BOARD_MODEL_TYPES = ("qwen2", "llama", "mistral", "glm", "chatglm")
+# GLM models the board has no place for, and why (named, so a user sees the key, not a shape error).
+OTHER_GLM = {
+    "glm4": "GLM-4-0414 adds post_self_attn_layernorm and post_mlp_layernorm after attention and the MLP; "
+            "the board's layer has two norms, before each",
+    "glm4_moe": "a mixture of experts (n_routed_experts); the board runs one dense MLP a layer",
+    "glm4v": "a vision-language model; the board runs the text decoder of glm or chatglm only",
+    "glm4v_moe": "a vision-language mixture of experts; the board runs dense text decoders only",
+}
 # Where the packed weights live: the VCU128's XCVU37P has two 4 GiB HBM2 stacks, 32 pseudo-channels
 # of 256 MiB, the 32 ports hardware.py spreads every linear (and the output layer) over.
 BOARD_HBM_BYTES = 8 << 30
@@ -52,11 +61,47 @@ def check_board_memory(dims: ModelDims, where: Path) -> None:
                        f"{human_bytes(BOARD_HBM_BYTES)} (8 GiB: VCU128's two HBM2 stacks)")
 
 
+def _require(cfg: dict, key: str, want, where: Path, why: str, default=None) -> None:
+    value = cfg.get(key, default)
+    if value != want or isinstance(value, bool) != isinstance(want, bool):
+        raise VCUError(f"{where}: {key} {value!r}: the board needs {json_value(want)} ({why})")
+
+
+def json_value(v) -> str:
+    return {True: "true", False: "false", None: "null"}.get(v, repr(v)) if isinstance(v, (bool, type(None))) else repr(v)
+
+
+def check_glm_config(cfg: dict, where: Path) -> None:
+    """ChatGLM2/3 (remote-code keys) and transformers' glm: the shapes the board's GLM mode runs
+    (FORMAT.md 8): heads of 128 channels, RoPE on the first half of each, RMSNorm before attention
+    and before the MLP, no bias but on q/k/v."""
+    if cfg["model_type"] == "chatglm":
+        _require(cfg, "kv_channels", BOARD_HEAD_DIM, where, "the board's heads are 128 channels")
+        _require(cfg, "rmsnorm", True, where, "the board's norm unit runs RMSNorm for ChatGLM", default=False)
+        _require(cfg, "add_bias_linear", False, where, "only q/k/v have a bias in ChatGLM2/3; the board has none elsewhere", default=True)
+        _require(cfg, "apply_residual_connection_post_layernorm", False, where, "the residual is the layer's input, not the normed one",
+                 default=False)
+        _require(cfg, "post_layer_norm", True, where, "the output layer reads the final norm's output", default=True)
+        for key in ("ffn_hidden_size", "padded_vocab_size", "num_layers", "kv_channels"):
+            if key not in cfg:
+                raise VCUError(f"{where}: missing '{key}' (a ChatGLM2/3 config.json has it)")
+        return
+    _require(cfg, "head_dim", BOARD_HEAD_DIM, where, "the board's heads are 128 channels", default=None)
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if factor != 0.5:
+        raise VCUError(f"{where}: partial_rotary_factor {factor!r}: the board's GLM mode rotates half of each head (0.5)")
+
+
 def check_board_config(cfg: dict, dims: ModelDims, where: Path) -> None:
     model_type = cfg.get("model_type")
+    if model_type in OTHER_GLM:
+        raise VCUError(f"{where}: model_type {model_type!r}: {OTHER_GLM[model_type]}")
     if model_type not in BOARD_MODEL_TYPES:
         raise VCUError(f"{where}: model_type {model_type!r}: the board runs {', '.join(BOARD_MODEL_TYPES)} "
                        "(decoder layers with q/k/v/o_proj, gate/up/down_proj and RMSNorm)")
+    if model_type in GLM.model_types + CHATGLM.model_types:
+        check_glm_config(cfg, where)
     if model_type == "mistral":
         window = cfg.get("sliding_window")
         if window is not None and (not isinstance(window, int) or window < BOARD_CONTEXT):
@@ -72,25 +117,16 @@ def check_board_config(cfg: dict, dims: ModelDims, where: Path) -> None:
     check_board_memory(dims, where)
 
 
-# Tensors the layout has a place for (FORMAT.md 1 and 3.3). Anything else (Qwen3's q_norm and
-# k_norm, a bias on the output layer) would be silently dropped, so it is refused.
-_LINEAR = r"model\.layers\.(\d+)\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-_NORM = r"model\.layers\.(\d+)\.(?:input_layernorm|post_attention_layernorm)\.weight"
-_BUFFER = r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq"  # old Llama checkpoints: recomputed, never read
-_GPTQ_PARTS = r"(?:qweight|qzeros|scales|g_idx)"
-_TOP = {"model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"}
-_PLACES = {
-    True: re.compile(rf"^(?:{_LINEAR}\.(?:{_GPTQ_PARTS}|bias)|{_NORM}|{_BUFFER}|lm_head\.{_GPTQ_PARTS})$"),
-    False: re.compile(rf"^(?:{_LINEAR}\.(?:weight|bias)|{_NORM}|{_BUFFER})$"),
-}
-
-
 def check_board_tensors(names: Iterable[str], dims: ModelDims, quantized: bool, shape_of=None) -> None:
-    """Every tensor has a place in the board's layout; q/k/v/o agree with heads x head_dim.
-    `shape_of(name)` gives a tensor's shape (for the head_dim rule)."""
-    pattern = _PLACES[quantized]
+    """Every tensor (the checkpoint's names) has a place in the board's layout (FORMAT.md 1, 3.3, 8:
+    anything else, Qwen3's q_norm and k_norm, a bias on the output layer, would be silently dropped);
+    q/k/v agree with heads x head_dim. `shape_of(name)` gives a tensor's shape under the pipeline's
+    names (for the head_dim rule)."""
+    family = dims.family
+    pattern, top = tensor_places(family, quantized), top_tensors(family)
+    layers_key = "num_layers" if family is CHATGLM else "num_hidden_layers"
     for name in sorted(names):
-        if name in _TOP:
+        if name in top:
             continue
         m = pattern.match(name)
         if not m:
@@ -98,7 +134,7 @@ def check_board_tensors(names: Iterable[str], dims: ModelDims, quantized: bool, 
                            "the board cannot run this model as it is")
         layer = next((int(g) for g in m.groups() if g is not None), None)
         if layer is not None and layer >= dims.num_layers:
-            raise VCUError(f"model.layers.{layer}: the checkpoint has more layers than config.json's num_hidden_layers={dims.num_layers}")
+            raise VCUError(f"{family.layer(layer)}: the checkpoint has more layers than config.json's {layers_key}={dims.num_layers}")
     if shape_of is None:
         return
     for proj, heads in (("q_proj", dims.num_heads), ("k_proj", dims.num_kv_heads), ("v_proj", dims.num_kv_heads)):
@@ -119,7 +155,7 @@ def check_float_model_shapes(shape_of, dims: ModelDims, tied: bool, names: Itera
     `shape_of(name)` raises for a missing one."""
     want = {EMBEDDING: (dims.vocab, dims.hidden), f"{FINAL_NORM}.weight": (dims.hidden,)}
     if not tied:
-        want["lm_head.weight"] = (dims.vocab, dims.hidden)
+        want[f"{LM_HEAD}.weight"] = (dims.vocab, dims.hidden)
     for layer in range(dims.num_layers):
         for lin in LINEARS:
             chin, chout = dims.linear_shape(lin)

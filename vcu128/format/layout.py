@@ -80,20 +80,71 @@ SW_LM_HEAD_QWEIGHT = "lm_head_qweight.bin"
 SW_LM_HEAD_SCALES = "lm_head_scales.bin"
 CONFIG = "config.json"
 
+# FORMAT.md 8: the original compile_glm.py's names for ChatGLM, per layer and linear (weights, scales,
+# bias), its q/k/v in step1_6 and the rest in step7_12; dense_h_to_4h's halves _0 (gate) and _1 (up).
+# Biases where ChatGLM has none, the norms and the embedding (which it never wrote) follow its names.
+_GLM_LINEAR_FILES = {
+    "self_attn.q_proj": ("step1_6", "MVM_BN_Wq", "MVM_BN_Scaleq", "MVM_BN_Biasq"),
+    "self_attn.k_proj": ("step1_6", "MVM_BN_Wk", "MVM_BN_Scalek", "MVM_BN_Biask"),
+    "self_attn.v_proj": ("step1_6", "MVM_BN_Wv", "MVM_BN_Scalev", "MVM_BN_Biasv"),
+    "self_attn.o_proj": ("step7_12", "MVM_BN_RES_weight", "MVM_BN_RES_scales", "MVM_BN_RES_bias"),
+    "mlp.gate_proj": ("step7_12", "MVMBNRES1_weight_0", "MVMBNRES1_scales_0", "MVMBNRES1_bias_0"),
+    "mlp.up_proj": ("step7_12", "MVMBNRES1_weight_1", "MVMBNRES1_scales_1", "MVMBNRES1_bias_1"),
+    "mlp.down_proj": ("step7_12", "MVMBNRES2_weight", "MVMBNRES2_scales", "MVMBNRES2_bias"),
+}
+GLM_OUTPUT_DIR = "output_layer"
+GLM_EMBEDDING_DIR = "embedding"
+SOFTWARE_LAYOUTS = ("qwen2", "glm")
+_SW_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
-def sw_linear_paths(compile_dir: Path, name: str) -> dict[str, Path]:
-    d = Path(compile_dir) / SW_QWEIGHT_DIR
-    return {part: d / f"{name}.{part}.bin" for part in ("qweight", "scales", "bias")}
+
+def sw_dirs(software: str = "qwen2") -> list[str]:
+    """The compile folder's subfolders that hold tensors (the rest is records): what hardware.py reads."""
+    return [SW_QWEIGHT_DIR, SW_FP16_DIR] if software == "qwen2" else [GLM_OUTPUT_DIR, GLM_EMBEDDING_DIR]
 
 
-def sw_lm_head_paths(compile_dir: Path) -> dict[str, Path]:
-    d = Path(compile_dir) / SW_QWEIGHT_DIR
-    return {"qweight": d / SW_LM_HEAD_QWEIGHT, "scales": d / SW_LM_HEAD_SCALES}
+def _glm_block(layer: int) -> str:
+    return f"BLOCK{layer:02d}"
 
 
-def sw_fp16_path(compile_dir: Path, name: str) -> Path:
+def sw_linear_paths(compile_dir: Path, name: str, software: str = "qwen2") -> dict[str, Path]:
+    """The three files of a pipeline linear (`model.layers.N.self_attn.q_proj`)."""
+    if software == "qwen2":
+        d = Path(compile_dir) / SW_QWEIGHT_DIR
+        return {part: d / f"{name}.{part}.bin" for part in ("qweight", "scales", "bias")}
+    layer, module = _SW_LAYER.fullmatch(name).groups()
+    step, *stems = _GLM_LINEAR_FILES[module]
+    d = Path(compile_dir) / _glm_block(int(layer)) / step
+    return {part: d / f"{stem}.bin" for part, stem in zip(("qweight", "scales", "bias"), stems, strict=True)}
+
+
+def sw_lm_head_paths(compile_dir: Path, software: str = "qwen2") -> dict[str, Path]:
+    if software == "qwen2":
+        d = Path(compile_dir) / SW_QWEIGHT_DIR
+        return {"qweight": d / SW_LM_HEAD_QWEIGHT, "scales": d / SW_LM_HEAD_SCALES}
+    d = Path(compile_dir) / GLM_OUTPUT_DIR
+    return {"qweight": d / "MVM_weight.bin", "scales": d / "MVM_scales.bin"}
+
+
+def sw_lm_head_half_paths(compile_dir: Path, software: str = "qwen2") -> list[dict[str, Path]]:
+    """compile_glm.py's output layer also in two halves of the vocabulary (rows vocab/2 and up in
+    `_1`), copies of the whole file's rows; none in the Qwen2 layout."""
+    if software == "qwen2":
+        return []
+    d = Path(compile_dir) / GLM_OUTPUT_DIR
+    return [{"qweight": d / f"MVM_weight_{i}.bin", "scales": d / f"MVM_scales_{i}.bin"} for i in (0, 1)]
+
+
+def sw_fp16_path(compile_dir: Path, name: str, software: str = "qwen2") -> Path:
     """`name` is a tensor name such as model.norm.weight or model.embed_tokens.weight."""
-    return Path(compile_dir) / SW_FP16_DIR / f"{name}.bin"
+    if software == "qwen2":
+        return Path(compile_dir) / SW_FP16_DIR / f"{name}.bin"
+    m = _SW_LAYER.fullmatch(name)
+    if m:  # a layer's norm
+        return Path(compile_dir) / _glm_block(int(m.group(1))) / f"{m.group(2)}.bin"
+    if name == EMBEDDING:
+        return Path(compile_dir) / GLM_EMBEDDING_DIR / "word_embeddings.weight.bin"
+    return Path(compile_dir) / GLM_OUTPUT_DIR / "final_layernorm.weight.bin"
 
 
 def sw_norm_file(weight: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.format.checkpoint import SYMMETRIC_ZERO_WORD
+from vcu128.format.family import to_source_names
 from vcu128.format.model import EMBEDDING, GROUP_SIZE, LAYER_NORMS, LINEARS, ModelDims
 
 QWEN2_7B = dict(hidden=3584, intermediate=18944, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, vocab=152064)
@@ -62,8 +63,20 @@ def config_json(spec: SyntheticSpec) -> dict:
         "checkpoint_format": spec.checkpoint_format,
         **spec.quant_overrides,
     }
+    if spec.model_type == "chatglm":  # ChatGLM3-6B's config.json keys (FORMAT.md 8)
+        return {
+            "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+            "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+            "num_layers": d.num_layers, "hidden_size": d.hidden, "ffn_hidden_size": d.intermediate, "kv_channels": d.head_dim,
+            "num_attention_heads": d.num_heads, "multi_query_attention": True, "multi_query_group_num": d.num_kv_heads,
+            "padded_vocab_size": d.vocab, "layernorm_epsilon": 1e-5, "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
+            "apply_residual_connection_post_layernorm": False, "post_layer_norm": True, "original_rope": True, "seq_length": 8192,
+            "torch_dtype": "float16", "quantization_config": quant,
+        }
+    extra = {"partial_rotary_factor": 0.5, "attention_bias": True} if spec.model_type == "glm" else {}
     return {
-        "architectures": ["Qwen2ForCausalLM" if spec.model_type == "qwen2" else "LlamaForCausalLM"],
+        **extra,
+        "architectures": [{"qwen2": "Qwen2ForCausalLM", "glm": "GlmForCausalLM"}.get(spec.model_type, "LlamaForCausalLM")],
         "model_type": spec.model_type,
         "hidden_size": d.hidden,
         "intermediate_size": d.intermediate,
@@ -146,14 +159,14 @@ def write_gptq_checkpoint(qdir: Path, spec: SyntheticSpec | None = None) -> Path
                 tensors[f"{prefix}.bias"] = rng.normal(0, 0.5, chout).astype(np.float16)
         for norm, _ in LAYER_NORMS:
             tensors[f"model.layers.{layer}.{norm}.weight"] = rng.uniform(0.5, 1.5, d.hidden).astype(fdt)
-        shard(layer, tensors)
+        shard(layer, to_source_names(tensors, d, np.concatenate))
     last = {"model.norm.weight": rng.uniform(0.5, 1.5, d.hidden).astype(fdt)}
     last[EMBEDDING] = _normal(rng, (d.vocab, d.hidden), 0.02, fdt)
     if spec.lm_head_quantized:
         last.update({f"lm_head.{k}": v for k, v in quantized_linear(rng, d.hidden, d.vocab, spec.checkpoint_format).items()})
     elif not spec.tie_word_embeddings:
         last["lm_head.weight"] = _normal(rng, (d.vocab, d.hidden), 0.02, fdt)
-    shard(d.num_layers, last)
+    shard(d.num_layers, to_source_names(last, d, np.concatenate))
     (qdir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     cfg = config_json(spec)
     (qdir / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -27,8 +27,13 @@ from vcu128.io.jsonfile import get_float, get_int
 
 BOARD_HEAD_DIM = 128  # the board's head: its RoPE unit rotates 128 channels
 ROPE_CHANNELS_PER_BLOCK = 32
-ROPE_ORDERS = ("halves", "pairs")
+ROPE_ORDERS = ("halves", "pairs", "glm")
 DEFAULT_ROPE_ORDER = "halves"  # FORMAT.md 5: the driver's head stride is half the file (two halves of 64)
+# FORMAT.md 8: ChatGLM's RoPE rotates the first 64 channels of a head in pairs; the testbench reference
+# (tasks_EMB.vh) reads 64 values a position, cos and sin of each pair interleaved, and the host test
+# (HBM_emb_test.cpp) zero-pads the table to the full 128.
+GLM_ROPE_ORDER = "glm"
+ROPE_ORDERS_OF = {"rotate_half": ("halves", "pairs"), "glm_interleaved": (GLM_ROPE_ORDER,)}
 DEFAULT_MAX_TOKEN = 2048
 
 
@@ -62,7 +67,13 @@ def _positive(doc: dict, key: str, where: Path, name: str, above: float = 0.0) -
 def rope_values(cfg: dict, where: Path) -> tuple[float, dict]:
     """(theta, scaling) from a config, old style (rope_theta, rope_scaling) or transformers 5's
     rope_parameters, every value the table is computed from checked (a theta of 0, below 1, NaN or
-    not a number, a scaling factor of 0 ...: one error naming the key), whatever the scaling type."""
+    not a number, a scaling factor of 0 ...: one error naming the key), whatever the scaling type.
+    ChatGLM2/3's remote-code config has rope_ratio instead: theta is 10000 x rope_ratio (absent: 1)."""
+    if cfg.get("model_type") == "chatglm":
+        ratio = get_float(cfg, "rope_ratio", where, default=1.0)
+        if not ratio > 0:
+            raise VCUError(f"{where}: 'rope_ratio' is {ratio!r}, expected a number above 0")
+        return 10000.0 * ratio, {"rope_type": "default"}
     params = cfg.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
         raise VCUError(f"{where}: 'rope_parameters' is {params!r}, expected an object or null")
@@ -139,12 +150,21 @@ def rope_cos_sin(cfg: dict, head_dim: int, positions: int, where: Path, start: i
     return freqs.cos().half().numpy(), freqs.sin().half().numpy()
 
 
+def rope_rotary_dim(order: str) -> int:
+    """The channels of a head the table's frequencies rotate: all 128, or GLM's first 64."""
+    return BOARD_HEAD_DIM // 2 if order == GLM_ROPE_ORDER else BOARD_HEAD_DIM
+
+
 def rope_rows(cos: np.ndarray, sin: np.ndarray, order: str) -> np.ndarray:
-    """[positions, 128] fp16 rows of the table in the chosen value order."""
+    """[positions, 128] fp16 rows of the table in the chosen value order (cos, sin [positions, 64],
+    or [positions, 32] for GLM)."""
     if order == "halves":
         return np.concatenate([cos, sin], axis=1)
     if order == "pairs":
         return np.stack([cos, sin], axis=2).reshape(cos.shape[0], -1)
+    if order == GLM_ROPE_ORDER:
+        pairs = np.stack([cos, sin], axis=2).reshape(cos.shape[0], -1)
+        return np.concatenate([pairs, np.zeros_like(pairs)], axis=1)
     raise VCUError(f"--rope_table {order}: expected one of {', '.join(ROPE_ORDERS)}")
 
 
@@ -162,7 +182,7 @@ def unpack_rope_table(data: np.ndarray, max_token: int) -> np.ndarray:
 
 
 def rope_table(cfg: dict, max_token: int, order: str, where: Path) -> np.ndarray:
-    cos, sin = rope_cos_sin(cfg, BOARD_HEAD_DIM, max_token, where)
+    cos, sin = rope_cos_sin(cfg, rope_rotary_dim(order), max_token, where)
     return pack_rope_table(rope_rows(cos, sin, order))
 
 
@@ -172,18 +192,21 @@ def rope_table_blocks(cfg: dict, max_token: int, order: str, where: Path, positi
     check_max_token(max_token)
     if order not in ROPE_ORDERS:
         raise VCUError(f"--rope_table {order}: expected one of {', '.join(ROPE_ORDERS)}")
-    inv_freq = rope_inv_freq(cfg, BOARD_HEAD_DIM, where)
+    dim = rope_rotary_dim(order)
+    inv_freq = rope_inv_freq(cfg, dim, where)
     for block in range(BOARD_HEAD_DIM // ROPE_CHANNELS_PER_BLOCK):
         for start in range(0, max_token, positions_a_block):
             n = min(positions_a_block, max_token - start)
-            rows = rope_rows(*rope_cos_sin(cfg, BOARD_HEAD_DIM, n, where, start, inv_freq), order)
+            rows = rope_rows(*rope_cos_sin(cfg, dim, n, where, start, inv_freq), order)
             yield np.ascontiguousarray(rows[:, block * ROPE_CHANNELS_PER_BLOCK : (block + 1) * ROPE_CHANNELS_PER_BLOCK]).reshape(-1)
 
 
 def rope_from_rows(rows: np.ndarray, order: str) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [positions, 64] back from the table's rows."""
+    """cos and sin [positions, 64] (GLM: [positions, 32]) back from the table's rows."""
     if order == "halves":
         return rows[:, :64], rows[:, 64:]
+    if order == GLM_ROPE_ORDER:
+        return rows[:, 0:64:2], rows[:, 1:64:2]
     return rows[:, 0::2], rows[:, 1::2]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.io.errors import VCUError
-from vcu128.io.jsonfile import read_utf8_text
+from vcu128.io.jsonfile import read_json_object, read_utf8_text
 
 log = logging.getLogger("vcu128")
 
@@ -66,6 +66,50 @@ def read_texts(path: Path) -> list[str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
+class SentencePieceTokenizer:
+    """ChatGLM2/3's tokenizer.model read with sentencepiece itself: its remote tokenizer code is not
+    run. Plain text encodes to the same ids (its special tokens are never in calibration text)."""
+
+    eos_token = None
+
+    def __init__(self, path: Path):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.sp.encode(text)}
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def open_tokenizer(model: Path):
+    """The folder's tokenizer, never running code from the folder: a ChatGLM folder's config.json
+    names remote code (auto_map), so its tokenizer.json is read directly, or its sentencepiece
+    tokenizer.model. Raises what transformers raises."""
+    model = Path(model)
+    cfg = read_json_object(model / "config.json") if (model / "config.json").is_file() else {}
+    if cfg.get("model_type") != "chatglm":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model))
+    if (model / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        extra = read_json_object(model / "tokenizer_config.json") if (model / "tokenizer_config.json").is_file() else {}
+        return PreTrainedTokenizerFast(tokenizer_file=str(model / "tokenizer.json"), eos_token=extra.get("eos_token"))
+    if (model / "tokenizer.model").is_file():
+        try:
+            return SentencePieceTokenizer(model / "tokenizer.model")
+        except ImportError:
+            raise VCUError(f"{model}: ChatGLM's tokenizer.model needs the 'sentencepiece' package", "pip install sentencepiece") from None
+    raise VCUError(f"{model}: no tokenizer.json or tokenizer.model")
+
+
 def load_tokenizer(model: Path):
     """The model folder's tokenizer, refused by name when the folder has none or it cannot be read."""
     model = Path(model)
@@ -73,9 +117,9 @@ def load_tokenizer(model: Path):
         raise VCUError(f"{model}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}): calibration text cannot be tokenized",
                        "copy the model's tokenizer files into the folder (save_pretrained writes them)")
     try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model))
+        tokenizer = open_tokenizer(model)
+    except VCUError:
+        raise
     except Exception as e:  # transformers raises many types here
         raise VCUError(f"{model}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if len(tokenizer) == 0 or not tokenizer("The", add_special_tokens=False)["input_ids"]:

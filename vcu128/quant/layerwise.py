@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from vcu128.board.stats import LINEAR_SITES
-from vcu128.format.checkpoint import check_finite, read_tensor, read_tensor_index
-from vcu128.format.model import GROUP_SIZE
+from vcu128.format.checkpoint import TensorView, check_finite, read_tensor_index
+from vcu128.format.family import to_source_names
+from vcu128.format.model import GROUP_SIZE, parse_model_dims
 from vcu128.io.errors import VCUError, os_error_of
 from vcu128.io.progress import bar
 from vcu128.quant.gptq import (
@@ -50,6 +51,7 @@ TOKENS_A_CHUNK = 16384  # calibration tokens a forward pass: large enough to fil
 # Linears that read the same input, quantized together, in the order their inputs become known.
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+GATE_UP_FUSED = ("mlp.gate_up_proj",)  # transformers' glm: gate rows, then up rows
 O_PROJ = ("self_attn.o_proj",)
 DOWN = ("mlp.down_proj",)
 
@@ -77,27 +79,30 @@ class GPTQRun:
 
 
 class SourceWeights:
-    """The fp16/bf16 model's tensors, read one at a time with positioned reads (no mmap). A decoder
-    layer's tensors are read on a background thread while the layer before it is quantized
-    (`prefetch`), into pinned host memory on a GPU machine, so the copy to the device is a DMA."""
+    """The fp16/bf16 model's tensors under transformers' names (a ChatGLM folder's through its
+    TensorView), read one at a time with positioned reads (no mmap). A decoder layer's tensors are
+    read on a background thread while the layer before it is quantized (`prefetch`), into pinned
+    host memory on a GPU machine, so the copy to the device is a DMA."""
 
     def __init__(self, model_dir: Path, pin: bool = False):
-        self.entries = read_tensor_index(Path(model_dir))
+        self.dims = parse_model_dims(Path(model_dir) / "config.json")
+        self.view = TensorView(read_tensor_index(Path(model_dir)), self.dims, Path(model_dir))
         self.pin = pin
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="weights-reader")
 
     def host(self, name: str, pin: bool | None = None) -> torch.Tensor:
         """One tensor on the host, in its stored dtype (pinned for a copy to the GPU)."""
-        if name not in self.entries:
-            raise VCUError(f"{name}: missing from the model's safetensors files")
-        e = self.entries[name]
-        if e.dtype not in TORCH_DTYPES:
-            raise VCUError(f"{name}: dtype {e.dtype}, expected fp16, bf16 or fp32")
+        source = self.view.source_name(name)
+        if not self.view.has(name):
+            raise VCUError(f"{source}: missing from the model's safetensors files")
+        dtype, _ = self.view.info(name)
+        if dtype not in TORCH_DTYPES:
+            raise VCUError(f"{source}: dtype {dtype}, expected fp16, bf16 or fp32")
         # Buffered: a model folder is often still in the page cache (just downloaded or converted),
         # and a GPU machine has the memory to keep it there.
-        data = read_tensor(e, direct=False)
-        check_finite(name, data, e.dtype)  # a NaN or inf in the model: refused by name, not quantized into garbage
-        t = torch.from_numpy(data).view(TORCH_DTYPES[e.dtype])
+        data = self.view.read(name, direct=False)
+        check_finite(source, data, dtype)  # a NaN or inf in the model: refused by name, not quantized into garbage
+        t = torch.from_numpy(data).view(TORCH_DTYPES[dtype])
         return t.pin_memory() if (self.pin if pin is None else pin) else t
 
     def get(self, name: str, device, dtype) -> torch.Tensor:
@@ -202,9 +207,11 @@ class CheckpointWriter:
 
 
 def build_meta_model(model_dir: Path, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(model_dir))
+    from vcu128.quant.hfmodel import hf_config
+
+    config = hf_config(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
@@ -329,11 +336,19 @@ class LayerQuantizer:
         return out
 
     def _hooks(self) -> list:
-        sites = LINEAR_SITES
         hooks = []
-        for name, site in sites.items():
+        for name, site in LINEAR_SITES.items():
+            if name in GATE_UP and fused_mlp(self.layer):
+                continue
             module = self.layer.get_submodule(name)
             hooks.append(module.register_forward_hook(lambda m, inp, out, site=site: self.record(site, out)))
+        if fused_mlp(self.layer):  # one product holds both sites: gate's columns, then up's
+            def both(m, inp, out):
+                gate, up = out.chunk(2, dim=-1)
+                self.record("gate", gate)
+                self.record("up", up)
+
+            hooks.append(self.layer.mlp.gate_up_proj.register_forward_hook(both))
         down = self.layer.get_submodule("mlp.down_proj")
         hooks.append(down.register_forward_hook(lambda m, inp, out: self.record("mlp_product", inp[0])))
         return hooks
@@ -375,7 +390,7 @@ class LayerQuantizer:
             self.record("residual_attention", h[p])
             return layer.post_attention_layernorm(h[p])
 
-        self.quantize(GATE_UP, self.hessian(residual, "gate/up_proj"), prefix)
+        self.quantize(GATE_UP_FUSED if fused_mlp(layer) else GATE_UP, self.hessian(residual, "gate/up_proj"), prefix)
         a = None  # the attention buffer is not needed past here (when it is not h)
 
         # down_proj's input act(gate) * up is the same before and after down_proj is quantized: kept
@@ -385,7 +400,11 @@ class LayerQuantizer:
 
         def mlp_inner(p):
             m = layer.post_attention_layernorm(h[p])
-            y = mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m)
+            if fused_mlp(layer):
+                gate, up = mlp.gate_up_proj(m).chunk(2, dim=-1)
+                y = up * mlp.activation_fn(gate)
+            else:
+                y = mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m)
             if product is not None:
                 product[p] = y
             return y
@@ -399,6 +418,11 @@ class LayerQuantizer:
         self.run.seconds["forward_hessian"] += self._sync() - start
         if not bool(torch.isfinite(x).all()):
             raise Overflow(f"{prefix}: its output (the residual stream)", x.dtype)
+
+
+def fused_mlp(layer) -> bool:
+    """transformers' glm keeps gate and up in one linear (their rows one after the other)."""
+    return hasattr(layer.mlp, "gate_up_proj")
 
 
 def warm_up(device: torch.device):
@@ -419,16 +443,23 @@ def warm_up(device: torch.device):
     return thread
 
 
-def layer_tensors(prefix: str, results: dict, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def layer_tensors(prefix: str, results: dict, source: dict[str, torch.Tensor], dims=None) -> dict[str, torch.Tensor]:
     """A layer's checkpoint tensors: GPTQ form for the linears; norms and biases in fp16 from the
-    model's own values (`source`, as stored), not from the calibration's bf16 copies."""
+    model's own values (`source`, as stored), not from the calibration's bf16 copies. Under the
+    source model's own names (`dims`' family: ChatGLM's fused query_key_value, ...), as GPTQModel
+    writes them, so that a user's other tools recognise the checkpoint."""
     out = {}
     for name, (q, scales) in results.items():
         for key, t in gptq_tensors(q, scales).items():
             out[f"{prefix}.{name}.{key}"] = t
     quantized = {f"{prefix}.{name}.weight" for name in results}
     out.update({name: t.half() for name, t in source.items() if name not in quantized})
-    return out
+    return out if dims is None else source_names(out, dims)
+
+
+def source_names(tensors: dict[str, torch.Tensor], dims) -> dict[str, torch.Tensor]:
+    """transformers' names to the source model's (format.family.to_source_names), torch tensors."""
+    return to_source_names(tensors, dims, lambda parts, axis: torch.cat(parts, axis))
 
 
 def quantization_config(lm_head: bool, qmin: int = -8, run: dict | None = None) -> dict:
@@ -469,7 +500,8 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         writer = CheckpointWriter(out, num_layers + 1)
         rest = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings or lm_head else ["lm_head.weight"])
         if not lm_head:  # the shard of everything but the layers is the model's own: written while the GPU works
-            writer.write(num_layers, names=rest, make=lambda: {name: weights.host(name, pin=False).half() for name in rest})
+            writer.write(num_layers, names=[weights.view.source_name(n) for n in rest],
+                         make=lambda: source_names({name: weights.host(name, pin=False).half() for name in rest}, weights.dims))
         embed = reading.result().to(device).to(dtype)
         x = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
         tokens = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
@@ -513,7 +545,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
                 run.retried.append({"layer": i, "where": e.where, "from": str(e.dtype).replace("torch.", ""), "to": "float32"})
             del kept
             run.activation_stats.append(lq.summary())
-            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source))
+            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source, weights.dims))
             inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
             del layer, lq, source
             run.layer_seconds.append(time.perf_counter() - t0)
@@ -526,7 +558,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
             q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), acc.result(), "lm_head", qmin)
             last = {name: weights.host(name, pin=False).half() for name in rest}
             last.update({f"lm_head.{k}": v for k, v in gptq_tensors(q, scales).items()})
-            writer.write(num_layers, last)
+            writer.write(num_layers, source_names(last, weights.dims))
         del x
         t0 = time.perf_counter()
         writer.close()

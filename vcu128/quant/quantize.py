@@ -61,20 +61,21 @@ def check_model_folder(model: Path) -> dict:
         qc = cfg["quantization_config"]
         raise VCUError(f"{model}: already quantized ({qc.get('quant_method', '?') if isinstance(qc, dict) else qc}); pass the fp16/bf16 model")
     archs = cfg.get("architectures") or []
-    if not isinstance(archs, list) or not any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs):
+    causal = ("ForCausalLM", "ChatGLMModel", "ForConditionalGeneration")  # ChatGLM2/3 call their causal LM ChatGLMModel
+    if not isinstance(archs, list) or not any(isinstance(a, str) and a.endswith(causal) for a in archs):
         raise VCUError(f"{model}: architectures {archs} has no *ForCausalLM: not a causal language model")
     dims = read_model_dims(model / "config.json")  # the board's gate: model type, activation, heads
-    from vcu128.format.checkpoint import read_tensor_index
+    from vcu128.format.checkpoint import TensorView, read_tensor_index
 
     tensors = read_tensor_index(model)
+    view = TensorView(tensors, dims, model)
 
     def shape_of(name: str) -> tuple[int, ...]:
-        if name not in tensors:
-            raise VCUError(f"{name}: missing from {model}")
-        return tensors[name].shape
+        return view.info(name)[1]
 
     check_board_tensors(tensors, dims, quantized=False, shape_of=shape_of)
-    check_float_model_shapes(shape_of, dims, dims.tie_word_embeddings, tensors)
+    biases = {f"{lin.name(layer)}.bias" for layer in range(dims.num_layers) for lin in LINEARS}
+    check_float_model_shapes(shape_of, dims, dims.tie_word_embeddings, {name for name in biases if view.has(name)})
     return cfg
 
 
@@ -283,12 +284,16 @@ class FallbackWatch(logging.Handler):
 
 def quality_report(model: Path, qdir: Path, calib: Calibration, opts: QuantizeOptions) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from vcu128.format.checkpoint import GPTQCheckpoint
-    from vcu128.quant.report import layer_errors, load_checkpoint_model, perplexity
+    from vcu128.quant.report import (
+        layer_errors,
+        load_checkpoint_model,
+        load_float_model,
+        perplexity,
+    )
 
-    ref = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float16 if opts.device != "cpu" else torch.float32).to(opts.device).eval()
+    ref = load_float_model(model, opts.device, torch.float16 if opts.device != "cpu" else torch.float32)
     ppl_ref = perplexity(ref, calib.eval_ids, opts.seqlen)
     layers = layer_errors(ref, GPTQCheckpoint(qdir), calib.eval_ids, opts.seqlen)
     del ref
@@ -322,7 +327,8 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
     inputs = [model] + [Path(p) for p in (opts.calib, opts.eval_text) if p and p != "random"]
     check_out(out, "quantize", checkpoint_owns, inputs, opts.force, "--quantize_model")
     tokenizer = load_tokenizer(model)
-    calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text, cfg.get("vocab_size"),
+    calib = build_calibration(tokenizer, opts.calib, opts.nsamples, opts.seqlen, opts.seed, opts.eval_text,
+                              read_model_dims(model / "config.json").vocab,
                               evaluate=opts.report)
     if opts.engine == "gptqmodel":  # GPTQModel loads the model whole: look at every float first (this engine reads each tensor itself)
         scan_finite(model)

@@ -7,14 +7,13 @@ its int4 weights (no GPU kernels needed). `perplexity` and `layer_errors` measur
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vcu128.format.checkpoint import GPTQCheckpoint
-from vcu128.format.model import GROUP_SIZE, LINEARS
+from vcu128.format.model import GROUP_SIZE
 from vcu128.quant.gptq import dequantize
 
 
@@ -36,12 +35,9 @@ def checkpoint_linear(ckpt: GPTQCheckpoint, prefix: str, device) -> torch.Tensor
 
 def plain_config(qdir: Path):
     """The model's config without quantization_config, so transformers builds plain nn.Linear."""
-    from transformers import AutoConfig
+    from vcu128.quant.hfmodel import hf_config
 
-    cfg = json.loads((Path(qdir) / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    model_type = cfg.pop("model_type")
-    return AutoConfig.for_model(model_type, **cfg)
+    return hf_config(qdir, plain=True)
 
 
 def build_empty_model(config, device, dtype=torch.float16):
@@ -57,15 +53,39 @@ def load_checkpoint_model(qdir: Path, device="cpu", dtype=torch.float16):
     """A transformers model whose linears hold the checkpoint's dequantized GPTQ weights."""
     ckpt = GPTQCheckpoint(qdir)
     model = build_empty_model(plain_config(qdir), device, dtype)
-    params = dict(model.named_parameters())
-    for name in ckpt.names():
-        if name.endswith(".qweight"):
-            prefix = name[: -len(".qweight")]
-            params[f"{prefix}.weight"].copy_(checkpoint_linear(ckpt, prefix, device))
-        elif name in params:
-            params[name].copy_(torch.from_numpy(ckpt.get(name)))
-    if getattr(model.config, "tie_word_embeddings", False):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, param in model.named_parameters():  # transformers' names, read through the checkpoint's view
+        prefix = name.rpartition(".")[0]
+        if name.endswith(".weight") and ckpt.has(f"{prefix}.qweight"):
+            param.copy_(checkpoint_linear(ckpt, prefix, device))
+        elif ckpt.has(name):
+            param.copy_(torch.from_numpy(ckpt.get(name)))
+        elif not (tied and name == "lm_head.weight"):
+            raise ValueError(f"{name}: the checkpoint has no tensor for it")
+    if tied:
         model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def load_float_model(model_dir: Path, device="cpu", dtype=torch.float16):
+    """The fp16/bf16 model as transformers computes it; a ChatGLM folder as transformers' glm."""
+    from vcu128.format.model import parse_model_dims
+    from vcu128.quant.layerwise import SourceWeights
+
+    if parse_model_dims(Path(model_dir) / "config.json").family.name == "qwen2":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    from vcu128.quant.hfmodel import hf_config
+
+    model = build_empty_model(hf_config(model_dir, plain=True), device, dtype)
+    weights = SourceWeights(model_dir)
+    try:
+        for name, param in model.named_parameters():
+            param.copy_(weights.host(name, pin=False).to(dtype))
+    finally:
+        weights.close()
     return model
 
 
@@ -107,10 +127,10 @@ def layer_errors(model, ckpt: GPTQCheckpoint, ids: np.ndarray, seqlen: int, wind
 
         return fn
 
-    for layer in range(ckpt.dims.num_layers):
-        for lin in LINEARS:
-            module = model.get_submodule(lin.name(layer))
-            hooks.append(module.register_forward_hook(hook(layer, lin.name(layer))))
+    for layer in range(ckpt.dims.num_layers):  # every linear as transformers has it (glm: gate_up_proj whole)
+        for rel, module in model.get_submodule(f"model.layers.{layer}").named_modules():
+            if isinstance(module, torch.nn.Linear):
+                hooks.append(module.register_forward_hook(hook(layer, f"model.layers.{layer}.{rel}")))
     try:
         n = max(1, min(windows, len(ids) // seqlen))
         seqlen = min(seqlen, len(ids) // n)
