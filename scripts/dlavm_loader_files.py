@@ -17,6 +17,10 @@ additions, both outside its files:
   for 2 layers the model module's `range` is shadowed for its `for n in range(block_size)` loop
   (it refuses any other call). The 28-layer run is made without it, and the script checks that the
   2-layer list is the 28-layer list restricted to BLOCK00 and BLOCK01 plus the shared files.
+
+Each fixture is {"header": {...}, "files": [[relpath, bytes], ...]} sorted by relpath; the header
+names the commit, command, date, device and dims, and the 28-layer count, bytes and sha256. It
+also checks the DDR files' sizes against the dims dlavm hard-codes. Errors exit 2 with one line.
 """
 
 import argparse
@@ -64,17 +68,26 @@ PORTED = re.compile(r'for \(uint64_t port = 0; port < (\d+); port \+= 1\) \{\s*c
                     r'DDR_Write_bin\(h2cx, real_path, [^;]*, (\d+)\);')
 
 
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def git_commit(checkout):
-    out = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"error: {checkout} is not a git checkout (need its commit sha): {out.stderr.strip()}")
-    return out.stdout.strip()
+    top = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel", "HEAD"],
+                         capture_output=True, text=True)
+    lines = top.stdout.split()
+    if top.returncode != 0 or Path(lines[0]).resolve() != checkout:
+        fail(f"{checkout} is not the top of a git checkout (the fixtures name its commit)")
+    return lines[1]
 
 
 def ensure_clib(checkout):
     clib = checkout / "dlavm" / "clib"
     if not (clib / "mod.so").exists():
-        subprocess.run(["make", "-C", str(clib)], check=True, capture_output=True)
+        build = subprocess.run(["make", "-C", str(clib)], capture_output=True, text=True)
+        if build.returncode != 0:
+            fail(f"building dlavm's C helper failed:\n{build.stderr[-2000:]}")
 
 
 def generate(checkout, model, layers):
@@ -84,13 +97,13 @@ def generate(checkout, model, layers):
         code = DRIVER.format(argv=argv, layers=layers, module=MODELS[model]["module"])
         run = subprocess.run([sys.executable, "-c", code], cwd=checkout / "script", capture_output=True, text=True)
         if run.returncode != 0:
-            raise SystemExit(f"error: dlavm main.py failed for {model} ({layers} layers):\n{run.stderr[-3000:]}")
+            fail(f"dlavm main.py failed for {model} ({layers} layers):\n{run.stderr[-3000:]}")
         headers = list(Path(save).glob("*.h"))
         if len(headers) != 1:
-            raise SystemExit(f"error: expected one header from main.py, got {headers}")
+            fail(f"expected one header from main.py, got {headers}")
         version = re.search(r"Compiler target device version: (\d+)", run.stdout)
         if not version:
-            raise SystemExit("error: main.py did not print its device version")
+            fail("main.py did not print its device version")
         return argv, version.group(1), headers[0].read_text()
 
 
@@ -100,10 +113,10 @@ def loader_files(header):
 
     def add(path, size):
         if not path.startswith(ROOT + "/"):
-            raise SystemExit(f"error: loader path outside {ROOT}/: {path}")
+            fail(f"loader path outside {ROOT}/: {path}")
         rel = path[len(ROOT) + 1:]
         if rel in files:
-            raise SystemExit(f"error: loader reads {rel} twice")
+            fail(f"loader reads {rel} twice")
         files[rel] = int(size)
 
     for path, size in SINGLE.findall(header):
@@ -114,7 +127,7 @@ def loader_files(header):
     opened = header.count("sprintf(real_path")
     matched = len(SINGLE.findall(header)) + len(PORTED.findall(header))
     if opened != matched or header.count("DDR_Write_bin(") != opened:
-        raise SystemExit(f"error: parsed {matched} of {opened} loader reads; the header's form changed")
+        fail(f"parsed {matched} of {opened} loader reads; the header's form changed")
     return sorted(files.items())
 
 
@@ -130,7 +143,7 @@ def check_dims(files, dims):
     }
     for rel, want in expect.items():
         if size[rel] != want:
-            raise SystemExit(f"error: {rel} is {size[rel]} bytes, dims say {want}")
+            fail(f"{rel} is {size[rel]} bytes, dims say {want}")
 
 
 def restrict(files, layers):
@@ -148,7 +161,7 @@ def fixture(checkout, commit, model, layers=2):
     _, _, full_header = generate(checkout, model, None)
     full = loader_files(full_header)
     if restrict(full, layers) != files:
-        raise SystemExit(f"error: {model}: the {layers}-layer list is not the 28-layer list's first blocks")
+        fail(f"{model}: the {layers}-layer list is not the 28-layer list's first blocks")
     dims = {k: v for k, v in MODELS[model].items() if k not in ("module", "source")}
     check_dims(files, dims)
     head = {
@@ -189,7 +202,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     checkout = args.checkout.resolve()
     if not (checkout / "script" / "main.py").is_file():
-        raise SystemExit(f"error: {checkout} has no script/main.py; is it dlavm-llm-public?")
+        fail(f"{checkout} has no script/main.py; is it dlavm-llm-public?")
     commit = git_commit(checkout)
     ensure_clib(checkout)
     args.out.mkdir(parents=True, exist_ok=True)
