@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiler-VCU128 driver: HuggingFace model -> GPTQ W4A16 checkpoint -> files for the VCU128 board.
 #
-#   bash main.sh                       # as shipped (no model configured): a demo on a tiny Qwen2 built here, CPU
+#   bash main.sh                       # as shipped (no model configured): a demo on a tiny Qwen2 (demo=chatglm: ChatGLM) built here, CPU
 #   bash main.sh /data/models/Qwen2-7B # the models given (folders), with the settings below
 #   bash main.sh --help                # usage; runs nothing
 #
@@ -24,6 +24,7 @@ calib=data/demo_corpus.txt         # calibration text: .txt, .jsonl with "text",
 nsamples=256                       # calibration samples
 seqlen=512                         # tokens a sample
 extra_quantize_args=()             # e.g. (--lm_head) to GPTQ-quantize the output layer too
+demo=qwen2                         # the demo's tiny model when no model is given: qwen2 or chatglm (ChatGLM2/3's layout)
 # ------------------------------------------------------------------ end of settings
 
 usage() {
@@ -31,7 +32,7 @@ usage() {
 usage: bash main.sh [--redo] [MODEL_FOLDER ...]
 
 Compiles each HuggingFace model folder given (or, with none given, the models=() set at the top of
-main.sh; with neither, a demo on a tiny Qwen2 built under demo/) through
+main.sh; with neither, a demo on a tiny Qwen2, or ChatGLM with demo=chatglm, built under demo/) through
   quantize -> compile_sw -> lm_head -> hardware -> embedding_tokens -> verify
 with the settings at the top of main.sh. The checkpoint goes beside the model folder
 (<model>-W4A16-gptq), each model's log to log/<model>.log.
@@ -89,20 +90,21 @@ if [[ ${#model_dirs[@]} -eq 0 ]]; then
   for m in "${models[@]}"; do model_dirs+=("$model_path/$m"); done
 fi
 if [[ ${#model_dirs[@]} -eq 0 ]]; then
-  echo "main.sh: no model given or configured: running the demo on a tiny Qwen2 (bash main.sh --help for how to compile your own)"
-  model_dirs=(demo/tiny-qwen2)
+  if [[ $demo != qwen2 && $demo != chatglm ]]; then echo "main.sh: error: demo=$demo: qwen2 or chatglm" >&2; exit 2; fi
+  echo "main.sh: no model given or configured: running the demo on a tiny $demo (bash main.sh --help for how to compile your own)"
+  model_dirs=(demo/tiny-$demo)
   nsamples=64
   seqlen=128
-  if [[ ! -f demo/tiny-qwen2/demo_model.json ]]; then  # none yet, or one an older version built: build it anew
-    rm -rf demo/tiny-qwen2 demo/tiny-qwen2-W4A16-gptq
+  if [[ ! -f demo/tiny-$demo/demo_model.json ]]; then  # none yet, or one an older version built: build it anew
+    rm -rf "demo/tiny-$demo" "demo/tiny-$demo-W4A16-gptq"
     mkdir -p log
-    python -m vcu128.io.steprun log/tiny-qwen2-build.log -- python -m vcu128.demo.tiny_model demo/tiny-qwen2 &
+    python -m vcu128.io.steprun "log/tiny-$demo-build.log" -- python -m vcu128.demo.tiny_model "demo/tiny-$demo" --architecture "$demo" &
     step_pid=$!
     wait "$step_pid"; rc=$?
     while ((rc > 128)) && kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; rc=$?; done
     step_pid=""
     if [[ -n $interrupted ]]; then echo "main.sh: interrupted while building the demo model" >&2; exit $([[ $interrupted == INT ]] && echo 130 || echo 143); fi
-    if ((rc != 0)); then echo "main.sh: error: building the demo model failed (exit $rc); see log/tiny-qwen2-build.log" >&2; exit 1; fi
+    if ((rc != 0)); then echo "main.sh: error: building the demo model failed (exit $rc); see log/tiny-$demo-build.log" >&2; exit 1; fi
   fi
 fi
 if [[ $compile == 1 && ( $wbits != 4 || $group_size != 128 ) ]]; then

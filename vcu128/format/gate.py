@@ -19,7 +19,7 @@ from vcu128.format.model import (
     LINEARS,
     LM_HEAD,
     ModelDims,
-    parse_model_dims,
+    dims_from_config,
     read_model_config,
 )
 from vcu128.format.tables import BOARD_HEAD_DIM, rope_values
@@ -93,13 +93,19 @@ def check_glm_config(cfg: dict, where: Path) -> None:
         raise VCUError(f"{where}: partial_rotary_factor {factor!r}: the board's GLM mode rotates half of each head (0.5)")
 
 
-def check_board_config(cfg: dict, dims: ModelDims, where: Path) -> None:
+def check_model_type(cfg: dict, where: Path) -> None:
+    """First of all, before the dimensions are read (another model's keys are not these)."""
     model_type = cfg.get("model_type")
     if model_type in OTHER_GLM:
         raise VCUError(f"{where}: model_type {model_type!r}: {OTHER_GLM[model_type]}")
     if model_type not in BOARD_MODEL_TYPES:
         raise VCUError(f"{where}: model_type {model_type!r}: the board runs {', '.join(BOARD_MODEL_TYPES)} "
                        "(decoder layers with q/k/v/o_proj, gate/up/down_proj and RMSNorm)")
+
+
+def check_board_config(cfg: dict, dims: ModelDims, where: Path) -> None:
+    check_model_type(cfg, where)
+    model_type = cfg["model_type"]
     if model_type in GLM.model_types + CHATGLM.model_types:
         check_glm_config(cfg, where)
     if model_type == "mistral":
@@ -173,6 +179,8 @@ def check_float_model_shapes(shape_of, dims: ModelDims, tied: bool, names: Itera
 def read_model_dims(config_path: Path) -> ModelDims:
     """The model's dimensions from config.json, refused unless the board runs the model."""
     config_path = Path(config_path)
-    dims = parse_model_dims(config_path)
-    check_board_config(read_model_config(config_path), dims, config_path)
+    cfg = read_model_config(config_path)
+    check_model_type(cfg, config_path)
+    dims = dims_from_config(cfg, config_path)
+    check_board_config(cfg, dims, config_path)
     return dims
