@@ -15,7 +15,13 @@ from conftest import ROOT
 
 from vcu128.export.hardware import pack_hardware
 from vcu128.format.layout import sw_fp16_path, sw_linear_paths, sw_lm_head_paths
-from vcu128.format.model import FINAL_NORM, GROUP_SIZE, LAYER_NORMS, LINEARS, dims_from_config
+from vcu128.format.model import (
+    FINAL_NORM,
+    GROUP_SIZE,
+    LAYER_NORMS,
+    LINEARS,
+    dims_from_config,
+)
 from vcu128.format.synthetic import QWEN2_7B, SyntheticSpec, config_json
 
 CHATGLM3_6B = dict(hidden=4096, intermediate=13696, num_layers=2, num_heads=32, num_kv_heads=2, head_dim=128, vocab=65024, model_type="chatglm")
