@@ -343,3 +343,21 @@ def test_quantize_tiny_chatglm_writes_chatglm_names_and_exports(tmp_path):
     from vcu128.check.verify import bit_check
 
     assert not bit_check(out, exp["hw"], progress=False).differences
+
+
+def test_transformers_glm_checkpoint_exports_like_chatglm(tmp_path):
+    """A native glm checkpoint (Qwen2's names, one gate_up_proj) packs to the same board files as the
+    ChatGLM checkpoint holding the same numbers under ChatGLM's names."""
+    from vcu128.check.verify import bit_check
+
+    qdir = write_gptq_checkpoint(tmp_path / "glm", SyntheticSpec(**{**TINY_GLM, "model_type": "glm"}, seed=7))
+    cfg = json.loads((qdir / "config.json").read_text())
+    (qdir / "config.json").write_text(json.dumps({**cfg, "rope_theta": 10000.0}))  # ChatGLM's theta (10000 x rope_ratio 1)
+    glm = export_all(qdir)
+    chatglm = export_all(write_gptq_checkpoint(tmp_path / "chatglm", SyntheticSpec(**TINY_GLM, seed=7)))
+    assert "model.layers.0.mlp.gate_up_proj.qweight" in json.loads((glm["qdir"] / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not bit_check(glm["qdir"], glm["hw"], progress=False).differences
+    manifest = json.loads((glm["hw"] / "manifest.json").read_text())
+    for f in manifest["files"]:
+        if f["path"].startswith(("BLOCK", "OutLayer", "pos_in", "ACT_")):
+            assert (glm["hw"] / f["path"]).read_bytes() == (chatglm["hw"] / f["path"]).read_bytes(), f["path"]
