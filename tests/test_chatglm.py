@@ -361,3 +361,22 @@ def test_transformers_glm_checkpoint_exports_like_chatglm(tmp_path):
     for f in manifest["files"]:
         if f["path"].startswith(("BLOCK", "OutLayer", "pos_in", "ACT_")):
             assert (glm["hw"] / f["path"]).read_bytes() == (chatglm["hw"] / f["path"]).read_bytes(), f["path"]
+
+
+def test_chatglm_tokenizer_is_read_without_the_folders_code(tmp_path):
+    """A published ChatGLM folder has tokenizer.model (sentencepiece) and a config.json whose auto_map
+    names remote code: the calibration text is tokenized by sentencepiece, with no code from the folder
+    run and no question asked."""
+    import sentencepiece
+
+    from vcu128.quant.calibration import SentencePieceTokenizer, load_tokenizer
+
+    text = (ROOT / "data" / "demo_corpus.txt").read_text()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=300, num_threads=1, minloglevel=2)
+    write_config(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, SentencePieceTokenizer) and len(tok) == 300
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert tok("the board", add_special_tokens=False)["input_ids"] == sp.encode("the board") != []
+    assert tok.decode(sp.encode("the board")) == "the board"
