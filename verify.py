@@ -35,7 +35,8 @@ def main(argv=None):
     p.add_argument("--compile_dir", "--compile-dir", help="the compile folder HWDIR came from, for stale-input warnings (default: beside HWDIR, "
                    "or QDIR/compile); nothing in it is trusted: every byte is checked against the checkpoint")
     p.add_argument("--model", help="the fp16 original, to compare with too")
-    p.add_argument("--text", help="held-out text for the functional check (default: data/demo_corpus.txt); its last --eval_tokens tokens")
+    p.add_argument("--eval_text", "--eval-text", "--text", dest="text", metavar="FILE",
+                   help="held-out text for the functional check (default: data/demo_corpus.txt); its last --eval_tokens tokens")
     p.add_argument("--eval_ids", "--eval-ids", help="evaluate on these token ids instead (.npy, or a text file of integers)")
     p.add_argument("--eval_tokens", "--eval-tokens", type=positive_int, default=256, help="evaluation tokens (default 256)")
     p.add_argument("--prompt", default="The accelerator", help="prompt for the greedy continuation")
