@@ -91,12 +91,19 @@ def main(argv=None):
         if args.strict:
             print(one_line(f"error: verify --strict: the board model is below the threshold ({board})"), file=sys.stderr)
             return 1
-        log.info(f"verify: bits OK: {bits['files']} files, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit; "
+        log.info(f"verify: bits OK: {bits['files']} files{counted(args.hardware_dir)}, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit; "
                  f"board model WARNING: {board}{report}")
         return 0
-    log.info(f"verify: OK: {bits['files']} files, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit "
+    log.info(f"verify: OK: {bits['files']} files{counted(args.hardware_dir)}, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit "
              f"in {bits['seconds']:.1f} s; board model: {board}{report}")
     return 0
+
+
+def counted(hw: str) -> str:
+    """What the file count covers, as the other steps say it: every file the manifest lists (not itself)."""
+    import os
+
+    return " (manifest.json lists them)" if os.path.isfile(os.path.join(hw, "manifest.json")) else ""
 
 
 def board_line(verdict: dict) -> str:
