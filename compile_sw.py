@@ -19,7 +19,9 @@ def main(argv=None):
     p.add_argument("--fp16_rescale", "--fp16-rescale", default="auto", metavar="auto|off|measure|k=K,m=M",
                    help="power-of-two factors that keep activations inside fp16 (FORMAT.md 7): auto (default) from quant_report.json's "
                         "statistics, nothing without them; measure: run the model first; off; or explicit factors")
-    p.add_argument("--text", help="with --fp16_rescale measure (or a residual factor to weigh): text to measure on (default: data/demo_corpus.txt)")
+    p.add_argument("--eval_text", "--eval-text", "--text", dest="text", metavar="FILE",
+                   help="with --fp16_rescale measure (or a residual factor to weigh): held-out text to measure on "
+                        "(default: data/demo_corpus.txt)")
     args = p.parse_args(argv)
     from vcu128.export.compile_sw import compile_software
 

@@ -15,7 +15,8 @@ def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--compile_dir", "--compile-dir", required=True, metavar="DIR", help="folder written by compile_sw.py")
     p.add_argument("--parts", type=positive_int, default=BOARD_EMBEDDING_PARTS, help=f"number of parts (default: {BOARD_EMBEDDING_PARTS}, the board's)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: DIR/QWEN_BLOCK_write_data_port32/Embedding)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: Embedding/ in the packed folder hardware.py wrote in DIR, "
+                   "whatever its --ports; with none yet, DIR/QWEN_BLOCK_write_data_port32/Embedding)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder that embedding_tokens.py did not write")
     args = p.parse_args(argv)
     from vcu128.export.embedding_tokens import split_embedding

@@ -32,8 +32,9 @@ def main(argv=None):
                         "for ChatGLM/GLM glm (the only one: cos, sin of 32 frequencies interleaved, then zeros); see docs/FORMAT.md 5 and 8")
     p.add_argument("--silu_table", "--silu-table", choices=SILU_TABLES, default="board",
                    help="board (default): the table the accelerator's host code loads, bit for bit; fit: this project's minimax fit")
-    p.add_argument("--int4", choices=INT4_CODES, default="twos",
-                   help="int4 nibble code: twos (default; the 1128 bitstream) or sign_magnitude (the older bitstream, -7..7)")
+    p.add_argument("--int4", choices=INT4_CODES,
+                   help="int4 nibble code: twos (the 1128 bitstream) or sign_magnitude (the older bitstream, -7..7); default: "
+                        "the code quantize.py --int4 recorded (carried in compile_sw.json), else twos")
     args = p.parse_args(argv)
     from vcu128.export.hardware import BoardOptions, format_assumptions, pack_hardware
 

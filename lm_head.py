@@ -19,8 +19,9 @@ def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="GPTQ checkpoint folder")
     p.add_argument("--method", choices=ALL_METHODS, help="default: checkpoint if the checkpoint has lm_head.qweight, else rtn")
-    p.add_argument("--int4_range", "--int4-range", type=int, choices=(8, 7), default=8,
-                   help="8: ints -8..7 (default); 7: -7..7, what a sign-magnitude board (hardware.py --int4 sign_magnitude) holds")
+    p.add_argument("--int4_range", "--int4-range", type=int, choices=(8, 7),
+                   help="8: ints -8..7; 7: -7..7, what a sign-magnitude board holds (default: the grid quantize.py recorded "
+                        "in the checkpoint, else 8)")
     p.add_argument("--out", metavar="DIR", help="compile folder to write into (default: QDIR/compile)")
     p.add_argument("--force", action="store_true", help="write into a folder (or replace lm_head files) that lm_head.py did not write")
     args = p.parse_args(argv)

@@ -17,6 +17,8 @@ wbits=4                            # the board runs 4-bit weights only
 group_size=128                     # ... and group size 128 only
 compile=1                          # 1: export for the board after quantizing; 0: quantize only
 lm_head_method=""                  # rtn | trunc | checkpoint; empty: checkpoint if quantized by GPTQ, else rtn
+int4=""                            # the board's int4 code: empty (twos) | sign_magnitude (the older bitstream: quantized to -7..7,
+                                   # recorded with the checkpoint; lm_head.py and hardware.py follow the record)
 ports=32                           # HBM ports the weights are spread over (the board: 32)
 embedding_parts=16                 # parts of the embedding table (the board: 16)
 device=cpu                         # cpu or cuda:0 (a GPU needs torch's CUDA build: README "GPU setup")
@@ -171,7 +173,7 @@ for model_dir in "${model_dirs[@]}"; do
   ins=("$model_dir" "${calib_in[@]}"); outs=("$qdir:!compile"); made=()
   run_step quantize python "$root/quantize.py" --model "$model_dir" --out "$qdir" --wbits "$wbits" \
     --group_size "$group_size" --device "$device" --calib "$calib" --nsamples "$nsamples" --seqlen "$seqlen" \
-    "${extra_quantize_args[@]}" || status=$?
+    ${int4:+--int4 "$int4"} "${extra_quantize_args[@]}" || status=$?
   if ((status == 0)) && [[ $compile == 1 ]]; then
     ins=("$qdir:!compile"); outs=("$cdir/compile_sw.json"); made=()
     run_step compile_sw python "$root/compile_sw.py" --quantize_model "$qdir" || status=$?

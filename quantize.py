@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
-from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS
+from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS, INT4_CODES
 from vcu128.quant.options import ENGINES, QuantizeOptions  # light: the defaults' one home
 
 DEFAULTS = QuantizeOptions()
@@ -37,8 +37,11 @@ def main(argv=None):
                    help="calibration samples a forward pass (default: 16384 tokens' worth; gptqmodel engine: 1 on CPU, 16 on a GPU)")
     p.add_argument("--engine", choices=ENGINES, default=DEFAULTS.engine,
                    help="vcu128: this project's GPTQ, one layer at a time (default; fast on a GPU); gptqmodel: GPTQModel 7.6")
-    p.add_argument("--int4_range", "--int4-range", type=int, choices=(8, 7), default=DEFAULTS.int4_range,
-                   help="8: the full -8..7 grid (default); 7: 15 levels -7..7, what a sign-magnitude board (hardware.py --int4 sign_magnitude) holds")
+    p.add_argument("--int4", choices=INT4_CODES,
+                   help="the board's int4 code: twos (default) or sign_magnitude (the older bitstream: quantizes to -7..7); "
+                        "recorded in the checkpoint, which lm_head.py and hardware.py follow")
+    p.add_argument("--int4_range", "--int4-range", type=int, choices=(8, 7),
+                   help="the grid: 8, the full -8..7 (default); 7, the 15 levels -7..7 (implies --int4 sign_magnitude unless --int4 twos)")
     p.add_argument("--lm_head", "--lm-head", action="store_true", help="also GPTQ-quantize the output layer")
     p.add_argument("--no_report", "--no-report", action="store_true", help="skip the perplexity / layer-error report")
     p.add_argument("--verbose", action="store_true", help="let GPTQModel (--engine gptqmodel) print its banners and tables")
@@ -59,7 +62,7 @@ def main(argv=None):
         wbits=args.wbits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act, device=args.device,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, calib=args.calib, eval_text=args.eval_text,
         lm_head=args.lm_head, engine=args.engine, batch_size=args.batch_size, report=not args.no_report, force=args.force,
-        int4_range=args.int4_range, verbose=args.verbose,
+        int4_range=args.int4_range, int4=args.int4, verbose=args.verbose,
     )
     check_arguments(opts, compile=args.compile)  # before any model is opened
 

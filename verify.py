@@ -35,7 +35,8 @@ def main(argv=None):
     p.add_argument("--compile_dir", "--compile-dir", help="the compile folder HWDIR came from, for stale-input warnings (default: beside HWDIR, "
                    "or QDIR/compile); nothing in it is trusted: every byte is checked against the checkpoint")
     p.add_argument("--model", help="the fp16 original, to compare with too")
-    p.add_argument("--text", help="held-out text for the functional check (default: data/demo_corpus.txt); its last --eval_tokens tokens")
+    p.add_argument("--eval_text", "--eval-text", "--text", dest="text", metavar="FILE",
+                   help="held-out text for the functional check (default: data/demo_corpus.txt); its last --eval_tokens tokens")
     p.add_argument("--eval_ids", "--eval-ids", help="evaluate on these token ids instead (.npy, or a text file of integers)")
     p.add_argument("--eval_tokens", "--eval-tokens", type=positive_int, default=256, help="evaluation tokens (default 256)")
     p.add_argument("--prompt", default="The accelerator", help="prompt for the greedy continuation")
@@ -90,12 +91,19 @@ def main(argv=None):
         if args.strict:
             print(one_line(f"error: verify --strict: the board model is below the threshold ({board})"), file=sys.stderr)
             return 1
-        log.info(f"verify: bits OK: {bits['files']} files, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit; "
+        log.info(f"verify: bits OK: {bits['files']} files{counted(args.hardware_dir)}, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit; "
                  f"board model WARNING: {board}{report}")
         return 0
-    log.info(f"verify: OK: {bits['files']} files, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit "
+    log.info(f"verify: OK: {bits['files']} files{counted(args.hardware_dir)}, {bits['bytes'] / 1e9:.3f} GB match the checkpoint bit for bit "
              f"in {bits['seconds']:.1f} s; board model: {board}{report}")
     return 0
+
+
+def counted(hw: str) -> str:
+    """What the file count covers, as the other steps say it: every file the manifest lists (not itself)."""
+    import os
+
+    return " (manifest.json lists them)" if os.path.isfile(os.path.join(hw, "manifest.json")) else ""
 
 
 def board_line(verdict: dict) -> str:

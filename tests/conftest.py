@@ -48,6 +48,15 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_untrained_model(tmp_path_factory):
+    """The tiny Qwen2 at its seeded initialisation (no training: a second), for tests of what the steps
+    do with their options and records rather than of quantization quality."""
+    from vcu128.demo.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "untrained", train_steps=0, progress=False)
+
+
+@pytest.fixture(scope="session")
 def quantized(tiny_model):
     """(checkpoint folder, report) of GPTQModel on the tiny model, on the CPU."""
     from vcu128.quant.quantize import QuantizeOptions, quantize_model

@@ -191,7 +191,7 @@ def test_int4_range_edges_and_messages():
     with pytest.raises(VCUError) as e:
         check_int4_range(np.array([[0, 1], [2, -8]]), "lin", first_row=4, code="sign_magnitude")
     assert str(e.value).startswith("lin: row 5, input 1 holds -8, which sign-magnitude int4 cannot hold (-7..7)")
-    assert e.value.hint == "quantize with quantize.py --int4_range 7 (and lm_head.py --int4_range 7), or pack with --int4 twos"
+    assert e.value.hint == "quantize with quantize.py --int4 sign_magnitude (lm_head.py and hardware.py follow its record), or pack with --int4 twos"
     with pytest.raises(VCUError, match=r"lin: row 0, input 0 holds 9, outside the int4 range -7..7"):
         check_int4_range(np.array([[9]]), "lin", code="sign_magnitude")
 

@@ -476,8 +476,9 @@ def test_verify_text_that_is_not_utf8(tiny_model, make_checkpoint, tmp_path):
     hw = export_all(qdir)["hw"]
     text = tmp_path / "latin1.txt"
     text.write_bytes("caf\xe9 ".encode("latin-1") * 50)
-    line = refused(*run_step("verify", "--quantize_model", qdir, "--hardware_dir", hw, "--text", text))
-    assert line == f"error: --text {text}: not UTF-8 text (byte 3); pass a UTF-8 text file"
+    for spelling in ("--eval_text", "--eval-text", "--text"):  # one name for held-out text in every step, the old one kept
+        line = refused(*run_step("verify", "--quantize_model", qdir, "--hardware_dir", hw, spelling, text))
+        assert line == f"error: --eval_text {text}: not UTF-8 text (byte 3); pass a UTF-8 text file"
 
 
 def set_config(folder, **values):

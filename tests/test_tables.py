@@ -253,6 +253,14 @@ def test_sign_magnitude_folder_verifies_and_minus_8_is_refused(make_checkpoint, 
     compile_software(qdir, progress=False)
     quantize_lm_head(qdir, progress=False)
     comp = qdir / "compile"
+    # lm_head.json says the output layer is on -8..7: refused before any work, naming the fix
+    with pytest.raises(VCUError) as e:
+        pack_hardware(comp, opts=BoardOptions(int4="sign_magnitude"), progress=False)
+    assert str(e.value) == (f"--int4 sign_magnitude: the output layer in {comp} was quantized on the -8..7 grid (lm_head.json: method rtn, "
+                            "int4_range 8), and sign-magnitude int4 has no -8; re-run lm_head.py (it follows the checkpoint's record, "
+                            "or pass --int4_range 7), or pack with --int4 twos")
+    # no record of the layers' grid (a checkpoint of another tool): every int is checked as it is packed
+    quantize_lm_head(qdir, progress=False, int4_range=7)
     with pytest.raises(VCUError, match=r"qweight.bin: row \d+, input \d+ holds -8, which sign-magnitude int4 cannot hold \(-7..7\)"):
         pack_hardware(comp, opts=BoardOptions(int4="sign_magnitude"), progress=False)
     assert not (comp / "QWEN_BLOCK_write_data_port32").exists()

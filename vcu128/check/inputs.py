@@ -57,8 +57,8 @@ def evaluation_inputs(qdir: Path, vocab: int, text: Path | None, eval_ids: Path 
     elif tokenizer is not None:
         path = Path(text or DEMO_CORPUS)
         if not path.is_file():
-            raise VCUError(f"--text {path}: no such file")
-        text_read = read_utf8_text(path, f"--text {path}", "pass a UTF-8 text file")
+            raise VCUError(f"--eval_text {path}: no such file")
+        text_read = read_utf8_text(path, f"--eval_text {path}", "pass a UTF-8 text file")
         ids = np.asarray(tokenizer(text_read, add_special_tokens=False)["input_ids"], np.int64)
         source = f"the last tokens of {path.name}"
     else:

@@ -17,6 +17,8 @@ import numpy as np
 from vcu128.board.rescale import parse_mode, plan_from_stats
 from vcu128.board.stats import STATS_FILE, stats_from_report
 from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.format.int4_grid import RECORD_KEY as INT4_KEY
+from vcu128.format.int4_grid import read_checkpoint_setting
 from vcu128.format.layout import (
     CONFIG,
     sw_dirs,
@@ -34,7 +36,6 @@ from vcu128.io.output import (
     check_out,
     disk_bytes,
     files_under,
-    folder_stats,
     read_step_record,
     record_owns,
     staged_dir,
@@ -159,6 +160,7 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
     ckpt.validate()  # every refusal happens here, before the output folder exists
     dims = ckpt.dims
     stats = stats_from_report(ckpt.qdir, dims.num_layers)  # strictly read: a damaged record is refused now
+    int4 = read_checkpoint_setting(ckpt.qdir)  # the board's int4 code quantize.py recorded: hardware.py follows it
     plan = rescale_plan(ckpt, fp16_rescale, text)
     made_from = {"checkpoint": str(ckpt.qdir.resolve()), **source_model(ckpt.qdir), "fingerprint": ckpt.fingerprint(),
                  "fp16_rescale": plan.factors_record() if plan else None}
@@ -186,8 +188,11 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
                      f"{plan.out_of_normal_range} values pushed out of fp16's normal range")
         if stats is not None:  # what the SiLU fit and the fp16 rescaling need, beside the files they shape
             write_array(stage / STATS_FILE, np.frombuffer(dumps(stats).encode(), np.uint8))
-        write_step_record(stage, STEP, made_from, files_under(stage), fp16_rescale=plan.to_record() if plan else None)
-    files, nbytes = folder_stats([out])
-    result = StepResult("compile_sw", out, files, nbytes, time.perf_counter() - start)
+        written = files_under(stage)
+        write_step_record(stage, STEP, made_from, written, fp16_rescale=plan.to_record() if plan else None,
+                          **({INT4_KEY: int4.to_record()} if int4 else {}))
+    # What this step wrote, not what the folder holds (lm_head's files, the packed folder): the same on a re-run
+    nbytes = sum((out / rel).stat().st_size for rel in written)
+    result = StepResult("compile_sw", out, len(written), nbytes, time.perf_counter() - start, note=f"{STEP}.json lists them")
     result.details = {"fp16_rescale": plan.to_record() if plan else None}
     return result

@@ -14,6 +14,7 @@ from vcu128.format.folder import (
     PackedFolder,
     default_hardware_dir,
     embedding_folder_owned,
+    packed_folders_in,
     read_manifest,
 )
 from vcu128.format.gate import read_model_dims
@@ -32,7 +33,6 @@ from vcu128.io.jsonfile import dumps
 from vcu128.io.output import (
     StepResult,
     folder_lock,
-    folder_stats,
     out_path,
     replace_file_atomically,
     staged_dir,
@@ -60,7 +60,7 @@ def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = BOA
     dims = read_model_dims(compile_dir / CONFIG)
     rows = check_embedding_split(dims.vocab, parts)
     table = BinFile(sw_fp16_path(compile_dir, EMBEDDING, dims.family.software), "<f2", (dims.vocab, dims.hidden))
-    given = out if out else default_hardware_dir(compile_dir) / EMBEDDING_DIR
+    given = out if out else default_embedding_dir(compile_dir)
     out = out_path(given)  # its folder with symlinks resolved: where the packed folder's manifest is
     made_from = compile_ids(compile_dir)["compile_sw"]
     parent_manifest = read_manifest(out.parent)
@@ -92,5 +92,22 @@ def split_embedding(compile_dir: Path, out: Path | None = None, parts: int = BOA
             doc["files"] += [r.to_json() for r in records]
             doc["embedding_parts"] = parts
             replace_file_atomically(out.parent / MANIFEST_NAME, dumps(doc).encode())
-    files, nbytes = folder_stats([out])
-    return StepResult("embedding", out, files, nbytes, time.perf_counter() - start)
+    note = f"{out.parent.name}/{MANIFEST_NAME} lists them" if in_packed_folder else f"{MANIFEST_NAME} beside them lists them"
+    return StepResult("embedding", out, len(records), sum(r.bytes for r in records), time.perf_counter() - start, note=note)
+
+
+def default_embedding_dir(compile_dir: Path) -> Path:
+    """Where the parts go without --out: into the packed folder hardware.py wrote in the compile folder
+    (found by its manifest, whatever its --ports or --out there); with none yet, where the default
+    packed folder goes (hardware.py keeps them when it runs later). Of several packed folders, the one
+    made from the compile folder's present compile_sw run; more than one such: refused, naming them."""
+    found = packed_folders_in(compile_dir)
+    if len(found) > 1:
+        current = compile_ids(compile_dir)["compile_sw"]
+        fresh = [p for p in found if current and PackedFolder.open(p).made_from.get("compile_sw") == current]
+        if len(fresh) != 1:
+            names = ", ".join(p.name for p in (fresh or found))
+            raise VCUError(f"{compile_dir} holds {len(fresh or found)} packed folders made from it ({names}): which one gets the "
+                           f"embedding parts is not clear; pass --out {found[0]}/{EMBEDDING_DIR} (or the other's)")
+        found = fresh
+    return (found[0] if found else default_hardware_dir(compile_dir)) / EMBEDDING_DIR

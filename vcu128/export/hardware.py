@@ -12,17 +12,21 @@ import numpy as np
 from vcu128.board.stats import read_activation_stats
 from vcu128.format.checkpoint import check_finite
 from vcu128.format.folder import (
+    EMBEDDING_KIND,
     HARDWARE_KIND,
     MANIFEST_NAME,
     Manifest,
     default_hardware_dir,
+    holds_only_embedding_parts,
     manifest_owns,
     read_manifest,
 )
 from vcu128.format.gate import read_model_dims
+from vcu128.format.int4_grid import hardware_code
 from vcu128.format.layout import (
     BOARD_PORTS,
     CONFIG,
+    EMBEDDING_DIR,
     INT4_CODES,
     OUT_BIAS_FILE,
     OUT_NORM_FILE,
@@ -77,7 +81,6 @@ from vcu128.io.output import (
     HashingWriter,
     StepResult,
     disk_bytes,
-    folder_stats,
     read_step_record,
     replace_file_atomically,
     staged_dir,
@@ -89,6 +92,7 @@ from vcu128.io.provenance import compile_ids, stale_compile, warn
 
 log = logging.getLogger("vcu128")
 STEP = "hardware"
+EMBEDDING_STEP = "embedding_tokens"  # the step whose parts a packed folder holds beside hardware.py's files
 
 
 class PackJob:
@@ -166,7 +170,19 @@ def output_bytes(dims: ModelDims, ports: int, max_token: int = DEFAULT_MAX_TOKEN
     return total + (2 * dims.num_layers + 1) * disk_bytes(4 * dims.hidden) + tables
 
 
-hardware_owns = manifest_owns(HARDWARE_KIND, STEP)
+_manifest_owns = manifest_owns(HARDWARE_KIND, STEP)
+EMBEDDING_RECORD = f"{EMBEDDING_DIR}/{MANIFEST_NAME}"
+
+
+def hardware_owns(folder: Path) -> set[str] | None:
+    """The files hardware.py wrote in `folder` (its manifest lists them), or None when the folder is
+    not its output. A folder holding only the Embedding/ folder that embedding_tokens.py made there on
+    its own (run first) is the packed folder to be: the parts are kept, and their entries move from
+    Embedding/manifest.json (which this run takes over) into the packed folder's manifest.json."""
+    owned = _manifest_owns(folder)
+    if owned is None and holds_only_embedding_parts(folder, EMBEDDING_STEP):
+        return {EMBEDDING_RECORD}
+    return owned
 
 # What the folder's RoPE table assumes the board's unit does (manifest.json `assumptions.rope_rotation`).
 ROPE_ROTATIONS = {
@@ -182,7 +198,7 @@ class BoardOptions:
     """What a packed folder assumes about the board (recorded in manifest.json's `assumptions`)."""
 
     ports: int = BOARD_PORTS
-    int4: str = "twos"
+    int4: str | None = None  # None: the code quantize.py recorded (compile_sw.json), else twos (format/int4_grid.py)
     rope_table: str | None = None  # None: the family's (DEFAULT_ROPE_ORDER, or GLM's)
     silu_table: str = "board"
     max_token: int = DEFAULT_MAX_TOKEN
@@ -190,7 +206,7 @@ class BoardOptions:
     def check(self) -> None:
         for flag, value, allowed in (("--int4", self.int4, INT4_CODES), ("--rope_table", self.rope_table or DEFAULT_ROPE_ORDER, ROPE_ORDERS),
                                      ("--silu_table", self.silu_table, SILU_TABLES)):
-            if value not in allowed:
+            if value not in allowed and not (flag == "--int4" and value is None):
                 raise VCUError(f"{flag} {value}: expected one of {', '.join(allowed)}")
         if self.ports < 1:
             raise VCUError(f"--ports {self.ports}: must be at least 1")
@@ -259,6 +275,10 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
     if not compile_dir.is_dir():
         raise VCUError(f"{compile_dir}: no such compile folder (run compile_sw.py first)")
     opts.check()
+    sources = recorded_sources(compile_dir)
+    lm = sources.get("lm_head")
+    code, int4_from = hardware_code(compile_dir, opts.int4, (lm["method"], lm["int4_range"]) if lm else None)  # refused before any work
+    opts = replace(opts, int4=code)
     dims = read_model_dims(compile_dir / CONFIG)
     opts = opts.for_model(dims)
     cfg = read_model_config(compile_dir / CONFIG)
@@ -273,7 +293,7 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
     out = Path(out) if out else default_hardware_dir(compile_dir, ports)
     made_from = {**compile_ids(compile_dir), "ports": ports, **asdict(opts)}
     manifest = Manifest(HARDWARE_KIND, dims.to_json(), {"ports": ports, "group_size": GROUP_SIZE, "made_from": made_from,
-                                                        **recorded_sources(compile_dir)})
+                                                        **sources})
     # What it reads (a new folder inside the compile folder is fine; one holding these is not) and
     # the names it knows it writes (a file of someone else's there is refused before any work).
     inputs = [compile_dir, *(compile_dir / sub for sub in sw_dirs(dims.family.software)), compile_dir / CONFIG]
@@ -295,10 +315,14 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
         for f in manifest.files:
             f.step = STEP
         manifest.write(stage)
-        keep_embedding_entries(out, stage)
-    files, nbytes = folder_stats([out])
-    result = StepResult("hardware", out, files, nbytes, time.perf_counter() - start)
-    result.details = {"assumptions": assumptions, "tables": tables}
+        kept, rehomed = keep_embedding_entries(out, stage)
+    if rehomed:
+        log.info(f"hardware: kept {out / EMBEDDING_DIR}: the {kept} files embedding_tokens.py wrote there first (their entries "
+                 f"moved from {EMBEDDING_RECORD} into {MANIFEST_NAME})")
+    files, nbytes = len(manifest.files), sum(f.bytes for f in manifest.files)
+    note = f"{MANIFEST_NAME} lists them" + (f"; {EMBEDDING_DIR}/'s {kept} files kept" if kept else "")
+    result = StepResult("hardware", out, files, nbytes, time.perf_counter() - start, note=note)
+    result.details = {"assumptions": assumptions, "tables": tables, "int4_from": int4_from}
     return result
 
 
@@ -325,19 +349,25 @@ def recorded_sources(compile_dir: Path) -> dict:
     return out
 
 
-def keep_embedding_entries(old: Path, stage: Path) -> None:
+def keep_embedding_entries(old: Path, stage: Path) -> tuple[int, bool]:
     """A re-run keeps embedding_tokens' parts (they are carried into the new folder): keep their
-    manifest entries too."""
+    manifest entries too. Parts embedding_tokens wrote before there was a packed folder are listed in
+    Embedding/manifest.json: their entries move into the packed folder's manifest, where
+    embedding_tokens puts them when it runs second. Returns (parts kept, whether they moved)."""
     if hardware_owns(old) is None:
-        return
-    doc = read_manifest(old)
-    kept = [f for f in doc["files"] if f.get("step") == "embedding_tokens" and (old / f["path"]).is_file()]
+        return 0, False
+    doc, rehomed = read_manifest(old), False
+    if doc is None:  # embedding_tokens ran first (hardware_owns: nothing else is there)
+        doc, rehomed = read_manifest(old / EMBEDDING_DIR, kinds=(EMBEDDING_KIND,)), True
+        doc["files"] = [{**f, "path": f"{EMBEDDING_DIR}/{f['path']}"} for f in doc["files"]]
+    kept = [f for f in doc["files"] if f.get("step") == EMBEDDING_STEP and (old / f["path"]).is_file()]
     if not kept:
-        return
+        return 0, False
     new = read_manifest(stage, kinds=(HARDWARE_KIND,))
     new["files"] += kept
     new["embedding_parts"] = doc.get("embedding_parts")
     replace_file_atomically(stage / MANIFEST_NAME, dumps(new).encode())
+    return len(kept), rehomed
 
 
 def format_assumptions(details: dict) -> str:
@@ -348,6 +378,6 @@ def format_assumptions(details: dict) -> str:
              f"  RoPE table: {a['rope_table']}" + (f", {t['rope']['positions']} positions, theta {t['rope']['theta']:g}, scaling {t['rope']['scaling']}" if "rope" in t else ""),
              f"  SiLU table: {a['silu_table']}, largest error {silu['max_error_on_-16_16']:.4f} on [-16, 16] (at x = {silu['at']:.3f})"
              + (f"; {silu['max_error_on_fit_range']:.4f} on the fitted range [{silu['fit_range'][0]:.2f}, {silu['fit_range'][1]:.2f}]" if "fit_range" in silu else ""),
-             f"  int4 code: {a['int4']}",
+             f"  int4 code: {a['int4']}" + (f" ({details['int4_from']})" if details.get("int4_from") else ""),
              f"  fp16 rescaling: {a.get('fp16_rescale', 'none')}"]
     return "\n".join(lines)

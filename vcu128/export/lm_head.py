@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.format.int4_grid import lm_head_grid, read_checkpoint_setting
 from vcu128.format.layout import sw_lm_head_half_paths, sw_lm_head_paths
 from vcu128.io.direct_io import DirectWriter
 from vcu128.io.errors import VCUError, set_writing
@@ -92,14 +93,16 @@ def check_lm_head_out(out: Path, qdir: Path, force: bool, created: bool = False,
 
 
 def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = None, progress: bool = True, force: bool = False,
-                     int4_range: int = 8):
+                     int4_range: int | None = None):
     """Write lm_head_qweight.bin and lm_head_scales.bin into out/qwen2_qweight_bin, and lm_head.json.
+    `int4_range` None: the grid quantize.py recorded in the checkpoint (format/int4_grid.py), else 8.
     Returns (StepResult, method, relative error ||W - W_hat|| / ||W||, None for `checkpoint`)."""
     start = time.perf_counter()
     ckpt = GPTQCheckpoint(qdir)
     method = choose_method(ckpt, method)
-    if int4_range not in (7, 8) or (int4_range == 7 and method == "trunc"):
+    if int4_range not in (None, 7, 8) or (int4_range == 7 and method == "trunc"):
         raise VCUError(f"--int4_range {int4_range} with --method {method}: 7 (the 15 levels -7..7) goes with rtn; trunc is the original rule, kept as it was")
+    int4_range = lm_head_grid(read_checkpoint_setting(ckpt.qdir), method, int4_range)
     # The checkpoint as compile_sw and verify see it (bits, group size, symmetric zero points, no
     # act-order, every tensor's place and shape): an output layer is only of use beside its layers.
     ckpt.validate()
@@ -175,4 +178,4 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
         if not ok:
             remove_created(created)
     nbytes = sum(p.stat().st_size for p in final.values())
-    return StepResult("lm_head", folder, len(final), nbytes, time.perf_counter() - start), method, error
+    return StepResult("lm_head", folder, len(final), nbytes, time.perf_counter() - start, note=f"{STEP}.json lists them"), method, error

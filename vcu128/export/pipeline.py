@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vcu128.export.compile_sw import compile_software
 from vcu128.export.embedding_tokens import split_embedding
-from vcu128.export.hardware import pack_hardware
+from vcu128.export.hardware import format_assumptions, pack_hardware
 from vcu128.export.lm_head import quantize_lm_head
 from vcu128.format.layout import BOARD_EMBEDDING_PARTS, BOARD_PORTS, EMBEDDING_DIR
 
@@ -24,7 +24,8 @@ def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = BOARD
     if error is not None:
         log.info(f"lm_head ({method}): relative error ||W - W_hat|| / ||W|| = {error:.5f}")
     log.info(result.line())
-    hw = pack_hardware(compile_dir, None, ports, progress=progress)
+    hw = pack_hardware(compile_dir, None, ports, progress=progress)  # the int4 code: as quantize.py recorded it
+    log.info(format_assumptions(hw.details))
     log.info(hw.line())
     log.info(split_embedding(compile_dir, hw.out / EMBEDDING_DIR, parts, progress=progress).line())
     return {"qdir": qdir, "compile": compile_dir, "hw": hw.out}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,25 @@ def infer_parts(hw: Path) -> int:
     if None in parsed or len({parts for _, parts in parsed}) != 1:
         raise VCUError(f"{folder}: embedding part names not all of the form Embedding_01-of-16.bin for one part count")
     return parsed[0][1]
+
+
+def holds_only_embedding_parts(folder: Path, step: str) -> bool:
+    """Does `folder` hold nothing but an Embedding/ folder that `step` (embedding_tokens) made on its
+    own, run before hardware.py made the packed folder around it (its own manifest lists its parts)?"""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return False
+    return entries == [EMBEDDING_DIR] and manifest_owns(EMBEDDING_KIND, step)(Path(folder) / EMBEDDING_DIR) is not None
+
+
+def packed_folders_in(folder: Path) -> list[Path]:
+    """The packed folders (a hardware manifest.json, whatever their --ports or --out) directly in `folder`."""
+    try:
+        children = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+    except OSError:
+        return []
+    return [p for p in children if manifest_owns(HARDWARE_KIND, "hardware")(p) is not None]
 
 
 def embedding_folder_owned(out: Path, step: str) -> set[str] | None:

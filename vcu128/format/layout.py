@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS  # noqa: F401 (the layout's counts)
+from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS, INT4_CODES  # noqa: F401 (the layout's counts, FORMAT.md 3.1's codes)
 from vcu128.format.model import EMBEDDING, GROUP_SIZE, Linear
 from vcu128.io.direct_io import read_bytes
 from vcu128.io.errors import VCUError
@@ -32,8 +32,6 @@ _NIBBLES_UNSIGNED = np.stack([(_HALF >> 4 * j) & 0xF for j in range(4)], axis=1)
 _NIBBLES_TWOS = np.where(_NIBBLES_UNSIGNED >= 8, _NIBBLES_UNSIGNED - 16, _NIBBLES_UNSIGNED)  # -8..7
 _NIBBLES_SIGN_MAGNITUDE = np.where(_NIBBLES_UNSIGNED >= 8, 8 - _NIBBLES_UNSIGNED, _NIBBLES_UNSIGNED)  # -7..7 (0x8: -0)
 
-# FORMAT.md 3.1: two's complement (the board's, the default) or the older bitstream's sign-magnitude.
-INT4_CODES = ("twos", "sign_magnitude")
 _ITEM_OF_FOUR = {1: np.dtype("<u4"), 2: np.dtype("<u8"), 4: np.dtype("<c16")}  # carriers, bits untouched
 _LUTS: dict = {}
 
@@ -194,7 +192,7 @@ def check_int4_range(q: np.ndarray, where: str, first_row: int = 0, code: str = 
     r, c = divmod(int(bad[0]), q.shape[1])
     if code == "sign_magnitude" and q[r, c] == -8:
         raise VCUError(f"{where}: row {first_row + r}, input {c} holds -8, which sign-magnitude int4 cannot hold (-7..7)",
-                       "quantize with quantize.py --int4_range 7 (and lm_head.py --int4_range 7), or pack with --int4 twos")
+                       "quantize with quantize.py --int4 sign_magnitude (lm_head.py and hardware.py follow its record), or pack with --int4 twos")
     raise VCUError(f"{where}: row {first_row + r}, input {c} holds {int(q[r, c])}, outside the int4 range {lo}..7")
 
 

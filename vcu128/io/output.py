@@ -22,7 +22,7 @@ import numpy as np
 
 from vcu128 import __version__
 from vcu128.io.direct_io import DirectWriter, read_bytes
-from vcu128.io.errors import VCUError, human_bytes, writing
+from vcu128.io.errors import VCUError, human_bytes, one_line, writing
 from vcu128.io.jsonfile import (
     dumps,
     get_float,
@@ -349,6 +349,11 @@ def _swap_in(stage: Path, target: Path, owned: set[str] | None, carry: bool, ste
         if clash and not force:
             raise VCUError(f"{target / clash[0]}: exists and was not written by {step}.py (its records do not list it); not replacing it",
                            "move it away, or pass --force to replace it")
+        removed = clash if carry else files_under(target)  # --force: what the step did not write goes, and is named
+        if removed:
+            shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+            log.warning(one_line(f"warning: --force: removed {len(removed)} file{'s' if len(removed) > 1 else ''} that {step}.py "
+                                 f"did not write from {target}: {shown}"))
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, old)
         os.replace(stage, target)
@@ -506,9 +511,11 @@ class StepResult:
     bytes: int
     seconds: float
     details: dict = field(default_factory=dict)
+    note: str = ""  # which files `files` counts (the record that lists them), so that a re-run says the same
 
     def line(self) -> str:
-        return f"{self.step}: {self.files} files, {self.bytes / 1e9:.3f} GB in {self.seconds:.1f} s -> {self.out}"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.step}: {self.files} files{note}, {self.bytes / 1e9:.3f} GB in {self.seconds:.1f} s -> {self.out}"
 
 
 def files_under(folder: Path) -> list[str]:

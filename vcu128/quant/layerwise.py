@@ -462,23 +462,26 @@ def source_names(tensors: dict[str, torch.Tensor], dims) -> dict[str, torch.Tens
     return to_source_names(tensors, dims, lambda parts, axis: torch.cat(parts, axis))
 
 
-def quantization_config(lm_head: bool, qmin: int = -8, run: dict | None = None) -> dict:
+def quantization_config(lm_head: bool, qmin: int = -8, run: dict | None = None, int4: str | None = None) -> dict:
     """The checkpoint's quantization_config; `run` (torch version, device, threads, chunk size, dtype)
-    says what a bit-identical re-run needs (README: Reproducibility)."""
+    says what a bit-identical re-run needs (README: Reproducibility); `int4`, the board's int4 code
+    the grid was chosen for, is what the later steps follow (vcu128/format/int4_grid.py)."""
     from vcu128 import __version__
+    from vcu128.format.int4_grid import META_CODE, META_GRID
 
     return {
         "bits": 4, "group_size": GROUP_SIZE, "sym": True, "desc_act": False, "static_groups": False,
         "true_sequential": True, "act_group_aware": True, "lm_head": lm_head,
         "damp_percent": DAMP_PERCENT, "damp_auto_increment": DAMP_STEP,
         "quant_method": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
-        "meta": {"quantizer": [f"vcu128:{__version__}"], "vcu128_int4_range": -qmin, **({"vcu128_run": run} if run else {})},
+        "meta": {"quantizer": [f"vcu128:{__version__}"], META_GRID: -qmin,
+                 META_CODE: int4 or ("sign_magnitude" if qmin == -7 else "twos"), **({"vcu128_run": run} if run else {})},
     }
 
 
 @torch.no_grad()
 def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str, lm_head: bool = False,
-                        samples_a_chunk: int | None = None, progress: bool = True, qmin: int = -8) -> GPTQRun:
+                        samples_a_chunk: int | None = None, progress: bool = True, qmin: int = -8, int4: str | None = None) -> GPTQRun:
     """GPTQ-quantize the model in `model_dir` on calibration token ids [samples, seqlen] into the
     folder `out`: safetensors shards, index, config.json, quantize_config.json."""
     out = Path(out)
@@ -576,10 +579,10 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
     run_meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "threads": torch.get_num_threads(), "samples_a_chunk": samples_a_chunk,
                 "dtype": str(dtype).replace("torch.", ""), "retried_in_float32": run.retried}
-    config.update({"torch_dtype": "float16", "quantization_config": quantization_config(lm_head, qmin, run_meta)})
+    config.update({"torch_dtype": "float16", "quantization_config": quantization_config(lm_head, qmin, run_meta, int4)})
     config.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "quantize_config.json").write_text(json.dumps(quantization_config(lm_head, qmin, run_meta), indent=2) + "\n")
+    (out / "quantize_config.json").write_text(json.dumps(quantization_config(lm_head, qmin, run_meta, int4), indent=2) + "\n")
     run.dtype = dtype
     for extra in ("generation_config.json",):
         if (Path(model_dir) / extra).is_file():

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vcu128.format.int4_grid import from_options
 from vcu128.format.model import GROUP_SIZE
 from vcu128.io.errors import VCUError
 
@@ -35,7 +36,16 @@ class QuantizeOptions:
     verbose: bool = False  # GPTQModel's own output (banners, tables) on stdout; quiet by default
     report: bool = True
     force: bool = False  # replace an existing output folder this step did not write
-    int4_range: int = 8  # 8: the full -8..7 grid; 7: the 15 levels -7..7 that sign-magnitude boards hold
+    int4_range: int | None = None  # 8: the full -8..7 grid; 7: the 15 levels -7..7 that sign-magnitude boards hold
+    int4: str | None = None  # the board's nibble code (twos, sign_magnitude): either option implies the other
+
+    def __post_init__(self):
+        # Said once (vcu128/format/int4_grid.py): --int4 sign_magnitude means the 7-grid, --int4_range 7
+        # a sign-magnitude board. A contradiction stays as given, for check_arguments to refuse.
+        if self.int4_range is None:
+            self.int4_range = 7 if self.int4 == "sign_magnitude" else 8
+        if self.int4 is None:
+            self.int4 = "sign_magnitude" if self.int4_range == 7 else "twos"
 
 
 def check_board_settings(opts: QuantizeOptions) -> None:
@@ -57,10 +67,10 @@ def check_engine_settings(opts: QuantizeOptions) -> None:
             raise VCUError(f"{flag} {value}: must be an integer of at least {least}")
     if opts.engine not in ENGINES:
         raise VCUError(f"--engine {opts.engine}: expected one of {', '.join(ENGINES)}")
-    if opts.int4_range not in (7, 8):
-        raise VCUError(f"--int4_range {opts.int4_range}: expected 8 (-8..7, the default) or 7 (-7..7, for sign-magnitude boards)")
+    from_options(opts.int4, opts.int4_range)
     if opts.int4_range == 7 and opts.engine != "vcu128":
-        raise VCUError("--int4_range 7 needs --engine vcu128 (GPTQModel has no 15-level grid)")
+        said = "--int4 sign_magnitude" if opts.int4 == "sign_magnitude" else "--int4_range 7"
+        raise VCUError(f"{said} needs --engine vcu128 (GPTQModel has no 15-level grid)")
     if opts.engine == "vcu128" and (opts.wbits, opts.group_size, opts.sym, opts.desc_act) != (4, GROUP_SIZE, True, False):
         raise VCUError("--engine vcu128 quantizes only what the board runs (4-bit, group size 128, symmetric, "
                        "no act-order); pass --engine gptqmodel for other settings")

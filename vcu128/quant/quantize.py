@@ -154,7 +154,8 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
 
     start = time.perf_counter()
     ids = np.array([s["input_ids"] for s in calib.samples], dtype=np.int64)
-    run = quantize_checkpoint(model, out, ids, opts.device, lm_head=opts.lm_head, samples_a_chunk=opts.batch_size, qmin=-opts.int4_range)
+    run = quantize_checkpoint(model, out, ids, opts.device, lm_head=opts.lm_head, samples_a_chunk=opts.batch_size, qmin=-opts.int4_range,
+                              int4=opts.int4)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     seconds = time.perf_counter() - start
