@@ -49,7 +49,7 @@ MUTMUT_VERSION = "3.8.1"  # bench/requirements-mutation.txt
 # there), or need the tiny trained model (minutes a mutant), or are property-based fuzzing.
 EXCLUDE = ("cli or command_line or random_model or 15_level or functional_check_matches or exits_2 or bad_arguments "
            "or concurrent or side_by_side or umask or sigterm or unrelated_folder or out_a_file or out_dot or out_may_not or nan_never_prints "
-           "or fuzzed or quantize_records or without_rescaling or rescaled_")
+           "or fuzzed or quantize_records or without_rescaling or rescaled_ or quantize_tiny or tokenizer_is_read")
 
 
 @dataclass
@@ -62,17 +62,19 @@ class Scope:
 # Each module and the tests that cover it (mutmut narrows these further, per mutated function).
 SCOPE = {
     "vcu128/format/layout.py": Scope(["tests/test_formats.py", "tests/test_export.py", "tests/test_folder_reader.py", "tests/test_verify.py",
-                                      "tests/test_tables.py", "tests/test_refusals.py", "tests/test_pins.py", "tests/test_mutation_pins.py"]),
-    "vcu128/format/tables.py": Scope(["tests/test_tables.py", "tests/test_folder_reader.py", "tests/test_pins.py", "tests/test_mutation_pins.py"]),
+                                      "tests/test_tables.py", "tests/test_refusals.py", "tests/test_pins.py", "tests/test_mutation_pins.py",
+                                      "tests/test_chatglm.py"]),
+    "vcu128/format/tables.py": Scope(["tests/test_tables.py", "tests/test_folder_reader.py", "tests/test_pins.py", "tests/test_mutation_pins.py",
+                                      "tests/test_chatglm.py"]),
     "vcu128/format/folder.py": Scope(["tests/test_folder_reader.py", "tests/test_verify.py", "tests/test_tables.py", "tests/test_outputs.py",
-                                      "tests/test_pins.py", "tests/test_mutation_pins.py"]),
+                                      "tests/test_pins.py", "tests/test_mutation_pins.py", "tests/test_chatglm.py"]),
+    "vcu128/format/family.py": Scope(["tests/test_chatglm.py", "tests/test_export.py", "tests/test_strict_input.py", "tests/test_refusals.py"]),
     "vcu128/format/rescale.py": Scope(["tests/test_rescale.py", "tests/test_folder_reader.py", "tests/test_pins.py", "tests/test_mutation_pins.py"]),
     "vcu128/check/verify.py": Scope(["tests/test_verify.py", "tests/test_folder_reader.py", "tests/test_tables.py", "tests/test_pins.py",
-                                     "tests/test_mutation_pins.py"]),
-    "vcu128/board/datapath.py": Scope(["tests/test_functional.py", "tests/test_pins.py"], False,
-                                      "being rewritten (emulator defaults and variants): run with --modules datapath once it lands"),
-    "vcu128/io/output.py": Scope(["tests/test_outputs.py", "tests/test_export.py", "tests/test_refusals.py", "tests/test_pins.py"], False,
-                                 "being rewritten (symlink safety): run with --modules output once it lands"),
+                                     "tests/test_mutation_pins.py", "tests/test_chatglm.py"]),
+    "vcu128/board/datapath.py": Scope(["tests/test_functional.py", "tests/test_pins.py", "tests/test_board_reference.py", "tests/test_chatglm.py"]),
+    "vcu128/io/output.py": Scope(["tests/test_outputs.py", "tests/test_export.py", "tests/test_refusals.py", "tests/test_pins.py",
+                                  "tests/test_safety.py"]),
 }
 
 
