@@ -60,6 +60,7 @@ from vcu128.format.layout import (
     scale_word_index,
     split_linear_rows,
     sw_norm_file,
+    transposed,
     unpack_bias_words,
     unpack_nibbles,
     weight_word_index,
@@ -154,7 +155,8 @@ def check_packed_linear(report: BitReport, folder: PackedFolder, stem: str, chin
     report.files_checked += ports
     total = rows_per_port(chout, ports) * ports
     report.bytes_checked += total * words * 4
-    step = rows_per_block(4 * chin, multiple=ports)
+    # Blocks of 16 MB of int8 weights: 8 MB of packed rows, read a quarter MB a port file.
+    step = rows_per_block(2 * chin, multiple=ports)
     groups = chin // GROUP_SIZE
 
     def compare(start: int):
@@ -168,8 +170,9 @@ def check_packed_linear(report: BitReport, folder: PackedFolder, stem: str, chin
             weight_words, halves = split_linear_rows(rows[:real], chin)
             want_w, want_s = expected(start, start + real)
             want_b = want_w if want_w.dtype == np.uint8 else offset_binary_bytes(pack_nibbles(want_w))
-            bad_rows = np.flatnonzero((offset_binary_bytes(weight_words, int4) != want_b).any(1)
-                                      | (halves[:, :groups] != want_s.view("<u2")).any(1) | halves[:, groups:].any(1))
+            # compared 16 nibbles at a time (chin/2 bytes a row: a multiple of 8)
+            same = offset_binary_bytes(weight_words, int4).view("<u8") == np.ascontiguousarray(want_b).view("<u8")
+            bad_rows = np.flatnonzero(~same.all(1) | (halves[:, :groups] != want_s.view("<u2")).any(1) | halves[:, groups:].any(1))
             if bad_rows.size:  # the expected ints of the first few, to describe them
                 shown = bad_rows[:3]
                 q = want_w[shown] if want_w.dtype != np.uint8 else unpack_nibbles(np.ascontiguousarray(want_b[shown]).view("<u4"), unsigned_offset=8)
@@ -290,7 +293,7 @@ def output_layer_record(folder: PackedFolder, ckpt: GPTQCheckpoint, compile_dir:
 def gptq_bytes(qweight: np.ndarray) -> np.ndarray:
     """A block of columns of GPTQ's qweight [chin/8, rows] as the rows' bytes [rows, chin/2] of q + 8
     nibbles, input 2k in the low one (word k of a column holds inputs 8k..8k+7, the low nibble first)."""
-    return np.ascontiguousarray(qweight.T).view(np.uint8)
+    return transposed(qweight).view(np.uint8)
 
 
 def output_layer_rows(ckpt: GPTQCheckpoint, record: OutputLayerRecord):
@@ -305,9 +308,8 @@ def output_layer_rows(ckpt: GPTQCheckpoint, record: OutputLayerRecord):
     if source == "lm_head":
         raise VCUError(f"{ckpt.qdir}: the output layer is GPTQ-quantized (lm_head.qweight), but the folder records method {record.method}")
 
-    def rows(a: int, b: int):
-        q, s = quantize_rows(ckpt.get(source, rows=slice(a, b)).astype(np.float32, copy=False), record.method, -record.int4_range)
-        return q.astype(np.int8), s
+    def rows(a: int, b: int):  # fp16 rows are widened to float32 inside, a strip at a time: the same values
+        return quantize_rows(ckpt.get(source, rows=slice(a, b)), record.method, -record.int4_range)
 
     return rows
 
