@@ -14,6 +14,7 @@ the checkpoint's model in fp32, on held-out tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -49,15 +50,19 @@ from vcu128.format.layout import (
     BinFile,
     hw_layer_norm_file,
     hw_linear_stems,
+    offset_binary_bytes,
     pack_linear_rows,
+    pack_nibbles,
     port_file,
     read_port_rows,
     row_words,
     rows_per_port,
     scale_word_index,
+    split_linear_rows,
     sw_norm_file,
+    transposed,
     unpack_bias_words,
-    unpack_linear_rows,
+    unpack_nibbles,
     weight_word_index,
 )
 from vcu128.format.model import (
@@ -85,7 +90,7 @@ from vcu128.io.output import (
     replace_file_atomically,
     sha256_file,
 )
-from vcu128.io.parallel import rows_per_block
+from vcu128.io.parallel import ordered_map, rows_per_block
 from vcu128.io.progress import bar
 from vcu128.io.provenance import stale_compile, stale_hardware, warn
 from vcu128.quant.rtn import quantize_rows
@@ -106,6 +111,7 @@ class BitReport:
     bytes_checked: int = 0
     more: int = 0  # differences found past MAX_REPORTED
     stale: list[str] = field(default_factory=list)  # warnings that may explain the differences
+    sha256: dict[str, str] = field(default_factory=dict)  # files read whole while checked: their sha256, from those bytes
 
     def add(self, message: str) -> None:
         if len(self.differences) < MAX_REPORTED:
@@ -123,6 +129,7 @@ class BitReport:
         self.more += other.more
         self.files_checked += other.files_checked
         self.bytes_checked += other.bytes_checked
+        self.sha256.update(other.sha256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +141,11 @@ def _place(stem: str, row: int, ports: int) -> str:
 
 
 def check_packed_linear(report: BitReport, folder: PackedFolder, stem: str, chin: int, chout: int, expected) -> None:
-    """Compare a linear's port files with `expected(start, stop) -> (int8 q, fp16 scales)`."""
+    """Compare a linear's port files with `expected(start, stop) -> (weights, fp16 scales)`: the
+    weights as signed ints [rows, chin] (int8), or as GPTQ packs them, uint8 [rows, chin/2] of q + 8
+    nibbles, input 2k in the low one (a checkpoint's qweight, transposed: nothing to decode).
+    The folder's weight words are compared in that form, every word of every row; each port file is
+    read once, and its sha256 taken from those bytes for the manifest check."""
     int4, ports = folder.assumptions.int4, folder.ports
     words = row_words(chin)
     try:
@@ -144,22 +155,43 @@ def check_packed_linear(report: BitReport, folder: PackedFolder, stem: str, chin
     report.files_checked += ports
     total = rows_per_port(chout, ports) * ports
     report.bytes_checked += total * words * 4
-    step = rows_per_block(4 * chin, multiple=ports)
-    for start in range(0, total, step):
+    # Blocks of 16 MB of int8 weights: 8 MB of packed rows, read a quarter MB a port file.
+    step = rows_per_block(2 * chin, multiple=ports)
+    groups = chin // GROUP_SIZE
+
+    def compare(start: int):
+        """(rows read, each port's rows as read, real rows, rows that differ, expected ints and scales of those)."""
         stop = min(start + step, total)
-        rows = read_port_rows(files, start, stop)
+        pieces: list = [None] * ports
+        rows = read_port_rows(files, start, stop, on_read=pieces.__setitem__)
         real = max(0, min(stop, chout) - start)
+        bad_rows, want = np.zeros(0, np.int64), None
         if real:
-            q, scales, pad = unpack_linear_rows(rows[:real], chin, int4)
-            want_q, want_s = expected(start, start + real)
-            bad_rows = np.flatnonzero((q != want_q).any(1) | (scales.view("<u2") != want_s.view("<u2")).any(1) | pad.any(1))
-            for r in bad_rows[:3]:
-                _describe_row(report, stem, start + int(r), ports, rows[r], pack_linear_rows(want_q[r : r + 1], want_s[r : r + 1], int4)[0], chin)
-            report.more += max(0, len(bad_rows) - 3)
+            weight_words, halves = split_linear_rows(rows[:real], chin)
+            want_w, want_s = expected(start, start + real)
+            want_b = want_w if want_w.dtype == np.uint8 else offset_binary_bytes(pack_nibbles(want_w))
+            # compared 16 nibbles at a time (chin/2 bytes a row: a multiple of 8)
+            same = offset_binary_bytes(weight_words, int4).view("<u8") == np.ascontiguousarray(want_b).view("<u8")
+            bad_rows = np.flatnonzero(~same.all(1) | (halves[:, :groups] != want_s.view("<u2")).any(1) | halves[:, groups:].any(1))
+            if bad_rows.size:  # the expected ints of the first few, to describe them
+                shown = bad_rows[:3]
+                q = want_w[shown] if want_w.dtype != np.uint8 else unpack_nibbles(np.ascontiguousarray(want_b[shown]).view("<u4"), unsigned_offset=8)
+                want = (q, want_s[shown])
+        return rows, pieces, real, bad_rows, want
+
+    hashes = [hashlib.sha256() for _ in range(ports)]
+    for start, (rows, pieces, real, bad_rows, want) in zip(range(0, total, step), ordered_map(compare, range(0, total, step))):
+        for sha, piece in zip(hashes, pieces):
+            sha.update(piece)
+        for i, r in enumerate(bad_rows[:3]):
+            _describe_row(report, stem, start + int(r), ports, rows[r], pack_linear_rows(want[0][i : i + 1], want[1][i : i + 1], int4)[0], chin)
+        report.more += max(0, len(bad_rows) - 3)
         if (rows[real:] != 0).any():
             r = real + int(np.flatnonzero((rows[real:] != 0).any(1))[0])
             w = int(np.flatnonzero(rows[r])[0])
             report.add(f"{_place(stem, start + r, ports)}: padding row, word {w} is {int(rows[r, w]):#010x}, expected 0")
+    for p, sha in enumerate(hashes):
+        report.sha256[port_file(stem, p)] = sha.hexdigest()
 
 
 def _describe_row(report: BitReport, stem: str, row: int, ports: int, got: np.ndarray, want: np.ndarray, chin: int) -> None:
@@ -188,6 +220,7 @@ def read_checked(report: BitReport, folder: PackedFolder, rel: str, dtype: str, 
         return None
     report.files_checked += 1
     report.bytes_checked += data.nbytes
+    report.sha256[rel] = hashlib.sha256(data).hexdigest()  # the whole file (its size was checked): read once
     return data
 
 
@@ -233,7 +266,7 @@ def check_manifest(report: BitReport, folder: PackedFolder, expected_files: set[
         size = path.stat().st_size
         if size != f.bytes:
             report.add(f"{rel}: {size} bytes, {MANIFEST_NAME} says {f.bytes}")
-        elif sha256_file(path) != f.sha256:
+        elif (report.sha256.get(rel) or sha256_file(path)) != f.sha256:
             report.add(f"{rel}: sha256 differs from {MANIFEST_NAME} (content changed or files swapped)")
 
 
@@ -257,20 +290,26 @@ def output_layer_record(folder: PackedFolder, ckpt: GPTQCheckpoint, compile_dir:
     return OutputLayerRecord(method)
 
 
+def gptq_bytes(qweight: np.ndarray) -> np.ndarray:
+    """A block of columns of GPTQ's qweight [chin/8, rows] as the rows' bytes [rows, chin/2] of q + 8
+    nibbles, input 2k in the low one (word k of a column holds inputs 8k..8k+7, the low nibble first)."""
+    return transposed(qweight).view(np.uint8)
+
+
 def output_layer_rows(ckpt: GPTQCheckpoint, record: OutputLayerRecord):
-    """`(start, stop) -> (int8 q, fp16 scales)` of the output layer's rows, from the checkpoint."""
+    """`(start, stop) -> (weights, fp16 scales)` of the output layer's rows, from the checkpoint (the
+    weights as check_packed_linear takes them)."""
     source = ckpt.lm_head_source()
     if record.method == "checkpoint":
         if source != "lm_head":
             raise VCUError(f"{ckpt.qdir}: the folder's output layer was taken from the checkpoint's lm_head.qweight, which it does not have")
         qweight, scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
-        return lambda a, b: (ckpt.signed_weights(qweight[:, a:b]), np.ascontiguousarray(scales[:, a:b].T))
+        return lambda a, b: (gptq_bytes(qweight[:, a:b]), np.ascontiguousarray(scales[:, a:b].T))
     if source == "lm_head":
         raise VCUError(f"{ckpt.qdir}: the output layer is GPTQ-quantized (lm_head.qweight), but the folder records method {record.method}")
 
-    def rows(a: int, b: int):
-        q, s = quantize_rows(ckpt.get(source, rows=slice(a, b)).astype(np.float32, copy=False), record.method, -record.int4_range)
-        return q.astype(np.int8), s
+    def rows(a: int, b: int):  # fp16 rows are widened to float32 inside, a strip at a time: the same values
+        return quantize_rows(ckpt.get(source, rows=slice(a, b)), record.method, -record.int4_range)
 
     return rows
 
@@ -317,7 +356,7 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
             qweight, scales = ckpt.get(f"{name}.qweight"), ckpt.get(f"{name}.scales")
             check_packed_linear(
                 part, folder, stem, chin, chout,
-                lambda a, b, qw=qweight, sc=scales, f=f: (ckpt.signed_weights(qw[:, a:b]), scale_fp16(np.ascontiguousarray(sc[:, a:b].T), f)),
+                lambda a, b, qw=qweight, sc=scales, f=f: (gptq_bytes(qw[:, a:b]), scale_fp16(np.ascontiguousarray(sc[:, a:b].T), f)),
             )
             bias = ckpt.get_fp16(f"{name}.bias") if ckpt.has(f"{name}.bias") else np.zeros(chout, np.float16)
             check_bias_words(part, folder, bias_file, scale_fp16(bias, f))
@@ -326,13 +365,16 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
             check_fp16_file(part, folder, hw_layer_norm_file(layer, board), sw_norm_file(w), f"{norm} weight, then zeros")
         return part
 
-    # numpy and file reads release the GIL: on a many-core host the layers check side by side; the
-    # reports are merged in layer order, so the differences read the same on any machine.
+    # numpy and file reads release the GIL: the layers check side by side, beside the output layer
+    # (made again from the checkpoint: the longest part, so it starts first); the reports are merged in
+    # order, layers then output layer, so the differences read the same on any machine.
+    output_part = BitReport()
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        output_done = pool.submit(check_packed_linear, output_part, folder, OUT_WEIGHT_STEM, d.hidden, d.vocab, expected_output)
         for part in bar(pool.map(check_layer, range(d.num_layers)), "verify", "layer", d.num_layers, progress):
             report.merge(part)
-
-    check_packed_linear(report, folder, OUT_WEIGHT_STEM, d.hidden, d.vocab, expected_output)
+        output_done.result()
+    report.merge(output_part)
     check_bias_words(report, folder, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
     check_fp16_file(report, folder, OUT_NORM_FILE, sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")), "model.norm weight, then zeros")
 

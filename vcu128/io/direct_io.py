@@ -140,7 +140,7 @@ def write_array(path: Path, array) -> None:
 def read_bytes(path: Path, offset: int, nbytes: int, direct: bool = True) -> np.ndarray:
     """`nbytes` bytes of a file from `offset`, as uint8: with O_DIRECT, the aligned range around
     them is read into an aligned buffer and the asked-for bytes returned as a view of it."""
-    fd, is_direct = _open(Path(path), os.O_RDONLY, direct)
+    fd, is_direct = _open(path, os.O_RDONLY, direct)  # a str or a Path: os.open takes either
     try:
         start = offset - offset % ALIGN if is_direct else offset
         stop = -(-(offset + nbytes) // ALIGN) * ALIGN if is_direct else offset + nbytes
