@@ -471,7 +471,7 @@ def model_eps(cfg: dict) -> float:
 
 def _fp32_rope(cfg: dict, head_dim: int, positions: int, where: Path):
     """transformers' cos/sin in fp32 (not rounded): the checkpoint model's."""
-    inv = rope_inv_freq(cfg, head_dim, where)
+    inv = torch.from_numpy(rope_inv_freq(cfg, head_dim, where))
     freqs = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv[None, :]
     return freqs.cos().numpy(), freqs.sin().numpy()
 

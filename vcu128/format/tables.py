@@ -116,38 +116,40 @@ def rope_parameters(cfg: dict, where: Path) -> tuple[float, dict]:
     return theta, scaling
 
 
-def rope_inv_freq(cfg: dict, head_dim: int, where: Path):
-    """The inverse frequencies [head_dim / 2] in float32, as transformers computes them."""
-    import torch
-
+def rope_inv_freq(cfg: dict, head_dim: int, where: Path) -> np.ndarray:
+    """The inverse frequencies [head_dim / 2] in float32, as transformers computes them
+    (`1.0 / theta ** (arange(0, d, 2).float() / d)`, then the linear or llama3 scaling), every step a
+    float32 operation but the power, which is taken correctly rounded (through float64): torch's
+    float32 pow may be an ulp off there, and which ulp depends on the CPU's vector unit. The table is
+    then a function of config.json alone, the same on every machine."""
     theta, scaling = rope_parameters(cfg, where)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / (theta ** exponent.astype(np.float64)).astype(np.float32)
     kind = scaling["rope_type"]
     if kind == "linear":
-        inv_freq = inv_freq / get_float(scaling, "factor", where)
-    elif kind == "llama3":  # transformers' _compute_llama3_parameters
-        factor = get_float(scaling, "factor", where)
-        low, high = get_float(scaling, "low_freq_factor", where), get_float(scaling, "high_freq_factor", where)
-        old_len = get_int(scaling, "original_max_position_embeddings", where)
+        inv_freq = inv_freq / np.float32(get_float(scaling, "factor", where))
+    elif kind == "llama3":  # transformers' _compute_llama3_parameters, in float32 as there
+        factor = np.float32(get_float(scaling, "factor", where))
+        low, high = np.float32(get_float(scaling, "low_freq_factor", where)), np.float32(get_float(scaling, "high_freq_factor", where))
+        old_len = np.float32(get_int(scaling, "original_max_position_embeddings", where))
         low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
     return inv_freq
 
 
 def rope_cos_sin(cfg: dict, head_dim: int, positions: int, where: Path, start: int = 0, inv_freq=None) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [positions, head_dim / 2] (of positions start .. start + positions - 1) as fp16:
-    transformers' fp32 product and cos/sin, then rounded to fp16 as the model's half-precision
-    forward rounds them. Element by element: a block of positions is exactly those rows of the whole."""
-    import torch
-
-    inv_freq = rope_inv_freq(cfg, head_dim, where) if inv_freq is None else inv_freq
-    freqs = torch.arange(start, start + positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    return freqs.cos().half().numpy(), freqs.sin().half().numpy()
+    """cos and sin [positions, head_dim / 2] (of positions start .. start + positions - 1) as fp16: the
+    phase float32(t) * inv_freq in float32 as a model's forward computes it, its cos and sin in float64
+    rounded once to fp16 (the same bytes on any CPU, any thread count). Element by element: a block of
+    positions is exactly those rows of the whole."""
+    inv_freq = rope_inv_freq(cfg, head_dim, where) if inv_freq is None else np.asarray(inv_freq, np.float32)
+    phase = (np.arange(start, start + positions, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)
+    return np.cos(phase).astype(np.float16), np.sin(phase).astype(np.float16)
 
 
 def rope_rotary_dim(order: str) -> int:
