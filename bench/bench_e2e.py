@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -145,7 +147,8 @@ def run_command(name: str, args: list[str], log, cold: bool = False) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     return {"name": name, "command": " ".join(args), "exit_code": os.waitstatus_to_exitcode(status), "seconds": round(wall, 3),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3), "lines": lines}
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3),
+            "disk_read_gb": round(usage.ru_inblock * 512 / 1e9, 2), "disk_written_gb": round(usage.ru_oublock * 512 / 1e9, 2), "lines": lines}
 
 
 def first_line(run: dict, pattern: str) -> tuple[float, str] | None:
@@ -218,17 +221,16 @@ def fingerprint(folders: list[Path], out: Path) -> int:
 
 
 def machine(device: str) -> dict:
+    """The machine and the library versions (asked of a child process: the benchmark itself stays
+    small, since a child's peak RSS counts what it inherits from here)."""
     info = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "load_average_at_start": os.getloadavg()}
+    probe = ("import json, numpy, torch, transformers; d = dict(torch=torch.__version__, transformers=transformers.__version__, "
+             f"numpy=numpy.__version__); d.update(gpu=torch.cuda.get_device_name(0)) if {device.startswith('cuda')!r} and torch.cuda.is_available() else None; "
+             "print(json.dumps(d))")
     try:
-        import numpy
-        import torch
-        import transformers
-
-        info.update(torch=torch.__version__, transformers=transformers.__version__, numpy=numpy.__version__)
-        if device.startswith("cuda") and torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
+        info.update(json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300).stdout))
+    except (ValueError, subprocess.SubprocessError):
         pass
     return info
 
@@ -239,19 +241,36 @@ def machine_tag(info: dict, device: str) -> str:
     return f"{info['cpus']}core"
 
 
-def disk_speed(folder: Path, nbytes: int = 4 << 30) -> dict:
-    """The disk's floor: unbuffered (O_DIRECT) write then read of `nbytes` in 32 MB blocks."""
-    from bench.bench_export import raw_read_seconds, raw_write_seconds
+def disk_speed(folder: Path, nbytes: int = 8 << 30, block: int = 16 << 20) -> dict:
+    """The disk's speed for the steps' own pattern: unbuffered (O_DIRECT) writes of 16 MB blocks, two
+    at a time, into 8 files, synced; then the same bytes read back, four 16 MB reads at a time
+    (page cache emptied first, where root may)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    write = raw_write_seconds(nbytes, folder, direct=True)
-    probe = folder / "read_probe.bin"
-    with open(probe, "wb") as f:
-        block = os.urandom(1 << 20) * 32
-        for _ in range(nbytes // len(block)):
-            f.write(block)
-    read = raw_read_seconds([probe], direct=True)
-    probe.unlink()
-    return {"write_gb_s": round(nbytes / 1e9 / write, 2), "read_gb_s": round(nbytes / 1e9 / read, 2), "probe_gb": round(nbytes / 1e9, 1)}
+    from vcu128.io.direct_io import O_DIRECT, aligned_empty, read_bytes
+
+    buf = aligned_empty(block)
+    buf[:] = np.frombuffer(os.urandom(block), np.uint8)
+    files = [folder / f"disk_probe_{i}.bin" for i in range(8)]
+    jobs = [(f, off) for f in files for off in range(0, nbytes // len(files), block)]
+    drop_page_cache()
+    start = time.perf_counter()
+    fds = {f: os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_DIRECT) for f in files}
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda job: os.pwrite(fds[job[0]], buf, job[1]), jobs))
+    for fd in fds.values():
+        os.close(fd)
+    os.sync()
+    write = time.perf_counter() - start
+    drop_page_cache()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda job: read_bytes(job[0], job[1], block).size, jobs))
+    read = time.perf_counter() - start
+    for f in files:
+        f.unlink()
+    total = len(jobs) * block
+    return {"write_gb_s": round(total / 1e9 / write, 2), "read_gb_s": round(total / 1e9 / read, 2), "probe_gb": round(total / 1e9, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +289,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (the model is then reused by the next run)")
     p.add_argument("--cold", action="store_true", help="empty the page cache before each command (root only)")
     p.add_argument("--fingerprint", type=Path, help="write the sha256 of every output file here")
-    p.add_argument("--disk", action="store_true", help="also measure the disk's unbuffered write and read speed (4 GB)")
+    p.add_argument("--disk", action="store_true", help="first measure the disk's unbuffered write and read speed (8 GB), and give each command's floor")
     p.add_argument("--json", type=Path, help="default: bench/results/e2e_<machine>_<layers>L[_export].json")
     args = p.parse_args()
 
@@ -303,6 +322,9 @@ def main() -> None:
     if made["exit_code"]:
         raise SystemExit("building the input failed (its output is above)")
     print(f"input ready in {time.perf_counter() - t:.1f} s", file=log)
+    disk = disk_speed(args.work) if args.disk else None  # before the steps: their outputs are not yet there to crowd the disk
+    if disk:
+        print(f"disk: unbuffered write {disk['write_gb_s']} GB/s, read {disk['read_gb_s']} GB/s", file=log)
 
     compile_dir = qdir / "compile"
     hw = compile_dir / "QWEN_BLOCK_write_data_port32"
@@ -340,10 +362,19 @@ def main() -> None:
 
     print(f"\n{tag}, {'export only (synthetic checkpoint)' if args.export_only else 'quantize.py --compile, then verify.py'}, "
           f"{'' if args.export_only else f'device {args.device}; '}{info['host']}: {info['cpus']} cores, load average at start {info['load_average_at_start'][0]:.2f}\n")
-    print("| command | exit | seconds | CPU seconds | peak RSS (GB) |\n| --- | ---: | ---: | ---: | ---: |")
+    # A command's disk floor: its bytes read and written at the disk's own speed, one after the other.
     for r in runs:
-        print(f"| `{r['name']}` | {r['exit_code']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
-    print(f"| **all** | | **{total:.1f}** | {sum(r['cpu_seconds'] for r in runs):.1f} | |\n")
+        r["disk_floor_seconds"] = round(r["disk_read_gb"] / disk["read_gb_s"] + r["disk_written_gb"] / disk["write_gb_s"], 2) if disk else None
+    floor = lambda r: f"{r['disk_floor_seconds']:.1f}" if disk else "-"  # noqa: E731
+    print("| command | exit | seconds | CPU seconds | peak RSS (GB) | disk read (GB) | disk written (GB) | disk floor (s) |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in runs:
+        print(f"| `{r['name']}` | {r['exit_code']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['disk_read_gb']:.2f} "
+              f"| {r['disk_written_gb']:.2f} | {floor(r)} |")
+    print(f"| **all** | | **{total:.1f}** | {sum(r['cpu_seconds'] for r in runs):.1f} | | {sum(r['disk_read_gb'] for r in runs):.2f} "
+          f"| {sum(r['disk_written_gb'] for r in runs):.2f} | {sum(r['disk_floor_seconds'] for r in runs) if disk else 0:.1f} |\n")
+    if disk:
+        print(f"disk (measured before the commands): unbuffered write {disk['write_gb_s']} GB/s, read {disk['read_gb_s']} GB/s\n")
     print("| phase | seconds |\n| --- | ---: |")
     for name, s in phases:
         print(f"| {name} | {s:.1f} |")
@@ -352,9 +383,8 @@ def main() -> None:
            "mode": "export_only" if args.export_only else "quantize --compile, verify", "cold_cache": args.cold,
            "total_seconds": round(total, 2), "phases": [{"phase": n, "seconds": round(s, 2)} for n, s in phases],
            "commands": [{k: v for k, v in r.items() if k != "lines"} | {"log": r["lines"]} for r in runs]}
-    if args.disk:
-        doc["disk"] = disk_speed(args.work)
-        print(f"\ndisk: unbuffered write {doc['disk']['write_gb_s']} GB/s, read {doc['disk']['read_gb_s']} GB/s")
+    if disk:
+        doc["disk"] = disk
     if args.fingerprint:
         n = fingerprint([qdir], args.fingerprint)
         print(f"\nsha256 of {n} output files -> {args.fingerprint}")

@@ -29,7 +29,7 @@ from vcu128.format.layout import (
 from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
 from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
 from vcu128.format.rescale import RescalePlan, scale_fp16, tensor_factor
-from vcu128.io.direct_io import DirectWriter, write_array
+from vcu128.io.direct_io import DirectWriter, aligned_empty, write_array
 from vcu128.io.jsonfile import dumps, read_json_object
 from vcu128.io.output import (
     StepResult,
@@ -55,10 +55,17 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 
     paths = sw_linear_paths(folder, name, ckpt.dims.family.software)
     qweight = ckpt.get(f"{name}.qweight")  # int32 [chin/8, chout]: half a byte a weight
     chin, chout = qweight.shape[0] * 8, qweight.shape[1]
-    step = rows_per_block(4 * chin)
+    # Blocks of 16 MB (memory the allocator reuses; 32 MB would be new, kernel-zeroed pages each time),
+    # of a multiple of 8 rows: whole 4 kB pages
+    step = rows_per_block(8 * chin, multiple=8)
+
+    def block(c: int) -> np.ndarray:  # unpacked into aligned memory, written from there (no copy)
+        n = min(step, chout - c)
+        return ckpt.signed_weights(qweight[:, c : c + n], np.dtype("<i4"), out=aligned_empty(4 * n * chin).view("<i4").reshape(n, chin))
+
     with DirectWriter(paths["qweight"], background=True) as f:
-        for block in ordered_map(lambda c: ckpt.signed_weights(qweight[:, c : c + step], np.dtype("<i4")), range(0, chout, step)):
-            f.write(block)
+        for rows in ordered_map(block, range(0, chout, step)):
+            f.write(rows, owned=True)
     write_array(paths["scales"], scale_fp16(np.ascontiguousarray(ckpt.get(f"{name}.scales").T), factor, counter).astype("<f2"))
     bias_name = f"{name}.bias"
     bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")
@@ -68,9 +75,17 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 
 def write_embedding(ckpt: GPTQCheckpoint, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
     vocab, hidden = ckpt.dims.vocab, ckpt.dims.hidden
     step = rows_per_block(2 * hidden)
+
+    def block(r: int) -> tuple[np.ndarray, dict]:  # read (and scaled) ahead, on the worker threads
+        counts: dict = {}
+        return scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)), factor, counts).astype("<f2", copy=False), counts
+
     with DirectWriter(sw_fp16_path(folder, EMBEDDING, ckpt.dims.family.software), background=True) as f:
-        for r in range(0, vocab, step):
-            f.write(scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(r, r + step)), factor, {} if counter is None else counter).astype("<f2"))
+        for rows, counts in ordered_map(block, range(0, vocab, step)):
+            f.write(rows)
+            if counter is not None:
+                for key, n in counts.items():
+                    counter[key] = counter.get(key, 0) + n
 
 
 def rescale_plan(ckpt: GPTQCheckpoint, mode: str, text: Path | None) -> RescalePlan | None:
@@ -170,13 +185,28 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
         for sub in sw_dirs(software):
             (stage / sub).mkdir()
         shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
-        for layer in bar(range(dims.num_layers), "compile_sw", "layer", enabled=progress):
-            for lin in LINEARS:
-                sw_linear_paths(stage, lin.name(layer), software)["qweight"].parent.mkdir(parents=True, exist_ok=True)
-                write_linear(ckpt, lin.name(layer), stage, tensor_factor(plan, lin.name(layer)), counter)
-            for norm, _ in LAYER_NORMS:
-                name = f"model.layers.{layer}.{norm}.weight"
-                write_array(sw_fp16_path(stage, name, software), sw_norm_file(ckpt.get_fp16(name)))
+        def linear(item: tuple[int, object]) -> dict:
+            layer, lin = item
+            name = lin.name(layer)
+            sw_linear_paths(stage, name, software)["qweight"].parent.mkdir(parents=True, exist_ok=True)
+            counts: dict = {}
+            write_linear(ckpt, name, stage, tensor_factor(plan, name), counts)
+            return counts
+
+        # Two linears at a time, each read, unpacked and written on threads of its own: while one
+        # starts (its qweight read) or ends (its last write), the other keeps the disk busy. Results
+        # come back in order: a layer's norms are written, and an error raised, as one after another would.
+        linears = [(layer, lin) for layer in range(dims.num_layers) for lin in LINEARS]
+        with bar(None, "compile_sw", "layer", dims.num_layers, progress) as shown:
+            for i, counts in enumerate(ordered_map(linear, linears, ahead=2, workers=2)):
+                for key, n in counts.items():
+                    counter[key] = counter.get(key, 0) + n
+                layer, _ = linears[i]
+                if i + 1 == len(linears) or linears[i + 1][0] != layer:
+                    for norm, _ in LAYER_NORMS:
+                        name = f"model.layers.{layer}.{norm}.weight"
+                        write_array(sw_fp16_path(stage, name, software), sw_norm_file(ckpt.get_fp16(name)))
+                    shown.update(1)
         write_array(sw_fp16_path(stage, f"{FINAL_NORM}.weight", software), sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")))
         write_embedding(ckpt, stage, tensor_factor(plan, EMBEDDING), counter)
         if plan:  # config.json says so: every later step reads its factors from there

@@ -17,7 +17,7 @@ import numpy as np
 from vcu128.format.checkpoint import GPTQCheckpoint
 from vcu128.format.int4_grid import lm_head_grid, read_checkpoint_setting
 from vcu128.format.layout import sw_lm_head_half_paths, sw_lm_head_paths
-from vcu128.io.direct_io import DirectWriter
+from vcu128.io.direct_io import DirectWriter, aligned_empty
 from vcu128.io.errors import VCUError, set_writing
 from vcu128.io.output import (
     StepResult,
@@ -126,8 +126,10 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
 
     def quantize_block(rows: slice):
         """(int32 q, fp16 scales, squared error, squared norm) of a block of output rows."""
+        n = rows.stop - rows.start
+        q32 = aligned_empty(4 * n * dims.hidden).view("<i4").reshape(n, dims.hidden)  # written from there, without a copy
         if method == "checkpoint":
-            q = ckpt.signed_weights(gptq_qweight[:, rows], np.dtype("<i4"))
+            q = ckpt.signed_weights(gptq_qweight[:, rows], np.dtype("<i4"), out=q32)
             return q, np.ascontiguousarray(gptq_scales[:, rows].T), 0.0, 0.0
         w = ckpt.get(source, rows=rows).astype(np.float32, copy=False)  # a NaN or inf is refused there, by row
         q, scales = quantize_rows(w, method, -int4_range)
@@ -135,7 +137,8 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
             r, g = (int(i) for i in np.argwhere(~np.isfinite(scales))[0])
             raise VCUError(f"{source}: row {rows.start + r}, group {g}: largest |weight| {float(np.abs(w[r, g * 128:(g + 1) * 128]).max())} "
                            "gives a scale outside fp16's range (65504), in which the board stores it")
-        return q.astype("<i4"), scales, *squared_error(w, dequantize_rows(q, scales))
+        np.copyto(q32, q)
+        return q32, scales, *squared_error(w, dequantize_rows(q, scales))
 
     step = rows_per_block(4 * dims.hidden)
     blocks = [slice(r, min(r + step, dims.vocab)) for r in range(0, dims.vocab, step)]
@@ -157,7 +160,7 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
             for block, (q, scales, e, n) in zip(blocks, bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks),
                                                             progress), strict=True):
                 scales = scales.astype("<f2")
-                writers["qweight"].write(q)
+                writers["qweight"].write(q, owned=True)
                 writers["scales"].write(scales)
                 if "qweight_0" in writers:  # rows below vocab/2 to the _0 copies, the rest to _1
                     cut = min(max(half - block.start, 0), q.shape[0])

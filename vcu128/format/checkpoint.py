@@ -563,9 +563,10 @@ class GPTQCheckpoint:
                 raise VCUError(f"{src}: hidden={d.hidden} is not a multiple of {GROUP_SIZE}, which the board needs")
 
     # --- decoding ----------------------------------------------------------------------------------
-    def signed_weights(self, qweight: np.ndarray, dtype=np.int8) -> np.ndarray:
-        """GPTQ qweight [chin/8, chout] (or a block of its columns) to signed ints q - 8, [chout, chin]."""
+    def signed_weights(self, qweight: np.ndarray, dtype=np.int8, out: np.ndarray | None = None) -> np.ndarray:
+        """GPTQ qweight [chin/8, chout] (or a block of its columns) to signed ints q - 8, [chout, chin]
+        (into `out`, if given: unpack_nibbles)."""
         from vcu128.format.layout import transposed, unpack_nibbles
 
         # Transposed, word k of a row holds inputs 8k..8k+7 of one output channel, low nibble first.
-        return unpack_nibbles(transposed(qweight).view(np.uint32), unsigned_offset=8, dtype=dtype)
+        return unpack_nibbles(transposed(qweight).view(np.uint32), unsigned_offset=8, dtype=dtype, out=out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS, INT4_COD
 from vcu128.format.model import EMBEDDING, GROUP_SIZE, Linear
 from vcu128.io.direct_io import read_bytes
 from vcu128.io.errors import VCUError
-from vcu128.io.output import HashingWriter
+from vcu128.io.output import write_whole_file
 
 # ---------------------------------------------------------------------------------------------
 # Nibbles: 8 four-bit values a little-endian word, value j in bits 4j..4j+3.
@@ -57,14 +58,17 @@ def transposed(a: np.ndarray, tile: int = 128) -> np.ndarray:
     return out
 
 
-def unpack_nibbles(words: np.ndarray, unsigned_offset: int | None = None, dtype=np.int8, code: str = "twos") -> np.ndarray:
+def unpack_nibbles(words: np.ndarray, unsigned_offset: int | None = None, dtype=np.int8, code: str = "twos",
+                   out: np.ndarray | None = None) -> np.ndarray:
     """uint32 [rows, n] to signed ints [rows, 8n] of `dtype` (int8, int16 or int32, little-endian).
     With `unsigned_offset`, nibbles are unsigned and the offset is subtracted (GPTQ's q - zero);
-    without, they are signed in the board's `code` (two's complement, or sign-magnitude)."""
+    without, they are signed in the board's `code` (two's complement, or sign-magnitude). `out`: a
+    C-contiguous array of that shape and dtype to write them into (aligned memory a file is written from)."""
     dtype = np.dtype(dtype).newbyteorder("<")
     rows = words.shape[0]
     halves = np.ascontiguousarray(words, dtype="<u4").view("<u2")
-    items = np.take(_nibble_table(unsigned_offset, dtype, code), halves, mode="clip")  # every index is in range
+    table = _nibble_table(unsigned_offset, dtype, code)
+    items = np.take(table, halves, mode="clip", out=None if out is None else out.view(table.dtype).reshape(halves.shape))  # every index is in range
     return items.view(dtype).reshape(rows, -1)
 
 
@@ -74,10 +78,13 @@ def pack_nibbles(q: np.ndarray, code: str = "twos") -> np.ndarray:
     if code == "sign_magnitude":
         q = np.where(q < 0, 8 - q.astype(np.int16), q).astype(np.int8)
     # The low byte of a two's-complement int holds its nibble: cast first (wrapping), then work on
-    # bytes, a quarter of the memory traffic of masking the int32s. A uint8 shift drops the high bits.
-    low = q.astype(np.uint8) if q.dtype.itemsize > 1 else q.view(np.uint8)
-    as_bytes = low[:, 0::2] & 0xF
-    as_bytes |= low[:, 1::2] << 4
+    # bytes, a quarter of the memory traffic of masking the int32s. Inputs 2k and 2k+1 are then the
+    # two bytes of one little-endian uint16: its bits 0-3 and 8-11 are the output byte's two nibbles
+    # (contiguous passes, 1.8 times faster than gathering every other byte).
+    low = q.astype(np.uint8) if q.dtype.itemsize > 1 else np.ascontiguousarray(q).view(np.uint8)
+    pairs = low.view("<u2")
+    as_bytes = (pairs & 0xF).astype(np.uint8)
+    as_bytes |= (pairs >> 4).astype(np.uint8) & 0xF0
     return as_bytes.view("<u4")
 
 
@@ -327,34 +334,46 @@ def port_file(stem: str, port: int) -> str:
 
 
 class PackedLinearWriter:
-    """Writes a linear's rows to its port files: row r goes to port r % P, after that port's
-    earlier rows. Rows come in blocks whose start is a multiple of P; close() adds the zero rows
-    that make every port file ceil(chout / P) rows long."""
+    """A linear's port files: row r goes to port r % P, after that port's earlier rows, and every
+    port file is ceil(chout / P) rows long, zero rows after the last. The rows gather in memory (the
+    packed linear, half a byte a weight), from `write` (blocks in order) or `place` (a block at any
+    start that is a multiple of P, from any thread: blocks fill rows of their own); close() writes
+    each port file whole, with its sha256."""
 
     def __init__(self, root: Path, stem: str, chin: int, chout: int, ports: int, source: str):
+        self.root, self.stem, self.source = Path(root), stem, source
         self.chin, self.chout, self.ports = chin, chout, ports
-        self.rows_written = 0
+        self.rows_written = 0  # by write()
         self.words = row_words(chin)
-        shape = dict(rows=rows_per_port(chout, ports), words_per_row=self.words)
-        self.files = [HashingWriter(root, port_file(stem, p), source, **shape) for p in range(ports)]
+        self.by_port = np.zeros((ports, rows_per_port(chout, ports), self.words), "<u4")
+        self._placed = 0
+        self._lock = threading.Lock()
+
+    def place(self, start: int, rows: np.ndarray) -> None:
+        if start % self.ports:
+            raise ValueError("row blocks must start at a multiple of the port count")
+        n, ports = rows.shape[0], self.ports
+        if start + n > self.chout:
+            raise ValueError(f"rows {start}..{start + n} of {self.chout}")
+        first, whole = start // ports, n // ports
+        # [k*P, words] -> [P, k, words]: port p gets rows p, p+P, ...; then the last, partial round
+        self.by_port[:, first : first + whole] = rows[: whole * ports].reshape(whole, ports, self.words).transpose(1, 0, 2)
+        if n > whole * ports:
+            self.by_port[: n - whole * ports, first + whole] = rows[whole * ports :]
+        with self._lock:
+            self._placed += n
 
     def write(self, rows: np.ndarray) -> None:
         if self.rows_written % self.ports:
             raise ValueError("row blocks must start at a multiple of the port count")
-        n = rows.shape[0]
-        self.rows_written += n
-        if self.rows_written == self.chout and n % self.ports:
-            pad = np.zeros((self.ports - n % self.ports, self.words), "<u4")
-            rows = np.concatenate([rows, pad])
-        # [k*P, words] -> [P, k, words]: port p gets rows p, p+P, ...
-        by_port = rows.reshape(-1, self.ports, self.words).transpose(1, 0, 2)
-        for p, f in enumerate(self.files):
-            f.write(by_port[p])
+        self.place(self.rows_written, rows)
+        self.rows_written += rows.shape[0]
 
     def close(self) -> list:
-        if self.rows_written != self.chout:
-            raise ValueError(f"wrote {self.rows_written} rows of {self.chout}")
-        return [f.close() for f in self.files]
+        if self._placed != self.chout:
+            raise ValueError(f"wrote {self._placed} rows of {self.chout}")
+        shape = dict(rows=self.by_port.shape[1], words_per_row=self.words)
+        return [write_whole_file(self.root, port_file(self.stem, p), self.by_port[p], self.source, **shape) for p in range(self.ports)]
 
 
 def open_port_files(port_files: list[Path], chout: int, words: int) -> list[BinFile]:

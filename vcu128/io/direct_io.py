@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,23 +67,33 @@ class DirectWriter:
     """A file written front to back: `write(array)` appends its bytes, like `array.tofile(f)`.
 
     Bytes gather in an aligned staging buffer of `stage_bytes` (a multiple of ALIGN); a full buffer
-    is written with one O_DIRECT pwrite, on a background thread when `background` (two buffers, so
-    filling one overlaps writing the other). Closing writes the padded tail and truncates the file
-    to the bytes actually given."""
+    is written with one O_DIRECT pwrite, on background threads when `background` (three buffers: two
+    written at once, which a disk serves faster than one after the other, while the third fills).
+    Closing writes the padded tail and truncates the file to the bytes actually given."""
 
     def __init__(self, path: Path, stage_bytes: int = 16 << 20, background: bool = False, direct: bool = True):
         assert stage_bytes % ALIGN == 0
         self.path = Path(path)
         self.fd, self.direct = _open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct)
-        self.stages = [aligned_empty(stage_bytes) for _ in range(2 if background else 1)]
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="direct-writer") if background else None
-        self.inflight: Future | None = None
+        self.depth = 2 if background else 0  # writes in flight
+        self.stages = [aligned_empty(stage_bytes) for _ in range(self.depth + 1)]
+        self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="direct-writer") if background else None
+        self.inflight: deque[Future] = deque()
         self.fill = 0  # bytes in the current stage
         self.offset = 0  # file offset of the current stage
         self.closed = False
 
-    def write(self, array) -> None:
+    def write(self, array, owned: bool = False) -> None:
+        """Append the array's bytes. `owned`: the caller gives the array up (it is not changed
+        afterwards), so that an array in aligned memory (aligned_empty) is written from where it is,
+        without the copy into a stage (for gigabytes, a second of CPU time saved for every 6 GB)."""
         data = np.frombuffer(memoryview(np.ascontiguousarray(array)).cast("B"), np.uint8)
+        if owned and self.fill == 0 and (data.ctypes.data % ALIGN == 0 or not self.direct):
+            whole = data.size // ALIGN * ALIGN if self.direct else data.size
+            if whole:
+                self._submit(data[:whole])
+                self.offset += whole
+                data = data[whole:]
         stage = self.stages[0]
         while data.size:
             n = min(data.size, stage.size - self.fill)
@@ -97,15 +108,22 @@ class DirectWriter:
         stage, nbytes = self.stages[0], self.fill
         length = -(-nbytes // ALIGN) * ALIGN if self.direct else nbytes
         stage[nbytes:length] = 0  # the padding of a final partial block, truncated away on close
-        if self.inflight is not None:
-            self.inflight.result()  # the other stage is free again
+        self._submit(stage[:length])
         if self.pool is not None:
-            self.inflight = self.pool.submit(_pwrite_all, self.fd, stage[:length], self.offset)
-            self.stages.reverse()
-        else:
-            _pwrite_all(self.fd, stage[:length], self.offset)
+            self.stages.append(self.stages.pop(0))  # the next stage: the one submitted longest ago, written by now
         self.offset += nbytes
         self.fill = 0
+
+    def _submit(self, data: np.ndarray) -> None:
+        """Write `data` at the current offset: now, or in the background once fewer than `depth`
+        writes are in flight (a stage is reused only after two newer writes were submitted, and so
+        after its own was waited for)."""
+        if self.pool is None:
+            _pwrite_all(self.fd, data, self.offset)
+            return
+        if len(self.inflight) == self.depth:
+            self.inflight.popleft().result()
+        self.inflight.append(self.pool.submit(_pwrite_all, self.fd, data, self.offset))
 
     def close(self) -> None:
         if self.closed:
@@ -114,8 +132,8 @@ class DirectWriter:
         try:
             if self.fill:
                 self._flush()
-            if self.inflight is not None:
-                self.inflight.result()
+            while self.inflight:
+                self.inflight.popleft().result()
             if self.direct and self.offset % ALIGN:
                 os.ftruncate(self.fd, self.offset)
         finally:

@@ -14,14 +14,14 @@ import shutil
 import signal
 import socket
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from vcu128 import __version__
-from vcu128.io.direct_io import DirectWriter, read_bytes
+from vcu128.io.direct_io import ALIGN, DirectWriter, read_bytes
 from vcu128.io.errors import VCUError, human_bytes, one_line, writing
 from vcu128.io.jsonfile import (
     dumps,
@@ -462,7 +462,9 @@ class FileRecord:
     made_from: str | None = None  # id of the compile_sw run it came from (embedding parts)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # asdict's deep copy, for flat fields: vars() gives the same keys in the same order, 10x faster
+        # (a 7B's manifest has 6576 entries)
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 class HashingWriter:
@@ -471,7 +473,10 @@ class HashingWriter:
     def __init__(self, root: Path, rel: str, source: str, **shape):
         self.path = Path(root) / rel
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = DirectWriter(self.path, stage_bytes=1 << 20)  # a packed linear has 32 open at once
+        # A packed linear has 32 open at once, each staged in up to 4 MB: its size, where the shape
+        # tells it (rows of 4-byte words), so that most are written whole, in one write, at close
+        size = shape.get("rows", 0) * shape.get("words_per_row", 0) * 4
+        self._f = DirectWriter(self.path, stage_bytes=min(4 << 20, -(-size // ALIGN) * ALIGN) if size else 1 << 20)
         self._sha = hashlib.sha256()
         self.record = FileRecord(path=rel, source=source, **shape)
 

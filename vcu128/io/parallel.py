@@ -5,6 +5,7 @@ while the main thread writes finished blocks in order."""
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -22,10 +23,11 @@ def rows_per_block(row_bytes: int, multiple: int = 1) -> int:
     return max(multiple, rows // multiple * multiple)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], ahead: int = WORKERS + 1) -> Iterator[R]:
-    """fn(item) for every item, computed on a thread pool, yielded in order. At most `ahead`
-    results exist at once, so memory stays bounded by a few blocks."""
-    with ThreadPoolExecutor(WORKERS) as pool:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], ahead: int = WORKERS + 1, workers: int = WORKERS) -> Iterator[R]:
+    """fn(item) for every item, computed on a pool of `workers` threads, yielded in order. At most
+    `ahead` results exist at once, so memory stays bounded by a few blocks. (More workers than
+    cores suit work that waits: reads, for the disk to have several at once.)"""
+    with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -33,3 +35,17 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], ahead: int = WORKERS +
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def import_in_background(module: str) -> None:
+    """Start importing `module` on a thread, for a step that needs it later (torch, for the RoPE
+    table: seconds, while the step's own work leaves a core free). An `import` of it afterwards
+    waits for this one; a failure here is left for that import to raise."""
+
+    def load() -> None:
+        try:
+            __import__(module)
+        except BaseException:  # noqa: BLE001 - raised again, where it is imported for use
+            pass
+
+    threading.Thread(target=load, name=f"import-{module}", daemon=True).start()

@@ -54,9 +54,14 @@ def _quantize_strip(weight: np.ndarray, method: str, qmin: int) -> tuple[np.ndar
 
 
 def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """What the board computes with: q * fp16 scale, as float32 [rows, cols]."""
+    """What the board computes with: q * fp16 scale, as float32 [rows, cols] (a strip of rows at a
+    time, in the cache: the same products)."""
     rows, cols = q.shape
-    w = q.reshape(rows, -1, GROUP_SIZE).astype(np.float32) * scales.astype(np.float32)[..., None]
+    w = np.empty((rows, cols // GROUP_SIZE, GROUP_SIZE), np.float32)
+    strip = max(1, (1 << 16) // max(1, cols))
+    for r in range(0, rows, strip):
+        qs = q[r : r + strip].reshape(-1, cols // GROUP_SIZE, GROUP_SIZE).astype(np.float32)
+        np.multiply(qs, scales[r : r + strip].astype(np.float32)[..., None], out=w[r : r + strip])
     return w.reshape(rows, cols)
 
 
