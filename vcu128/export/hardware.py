@@ -88,7 +88,7 @@ from vcu128.io.output import (
     staged_dir,
     write_whole_file,
 )
-from vcu128.io.parallel import import_in_background, ordered_map, rows_per_block
+from vcu128.io.parallel import ordered_map, rows_per_block
 from vcu128.io.progress import bar
 from vcu128.io.provenance import compile_ids, stale_compile, warn
 
@@ -351,7 +351,6 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
             raise VCUError(f"{compile_dir / CONFIG}: {what}={chin} is not a multiple of {GROUP_SIZE}, which the board needs")
     if dims.head_dim == BOARD_HEAD_DIM:
         rope_parameters(cfg, compile_dir / CONFIG)  # a scaling the table cannot hold is refused before writing
-        import_in_background("torch")  # the RoPE table's arithmetic is transformers' own (torch), written last
     rescale = RescalePlan.from_record(cfg.get(RESCALE_KEY), compile_dir / CONFIG, RESCALE_KEY, dims.num_layers)  # strictly, before any work
     layers, norms, out_layer = plan(compile_dir, dims)
     warn(stale_compile(compile_dir))
