@@ -17,8 +17,14 @@ from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard l
 
 
 def main(argv=None):
-    from vcu128.format.layout import BOARD_PORTS, INT4_CODES
-    from vcu128.format.tables import DEFAULT_MAX_TOKEN, ROPE_ORDERS, SILU_TABLES
+    # standard library only: --help and a wrong argument cost no import of numpy
+    from vcu128.format.constants import (
+        BOARD_PORTS,
+        DEFAULT_MAX_TOKEN,
+        INT4_CODES,
+        ROPE_ORDERS,
+        SILU_TABLES,
+    )
 
     p = ArgumentParser(__doc__)
     p.add_argument("--compile_dir", "--compile-dir", required=True, metavar="DIR", help="folder written by compile_sw.py and lm_head.py")

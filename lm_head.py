@@ -14,7 +14,8 @@ from vcu128.io.errors import ArgumentParser, run_cli  # standard library only: f
 
 
 def main(argv=None):
-    from vcu128.export.lm_head import ALL_METHODS, quantize_lm_head
+    # standard library only: --help and a wrong argument cost no import of numpy
+    from vcu128.format.constants import LM_HEAD_METHODS as ALL_METHODS
 
     p = ArgumentParser(__doc__)
     p.add_argument("--quantize_model", "--quantize-model", required=True, metavar="QDIR", help="GPTQ checkpoint folder")
@@ -25,6 +26,8 @@ def main(argv=None):
     p.add_argument("--out", metavar="DIR", help="compile folder to write into (default: QDIR/compile)")
     p.add_argument("--force", action="store_true", help="write into a folder (or replace lm_head files) that lm_head.py did not write")
     args = p.parse_args(argv)
+    from vcu128.export.lm_head import quantize_lm_head
+
     result, method, error = quantize_lm_head(args.quantize_model, args.out, args.method, force=args.force, int4_range=args.int4_range)
     log = logging.getLogger("vcu128")
     if error is None:

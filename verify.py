@@ -60,7 +60,6 @@ def main(argv=None):
 
     check_device(args.device)  # before torch and the checkpoint are loaded
 
-    from vcu128.check.functional import format_functional
     from vcu128.check.verify import verify
 
     log = logging.getLogger("vcu128")
@@ -72,6 +71,8 @@ def main(argv=None):
     )
     bits, func, verdict = result["bit_check"], result.get("functional"), result["verdict"]
     if func is not None:
+        from vcu128.check.functional import format_functional
+
         log.info(format_functional(func))
     if not bits["ok"]:
         for d in bits["differences"]:

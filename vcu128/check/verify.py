@@ -27,13 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from vcu128 import __version__
-from vcu128.board.datapath import (
-    DEFAULT_VARIANT,
-    VARIANTS,
-    BoardVariant,
-    pessimistic_variants,
-)
-from vcu128.check.functional import functional_check
 from vcu128.check.inputs import evaluation_inputs
 from vcu128.format.checkpoint import GPTQCheckpoint
 from vcu128.format.folder import (
@@ -90,7 +83,7 @@ from vcu128.io.output import (
     replace_file_atomically,
     sha256_file,
 )
-from vcu128.io.parallel import ordered_map, rows_per_block
+from vcu128.io.parallel import import_in_background, ordered_map, rows_per_block
 from vcu128.io.progress import bar
 from vcu128.io.provenance import stale_compile, stale_hardware, warn
 from vcu128.quant.rtn import quantize_rows
@@ -461,14 +454,23 @@ def check_table_words(report: BitReport, folder: PackedFolder, rel: str, want: n
 
 def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=8,
            device="cpu", functional=True, lm_head_from_checkpoint=False, progress=True, eval_tokens: int = 256,
-           eval_ids=None, numerics: str = "board", variant: str = DEFAULT_VARIANT.name, variants: str = "pessimistic",
+           eval_ids=None, numerics: str = "board", variant: str | None = None, variants: str = "pessimistic",
            strict: bool = False) -> dict:
-    """Both checks and the verdict; `variants` is the set of board-model variants run beside
-    `variant`: 'none', 'pessimistic' (truncate + grouped, either variance; the default) or 'all'."""
-    chosen = BoardVariant.from_name(variant)
+    """Both checks and the verdict; `variant` is the board model's main variant (default: the
+    emulator's, datapath.DEFAULT_VARIANT), `variants` the set run beside it: 'none', 'pessimistic'
+    (truncate + grouped, either variance; the default) or 'all'."""
+    # The board model (torch) is imported on a thread, beside the cheap checks of the inputs: a wrong
+    # path is one line at once, not after the seconds torch takes to load.
+    import_in_background("vcu128.check.functional")
+    GPTQCheckpoint(qdir)
+    hw = Path(hw)
+    if not hw.is_dir():
+        raise VCUError(f"{hw}: no such hardware folder")
+    from vcu128.board.datapath import DEFAULT_VARIANT, BoardVariant
+
+    chosen = BoardVariant.from_name(variant or DEFAULT_VARIANT.name)
     extra = variant_set(variants)
     start = time.perf_counter()
-    hw = Path(hw)
     report = bit_check(qdir, hw, compile_dir, progress)
     seconds = time.perf_counter() - start
     result = {
@@ -500,6 +502,8 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
 
             if not torch.cuda.is_available():
                 raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
+        from vcu128.check.functional import functional_check
+
         result["functional"] = functional_check(
             ckpt, folder, inputs, tokens=tokens, numerics=numerics, model=model, variant=chosen, variants=extra,
             lm_head_from_checkpoint=lm_head_from_checkpoint, progress=progress, device=device,
@@ -515,9 +519,12 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
 VARIANT_SETS = ("none", "pessimistic", "all")
 
 
-def variant_set(name: str) -> tuple[BoardVariant, ...]:
+def variant_set(name: str) -> tuple:
+    """The board-model variants (datapath.BoardVariant) of --variants `name`."""
     if name not in VARIANT_SETS:
         raise VCUError(f"--variants {name}: expected one of {', '.join(VARIANT_SETS)}")
+    from vcu128.board.datapath import VARIANTS, pessimistic_variants
+
     return {"none": (), "pessimistic": pessimistic_variants(), "all": tuple(VARIANTS.values())}[name]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.format.constants import LM_HEAD_METHODS
 from vcu128.format.int4_grid import lm_head_grid, read_checkpoint_setting
 from vcu128.format.layout import sw_lm_head_half_paths, sw_lm_head_paths
 from vcu128.io.direct_io import DirectWriter, aligned_empty
@@ -35,12 +36,12 @@ from vcu128.io.output import (
 )
 from vcu128.io.parallel import ordered_map, rows_per_block
 from vcu128.io.progress import bar
-from vcu128.quant.rtn import METHODS, dequantize_rows, quantize_rows, squared_error
+from vcu128.quant.rtn import dequantize_rows, quantize_rows, squared_error
 
 log = logging.getLogger("vcu128")
 STEP = "lm_head"
 
-ALL_METHODS = (*METHODS, "checkpoint")
+ALL_METHODS = LM_HEAD_METHODS  # rtn.METHODS and checkpoint, said in constants.py for the command line
 
 
 def choose_method(ckpt: GPTQCheckpoint, method: str | None) -> str:

@@ -22,19 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from vcu128.format.constants import DEFAULT_MAX_TOKEN, ROPE_ORDERS, SILU_TABLES  # noqa: F401 (their home is constants.py)
 from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import get_float, get_int
 
 BOARD_HEAD_DIM = 128  # the board's head: its RoPE unit rotates 128 channels
 ROPE_CHANNELS_PER_BLOCK = 32
-ROPE_ORDERS = ("halves", "pairs", "glm")
 DEFAULT_ROPE_ORDER = "halves"  # FORMAT.md 5: the driver's head stride is half the file (two halves of 64)
 # FORMAT.md 8: ChatGLM's RoPE rotates the first 64 channels of a head in pairs; the testbench reference
 # (tasks_EMB.vh) reads 64 values a position, cos and sin of each pair interleaved, and the host test
 # (HBM_emb_test.cpp) zero-pads the table to the full 128.
 GLM_ROPE_ORDER = "glm"
 ROPE_ORDERS_OF = {"rotate_half": ("halves", "pairs"), "glm_interleaved": (GLM_ROPE_ORDER,)}
-DEFAULT_MAX_TOKEN = 2048
 
 
 # The most positions a RoPE table may hold: 2^24. Two limits meet there. The table's phases are
@@ -219,7 +218,6 @@ SILU_SEGMENTS = 16
 ACT_FILE = "ACT_parameter_in_DDR.bin"
 ACT_FILE_BYTES = 8192
 ACT_BEAT_BYTES = 64
-SILU_TABLES = ("board", "fit")
 DEFAULT_FIT_RANGE = (-16.0, 16.0)
 
 # FORMAT.md 5: the table the accelerator's public host code loads, as fp16 bit patterns.
