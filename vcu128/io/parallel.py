@@ -5,6 +5,7 @@ while the main thread writes finished blocks in order."""
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -34,3 +35,17 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], ahead: int = WORKERS +
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def import_in_background(module: str) -> None:
+    """Start importing `module` on a thread, for a step that needs it later (torch, for the RoPE
+    table: seconds, while the step's own work leaves a core free). An `import` of it afterwards
+    waits for this one; a failure here is left for that import to raise."""
+
+    def load() -> None:
+        try:
+            __import__(module)
+        except BaseException:  # noqa: BLE001 - raised again, where it is imported for use
+            pass
+
+    threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
