@@ -178,6 +178,8 @@ def prepare(module: str, work: Path, timeout_multiplier: float, timeout_constant
         f"timeout_multiplier = {timeout_multiplier}\n"
         f"timeout_constant = {timeout_constant}\n"
         "use_git_change_detection = false\n"
+        # mutmut runs the tests from its mutants/ copy: the demo corpus and the step scripts must be there too
+        f"also_copy = {toml_list(['tests', 'data', *sorted(f.name for f in ROOT.glob('*.py'))])}\n"
     )
     return d
 
