@@ -5,6 +5,7 @@
     python bench/mutation.py run                       # the default modules, then the report
     python bench/mutation.py run --modules layout,verify --max-children 8 --deadline 540
     python bench/mutation.py report --raw bench/out/mutation/raw.json   # the report again
+    python bench/mutation.py merge --raw run1.json run2.json --out all.json   # runs of other modules as one
 
 Each module is mutated alone, in a copy of the repository of its own (bench/out/mutation/<module>),
 against the tests that cover it (SCOPE below): mutmut then runs, for each mutant, only those of
@@ -338,6 +339,34 @@ def cmd_run(args) -> None:
 # The report
 
 
+def checked(module_raw: dict) -> int:
+    return sum(1 for c in module_raw.get("codes", {}).values() if status_of(c) not in ("not checked", "skipped"))
+
+
+def combine(raws: list[dict]) -> dict:
+    """Full runs of different modules (or machines) as one: each module from the run that checked most
+    of its mutants (a run where a module failed to start checks none), each hand-made mutant from
+    the run that checked it. Every run's machine and time stay recorded under "runs"."""
+    if len(raws) == 1:
+        return raws[0]
+    out = {**raws[0], "modules": {}, "extra": {}, "runs": []}
+    for raw in raws:
+        run = {"started": raw.get("started"), "machine": raw.get("machine"), "seconds": raw.get("seconds"),
+               "max_children_per_module": raw.get("max_children_per_module"), "modules": []}
+        out["runs"].append(run)
+        for m, r in raw["modules"].items():
+            if m not in out["modules"] or checked(r) > checked(out["modules"][m]):
+                out["modules"][m] = {**r, "run": raw.get("started")}
+        for key, e in (raw.get("extra") or {}).items():
+            if key not in out["extra"] or out["extra"][key]["status"] == "not checked":
+                out["extra"][key] = {**e, "run": raw.get("started")}
+    for run in out["runs"]:
+        run["modules"] = [m for m, r in out["modules"].items() if r["run"] == run["started"]]
+    out["excluded_from_this_run"] = {m: why for raw in raws for m, why in raw.get("excluded_from_this_run", {}).items() if m not in out["modules"]}
+    out["seconds"] = sum(raw.get("seconds") or 0 for raw in raws)
+    return out
+
+
 def merge(raw: dict, rechecks: list[dict]) -> dict:
     """A full run's results with the kills of later re-checks of its survivors (tests were only
     added since, so what was killed stays killed): each such mutant is marked with the re-check."""
@@ -385,6 +414,7 @@ def survivor_disposition(disp: dict, name: str) -> dict:
 def report(raw: dict, results: Path) -> None:
     disp = {k: v for k, v in (json.loads(DISPOSITIONS.read_text()) if DISPOSITIONS.is_file() else {}).items() if not k.startswith("_")}
     out = {"tool": f"mutmut {raw['mutmut']}", "machine": raw["machine"], "started": raw["started"], "seconds": raw.get("seconds"),
+           "runs": raw.get("runs", []),
            "test_selection_filter": raw.get("test_selection_filter"), "excluded_from_this_run": raw.get("excluded_from_this_run", {}),
            "modules": {}, "survivors": []}
     rows = []
@@ -457,8 +487,12 @@ def _add_extra(raw: dict, module: str, counts: dict, out: dict, disp: dict) -> N
 
 def markdown(out: dict) -> str:
     m = out["machine"]
+    where = (f"started {out['started']}, {out.get('seconds')} s on {m['cpus']} cores ({m['platform']}, Python {m['python']})" if not out.get("runs")
+             else f"{len(out['runs'])} runs: " + "; ".join(
+                 f"{', '.join(short(x) for x in r['modules'])} started {r['started']}, {r['seconds']} s on {r['machine']['cpus']} cores "
+                 f"({r['machine']['platform']}, Python {r['machine']['python']})" for r in out["runs"]))
     lines = ["# Mutation testing (issue #23)", "",
-             (f"{out['tool']}, started {out['started']}, {out.get('seconds')} s on {m['cpus']} cores ({m['platform']}, Python {m['python']}). "
+             (f"{out['tool']}, {where}. "
               "Made by `python bench/mutation.py run`; mutants in function bodies by mutmut, module-level constants and decorated "
               "functions by the script's hand-made EXTRA list. Kill rate = (killed + timeout) / (tested - equivalent)."), "",
              "| module | mutants | killed | timeout | survived | no tests | equivalent | not checked | kill rate (non-equivalent) |",
@@ -539,11 +573,12 @@ def main() -> None:
     r.add_argument("--results", default=str(RESULTS))
     r.add_argument("--no-report", action="store_true")
     q = sub.add_parser("report", help="the report again, from raw results (after editing the dispositions)")
-    q.add_argument("--raw", default=str(WORK / "raw.json"))
+    q.add_argument("--raw", nargs="+", default=[str(WORK / "raw.json")],
+                   help="raw results; several full runs (of other modules, or other machines) are combined: each module from the run that checked most")
     q.add_argument("--recheck", nargs="*", default=[], help="raw results of --survivors-of runs: their kills count")
     q.add_argument("--results", default=str(RESULTS))
     g = sub.add_parser("merge", help="a full run's raw results with re-checks and samples merged, as raw results (for another --survivors-of)")
-    g.add_argument("--raw", required=True)
+    g.add_argument("--raw", nargs="+", required=True)
     g.add_argument("--recheck", nargs="*", default=[])
     g.add_argument("--out", required=True)
     d = sub.add_parser("_diffs")
@@ -552,9 +587,11 @@ def main() -> None:
     if args.cmd == "run":
         cmd_run(args)
     elif args.cmd == "report":
-        report(merge(json.loads(Path(args.raw).read_text()), [json.loads(Path(r).read_text()) for r in args.recheck]), Path(args.results))
+        full = combine([json.loads(Path(r).read_text()) for r in args.raw])
+        report(merge(full, [json.loads(Path(r).read_text()) for r in args.recheck]), Path(args.results))
     elif args.cmd == "merge":
-        merged = merge(json.loads(Path(args.raw).read_text()), [json.loads(Path(r).read_text()) for r in args.recheck])
+        full = combine([json.loads(Path(r).read_text()) for r in args.raw])
+        merged = merge(full, [json.loads(Path(r).read_text()) for r in args.recheck])
         Path(args.out).write_text(json.dumps(merged, indent=1))
     else:
         _print_diffs(args.names)
