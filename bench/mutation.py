@@ -91,6 +91,7 @@ class Extra:
     name: str
     old: str
     new: str
+    file: str = ""  # where the text is, when not in `module` itself (a constant it imports)
 
     @property
     def key(self) -> str:
@@ -103,7 +104,7 @@ EXTRA = [
     Extra("vcu128/format/layout.py", "sign-magnitude nibble sign", "_NIBBLES_UNSIGNED >= 8, 8 - _NIBBLES_UNSIGNED,", "_NIBBLES_UNSIGNED >= 8, _NIBBLES_UNSIGNED - 8,"),
     Extra("vcu128/format/layout.py", "two's-complement nibble range", "_NIBBLES_UNSIGNED >= 8, _NIBBLES_UNSIGNED - 16,", "_NIBBLES_UNSIGNED > 8, _NIBBLES_UNSIGNED - 16,"),
     Extra("vcu128/format/layout.py", "offset-binary flip of the low nibble only", "np.arange(256, dtype=np.uint8) ^ 0x88", "np.arange(256, dtype=np.uint8) ^ 0x08"),
-    Extra("vcu128/format/layout.py", "board ports 32 -> 16", "BOARD_PORTS = 32", "BOARD_PORTS = 16"),
+    Extra("vcu128/format/layout.py", "board ports 32 -> 16", "BOARD_PORTS = 32", "BOARD_PORTS = 16", "vcu128/format/constants.py"),
     Extra("vcu128/format/layout.py", "embedding part names of any width", r'r"Embedding_(\d{2,})-of-(\d{2,})\.bin"', r'r"Embedding_(\d+)-of-(\d+)\.bin"'),
     Extra("vcu128/format/layout.py", "output layer norm file name", 'OUT_NORM_FILE = "OutLayer/LN_DDR_bin/LN_wt_in_DDR.bin"', 'OUT_NORM_FILE = "OutLayer/LN_DDR_bin/LN0_wt_in_DDR.bin"'),
     Extra("vcu128/format/tables.py", "one word of the board's SiLU table", "0x3C5C, 0x3C22", "0x3C5D, 0x3C22"),
@@ -247,10 +248,10 @@ def _print_diffs(names: list[str]) -> None:
 def run_extra(extra: Extra, work: Path, deadline: float, timeout: float, tests: list[str] | None = None) -> dict:
     d = work / "extra" / re.sub(r"[^A-Za-z0-9]+", "-", extra.key)
     copy_tree(d)
-    path = d / extra.module
+    path = d / (extra.file or extra.module)
     text = path.read_text()
     if text.count(extra.old) != 1:
-        return {"status": "stale", "why": f"the text to change occurs {text.count(extra.old)} times in {extra.module}"}
+        return {"status": "stale", "why": f"the text to change occurs {text.count(extra.old)} times in {extra.file or extra.module}"}
     path.write_text(text.replace(extra.old, extra.new))
     left = deadline - time.time()
     if left < 10:
@@ -296,7 +297,7 @@ def cmd_run(args) -> None:
         alive = lambda code: status_of(code) in ("survived", "no tests", "suspicious", "segfault")
         patterns = {m: [n for n, c in earlier["modules"].get(m, {}).get("codes", {}).items() if alive(c)] for m in names}
         names = [m for m in names if patterns[m]]
-        extras = [e for e in extras if (earlier.get("extra") or {}).get(e.key, {}).get("status") in ("survived", "no tests", "suspicious")]
+        extras = [e for e in extras if (earlier.get("extra") or {}).get(e.key, {}).get("status") in ("survived", "no tests", "suspicious", "stale")]
         raw["recheck_of"] = {"raw": str(args.survivors_of), "started": earlier.get("started"), "tests": tests}
     if args.not_checked_of:  # a random sample of what an earlier run did not reach (its deadline), with the full selection
         import random
