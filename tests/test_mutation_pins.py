@@ -537,6 +537,7 @@ def test_who_owns_the_packed_folder_and_its_embedding_parts(exported, tmp_path):
     assert manifest_owns(HARDWARE_KIND, "hardware")(compile_dir) is None  # no manifest there
     assert embedding_folder_owned(hw / "Embedding", "embedding_tokens") == parts
     assert embedding_folder_owned(hw / "Embedding", "hardware") is None
+    assert embedding_folder_owned(compile_dir / "Embedding", "embedding_tokens") is None  # no manifest around it either
     # an entry without its step is every step's (a manifest before the steps were recorded)
     for f in doc["files"]:
         f.pop("step")
@@ -768,3 +769,14 @@ def test_output_helpers_in_process(tmp_path):
     before = os.umask(0o022)
     os.umask(before)
     assert _umask() == UMASK == before and os.umask(before) == before  # read, and left as it was
+
+
+def test_unpacking_rows_reads_the_code_it_is_given():
+    from vcu128.format.layout import pack_linear_rows, unpack_linear_rows
+
+    q = np.arange(-7, 8, dtype=np.int8)[np.arange(2 * 256) % 15].reshape(2, 256)
+    scales = np.array([[1.0, 0.5], [2.0, 0.25]], np.float16)
+    words = pack_linear_rows(q, scales, "sign_magnitude")
+    got, got_scales, padding = unpack_linear_rows(words, 256, "sign_magnitude")
+    assert np.array_equal(got, q) and np.array_equal(got_scales, scales) and not padding.any()
+    assert not np.array_equal(unpack_linear_rows(words, 256)[0], q)  # read as two's complement, the negative values differ
