@@ -519,6 +519,7 @@ def test_who_owns_the_packed_folder_and_its_embedding_parts(exported, tmp_path):
     from vcu128.format.folder import (
         EMBEDDING_KIND,
         HARDWARE_KIND,
+        default_hardware_dir,
         embedding_folder_owned,
         manifest_owns,
         packed_folders_in,
@@ -538,6 +539,11 @@ def test_who_owns_the_packed_folder_and_its_embedding_parts(exported, tmp_path):
     assert embedding_folder_owned(hw / "Embedding", "embedding_tokens") == parts
     assert embedding_folder_owned(hw / "Embedding", "hardware") is None
     assert embedding_folder_owned(compile_dir / "Embedding", "embedding_tokens") is None  # no manifest around it either
+    # an Embedding/ folder made alone has a manifest of its own
+    alone = {**doc, "kind": EMBEDDING_KIND, "files": [{**f, "path": f["path"][len("Embedding/"):]} for f in doc["files"] if f["step"] == "embedding_tokens"]}
+    (hw / "Embedding" / "manifest.json").write_text(json.dumps(alone))
+    assert embedding_folder_owned(hw / "Embedding", "embedding_tokens") == parts | {"manifest.json"}
+    (hw / "Embedding" / "manifest.json").unlink()
     # an entry without its step is every step's (a manifest before the steps were recorded)
     for f in doc["files"]:
         f.pop("step")
@@ -548,6 +554,7 @@ def test_who_owns_the_packed_folder_and_its_embedding_parts(exported, tmp_path):
     (compile_dir / "link").symlink_to(hw)
     (compile_dir / "plain").mkdir()
     assert packed_folders_in(compile_dir) == [hw]
+    assert default_hardware_dir(compile_dir) == hw  # 32 ports unless told
     assert packed_folders_in(compile_dir / "missing") == []
 
 
@@ -571,7 +578,7 @@ def test_ports_and_parts_of_a_folder_without_manifest(exported, tmp_path):
 
 
 def test_the_folders_rope_and_silu_tables_as_read(exported, tmp_path):
-    from vcu128.format.folder import PackedFolder
+    from vcu128.format.folder import Manifest, PackedFolder
     from vcu128.format.tables import rope_cos_sin
 
     hw = tmp_path / "hw"
@@ -579,6 +586,8 @@ def test_the_folders_rope_and_silu_tables_as_read(exported, tmp_path):
     f = PackedFolder.open(hw)
     assert f.rope_order("pairs") == "halves" and f.describe_rope("pairs") == "pos_in_4_token2048_ch32.bin (halves)"
     assert json.loads((hw / "manifest.json").read_text())["format"] == "FORMAT.md"
+    assert Manifest("hardware", {}, {"ports": 32}).to_json() == {"tool": "compiler-vcu128", "version": __version__, "format": "FORMAT.md",
+                                                                 "kind": "hardware", "model": {}, "ports": 32, "files": []}
     cfg = json.loads((exported / "config.json").read_text())
     want_cos, want_sin = rope_cos_sin(cfg, 128, 5, exported / "config.json")
     cos, sin = f.rope_cos_sin(5, "pairs")
@@ -593,9 +602,11 @@ def test_the_folders_rope_and_silu_tables_as_read(exported, tmp_path):
     (hw / "pos_in_4_token2048_ch32.bin").unlink()
     assert f.silu_table() is None and f.rope_cos_sin(5) is None
     # without a manifest, the order is the caller's
+    shutil.copy2(exported / "compile" / "QWEN_BLOCK_write_data_port32" / "pos_in_4_token2048_ch32.bin", hw)
     (hw / "manifest.json").unlink()
     bare = PackedFolder.open(hw)
     assert bare.rope_order("pairs") == "pairs" and bare.describe_rope("pairs").endswith(" (pairs)")
+    assert np.array_equal(bare.rope_cos_sin(5, "halves")[0].view("<u2"), want_cos.astype("<f2").view("<u2"))
 
 
 def test_a_folder_whose_manifest_has_no_rope_table_gives_none(exported, tmp_path):
