@@ -5,6 +5,7 @@
     python bench/mutation.py run                       # the default modules, then the report
     python bench/mutation.py run --modules layout,verify --max-children 8 --deadline 540
     python bench/mutation.py report --raw bench/out/mutation/raw.json   # the report again
+    python bench/mutation.py merge --raw run1.json run2.json --out all.json   # runs of other modules as one
 
 Each module is mutated alone, in a copy of the repository of its own (bench/out/mutation/<module>),
 against the tests that cover it (SCOPE below): mutmut then runs, for each mutant, only those of
@@ -90,6 +91,7 @@ class Extra:
     name: str
     old: str
     new: str
+    file: str = ""  # where the text is, when not in `module` itself (a constant it imports)
 
     @property
     def key(self) -> str:
@@ -102,7 +104,7 @@ EXTRA = [
     Extra("vcu128/format/layout.py", "sign-magnitude nibble sign", "_NIBBLES_UNSIGNED >= 8, 8 - _NIBBLES_UNSIGNED,", "_NIBBLES_UNSIGNED >= 8, _NIBBLES_UNSIGNED - 8,"),
     Extra("vcu128/format/layout.py", "two's-complement nibble range", "_NIBBLES_UNSIGNED >= 8, _NIBBLES_UNSIGNED - 16,", "_NIBBLES_UNSIGNED > 8, _NIBBLES_UNSIGNED - 16,"),
     Extra("vcu128/format/layout.py", "offset-binary flip of the low nibble only", "np.arange(256, dtype=np.uint8) ^ 0x88", "np.arange(256, dtype=np.uint8) ^ 0x08"),
-    Extra("vcu128/format/layout.py", "board ports 32 -> 16", "BOARD_PORTS = 32", "BOARD_PORTS = 16"),
+    Extra("vcu128/format/layout.py", "board ports 32 -> 16", "BOARD_PORTS = 32", "BOARD_PORTS = 16", "vcu128/format/constants.py"),
     Extra("vcu128/format/layout.py", "embedding part names of any width", r'r"Embedding_(\d{2,})-of-(\d{2,})\.bin"', r'r"Embedding_(\d+)-of-(\d+)\.bin"'),
     Extra("vcu128/format/layout.py", "output layer norm file name", 'OUT_NORM_FILE = "OutLayer/LN_DDR_bin/LN_wt_in_DDR.bin"', 'OUT_NORM_FILE = "OutLayer/LN_DDR_bin/LN0_wt_in_DDR.bin"'),
     Extra("vcu128/format/tables.py", "one word of the board's SiLU table", "0x3C5C, 0x3C22", "0x3C5D, 0x3C22"),
@@ -248,10 +250,10 @@ def _print_diffs(names: list[str]) -> None:
 def run_extra(extra: Extra, work: Path, deadline: float, timeout: float, tests: list[str] | None = None) -> dict:
     d = work / "extra" / re.sub(r"[^A-Za-z0-9]+", "-", extra.key)
     copy_tree(d)
-    path = d / extra.module
+    path = d / (extra.file or extra.module)
     text = path.read_text()
     if text.count(extra.old) != 1:
-        return {"status": "stale", "why": f"the text to change occurs {text.count(extra.old)} times in {extra.module}"}
+        return {"status": "stale", "why": f"the text to change occurs {text.count(extra.old)} times in {extra.file or extra.module}"}
     path.write_text(text.replace(extra.old, extra.new))
     left = deadline - time.time()
     if left < 10:
@@ -297,7 +299,7 @@ def cmd_run(args) -> None:
         alive = lambda code: status_of(code) in ("survived", "no tests", "suspicious", "segfault")
         patterns = {m: [n for n, c in earlier["modules"].get(m, {}).get("codes", {}).items() if alive(c)] for m in names}
         names = [m for m in names if patterns[m]]
-        extras = [e for e in extras if (earlier.get("extra") or {}).get(e.key, {}).get("status") in ("survived", "no tests", "suspicious")]
+        extras = [e for e in extras if (earlier.get("extra") or {}).get(e.key, {}).get("status") in ("survived", "no tests", "suspicious", "stale")]
         raw["recheck_of"] = {"raw": str(args.survivors_of), "started": earlier.get("started"), "tests": tests}
     if args.not_checked_of:  # a random sample of what an earlier run did not reach (its deadline), with the full selection
         import random
@@ -338,6 +340,34 @@ def cmd_run(args) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The report
+
+
+def checked(module_raw: dict) -> int:
+    return sum(1 for c in module_raw.get("codes", {}).values() if status_of(c) not in ("not checked", "skipped"))
+
+
+def combine(raws: list[dict]) -> dict:
+    """Full runs of different modules (or machines) as one: each module from the run that checked most
+    of its mutants (a run where a module failed to start checks none), each hand-made mutant from
+    the run that checked it. Every run's machine and time stay recorded under "runs"."""
+    if len(raws) == 1:
+        return raws[0]
+    out = {**raws[0], "modules": {}, "extra": {}, "runs": []}
+    for raw in raws:
+        run = {"started": raw.get("started"), "machine": raw.get("machine"), "seconds": raw.get("seconds"),
+               "max_children_per_module": raw.get("max_children_per_module"), "modules": []}
+        out["runs"].append(run)
+        for m, r in raw["modules"].items():
+            if m not in out["modules"] or checked(r) > checked(out["modules"][m]):
+                out["modules"][m] = {**r, "run": raw.get("started")}
+        for key, e in (raw.get("extra") or {}).items():
+            if key not in out["extra"] or out["extra"][key]["status"] == "not checked":
+                out["extra"][key] = {**e, "run": raw.get("started")}
+    for run in out["runs"]:
+        run["modules"] = [m for m, r in out["modules"].items() if r["run"] == run["started"]]
+    out["excluded_from_this_run"] = {m: why for raw in raws for m, why in raw.get("excluded_from_this_run", {}).items() if m not in out["modules"]}
+    out["seconds"] = sum(raw.get("seconds") or 0 for raw in raws)
+    return out
 
 
 def merge(raw: dict, rechecks: list[dict]) -> dict:
@@ -387,6 +417,7 @@ def survivor_disposition(disp: dict, name: str) -> dict:
 def report(raw: dict, results: Path) -> None:
     disp = {k: v for k, v in (json.loads(DISPOSITIONS.read_text()) if DISPOSITIONS.is_file() else {}).items() if not k.startswith("_")}
     out = {"tool": f"mutmut {raw['mutmut']}", "machine": raw["machine"], "started": raw["started"], "seconds": raw.get("seconds"),
+           "runs": raw.get("runs", []),
            "test_selection_filter": raw.get("test_selection_filter"), "excluded_from_this_run": raw.get("excluded_from_this_run", {}),
            "modules": {}, "survivors": []}
     rows = []
@@ -459,8 +490,12 @@ def _add_extra(raw: dict, module: str, counts: dict, out: dict, disp: dict) -> N
 
 def markdown(out: dict) -> str:
     m = out["machine"]
+    where = (f"started {out['started']}, {out.get('seconds')} s on {m['cpus']} cores ({m['platform']}, Python {m['python']})" if not out.get("runs")
+             else f"{len(out['runs'])} runs: " + "; ".join(
+                 f"{', '.join(short(x) for x in r['modules'])} started {r['started']}, {r['seconds']} s on {r['machine']['cpus']} cores "
+                 f"({r['machine']['platform']}, Python {r['machine']['python']})" for r in out["runs"]))
     lines = ["# Mutation testing (issue #23)", "",
-             (f"{out['tool']}, started {out['started']}, {out.get('seconds')} s on {m['cpus']} cores ({m['platform']}, Python {m['python']}). "
+             (f"{out['tool']}, {where}. "
               "Made by `python bench/mutation.py run`; mutants in function bodies by mutmut, module-level constants and decorated "
               "functions by the script's hand-made EXTRA list. Kill rate = (killed + timeout) / (tested - equivalent)."), "",
              "| module | mutants | killed | timeout | survived | no tests | equivalent | not checked | kill rate (non-equivalent) |",
@@ -541,11 +576,12 @@ def main() -> None:
     r.add_argument("--results", default=str(RESULTS))
     r.add_argument("--no-report", action="store_true")
     q = sub.add_parser("report", help="the report again, from raw results (after editing the dispositions)")
-    q.add_argument("--raw", default=str(WORK / "raw.json"))
+    q.add_argument("--raw", nargs="+", default=[str(WORK / "raw.json")],
+                   help="raw results; several full runs (of other modules, or other machines) are combined: each module from the run that checked most")
     q.add_argument("--recheck", nargs="*", default=[], help="raw results of --survivors-of runs: their kills count")
     q.add_argument("--results", default=str(RESULTS))
     g = sub.add_parser("merge", help="a full run's raw results with re-checks and samples merged, as raw results (for another --survivors-of)")
-    g.add_argument("--raw", required=True)
+    g.add_argument("--raw", nargs="+", required=True)
     g.add_argument("--recheck", nargs="*", default=[])
     g.add_argument("--out", required=True)
     d = sub.add_parser("_diffs")
@@ -554,9 +590,11 @@ def main() -> None:
     if args.cmd == "run":
         cmd_run(args)
     elif args.cmd == "report":
-        report(merge(json.loads(Path(args.raw).read_text()), [json.loads(Path(r).read_text()) for r in args.recheck]), Path(args.results))
+        full = combine([json.loads(Path(r).read_text()) for r in args.raw])
+        report(merge(full, [json.loads(Path(r).read_text()) for r in args.recheck]), Path(args.results))
     elif args.cmd == "merge":
-        merged = merge(json.loads(Path(args.raw).read_text()), [json.loads(Path(r).read_text()) for r in args.recheck])
+        full = combine([json.loads(Path(r).read_text()) for r in args.raw])
+        merged = merge(full, [json.loads(Path(r).read_text()) for r in args.recheck])
         Path(args.out).write_text(json.dumps(merged, indent=1))
     else:
         _print_diffs(args.names)

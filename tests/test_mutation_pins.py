@@ -508,3 +508,286 @@ def test_a_manifest_for_another_model_is_refused_naming_the_key(exported, tmp_pa
     with pytest.raises(VCUError) as e:
         bit_check(qdir, hw, progress=False)
     assert str(e.value) == f"{hw / 'manifest.json'}: model hidden=512, but the checkpoint's config.json says 256"
+
+
+# ---------------------------------------------------------------------------------------------
+# Survivors of the runs of 2026-12-01 (bench/results/mutation.md): the folder's ownership, its
+# tables, the families' names, the recorded plan's messages, the emulator's pieces, output.py
+
+
+def test_who_owns_the_packed_folder_and_its_embedding_parts(exported, tmp_path):
+    from vcu128.format.folder import (
+        EMBEDDING_KIND,
+        HARDWARE_KIND,
+        default_hardware_dir,
+        embedding_folder_owned,
+        manifest_owns,
+        packed_folders_in,
+    )
+
+    compile_dir = tmp_path / "compile"
+    shutil.copytree(exported / "compile", compile_dir)
+    hw = compile_dir / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    hardware = {f["path"] for f in doc["files"] if f["step"] == "hardware"}
+    parts = {f"Embedding_{i:02d}-of-16.bin" for i in range(1, 17)}
+    assert len(hardware) == 269 and "BLOCK00/MVM_BN_write_to_HBM_bin/MVMBN0_q_HBM_DDR_00.bin" in hardware
+    assert manifest_owns(HARDWARE_KIND, "hardware")(hw) == hardware | {"manifest.json"}
+    assert manifest_owns(HARDWARE_KIND, "embedding_tokens")(hw) == {f"Embedding/{p}" for p in parts} | {"manifest.json"}
+    assert manifest_owns(EMBEDDING_KIND, "hardware")(hw) is None
+    assert manifest_owns(HARDWARE_KIND, "hardware")(compile_dir) is None  # no manifest there
+    assert embedding_folder_owned(hw / "Embedding", "embedding_tokens") == parts
+    assert embedding_folder_owned(hw / "Embedding", "hardware") is None
+    assert embedding_folder_owned(compile_dir / "Embedding", "embedding_tokens") is None  # no manifest around it either
+    # an Embedding/ folder made alone has a manifest of its own
+    alone = {**doc, "kind": EMBEDDING_KIND, "files": [{**f, "path": f["path"][len("Embedding/"):]} for f in doc["files"] if f["step"] == "embedding_tokens"]}
+    (hw / "Embedding" / "manifest.json").write_text(json.dumps(alone))
+    assert embedding_folder_owned(hw / "Embedding", "embedding_tokens") == parts | {"manifest.json"}
+    (hw / "Embedding" / "manifest.json").unlink()
+    # an entry without its step is every step's (a manifest before the steps were recorded)
+    for f in doc["files"]:
+        f.pop("step")
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    assert manifest_owns(HARDWARE_KIND, "lm_head")(hw) == hardware | {f"Embedding/{p}" for p in parts} | {"manifest.json"}
+    # packed folders: directories with a hardware manifest, not hidden, not symlinks
+    shutil.copytree(hw, compile_dir / ".hidden")
+    (compile_dir / "link").symlink_to(hw)
+    (compile_dir / "plain").mkdir()
+    assert packed_folders_in(compile_dir) == [hw]
+    assert default_hardware_dir(compile_dir) == hw  # 32 ports unless told
+    assert packed_folders_in(compile_dir / "missing") == []
+
+
+def test_ports_and_parts_of_a_folder_without_manifest(exported, tmp_path):
+    from vcu128.format.folder import infer_parts, infer_ports
+
+    hw = tmp_path / "hw"
+    shutil.copytree(exported / "compile" / "QWEN_BLOCK_write_data_port32", hw)
+    assert (infer_ports(hw), infer_parts(hw)) == (32, 16)
+    (hw / "BLOCK00" / "MVM_BN_write_to_HBM_bin" / "MVMBN0_q_HBM_DDR_31.bin").unlink()
+    assert infer_ports(hw) == 31  # counted one by one: an odd count is seen
+    (hw / "Embedding" / "Embedding_03-of-16.bin").rename(hw / "Embedding" / "Embedding_03-of-08.bin")
+    with pytest.raises(VCUError) as e:
+        infer_parts(hw)
+    assert str(e.value) == f"{hw / 'Embedding'}: embedding part names not all of the form Embedding_01-of-16.bin for one part count"
+    shutil.rmtree(hw / "Embedding")
+    assert infer_parts(hw) == 0
+    (hw / "Embedding").mkdir()
+    (hw / "Embedding" / "Embedding_01-of-04.bin").write_bytes(b"")
+    assert infer_parts(hw) == 4
+
+
+def test_the_folders_rope_and_silu_tables_as_read(exported, tmp_path):
+    from vcu128.format.folder import Manifest, PackedFolder
+    from vcu128.format.tables import rope_cos_sin
+
+    hw = tmp_path / "hw"
+    shutil.copytree(exported / "compile" / "QWEN_BLOCK_write_data_port32", hw)
+    f = PackedFolder.open(hw)
+    assert f.rope_order("pairs") == "halves" and f.describe_rope("pairs") == "pos_in_4_token2048_ch32.bin (halves)"
+    assert json.loads((hw / "manifest.json").read_text())["format"] == "FORMAT.md"
+    assert Manifest("hardware", {}, {"ports": 32}).to_json() == {"tool": "compiler-vcu128", "version": __version__, "format": "FORMAT.md",
+                                                                 "kind": "hardware", "model": {}, "ports": 32, "files": []}
+    cfg = json.loads((exported / "config.json").read_text())
+    want_cos, want_sin = rope_cos_sin(cfg, 128, 5, exported / "config.json")
+    cos, sin = f.rope_cos_sin(5, "pairs")
+    assert cos.shape == (5, 64) and np.array_equal(cos.view("<u2"), want_cos.astype("<f2").view("<u2"))
+    assert np.array_equal(sin.view("<u2"), want_sin.astype("<f2").view("<u2"))
+    assert f.rope_cos_sin(2048)[0].shape == (2048, 64)  # every position the table holds
+    with pytest.raises(VCUError) as e:
+        f.rope_cos_sin(2049)
+    assert str(e.value) == "2049 positions asked for, the folder's RoPE table holds 2048"
+    assert f.silu_table() is not None
+    (hw / "ACT_parameter_in_DDR.bin").unlink()
+    (hw / "pos_in_4_token2048_ch32.bin").unlink()
+    assert f.silu_table() is None and f.rope_cos_sin(5) is None
+    # without a manifest, the order is the caller's
+    shutil.copy2(exported / "compile" / "QWEN_BLOCK_write_data_port32" / "pos_in_4_token2048_ch32.bin", hw)
+    (hw / "manifest.json").unlink()
+    bare = PackedFolder.open(hw)
+    assert bare.rope_order("pairs") == "pairs" and bare.describe_rope("pairs").endswith(" (pairs)")
+    assert np.array_equal(bare.rope_cos_sin(5, "halves")[0].view("<u2"), want_cos.astype("<f2").view("<u2"))
+
+
+def test_a_folder_whose_manifest_has_no_rope_table_gives_none(exported, tmp_path):
+    from vcu128.format.folder import PackedFolder
+
+    hw = tmp_path / "hw"
+    shutil.copytree(exported / "compile" / "QWEN_BLOCK_write_data_port32", hw)
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["assumptions"]["rope_table"] = "none: head_dim 64 is not the board's 128"
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    assert PackedFolder.open(hw).rope_cos_sin(5) is None  # the file is there, the order says there is no table
+
+
+def test_the_glm_order_of_the_rope_rows():
+    rows = np.arange(3 * 128, dtype=np.float32).reshape(3, 128)
+    cos, sin = rope_from_rows(rows, "glm")
+    assert np.array_equal(cos, rows[:, np.arange(0, 64, 2)]) and np.array_equal(sin, rows[:, np.arange(1, 64, 2)])
+    assert _rope_place(16 * 32 * 2 + 3 * 32, 16, "glm") == "position 3, channel 64 (zero padding of the GLM table)"
+    assert _rope_place(16 * 32 + 3 * 32 + 31, 16, "glm") == "position 3, channel 63 (sin of frequency 31)"
+
+
+def test_the_silu_tables_segments_and_error_bounds():
+    x = np.array([[-100.0, 0.0], [100.0, -0.5]])
+    assert BOARD_SILU.segment(x).tolist() == [[0, 8], [15, 7]]  # any shape: the last axis is the breakpoints'
+    assert BOARD_SILU.error(-16, 16) == (0.010964202346253588, -0.77783203125)
+    assert BOARD_SILU.error(0.5, 1.5) == (0.005925322793596921, 0.991695)
+    # the largest error is at a breakpoint: an end of the range on it counts it
+    assert BOARD_SILU.error(-0.77783203125, -0.5) == (0.010964202346253588, -0.77783203125)
+    assert BOARD_SILU.error(-1.0, -0.77783203125) == (0.010964202346253588, -0.77783203125)
+
+
+def test_the_families_names_and_places():
+    from vcu128.format.family import (
+        CHATGLM,
+        GLM,
+        QWEN2,
+        ModelDims,
+        fused_name,
+        module_alias,
+        rotary_dim,
+        tensor_places,
+        to_source_names,
+    )
+
+    assert [fused_name(s) for s in CHATGLM.linears] == ["self_attn.q_proj+self_attn.k_proj+self_attn.v_proj", "self_attn.o_proj",
+                                                         "mlp.gate_up_proj", "mlp.down_proj"]
+    assert [fused_name(s) for s in GLM.linears][-1] == "mlp.gate_up_proj"
+    qwen = ModelDims(256, 384, 1, 2, 1, 128, 256, False, "qwen2")
+    glm = ModelDims(256, 384, 1, 2, 1, 128, 256, False, "chatglm")
+    assert (rotary_dim(qwen), rotary_dim(glm)) == (128, 64) and isinstance(rotary_dim(glm), int)
+    assert module_alias(QWEN2, qwen, "model.layers.0.self_attn.nothing") is None and module_alias(QWEN2, qwen, "model.nothing") is None
+    places = tensor_places(QWEN2, False)
+    assert places.fullmatch("model.layers.0.self_attn.q_proj.weight") and not places.fullmatch("model.layers.0.self_attn.q_proj.qweight")
+    q, k, v = (np.full((1, n), i, np.int32) for i, n in ((1, 256), (2, 128), (3, 128)))
+    g = [np.full(256, i, np.int32) for i in (1, 2, 3)]
+    pre = "model.layers.0.self_attn"
+    tensors = {f"{pre}.v_proj.qweight": v, f"{pre}.k_proj.qweight": k, f"{pre}.q_proj.qweight": q,  # given out of order
+               f"{pre}.v_proj.g_idx": g[2], f"{pre}.q_proj.g_idx": g[0], f"{pre}.k_proj.g_idx": g[1], "other.buffer": g[2]}
+    out = to_source_names(tensors, glm, np.concatenate)
+    qkv = "transformer.encoder.layers.0.self_attention.query_key_value"
+    assert sorted(out) == ["other.buffer", f"{qkv}.g_idx", f"{qkv}.qweight"]
+    assert out[f"{qkv}.qweight"].tolist() == [[1] * 256 + [2] * 128 + [3] * 128]
+    assert out[f"{qkv}.g_idx"] is g[0] and out["other.buffer"] is g[2]  # one g_idx for the fused tensor: its first part's
+    del tensors[f"{pre}.k_proj.qweight"]
+    with pytest.raises(ValueError) as e:
+        to_source_names(tensors, glm, np.concatenate)
+    assert str(e.value) == f"{qkv}.qweight: 2 of its 3 parts given"
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("statistics", 5, "x: key.statistics is 5, expected a string (or null)"),
+    ("k_choice", [1], "x: key.k_choice is [1], expected an object (or null)"),
+    ("out_of_normal_range", True, "x: key.out_of_normal_range is True, expected a whole number (or null)"),
+    ("out_of_normal_range", 2.5, "x: key.out_of_normal_range is 2.5, expected a whole number (or null)"),
+])
+def test_a_recorded_plans_optional_keys_of_the_wrong_type(name, value, message):
+    with pytest.raises(VCUError) as e:
+        RescalePlan.from_record({"k": 1, "m": [], name: value}, "x", "key")
+    assert str(e.value) == message
+
+
+def test_a_recorded_plan_without_k():
+    with pytest.raises(VCUError) as e:
+        RescalePlan.from_record({"m": []}, "x", "key")
+    assert str(e.value) == "x: key.k is missing (the residual stream's factor, a whole number from 0 to 30)"
+
+
+def test_the_worst_variant_decides_the_verdict():
+    result = _result()
+    result["functional"]["variants"] = {"a": {"top1_agreement": 0.95, "saturated_sites": 0}, "b": {"top1_agreement": 0.95, "saturated_sites": 2},
+                                        "c": {"top1_agreement": 0.99, "saturated_sites": 0}}
+    assert judge(result) == {
+        "bits": "match", "threshold": THRESHOLD, "strict": False, "variants": ["a", "b", "c"], "worst_variant": "b", "top1_agreement": 0.95,
+        "saturated_sites": 2, "board_model": "below the threshold", "ok": True, "exit_code": 0,
+        "next_step": "fp16 sites saturate on the board: compile_sw.py --fp16_rescale measure, then hardware.py and embedding_tokens.py, "
+                     "rescales the folder (docs/FORMAT.md 7)"}
+
+
+def test_model_must_have_the_checkpoints_dimensions(exported, tmp_path):
+    from types import SimpleNamespace
+
+    from vcu128.check.verify import check_same_shape
+    from vcu128.format.model import parse_model_dims
+
+    ckpt = SimpleNamespace(dims=parse_model_dims(exported / "config.json"))
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(VCUError) as e:
+        check_same_shape(model, ckpt)
+    assert str(e.value) == f"--model {model}: no config.json there (the fp16 original's folder)"
+    cfg = json.loads((exported / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "llama", "tie_word_embeddings": True}))
+    check_same_shape(model, ckpt)  # another family's name for the same model, tied or not: the same dimensions
+    (model / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 512}))
+    with pytest.raises(VCUError) as e:
+        check_same_shape(model, ckpt)
+    assert str(e.value) == f"--model {model}: intermediate 512, the checkpoint's is 384: not the model it was quantized from"
+
+
+def test_the_emulators_pieces():
+    import torch
+
+    from vcu128.board.datapath import (
+        BoardVariant,
+        NonFinite,
+        Numerics,
+        group_sum,
+        pessimistic_variants,
+    )
+
+    tiny = 0.75 * 2.0**-13  # 1 + tiny: between two 1-6-13 values, nearer the upper
+    assert group_sum(torch.tensor([[1.0], [tiny]]), "nearest").tolist() == [1.0 + 2.0**-13]
+    assert group_sum(torch.tensor([[1.0], [tiny]]), "truncate").tolist() == [1.0]
+    assert group_sum(torch.tensor([[1.0, 2.0], [3.0, 0.5], [4.0, 0.25]]), "nearest").tolist() == [8.0, 2.75]
+    e = NonFinite("board", 3, "down")
+    assert str(e) == "board: non-finite value (NaN or inf) first at layer 3, down" and (e.model, e.layer, e.site) == ("board", 3, "down")
+    assert [v.name for v in pessimistic_variants()] == ["truncate+grouped+centred", "truncate+grouped+mean_square"]
+    with pytest.raises(VCUError) as err:
+        BoardVariant.from_name("fast")
+    assert str(err.value).startswith("board variant 'fast': not one of nearest+fp32+centred, nearest+fp32+mean_square, ")
+    n = Numerics("board", True, 1e-6, torch.zeros(1, 64), torch.zeros(1, 64))
+    n.stats.saturated[(0, "down")] = 1
+    other = n.with_variant(BoardVariant("truncate"))
+    assert other.stats.saturated == {} and other.name == "board" and n.stats.saturated == {(0, "down"): 1}
+
+
+def test_output_helpers_in_process(tmp_path):
+    import hashlib
+    import os
+
+    from vcu128.io.output import (
+        UMASK,
+        _umask,
+        folder_stats,
+        record_owns,
+        sha256_file,
+        write_step_record,
+    )
+
+    data = bytes(range(10))
+    (tmp_path / "a.bin").write_bytes(data)
+    assert sha256_file(tmp_path / "a.bin", block=3) == sha256_file(tmp_path / "a.bin") == hashlib.sha256(data).hexdigest()
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "b.bin").write_bytes(b"12345")
+    (tmp_path / "d" / "e" / "c.bin").write_bytes(b"1234567")
+    assert folder_stats([tmp_path / "a.bin", str(tmp_path / "d")]) == (3, 22) and folder_stats([]) == (0, 0)
+    assert record_owns("compile_sw")(tmp_path) is None
+    write_step_record(tmp_path, "compile_sw", {"x": 1}, ["a.bin", "d/b.bin"])
+    assert record_owns("compile_sw")(tmp_path) == {"a.bin", "d/b.bin", "compile_sw.json"}
+    assert record_owns("lm_head")(tmp_path) is None
+    before = os.umask(0o022)
+    os.umask(before)
+    assert _umask() == UMASK == before and os.umask(before) == before  # read, and left as it was
+
+
+def test_unpacking_rows_reads_the_code_it_is_given():
+    from vcu128.format.layout import pack_linear_rows, unpack_linear_rows
+
+    q = np.arange(-7, 8, dtype=np.int8)[np.arange(2 * 256) % 15].reshape(2, 256)
+    scales = np.array([[1.0, 0.5], [2.0, 0.25]], np.float16)
+    words = pack_linear_rows(q, scales, "sign_magnitude")
+    got, got_scales, padding = unpack_linear_rows(words, 256, "sign_magnitude")
+    assert np.array_equal(got, q) and np.array_equal(got_scales, scales) and not padding.any()
+    assert not np.array_equal(unpack_linear_rows(words, 256)[0], q)  # read as two's complement, the negative values differ
