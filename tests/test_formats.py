@@ -183,3 +183,57 @@ def test_board_words_to_offset_binary_bytes(code):
     b = offset_binary_bytes(words, code)
     assert np.array_equal(np.stack([(b & 15).astype(int) - 8, (b >> 4).astype(int) - 8], -1).reshape(3, -1), q)
     assert np.array_equal(halves[:, : s.shape[1]].view("<f2"), s)
+
+
+@pytest.mark.parametrize("chout, ports", [(70, 32), (5, 4), (96, 8)])
+def test_port_writer_takes_blocks_in_any_order(tmp_path, chout, ports):
+    """`place` (hardware.py's packing threads) fills the same files as `write` in order, whatever
+    order the blocks come in; a block must start at a multiple of the port count."""
+    chin = 256
+    rows = np.arange(chout * row_words(chin), dtype=np.uint32).reshape(chout, -1) + 1
+    in_order = PackedLinearWriter(tmp_path / "a", "X", chin, chout, ports, source="x")
+    in_order.write(rows)
+    placed = PackedLinearWriter(tmp_path / "b", "X", chin, chout, ports, source="x")
+    starts = list(range(0, chout, ports))
+    for start in reversed(starts):  # the last, partial round of rows first
+        placed.place(start, rows[start : start + ports])
+    with pytest.raises(ValueError, match="multiple of the port count"):
+        placed.place(1, rows[1:2])
+    a, b = in_order.close(), placed.close()
+    assert [(r.path, r.bytes, r.sha256) for r in a] == [(r.path, r.bytes, r.sha256) for r in b]
+    for p in range(ports):
+        name = f"X_HBM_DDR_{p:02d}.bin"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_port_writer_refuses_to_close_with_rows_missing(tmp_path):
+    w = PackedLinearWriter(tmp_path, "X", 256, 70, 32, source="x")
+    w.place(32, np.ones((32, row_words(256)), np.uint32))
+    with pytest.raises(ValueError, match="wrote 32 rows of 70"):
+        w.close()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 500), (300, 7), (130, 257), (256, 128)])
+def test_transposed_is_the_transpose(shape):
+    from vcu128.format.layout import transposed
+
+    a = np.random.default_rng(3).integers(0, 1 << 32, shape, dtype=np.uint32)
+    t = transposed(a[:, 1:] if shape[1] > 1 else a)  # a column slice, as GPTQ's qweight is taken in blocks
+    want = (a[:, 1:] if shape[1] > 1 else a).T
+    assert t.flags.c_contiguous and t.dtype == a.dtype and np.array_equal(t, want)
+
+
+@pytest.mark.parametrize("code", ["twos", "sign_magnitude"])
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
+def test_pack_nibbles_any_int_dtype_and_strided_input(code, dtype):
+    lo = -8 if code == "twos" else -7
+    q = np.random.default_rng(4).integers(lo, 8, (9, 512)).astype(dtype)
+    for x in (q, q[:, ::2], q[::3]):  # contiguous, every other column, every third row
+        assert np.array_equal(unpack_nibbles(pack_nibbles(x, code), code=code), x)
+
+
+def test_unpack_nibbles_into_given_memory():
+    words = np.random.default_rng(5).integers(0, 1 << 32, (6, 16), dtype=np.uint32)
+    out = np.empty((6, 128), "<i4")
+    got = unpack_nibbles(words, unsigned_offset=8, dtype="<i4", out=out)
+    assert np.shares_memory(got, out) and np.array_equal(got, unpack_nibbles(words, unsigned_offset=8, dtype="<i4"))

@@ -68,3 +68,20 @@ def test_rtn_is_nearest_level():
     w[0, :4] = [7.0, 2.5, 2.6, -3.4]  # scale 1.0
     q, _ = quantize_rows(w, "rtn")
     assert q[0, :4].tolist() == [7, 2, 3, -3]  # 2.5 ties to even
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 128), (17, 3584), (100, 640), (40, 18944)])
+@pytest.mark.parametrize("method", ["rtn", "trunc"])
+def test_strips_give_the_whole_blocks_arithmetic(rows, cols, method):
+    """quantize_rows and dequantize_rows work a strip of rows at a time: the same numbers as the
+    whole block at once (row by row the arithmetic is the same), for any row count."""
+    from vcu128.quant.rtn import _quantize_strip
+
+    w = (np.random.default_rng(7).standard_normal((rows, cols)) * 0.02).astype(np.float16)
+    w[0, :128] = 0  # an all-zero group: q = 0 there
+    q, s = quantize_rows(w, method)
+    q_whole, s_whole = _quantize_strip(w, method, -8)
+    assert np.array_equal(q, q_whole) and np.array_equal(s.view(np.uint16), s_whole.view(np.uint16))
+    assert not q[0, :128].any()
+    whole = (q.reshape(rows, -1, 128).astype(np.float32) * s.astype(np.float32)[..., None]).reshape(rows, cols)
+    assert np.array_equal(dequantize_rows(q, s).view(np.uint32), whole.view(np.uint32))

@@ -71,6 +71,10 @@ PADDING_ROW = (
     "OutLayer/MVM_BN_write_to_HBM_bin/MVMBN_Argmax_HBM_DDR_20.bin", 120 * 31 + 100, 1,
     r"MVMBN_Argmax_HBM_DDR_20.bin: row 31 \(output channel 1012\): padding row, word 100 is 0x00000001, expected 0",
 )
+OUTPUT_LAYER_WEIGHT = (  # the output layer is made again by rtn (ints), the decoder's linears taken from GPTQ's packing
+    "OutLayer/MVM_BN_write_to_HBM_bin/MVMBN_Argmax_HBM_DDR_02.bin", 13, 0x100,
+    r"MVMBN_Argmax_HBM_DDR_02.bin: row 0 \(output channel 2\), word 13 \(weights of inputs 40..47\) is 0x[0-9a-f]{8}, expected 0x[0-9a-f]{8}",
+)
 BIAS_WORD = (
     "BLOCK01/MVM_BN_DDR_bin/MVMBN0_k_wt_and_bias_in_DDR.bin", 17, 1 << 16,
     r"MVMBN0_k_wt_and_bias_in_DDR.bin: word 17 \(bias of output channel 17\) is 0x3c01[0-9a-f]{4}, expected 0x3c00[0-9a-f]{4}",
@@ -83,8 +87,8 @@ NORM = (
 
 @pytest.mark.parametrize(
     "rel, word, xor, pattern",
-    [WEIGHT_NIBBLE, SCALE_BIT, HIGH_HALF_PADDING, PADDING_WORD, PADDING_ROW, BIAS_WORD, NORM],
-    ids=["weight nibble", "scale bit", "high-half padding", "padding word", "padding row", "bias word", "norm zero half"],
+    [WEIGHT_NIBBLE, SCALE_BIT, HIGH_HALF_PADDING, PADDING_WORD, PADDING_ROW, OUTPUT_LAYER_WEIGHT, BIAS_WORD, NORM],
+    ids=["weight nibble", "scale bit", "high-half padding", "padding word", "padding row", "output layer weight", "bias word", "norm zero half"],
 )
 def test_one_flipped_bit_is_named(folder, rel, word, xor, pattern):
     flip_word(folder[1] / rel, word, xor)
