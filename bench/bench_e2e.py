@@ -41,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_export import drop_page_cache  # noqa: E402
 from bench.bench_quantize import QWEN2_7B_CONFIG  # noqa: E402
 
 # A small model of the same kind (heads of 128, the board's), for trying the script on a CPU.
@@ -109,15 +110,6 @@ def write_synthetic_checkpoint(qdir: Path, layers: int, shape: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Running a command as a user does
-
-
-def drop_page_cache() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def run_command(name: str, args: list[str], log, cold: bool = False) -> dict:

@@ -387,3 +387,16 @@ def test_chatglm_tokenizer_is_read_without_the_folders_code(tmp_path):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     assert tok("the board", add_special_tokens=False)["input_ids"] == sp.encode("the board") != []
     assert tok.decode(sp.encode("the board")) == "the board"
+
+
+def test_a_bad_chatglm_key_the_models_read_is_one_error(tmp_path):
+    from vcu128.check.functional import CheckpointSetup
+    from vcu128.quant.hfmodel import hf_config
+
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_GLM))
+    cfg = json.loads((qdir / "config.json").read_text())
+    (qdir / "config.json").write_text(json.dumps({**cfg, "layernorm_epsilon": "1e-5", "seq_length": 2.5}))
+    with pytest.raises(VCUError, match=r"config.json: 'layernorm_epsilon' is '1e-5', expected a finite number"):
+        CheckpointSetup.build(GPTQCheckpoint(qdir), 8)
+    with pytest.raises(VCUError, match=r"config.json: 'seq_length' is 2.5"):
+        hf_config(qdir)

@@ -66,6 +66,7 @@ from vcu128.format.tables import (
     rope_inv_freq,
 )
 from vcu128.io.errors import VCUError
+from vcu128.io.jsonfile import get_float
 from vcu128.io.progress import bar
 
 log = logging.getLogger("vcu128")
@@ -346,7 +347,7 @@ class CheckpointSetup:
         cfg = read_model_config(where)
         cos32, sin32 = (torch.from_numpy(a.astype(np.float32)).to(device) for a in _fp32_rope(cfg, rotary_dim(d), positions, where))
         embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
-        return cls(ckpt, cfg, Shape(d.num_heads, d.num_kv_heads, d.head_dim, d.family.rope), model_eps(cfg), cos32, sin32,
+        return cls(ckpt, cfg, Shape(d.num_heads, d.num_kv_heads, d.head_dim, d.family.rope), model_eps(cfg, where), cos32, sin32,
                    CompactDecoder(ckpt, keep), embed, checkpoint_output_layer(ckpt),
                    torch.from_numpy(ckpt.get_fp16(f"{FINAL_NORM}.weight").astype(np.float32)))
 
@@ -464,9 +465,10 @@ def _scaled_embed(embed, factor: float):
     return embed if factor == 1.0 else (lambda ids: (embed(ids) * factor).half().float())
 
 
-def model_eps(cfg: dict) -> float:
-    """The RMSNorm eps the model was trained with (ChatGLM calls it layernorm_epsilon)."""
-    return float(cfg.get("rms_norm_eps", cfg.get("layernorm_epsilon", 1e-6)))
+def model_eps(cfg: dict, where: Path) -> float:
+    """The RMSNorm eps the model was trained with (ChatGLM calls it layernorm_epsilon), read strictly."""
+    key = "layernorm_epsilon" if "rms_norm_eps" not in cfg and "layernorm_epsilon" in cfg else "rms_norm_eps"
+    return get_float(cfg, key, where, 1e-6)
 
 
 def _fp32_rope(cfg: dict, head_dim: int, positions: int, where: Path):

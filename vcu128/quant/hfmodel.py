@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from vcu128.format.model import dims_from_config, read_model_config
+from vcu128.format.tables import rope_values
+from vcu128.io.jsonfile import get_bool, get_float, get_int
 
 
 def glm_config_of_chatglm(cfg: dict, where: Path):
@@ -23,9 +25,9 @@ def glm_config_of_chatglm(cfg: dict, where: Path):
     return GlmConfig(
         vocab_size=d.vocab, hidden_size=d.hidden, intermediate_size=d.intermediate, num_hidden_layers=d.num_layers,
         num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads, head_dim=d.head_dim, hidden_act="silu",
-        max_position_embeddings=int(cfg.get("seq_length") or 2048), rms_norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
-        tie_word_embeddings=False, attention_bias=bool(cfg.get("add_qkv_bias", True)),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * float(cfg.get("rope_ratio") or 1.0), "partial_rotary_factor": 0.5},
+        max_position_embeddings=get_int(cfg, "seq_length", where, default=2048), rms_norm_eps=get_float(cfg, "layernorm_epsilon", where, 1e-5),
+        tie_word_embeddings=False, attention_bias=get_bool(cfg, "add_qkv_bias", where, True),
+        rope_parameters={"rope_type": "default", "rope_theta": rope_values(cfg, where)[0], "partial_rotary_factor": 0.5},
         pad_token_id=cfg.get("pad_token_id", 0), eos_token_id=cfg.get("eos_token_id"), bos_token_id=cfg.get("bos_token_id"),
     )
 
