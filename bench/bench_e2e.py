@@ -286,8 +286,15 @@ def main() -> None:
     p.add_argument("--fingerprint", type=Path, help="write the sha256 of every output file here")
     p.add_argument("--disk", action="store_true", help="first measure the disk's unbuffered write and read speed (8 GB), and give each command's floor")
     p.add_argument("--json", type=Path, help="default: bench/results/e2e_<machine>_<layers>L[_export].json")
+    p.add_argument("--pycache", type=Path, help="PYTHONPYCACHEPREFIX for the commands, filled by one untimed import first: an "
+                                                "environment without compiled bytecode (the GPU machine's) compiles torch's and "
+                                                "transformers' sources in every process, which a pip install does once")
     args = p.parse_args()
 
+    if args.pycache:
+        os.environ["PYTHONPYCACHEPREFIX"] = str(args.pycache.resolve())
+        subprocess.run([sys.executable, "-c", "import torch, transformers; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+                        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import vcu128.quant.layerwise, vcu128.check.functional"], check=False)
     info = machine(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     log = sys.stderr
@@ -377,6 +384,7 @@ def main() -> None:
 
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": info, "layers": args.layers, "shape": args.shape, "device": args.device,
            "mode": "export_only" if args.export_only else "quantize --compile, verify", "cold_cache": args.cold,
+           "bytecode_cache": "PYTHONPYCACHEPREFIX, filled first" if args.pycache else "the environment's own",
            "total_seconds": round(total, 2), "phases": [{"phase": n, "seconds": round(s, 2)} for n, s in phases],
            "commands": [{k: v for k, v in r.items() if k != "lines"} | {"log": r["lines"]} for r in runs]}
     if disk:

@@ -147,6 +147,16 @@ def layer_errors(model, ckpt: GPTQCheckpoint, ids: np.ndarray, seqlen: int, wind
     ]
 
 
+def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """X W^T in float32, X [tokens, chin] as the stream holds it, W [chout, chin]. On a GPU a 16-bit
+    X meets W in its dtype on the tensor cores with a float32 output (add_to_hessian's reasoning);
+    an error is measured as X (W_q - W)^T, not as a difference of two products, so that rounding W_q - W
+    to 16 bits costs its own 2^-9 relative, not that of the product it is taken from."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(x, w.to(x.dtype).T, out_dtype=torch.float32)
+    return x.float() @ w.float().T
+
+
 def eval_windows(ids: np.ndarray, seqlen: int, max_windows: int = 64) -> np.ndarray:
     """The held-out ids as consecutive windows [n, length]: at most `max_windows` of `seqlen` tokens,
     shorter ones when the text has fewer than one window's worth (`perplexity`'s windows)."""
@@ -218,15 +228,13 @@ class HeldOutReport:
         `source`: the layer's stored tensors), then the GPTQ stream through the quantized layer."""
         fp16_next, inputs = self.pending
         self.pending = None
-        sums = {"ref": 0.0, "gptq": 0.0, "rtn": 0.0}
+        sums = []  # per linear: ||X W^T||^2, ||X (W_gptq - W)^T||^2, ||X (W_rtn - W)^T||^2, summed on the device
         for name, (q, scales) in quantized.items():
-            x = inputs[name].reshape(-1, inputs[name].shape[-1]).float()
+            x = inputs[name].reshape(-1, inputs[name].shape[-1])
             w = source[f"{prefix}.{name}.weight"].to(x.device).float()
-            ref = x @ w.T
-            sums["ref"] += float(ref.square().sum())
-            for key, wq in (("gptq", dequantize(q, scales)), ("rtn", rtn_symmetric(w))):
-                sums[key] += float((x @ wq.T - ref).square().sum())
-        self.layers.append({"layer": layer_index, "gptq": (sums["gptq"] / sums["ref"]) ** 0.5, "rtn": (sums["rtn"] / sums["ref"]) ** 0.5})
+            sums.append(torch.stack([product(x, v).square().sum() for v in (w, dequantize(q, scales) - w, rtn_symmetric(w) - w)]))
+        ref, gptq, rtn = torch.stack(sums).sum(0).tolist()
+        self.layers.append({"layer": layer_index, "gptq": (gptq / ref) ** 0.5, "rtn": (rtn / ref) ** 0.5})
         self.fp16 = fp16_next
         self.gptq = self._forward(layer, self.gptq)
 
