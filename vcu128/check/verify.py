@@ -239,7 +239,7 @@ def check_fp16_file(report: BitReport, folder: PackedFolder, rel: str, expected:
     got = read_checked(report, folder, rel, "<f2", expected.shape)
     if got is None:
         return
-    bad = np.flatnonzero(got.view("<u2").ravel() != expected.astype("<f2").view("<u2").ravel())
+    bad = np.flatnonzero(got.view("<u2").ravel() != expected.astype("<f2", copy=False).view("<u2").ravel())
     if bad.size:
         i = int(bad[0])
         where = f"row {i // row_len}, element {i % row_len}" if row_len else f"element {i}"
@@ -363,29 +363,34 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
             check_fp16_file(part, folder, hw_layer_norm_file(layer, board), sw_norm_file(w), f"{norm} weight, then zeros")
         return part
 
+    def check_embedding_part(i: int) -> BitReport:
+        part, rows = BitReport(), d.vocab // folder.parts
+        want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), tensor_factor(rescale, EMBEDDING))
+        check_fp16_file(part, folder, folder.embedding_part_names()[i], want, f"embedding row {i * rows}+", d.hidden)
+        return part
+
     # numpy and file reads release the GIL: the layers check side by side, beside the output layer
-    # (made again from the checkpoint: the longest part, so it starts first); the reports are merged in
-    # order, layers then output layer, so the differences read the same on any machine.
+    # (made again from the checkpoint: the longest part, so it starts first), and the embedding's parts
+    # after them (a 7B's 1 GB: alone at the end, the last seconds of the check); the reports are merged
+    # in order, layers, output layer, embedding, so the differences read the same on any machine.
     output_part = BitReport()
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         output_done = pool.submit(check_packed_linear, output_part, folder, OUT_WEIGHT_STEM, d.hidden, d.vocab, expected_output)
-        for part in bar(pool.map(check_layer, range(d.num_layers)), "verify", "layer", d.num_layers, progress):
+        layers = pool.map(check_layer, range(d.num_layers))
+        splits = folder.parts and d.vocab % folder.parts == 0
+        embedding = pool.map(check_embedding_part, range(folder.parts)) if splits else []
+        for part in bar(layers, "verify", "layer", d.num_layers, progress):
             report.merge(part)
         output_done.result()
-    report.merge(output_part)
-    check_bias_words(report, folder, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
-    check_fp16_file(report, folder, OUT_NORM_FILE, sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")), "model.norm weight, then zeros")
-
-    if folder.parts:
-        rows = d.vocab // folder.parts if d.vocab % folder.parts == 0 else 0
-        for i, rel in enumerate(folder.embedding_part_names()):
-            if not rows:
-                report.add(f"{rel}: vocab {d.vocab} does not split into {folder.parts} parts")
-                break
-            want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), tensor_factor(rescale, EMBEDDING))
-            check_fp16_file(report, folder, rel, want, f"embedding row {i * rows}+", d.hidden)
-    else:
+        report.merge(output_part)
+        check_bias_words(report, folder, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
+        check_fp16_file(report, folder, OUT_NORM_FILE, sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")), "model.norm weight, then zeros")
+        for part in embedding:
+            report.merge(part)
+    if not folder.parts:
         report.add(f"Embedding/: no embedding parts recorded in {MANIFEST_NAME} (run embedding_tokens.py)")
+    elif not splits:
+        report.add(f"{folder.embedding_part_names()[0]}: vocab {d.vocab} does not split into {folder.parts} parts")
     expected_files = folder.expected_files(d)
     check_tables(report, folder, ckpt, expected_files)
     check_manifest(report, folder, expected_files)
