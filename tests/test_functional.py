@@ -72,6 +72,21 @@ def test_the_decoder_reads_the_next_layer_ahead(make_checkpoint):
     assert w.linears["mlp.down_proj"][0].nibbles is kept.raw(1)["mlp.down_proj"][0] and not kept.built
     scales = ckpt.get("model.layers.1.mlp.down_proj.scales").T.astype(np.float32)
     assert torch.equal(w.linears["mlp.down_proj"][0].scales, torch.from_numpy(scales * 0.5))
+    # a GPU keeps them, once for each set of factors
+    kept.keep_built = True
+    assert kept.layer(1, {"mlp.down_proj": 0.5}) is kept.layer(1, {"mlp.down_proj": 0.5}) is not kept.layer(1)
+    assert set(kept.built) == {(1, (("mlp.down_proj", 0.5),)), (1, ())}
+
+
+def test_a_float_output_layer_held_as_fp16_on_a_gpu_is_the_rows_a_cpu_reads(make_checkpoint):
+    ckpt = GPTQCheckpoint(make_checkpoint(vocab=320))
+    out = checkpoint_output_layer(ckpt)
+    table = out.fp16_table("cpu")  # what load_on(cuda) makes there, here on the CPU
+    rows = out.rows_fn(0, 320)
+    assert table.dtype == torch.float16 and table.shape == (320, 256)
+    assert torch.equal(table.float(), rows) and torch.equal(rows, torch.from_numpy(ckpt.get("lm_head.weight").astype(np.float32)))
+    out.load_on("cpu")  # a CPU reads slices as it goes: nothing held
+    assert out.loading is None and out.dense is None
 
 
 def test_board_storage_rounds_saturates_and_flushes():

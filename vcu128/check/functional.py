@@ -55,7 +55,6 @@ from vcu128.format.layout import (
     offset_binary_bytes,
     read_port_rows,
     split_linear_rows,
-    transposed,
 )
 from vcu128.format.model import (
     EMBEDDING,
@@ -102,7 +101,10 @@ class CompactDecoder:
     def __init__(self, ckpt: GPTQCheckpoint, keep: bool = True, device="cpu"):
         self.ckpt, self.keep, self.device = ckpt, keep, torch.device(device)
         self.layers: dict[int, dict] = {}
-        self.built: dict[tuple, LayerWeights] = {}  # (layer, factors) -> weights on the GPU
+        # A CPU builds a layer's weights in milliseconds, and its memory is better kept for the int4
+        # bytes; a GPU would copy the scales again for every greedy token.
+        self.keep_built = keep and self.device.type != "cpu"
+        self.built: dict[tuple, LayerWeights] = {}  # (layer, factors) -> the weights, with keep_built
         self.ahead: dict[int, Future] = {}  # layers being read
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="layer-reader")
 
@@ -132,9 +134,8 @@ class CompactDecoder:
         return out
 
     def nibbles(self, qweight: np.ndarray) -> torch.Tensor:
-        """GPTQ's [chin/8, chout] words, transposed: row c's bytes hold its inputs 2k, 2k+1 as q + 8."""
-        if self.device.type == "cpu":
-            return torch.from_numpy(transposed(qweight).view(np.uint8))
+        """GPTQ's [chin/8, chout] words transposed where they will be used (on a GPU in a moment):
+        row c's bytes hold its inputs 2k, 2k+1 as q + 8."""
         return torch.from_numpy(qweight).to(self.device).T.contiguous().view(torch.uint8)
 
     def layer(self, layer: int, factors: dict | None = None) -> LayerWeights:
@@ -153,9 +154,7 @@ class CompactDecoder:
             b = None if bias is None else on_device(scale_fp16(bias, f, {}).astype(np.float32))
             linears[lin.module] = (Int4Weight(nibbles, s), b)
         w = LayerWeights(linears, on_device(raw["input_layernorm"]), on_device(raw["post_attention_layernorm"]))
-        # A CPU builds a layer in a few milliseconds and keeps its memory for the int4 bytes; a GPU
-        # would copy the scales again for every greedy token.
-        if self.keep and self.device.type != "cpu":
+        if self.keep_built:
             self.built[key] = w
         return w
 
