@@ -78,7 +78,7 @@ def test_the_decoder_reads_the_next_layer_ahead(make_checkpoint):
     assert set(kept.built) == {(1, (("mlp.down_proj", 0.5),)), (1, ())}
 
 
-def test_a_float_output_layer_held_as_fp16_on_a_gpu_is_the_rows_a_cpu_reads(make_checkpoint):
+def test_the_checkpoints_output_layer_as_a_gpu_and_a_cpu_hold_it(make_checkpoint):
     ckpt = GPTQCheckpoint(make_checkpoint(vocab=320))
     out = checkpoint_output_layer(ckpt)
     table = out.fp16_table("cpu")  # what load_on(cuda) makes there, here on the CPU
@@ -87,6 +87,12 @@ def test_a_float_output_layer_held_as_fp16_on_a_gpu_is_the_rows_a_cpu_reads(make
     assert torch.equal(table.float(), rows) and torch.equal(rows, torch.from_numpy(ckpt.get("lm_head.weight").astype(np.float32)))
     out.load_on("cpu")  # a CPU reads slices as it goes: nothing held
     assert out.loading is None and out.dense is None
+    # GPTQ's own int4 lm_head: read and transposed on a thread
+    quantized = GPTQCheckpoint(make_checkpoint("q2", vocab=320, lm_head_quantized=True))
+    held = checkpoint_output_layer(quantized)
+    held.wait()
+    q = quantized.get("lm_head.qweight")
+    assert torch.equal(held.int4.nibbles, torch.from_numpy(np.ascontiguousarray(q.T).view(np.uint8))) and held.loading is None
 
 
 def test_board_storage_rounds_saturates_and_flushes():

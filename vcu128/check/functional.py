@@ -128,15 +128,10 @@ class CompactDecoder:
         for lin in LINEARS:
             name = lin.name(layer)
             bias = c.get_fp16(f"{name}.bias") if c.has(f"{name}.bias") else None
-            out[lin.module] = (self.nibbles(c.get(f"{name}.qweight")), np.ascontiguousarray(c.get(f"{name}.scales").T), bias)
+            out[lin.module] = (int4_bytes(c.get(f"{name}.qweight"), self.device), np.ascontiguousarray(c.get(f"{name}.scales").T), bias)
         for norm, _ in LAYER_NORMS:
             out[norm] = c.get_fp16(f"model.layers.{layer}.{norm}.weight").astype(np.float32)
         return out
-
-    def nibbles(self, qweight: np.ndarray) -> torch.Tensor:
-        """GPTQ's [chin/8, chout] words transposed where they will be used (on a GPU in a moment):
-        row c's bytes hold its inputs 2k, 2k+1 as q + 8."""
-        return torch.from_numpy(qweight).to(self.device).T.contiguous().view(torch.uint8)
 
     def layer(self, layer: int, factors: dict | None = None) -> LayerWeights:
         """The layer's weights on the device; `factors` (module -> power of two) rescale scales and
@@ -157,6 +152,12 @@ class CompactDecoder:
         if self.keep_built:
             self.built[key] = w
         return w
+
+
+def int4_bytes(qweight: np.ndarray, device) -> torch.Tensor:
+    """GPTQ's qweight [chin/8, chout] as Int4Weight's bytes [chout, chin/2] on `device`, transposed
+    there (a GPU does it in a moment): row c's bytes hold its inputs 2k, 2k+1 as q + 8 nibbles."""
+    return torch.from_numpy(qweight).to(device).T.contiguous().view(torch.uint8)
 
 
 def float32_rows(entry, rows: slice | None = None, device="cpu") -> torch.Tensor:
@@ -219,7 +220,8 @@ class OutputLayer:
         return torch.cat([self.rows_fn(a, min(a + VOCAB_SLICE, self.vocab), device).half() for a in range(0, self.vocab, VOCAB_SLICE)])
 
     def wait(self) -> None:
-        """What is loading, in place (its error, if it failed, raised here)."""
+        """What is loading (an int4 layer's Int4Weight, or the fp16 table a GPU holds of a float one),
+        in place; its error, if it failed, raised here."""
         if self.loading is not None:
             held = self.loading.result()
             if isinstance(held, Int4Weight):
@@ -273,9 +275,8 @@ def checkpoint_output_layer(ckpt: GPTQCheckpoint, device="cpu") -> OutputLayer:
     src, vocab = ckpt.lm_head_source(), ckpt.dims.vocab
     if src == "lm_head":
         def decode() -> Int4Weight:
-            nibbles = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.qweight").T).view(np.uint8))
             scales = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.scales").T).astype(np.float32))
-            return Int4Weight(nibbles, scales).to(device)
+            return Int4Weight(int4_bytes(ckpt.get("lm_head.qweight"), device), scales.to(device))
 
         return OutputLayer(vocab, loading=in_background(decode))
     entry = ckpt._entry(src)
