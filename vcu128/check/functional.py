@@ -55,6 +55,7 @@ from vcu128.format.layout import (
     offset_binary_bytes,
     read_port_rows,
     split_linear_rows,
+    transposed,
 )
 from vcu128.format.model import (
     EMBEDDING,
@@ -157,16 +158,20 @@ class CompactDecoder:
 def int4_bytes(qweight: np.ndarray, device) -> torch.Tensor:
     """GPTQ's qweight [chin/8, chout] as Int4Weight's bytes [chout, chin/2] on `device`, transposed
     there (a GPU does it in a moment): row c's bytes hold its inputs 2k, 2k+1 as q + 8 nibbles."""
+    if torch.device(device).type == "cpu":  # numpy's one thread: torch's would be a second team on the models' cores
+        return torch.from_numpy(transposed(qweight).view(np.uint8))
     return torch.from_numpy(qweight).to(device).T.contiguous().view(torch.uint8)
 
 
 def float32_rows(entry, rows: slice | None = None, device="cpu") -> torch.Tensor:
     """A float tensor (fp16, bf16 or fp32 in its file), or a block of its rows, as float32 on `device`
-    (fp16 and fp32 moved as stored and widened there); read buffered: on a CPU the same rows are read
-    again for every greedy token, from the page cache."""
+    (a GPU gets fp16 and fp32 as stored and widens them there); read buffered: on a CPU the same rows
+    are read again for every greedy token, from the page cache."""
     data = read_tensor(entry, rows=rows, direct=False)
     if entry.dtype == "BF16":  # bf16 is the top half of a float32
         data = (data.astype(np.uint32) << 16).view(np.float32)
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(data.astype(np.float32, copy=False))
     return torch.from_numpy(data).to(device).float()
 
 
