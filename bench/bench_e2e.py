@@ -186,15 +186,44 @@ def quantize_phases(run: dict) -> list[tuple[str, float]]:
 
 
 def verify_phases(run: dict, report: dict | None) -> list[tuple[str, float]]:
-    bits = (report or {}).get("bit_check", {}).get("seconds")
-    func = ((report or {}).get("functional") or {}).get("seconds")
-    rest = run["seconds"] - (bits or 0) - (func or 0)
-    phases = [("verify: start-up, imports, exit", rest)]
-    if bits is not None:
-        phases.append(("verify: bit check", bits))
+    """verify's time by phase, from its report: what lies outside the two checks (start-up, imports,
+    writing the report, exit), then the checks. With --device cuda they run side by side: their wall
+    clock together is one phase, each check's own seconds are shown inside it (indented: not added)."""
+    report = report or {}
+    bits = report.get("bit_check", {}).get("seconds")
+    func = (report.get("functional") or {}).get("seconds")
+    timeline = report.get("timeline") or {}
+    spans = [timeline[k] for k in ("bit_check", "functional") if k in timeline]
+    checks = max(end for _, end in spans) - min(begin for begin, _ in spans) if spans else (bits or 0) + (func or 0)
+    phases = [("verify: start-up, imports, exit", run["seconds"] - checks)]
+    if timeline.get("side_by_side"):
+        phases.append(("verify: bit check and functional check, side by side", checks))
+        phases.append(("verify:   (bit check, beside)", bits))
+        if func is not None:
+            phases.append(("verify:   (functional check, beside)", func))
+    else:
+        if bits is not None:
+            phases.append(("verify: bit check", bits))
+        if func is not None:
+            phases.append(("verify: functional check", func))
     if func is not None:
-        phases.append(("verify: functional check", func))
+        phases += functional_parts(run, func)
     return phases
+
+
+def functional_parts(run: dict, func: float) -> list[tuple[str, float]]:
+    """The functional check's parts, from its progress lines (`functional: 28/28 layer in 7.8 s`, the
+    evaluation tokens through the decoder; `greedy: 8/8 token in 9.1 s`); the rest is its set-up and
+    the output layers (indented: inside the functional check)."""
+    parts = []
+    for key, name in (("functional", "decoder layers, evaluation tokens"), ("greedy", "greedy tokens")):
+        hit = first_line(run, rf"^{key}: \d+/\d+ ")
+        seconds = seconds_in(hit[1], "in") if hit else None
+        if seconds is not None:
+            parts.append((f"verify:   (functional: {name})", seconds))
+    if parts:
+        parts.append(("verify:   (functional: set-up, output layers, comparisons)", func - sum(s for _, s in parts)))
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------
