@@ -251,3 +251,23 @@ def _write(path, data):
 def _mkdir(path):
     path.mkdir()
     return str(path)
+
+
+def test_verifys_tokenizer_is_transformers_ids_without_transformers(tiny_model):
+    """verify reads tokenizer.json with `tokenizers` alone: the same ids, text and size as
+    transformers' tokenizer, and transformers is never imported (its import is 5-10 s)."""
+    from vcu128.quant.calibration import JsonTokenizer, open_tokenizer
+
+    ours, theirs = open_tokenizer(tiny_model, ids_only=True), open_tokenizer(tiny_model)
+    assert isinstance(ours, JsonTokenizer) and not isinstance(theirs, JsonTokenizer)
+    text = (ROOT / "data" / "demo_corpus.txt").read_text()
+    for t in (text, "The accelerator", " two  spaces\nand a line"):
+        assert ours(t)["input_ids"] == theirs(t, add_special_tokens=False)["input_ids"]
+    ids = ours(text)["input_ids"]
+    assert len(ids) > 1000 and ours.decode(ids[-200:]) == theirs.decode(ids[-200:])
+    assert len(ours) == len(theirs)
+    probe = ("import sys; from vcu128.check.inputs import evaluation_inputs; "
+             f"i = evaluation_inputs({str(tiny_model)!r}, {len(ours)}, None, None, 'The accelerator', 64); "
+             "print(len(i.eval_ids), [int(t) for t in i.prompt_ids], 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split("\n")[-2]
+    assert out == f"64 {ours('The accelerator')['input_ids']} False"

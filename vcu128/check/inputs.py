@@ -48,7 +48,7 @@ def evaluation_inputs(qdir: Path, vocab: int, text: Path | None, eval_ids: Path 
         try:
             from vcu128.quant.calibration import open_tokenizer
 
-            tokenizer = open_tokenizer(qdir)
+            tokenizer = open_tokenizer(qdir, ids_only=True)  # transformers' import is seconds verify need not spend
         except Exception:  # no tokenizer files, or ones transformers cannot read: evaluate on ids
             tokenizer = None
     decode = tokenizer.decode if tokenizer is not None else None

@@ -87,11 +87,36 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def open_tokenizer(model: Path):
+class JsonTokenizer:
+    """A tokenizer.json read with the `tokenizers` library alone, which transformers' fast tokenizers
+    wrap: the same ids (tests/test_quantize.py), without transformers' import (5-10 s) where
+    only ids and their text are needed (verify)."""
+
+    eos_token = None
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.tok.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def open_tokenizer(model: Path, ids_only: bool = False):
     """The folder's tokenizer, never running code from the folder: a ChatGLM folder's config.json
     names remote code (auto_map), so its tokenizer.json is read directly, or its sentencepiece
-    tokenizer.model. Raises what transformers raises."""
+    tokenizer.model. `ids_only`: a tokenizer.json is read without transformers (JsonTokenizer; not
+    for quantize, whose checkpoint saves the tokenizer). Raises what transformers raises."""
     model = Path(model)
+    if ids_only and (model / "tokenizer.json").is_file():
+        return JsonTokenizer(model / "tokenizer.json")
     cfg = read_json_object(model / "config.json") if (model / "config.json").is_file() else {}
     if cfg.get("model_type") != "chatglm":
         from transformers import AutoTokenizer
