@@ -13,7 +13,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-WORKERS = min(4, os.cpu_count() or 1)
+# Threads that compute blocks: all of a small machine's cores, up to 8 (blocks are read and written
+# on threads of their own). VCU128_WORKERS sets it (measuring).
+WORKERS = int(os.environ.get("VCU128_WORKERS") or min(8, os.cpu_count() or 1))
 BLOCK_BYTES = 32 << 20  # a block of rows is about this size
 
 
