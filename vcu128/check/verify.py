@@ -536,8 +536,8 @@ SIDE_BY_SIDE_ENV = "VCU128_VERIFY_SIDE_BY_SIDE"
 def default_side_by_side(device) -> bool:
     """Side by side with a GPU: the functional check then leaves the cores to the bit check, and the
     two take the time of the longer. On a CPU both want every core (torch's threads, the bit check's
-    pool): side by side they would only take turns, and the functional check is the one that must
-    then stop when the bits differ. VCU128_VERIFY_SIDE_BY_SIDE=1 or 0 decides instead (to measure)."""
+    pool): side by side they would only take turns. VCU128_VERIFY_SIDE_BY_SIDE=1 or 0 decides
+    instead (to measure)."""
     chosen = os.environ.get(SIDE_BY_SIDE_ENV, "")
     if chosen not in ("", "0", "1"):
         raise VCUError(f"{SIDE_BY_SIDE_ENV}={chosen}: expected 1 (side by side), 0 (one after the other) or nothing (by the device)")
@@ -573,7 +573,7 @@ def functional_part(qdir: Path, hw: Path, compile_dir, *, model, text, eval_ids,
 def checks_side_by_side(run_bits, run_functional):
     """The bit check on a thread while the functional check runs on this one: (run_bits(), and
     run_functional(stop) or None). The bit check reads and compares with numpy on the CPU's cores;
-    the functional check, on a GPU, mostly waits for it. The answer is the one the checks give one
+    the functional check mostly waits for the GPU. The answer is the one the checks give one
     after the other: the bit check's error is raised first; where the bits differ there is no
     functional result (the functional check stops at its next layer once they are known to differ,
     whatever it had found); only then is the functional check's own error raised."""
