@@ -88,6 +88,7 @@ from vcu128.io.parallel import (
     in_background,
     ordered_map,
     rows_per_block,
+    usable_cores,
 )
 from vcu128.io.progress import bar
 from vcu128.io.provenance import stale_compile, stale_hardware, warn
@@ -374,7 +375,7 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
     # after them (a 7B's 1 GB: alone at the end, the last seconds of the check); the reports are merged
     # in order, layers, output layer, embedding, so the differences read the same on any machine.
     output_part = BitReport()
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max(1, min(8, usable_cores()))) as pool:
         output_done = pool.submit(check_packed_linear, output_part, folder, OUT_WEIGHT_STEM, d.hidden, d.vocab, expected_output)
         layers = pool.map(check_layer, range(d.num_layers))
         splits = folder.parts and d.vocab % folder.parts == 0

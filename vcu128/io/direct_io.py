@@ -34,7 +34,9 @@ def _direct_by_default() -> bool:
     setting = os.environ.get("VCU128_DIRECT_IO", "")
     if setting in ("0", "1"):
         return setting == "1"
-    return (os.cpu_count() or 1) < BUFFERED_FROM_CORES
+    from vcu128.io.parallel import usable_cores
+
+    return usable_cores() < BUFFERED_FROM_CORES
 
 
 ENABLED = _direct_by_default()

@@ -15,7 +15,17 @@ R = TypeVar("R")
 
 # Threads that compute blocks: all of a small machine's cores, up to 8 (blocks are read and written
 # on threads of their own). VCU128_WORKERS sets it (measuring).
-WORKERS = int(os.environ.get("VCU128_WORKERS") or min(8, os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a container's CPU set), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity query (macOS)
+        return os.cpu_count() or 1
+
+
+WORKERS = int(os.environ.get("VCU128_WORKERS") or min(8, usable_cores()))
 BLOCK_BYTES = 32 << 20  # a block of rows is about this size
 
 
