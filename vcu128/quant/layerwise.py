@@ -43,7 +43,7 @@ from vcu128.quant.gptq import (
     gptq_quantize,
     gptq_tensors,
 )
-from vcu128.quant.report import HeldOutReport, eval_windows
+from vcu128.quant.heldout import HeldOutReport, eval_windows
 
 log = logging.getLogger("vcu128")
 
