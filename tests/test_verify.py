@@ -2,10 +2,13 @@
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -295,3 +298,23 @@ def test_side_by_side_with_a_gpu_unless_told(monkeypatch):
     monkeypatch.setenv(SIDE_BY_SIDE_ENV, "yes")
     with pytest.raises(VCUError, match=r"^VCU128_VERIFY_SIDE_BY_SIDE=yes: expected 1 \(side by side\), 0"):
         default_side_by_side("cpu")
+
+
+def test_side_by_side_the_bit_check_yields_the_cores():
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    def bits():
+        seen["bits"] = priority()
+        with ThreadPoolExecutor(1) as pool:  # the bit check's own pools: their threads yield too
+            seen["its pool"] = pool.submit(priority).result()
+        return BitReport(), (0.0, 0.1)
+
+    def functional(stop):
+        seen["functional"] = priority()
+        return "functional"
+
+    checks_side_by_side(bits, functional)
+    assert seen["bits"] == seen["its pool"] == min(19, seen["functional"] + 10) and seen["functional"] == priority()

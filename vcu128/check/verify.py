@@ -86,6 +86,7 @@ from vcu128.io.output import (
 from vcu128.io.parallel import (
     import_in_background,
     in_background,
+    lower_priority,
     ordered_map,
     rows_per_block,
 )
@@ -559,12 +560,15 @@ def functional_part(qdir: Path, hw: Path, compile_dir, *, model, text, eval_ids,
     if model is not None:
         check_same_shape(Path(model), ckpt)
     folder = PackedFolder.open(hw, compile_hints(ckpt.qdir, hw, compile_dir))
-    inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
-    if str(device).startswith("cuda"):
+    cuda = str(device).startswith("cuda")
+    if cuda:
         import torch
 
-        if not torch.cuda.is_available():
-            raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
+        if torch.cuda.is_available():  # the GPU's context made while the tokenizer loads (seconds each)
+            in_background(torch.zeros, 1, device=device)
+    inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
+    if cuda and not torch.cuda.is_available():
+        raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
     from vcu128.check.functional import functional_check
 
     return folder.source, functional_check(ckpt, folder, inputs, model=model, device=device, stop=stop, **options)
@@ -579,7 +583,15 @@ def checks_side_by_side(run_bits, run_functional):
     whatever it had found); only then is the functional check's own error raised."""
     from vcu128.check.functional import Stopped
 
-    bits = in_background(run_bits)
+    def bits_yielding():
+        # The bit check's threads (each layer's, and their readers) outnumber the cores; at the same
+        # priority they would leave the functional check's one thread, whose set-up (the tokenizer,
+        # the GPU's start) and kernel launches are Python on a core, a share of a core. They take
+        # what the functional check leaves instead.
+        lower_priority()
+        return run_bits()
+
+    bits = in_background(bits_yielding)
 
     def bits_failed() -> bool:
         return bits.done() and (bits.exception() is not None or not bits.result()[0].ok)

@@ -53,18 +53,30 @@ def import_in_background(module: str) -> None:
     threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
 
 
-def in_background(fn: Callable[..., R], *args) -> Future:
-    """fn(*args), started now on a thread of its own; `.result()` waits for it and raises what it
-    raised. For reading and decoding that is needed later, beside the caller's own work (file reads,
-    numpy and torch release the GIL). Not a daemon: the process ends only once it has ended."""
+def in_background(fn: Callable[..., R], *args, **kwargs) -> Future:
+    """fn(*args, **kwargs), started now on a thread of its own; `.result()` waits for it and raises
+    what it raised. For reading and decoding that is needed later, beside the caller's own work (file
+    reads, numpy and torch release the GIL). Not a daemon: the process ends only once it has ended."""
     future: Future = Future()
 
     def run() -> None:
         future.set_running_or_notify_cancel()
         try:
-            future.set_result(fn(*args))
+            future.set_result(fn(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
             future.set_exception(e)
 
     threading.Thread(target=run, name=f"background-{getattr(fn, '__name__', 'work')}").start()
     return future
+
+
+def lower_priority(steps: int = 10) -> None:
+    """This thread, and the threads it starts from now on (a Linux thread inherits its creator's
+    priority), yield the CPU to the process's other threads: `steps` of niceness more, up to 19.
+    For work running beside something more urgent. Where threads have no priority of their own
+    (not Linux), nothing."""
+    try:
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + steps))
+    except (AttributeError, OSError):
+        pass
