@@ -6,9 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -300,21 +298,23 @@ def test_side_by_side_with_a_gpu_unless_told(monkeypatch):
         default_side_by_side("cpu")
 
 
-def test_side_by_side_the_bit_check_yields_the_cores():
-    def priority() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+def test_the_bit_check_beside_runs_in_a_nicer_process_that_logs_here(caplog):
+    from vcu128.io.parallel import in_a_process
+    from vcu128.io.provenance import warn
 
-    seen = {}
+    # a process of its own (no interpreter lock shared), 10 steps nicer (the functional check's thread first)
+    assert in_a_process(os.getpid) != os.getpid()
+    assert in_a_process(os.getpriority, os.PRIO_PROCESS, 0) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    # its log records reach this process's loggers, as if logged here
+    with caplog.at_level("INFO", logger="vcu128"):
+        assert in_a_process(warn, ["compile_sw.json: made from another checkpoint"]) is None
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("vcu128", "WARNING", "warning: compile_sw.json: made from another checkpoint")]
+    # its errors are raised here, hint and all
+    with pytest.raises(VCUError, match="^x.bin: missing$") as error:
+        in_a_process(fails_with_a_hint)
+    assert error.value.hint == "run hardware.py"
 
-    def bits():
-        seen["bits"] = priority()
-        with ThreadPoolExecutor(1) as pool:  # the bit check's own pools: their threads yield too
-            seen["its pool"] = pool.submit(priority).result()
-        return BitReport(), (0.0, 0.1)
 
-    def functional(stop):
-        seen["functional"] = priority()
-        return "functional"
-
-    checks_side_by_side(bits, functional)
-    assert seen["bits"] == seen["its pool"] == min(19, seen["functional"] + 10) and seen["functional"] == priority()
+def fails_with_a_hint():
+    raise VCUError("x.bin: missing", "run hardware.py")

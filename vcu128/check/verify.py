@@ -85,8 +85,8 @@ from vcu128.io.output import (
 )
 from vcu128.io.parallel import (
     import_in_background,
+    in_a_process,
     in_background,
-    lower_priority,
     ordered_map,
     rows_per_block,
 )
@@ -485,9 +485,15 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
     extra = variant_set(variants)
     if side_by_side is None:
         side_by_side = default_side_by_side(device)
-    origin = time.perf_counter()
+    origin, started_at = time.perf_counter(), time.time()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_bits = lambda: timed(origin, bit_check, qdir, hw, compile_dir, progress)  # noqa: E731
+    # Beside the functional check, the bit check runs in a process of its own, at a lower priority:
+    # its threads (each layer's, and their readers) outnumber the cores, and in this process they
+    # would leave the functional check's one thread, whose set-up (tokenizer, the GPU's start) and
+    # kernel launches are Python, a share of a core and of the interpreter's lock (on the 16-core H200
+    # machine its set-up, about 6 s alone, took 22 s beside them).
+    run_bits_apart = lambda: timed(origin, in_a_process, bit_check, qdir, hw, compile_dir, progress)  # noqa: E731
 
     def run_functional(stop=None):
         return timed(origin, functional_part, qdir, hw, compile_dir, model=model, text=text, eval_ids=eval_ids, prompt=prompt,
@@ -495,7 +501,7 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
                      variants=extra, lm_head_from_checkpoint=lm_head_from_checkpoint, progress=progress)
 
     if functional and side_by_side:
-        (report, bits_span), func = checks_side_by_side(run_bits, run_functional)
+        (report, bits_span), func = checks_side_by_side(run_bits_apart, run_functional)
     else:
         report, bits_span = run_bits()
         func = run_functional() if report.ok and functional else None
@@ -515,8 +521,9 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
             "stale_inputs": report.stale,
         },
     }
-    # When each check ran, in seconds from here: bench/bench_e2e.py splits verify's time by it.
-    timeline = {"side_by_side": bool(functional and side_by_side), "bit_check": list(bits_span)}
+    # When each check ran, in seconds from `started_at` (the epoch's): bench/bench_e2e.py splits
+    # verify's time by it.
+    timeline = {"side_by_side": bool(functional and side_by_side), "started_at": started_at, "bit_check": list(bits_span)}
     if func is not None:
         (source, outcome), func_span = func
         result["source"] = source
@@ -575,23 +582,16 @@ def functional_part(qdir: Path, hw: Path, compile_dir, *, model, text, eval_ids,
 
 
 def checks_side_by_side(run_bits, run_functional):
-    """The bit check on a thread while the functional check runs on this one: (run_bits(), and
-    run_functional(stop) or None). The bit check reads and compares with numpy on the CPU's cores;
-    the functional check mostly waits for the GPU. The answer is the one the checks give one
+    """The bit check (run_bits: verify's runs it in a process of its own) waited for on a thread
+    while the functional check runs on this one: (run_bits(), and run_functional(stop) or None). The
+    bit check reads and compares with numpy on the CPU's cores; the functional check mostly waits
+    for the GPU. The answer is the one the checks give one
     after the other: the bit check's error is raised first; where the bits differ there is no
     functional result (the functional check stops at its next layer once they are known to differ,
     whatever it had found); only then is the functional check's own error raised."""
     from vcu128.check.functional import Stopped
 
-    def bits_yielding():
-        # The bit check's threads (each layer's, and their readers) outnumber the cores; at the same
-        # priority they would leave the functional check's one thread, whose set-up (the tokenizer,
-        # the GPU's start) and kernel launches are Python on a core, a share of a core. They take
-        # what the functional check leaves instead.
-        lower_priority()
-        return run_bits()
-
-    bits = in_background(bits_yielding)
+    bits = in_background(run_bits)
 
     def bits_failed() -> bool:
         return bits.done() and (bits.exception() is not None or not bits.result()[0].ok)

@@ -4,10 +4,13 @@ while the main thread writes finished blocks in order."""
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
+import multiprocessing
 import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -70,13 +73,38 @@ def in_background(fn: Callable[..., R], *args, **kwargs) -> Future:
     return future
 
 
-def lower_priority(steps: int = 10) -> None:
-    """This thread, and the threads it starts from now on (a Linux thread inherits its creator's
-    priority), yield the CPU to the process's other threads: `steps` of niceness more, up to 19.
-    For work running beside something more urgent. Where threads have no priority of their own
-    (not Linux), nothing."""
+def in_a_process(fn: Callable[..., R], *args, nicer: int = 10) -> R:
+    """fn(*args) in a process of its own, `nicer` steps of niceness below this one: its result
+    returned here, or its exception raised here (both pickled). For CPU work beside this process's
+    own Python: threads here would share one interpreter lock and the same priority with it. The
+    process starts fresh (spawn: none of this one's threads, locks or GPU state are copied), and its
+    log records are handed to this process's loggers, so they read as if logged here."""
+    context = multiprocessing.get_context("spawn")
+    records = context.Queue()
+    relay = logging.handlers.QueueListener(records, _Relay())
+    relay.start()
     try:
-        me = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + steps))
-    except (AttributeError, OSError):
+        level = logging.getLogger("vcu128").getEffectiveLevel()
+        with ProcessPoolExecutor(1, mp_context=context, initializer=_start_process, initargs=(records, level, nicer)) as pool:
+            return pool.submit(fn, *args).result()
+        # leaving the pool waited for the process to end, and so for its last records to be sent
+    finally:
+        relay.stop()
+
+
+class _Relay(logging.Handler):
+    """A record from another process, handled by the logger of its name here."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+def _start_process(records, level: int, nicer: int) -> None:
+    """In a process of in_a_process: nicer, and its records (at this process's level) sent back."""
+    try:
+        os.nice(nicer)
+    except (AttributeError, OSError):  # no priorities here: it runs at this process's
         pass
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.setLevel(level)
