@@ -80,7 +80,10 @@ def in_a_process(fn: Callable[..., R], *args, nicer: int = 10) -> R:
     process starts fresh (spawn: none of this one's threads, locks or GPU state are copied), and its
     log records are handed to this process's loggers, so they read as if logged here."""
     context = multiprocessing.get_context("spawn")
-    records = context.Queue()
+    try:
+        records = context.Queue()
+    except OSError:  # no semaphores here (a container without /dev/shm): in this process, then
+        return fn(*args)
     relay = logging.handlers.QueueListener(records, _Relay())
     relay.start()
     try:
