@@ -316,5 +316,17 @@ def test_the_bit_check_beside_runs_in_a_nicer_process_that_logs_here(caplog):
     assert error.value.hint == "run hardware.py"
 
 
+def test_where_no_process_can_start_the_bit_check_runs_in_this_one(monkeypatch):
+    import multiprocessing
+
+    from vcu128.io.parallel import in_a_process
+
+    def no_semaphores(self, *args, **kwargs):
+        raise OSError(38, "Function not implemented")  # what a container without /dev/shm says
+
+    monkeypatch.setattr(type(multiprocessing.get_context("spawn")), "Queue", no_semaphores)
+    assert in_a_process(os.getpid) == os.getpid()
+
+
 def fails_with_a_hint():
     raise VCUError("x.bin: missing", "run hardware.py")
