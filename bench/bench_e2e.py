@@ -121,7 +121,7 @@ def run_command(name: str, args: list[str], log, cold: bool = False) -> dict:
         drop_page_cache()
     cmd = [sys.executable, *args]
     print(f"$ {' '.join(cmd)}", file=log, flush=True)
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines, pending = [], b""
     while True:
@@ -139,7 +139,7 @@ def run_command(name: str, args: list[str], log, cold: bool = False) -> dict:
         lines.append((round(time.perf_counter() - start, 3), pending.decode(errors="replace")))
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    return {"name": name, "command": " ".join(args), "exit_code": os.waitstatus_to_exitcode(status), "seconds": round(wall, 3),
+    return {"name": name, "command": " ".join(args), "started_at": started_at, "exit_code": os.waitstatus_to_exitcode(status), "seconds": round(wall, 3),
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3),
             "disk_read_gb": round(usage.ru_inblock * 512 / 1e9, 2), "disk_written_gb": round(usage.ru_oublock * 512 / 1e9, 2), "lines": lines}
 
@@ -207,22 +207,34 @@ def verify_phases(run: dict, report: dict | None) -> list[tuple[str, float]]:
         if func is not None:
             phases.append(("verify: functional check", func))
     if func is not None:
-        phases += functional_parts(run, func)
+        phases += functional_parts(run, func, timeline)
     return phases
 
 
-def functional_parts(run: dict, func: float) -> list[tuple[str, float]]:
-    """The functional check's parts, from its progress lines (`functional: 28/28 layer in 7.8 s`, the
-    evaluation tokens through the decoder; `greedy: 8/8 token in 9.1 s`); the rest is its set-up and
-    the output layers (indented: inside the functional check)."""
-    parts = []
-    for key, name in (("functional", "decoder layers, evaluation tokens"), ("greedy", "greedy tokens")):
+def functional_parts(run: dict, func: float, timeline: dict) -> list[tuple[str, float]]:
+    """The functional check's parts (indented: inside it), from its progress lines, each stamped as it
+    came (`functional: 28/28 layer in 7.8 s`: the evaluation tokens through the decoder layers;
+    `greedy: 8/8 token in 9.1 s`) and from when the check began (the report's timeline, against the
+    command's own start): its set-up (inputs, tokenizer, the GPU's start, the models), the decoder
+    layers, the output layers and comparisons, greedy decoding."""
+    bars = {}
+    for key in ("functional", "greedy"):
         hit = first_line(run, rf"^{key}: \d+/\d+ ")
         seconds = seconds_in(hit[1], "in") if hit else None
         if seconds is not None:
-            parts.append((f"verify:   (functional: {name})", seconds))
-    if parts:
-        parts.append(("verify:   (functional: set-up, output layers, comparisons)", func - sum(s for _, s in parts)))
+            bars[key] = (hit[0] - seconds, hit[0])  # (began, ended) in the command's seconds
+    if "functional" not in bars:
+        return []
+    layers, greedy = bars["functional"], bars.get("greedy")
+    parts = []
+    if "started_at" in run and "started_at" in timeline and "functional" in timeline:
+        began = timeline["started_at"] - run["started_at"] + timeline["functional"][0]
+        parts.append(("verify:   (functional: set-up: inputs, tokenizer, GPU start, models)", layers[0] - began))
+    parts.append(("verify:   (functional: decoder layers, evaluation tokens)", layers[1] - layers[0]))
+    if greedy:
+        parts.append(("verify:   (functional: output layers, comparisons)", greedy[0] - layers[1]))
+        parts.append(("verify:   (functional: greedy tokens)", greedy[1] - greedy[0]))
+    parts.append(("verify:   (functional: the rest)", func - sum(s for _, s in parts)))
     return parts
 
 

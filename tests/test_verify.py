@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -295,3 +296,37 @@ def test_side_by_side_with_a_gpu_unless_told(monkeypatch):
     monkeypatch.setenv(SIDE_BY_SIDE_ENV, "yes")
     with pytest.raises(VCUError, match=r"^VCU128_VERIFY_SIDE_BY_SIDE=yes: expected 1 \(side by side\), 0"):
         default_side_by_side("cpu")
+
+
+def test_the_bit_check_beside_runs_in_a_nicer_process_that_logs_here(caplog):
+    from vcu128.io.parallel import in_a_process
+    from vcu128.io.provenance import warn
+
+    # a process of its own (no interpreter lock shared), 10 steps nicer (the functional check's thread first)
+    assert in_a_process(os.getpid) != os.getpid()
+    assert in_a_process(os.getpriority, os.PRIO_PROCESS, 0) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    # its log records reach this process's loggers, as if logged here
+    with caplog.at_level("INFO", logger="vcu128"):
+        assert in_a_process(warn, ["compile_sw.json: made from another checkpoint"]) is None
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("vcu128", "WARNING", "warning: compile_sw.json: made from another checkpoint")]
+    # its errors are raised here, hint and all
+    with pytest.raises(VCUError, match="^x.bin: missing$") as error:
+        in_a_process(fails_with_a_hint)
+    assert error.value.hint == "run hardware.py"
+
+
+def test_where_no_process_can_start_the_bit_check_runs_in_this_one(monkeypatch):
+    import multiprocessing
+
+    from vcu128.io.parallel import in_a_process
+
+    def no_semaphores(self, *args, **kwargs):
+        raise OSError(38, "Function not implemented")  # what a container without /dev/shm says
+
+    monkeypatch.setattr(type(multiprocessing.get_context("spawn")), "Queue", no_semaphores)
+    assert in_a_process(os.getpid) == os.getpid()
+
+
+def fails_with_a_hint():
+    raise VCUError("x.bin: missing", "run hardware.py")

@@ -85,6 +85,7 @@ from vcu128.io.output import (
 )
 from vcu128.io.parallel import (
     import_in_background,
+    in_a_process,
     in_background,
     ordered_map,
     rows_per_block,
@@ -485,9 +486,15 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
     extra = variant_set(variants)
     if side_by_side is None:
         side_by_side = default_side_by_side(device)
-    origin = time.perf_counter()
+    origin, started_at = time.perf_counter(), time.time()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_bits = lambda: timed(origin, bit_check, qdir, hw, compile_dir, progress)  # noqa: E731
+    # Beside the functional check, the bit check runs in a process of its own, at a lower priority:
+    # its threads (each layer's, and their readers) outnumber the cores, and in this process they
+    # would leave the functional check's one thread, whose set-up (tokenizer, the GPU's start) and
+    # kernel launches are Python, a share of a core and of the interpreter's lock (on the 16-core H200
+    # machine its set-up, about 6 s alone, took 22 s beside them).
+    run_bits_apart = lambda: timed(origin, in_a_process, bit_check, qdir, hw, compile_dir, progress)  # noqa: E731
 
     def run_functional(stop=None):
         return timed(origin, functional_part, qdir, hw, compile_dir, model=model, text=text, eval_ids=eval_ids, prompt=prompt,
@@ -495,7 +502,7 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
                      variants=extra, lm_head_from_checkpoint=lm_head_from_checkpoint, progress=progress)
 
     if functional and side_by_side:
-        (report, bits_span), func = checks_side_by_side(run_bits, run_functional)
+        (report, bits_span), func = checks_side_by_side(run_bits_apart, run_functional)
     else:
         report, bits_span = run_bits()
         func = run_functional() if report.ok and functional else None
@@ -515,8 +522,9 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
             "stale_inputs": report.stale,
         },
     }
-    # When each check ran, in seconds from here: bench/bench_e2e.py splits verify's time by it.
-    timeline = {"side_by_side": bool(functional and side_by_side), "bit_check": list(bits_span)}
+    # When each check ran, in seconds from `started_at` (the epoch's): bench/bench_e2e.py splits
+    # verify's time by it.
+    timeline = {"side_by_side": bool(functional and side_by_side), "started_at": started_at, "bit_check": list(bits_span)}
     if func is not None:
         (source, outcome), func_span = func
         result["source"] = source
@@ -560,21 +568,25 @@ def functional_part(qdir: Path, hw: Path, compile_dir, *, model, text, eval_ids,
     if model is not None:
         check_same_shape(Path(model), ckpt)
     folder = PackedFolder.open(hw, compile_hints(ckpt.qdir, hw, compile_dir))
-    inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
-    if str(device).startswith("cuda"):
+    cuda = str(device).startswith("cuda")
+    if cuda:
         import torch
 
-        if not torch.cuda.is_available():
-            raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
+        if torch.cuda.is_available():  # the GPU's context made while the tokenizer loads (seconds each)
+            in_background(torch.zeros, 1, device=device)
+    inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
+    if cuda and not torch.cuda.is_available():
+        raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
     from vcu128.check.functional import functional_check
 
     return folder.source, functional_check(ckpt, folder, inputs, model=model, device=device, stop=stop, **options)
 
 
 def checks_side_by_side(run_bits, run_functional):
-    """The bit check on a thread while the functional check runs on this one: (run_bits(), and
-    run_functional(stop) or None). The bit check reads and compares with numpy on the CPU's cores;
-    the functional check mostly waits for the GPU. The answer is the one the checks give one
+    """The bit check (run_bits: verify's runs it in a process of its own) waited for on a thread
+    while the functional check runs on this one: (run_bits(), and run_functional(stop) or None). The
+    bit check reads and compares with numpy on the CPU's cores; the functional check mostly waits
+    for the GPU. The answer is the one the checks give one
     after the other: the bit check's error is raised first; where the bits differ there is no
     functional result (the functional check stops at its next layer once they are known to differ,
     whatever it had found); only then is the functional check's own error raised."""
