@@ -6,9 +6,12 @@ a refused checkpoint leaves nothing behind. See FORMAT.md section 2.
 """
 
 import logging
-import sys
 
-from vcu128.io.errors import ArgumentParser, run_cli  # standard library only: first
+from vcu128.io.errors import (  # standard library only: first
+    ArgumentParser,
+    exit_process,
+    run_cli,
+)
 
 
 def main(argv=None):
@@ -30,4 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

@@ -5,10 +5,14 @@ Writes Embedding_01-of-16.bin ... in row order; a vocab that K does not divide i
 """
 
 import logging
-import sys
 
-from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
 from vcu128.format.constants import BOARD_EMBEDDING_PARTS
+from vcu128.io.errors import (  # standard library only: first
+    ArgumentParser,
+    exit_process,
+    positive_int,
+    run_cli,
+)
 
 
 def main(argv=None):
@@ -26,4 +30,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

@@ -11,9 +11,13 @@ folder's config.json. Writes manifest.json (every file's bytes, sha256, source).
 """
 
 import logging
-import sys
 
-from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
+from vcu128.io.errors import (  # standard library only: first
+    ArgumentParser,
+    exit_process,
+    positive_int,
+    run_cli,
+)
 
 
 def main(argv=None):
@@ -52,4 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

@@ -8,9 +8,12 @@ Prints the relative error ||W - W_hat|| / ||W|| of the method used.
 """
 
 import logging
-import sys
 
-from vcu128.io.errors import ArgumentParser, run_cli  # standard library only: first
+from vcu128.io.errors import (  # standard library only: first
+    ArgumentParser,
+    exit_process,
+    run_cli,
+)
 
 
 def main(argv=None):
@@ -38,4 +41,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

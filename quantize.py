@@ -8,11 +8,18 @@ With --compile, the export steps run right after: compile_sw, lm_head, hardware,
 """
 
 import argparse
-import sys
 
-from vcu128.io.errors import ArgumentParser, positive_int, run_cli  # standard library only: first
 from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS, INT4_CODES
-from vcu128.quant.options import ENGINES, QuantizeOptions  # light: the defaults' one home
+from vcu128.io.errors import (  # standard library only: first
+    ArgumentParser,
+    exit_process,
+    positive_int,
+    run_cli,
+)
+from vcu128.quant.options import (  # light: the defaults' one home
+    ENGINES,
+    QuantizeOptions,
+)
 
 DEFAULTS = QuantizeOptions()
 
@@ -82,4 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

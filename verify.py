@@ -25,7 +25,13 @@ threshold. 2: bad input.
 import logging
 import sys
 
-from vcu128.io.errors import ArgumentParser, one_line, positive_int, run_cli  # standard library only: first
+from vcu128.io.errors import (  # standard library only: first
+    ArgumentParser,
+    exit_process,
+    one_line,
+    positive_int,
+    run_cli,
+)
 
 
 def main(argv=None):
@@ -118,4 +124,4 @@ def board_line(verdict: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

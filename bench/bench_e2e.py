@@ -26,6 +26,7 @@ left out, as scripts/output_fingerprint.py does): run it before and after a chan
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -185,15 +186,44 @@ def quantize_phases(run: dict) -> list[tuple[str, float]]:
 
 
 def verify_phases(run: dict, report: dict | None) -> list[tuple[str, float]]:
-    bits = (report or {}).get("bit_check", {}).get("seconds")
-    func = ((report or {}).get("functional") or {}).get("seconds")
-    rest = run["seconds"] - (bits or 0) - (func or 0)
-    phases = [("verify: start-up, imports, exit", rest)]
-    if bits is not None:
-        phases.append(("verify: bit check", bits))
+    """verify's time by phase, from its report: what lies outside the two checks (start-up, imports,
+    writing the report, exit), then the checks. With --device cuda they run side by side: their wall
+    clock together is one phase, each check's own seconds are shown inside it (indented: not added)."""
+    report = report or {}
+    bits = report.get("bit_check", {}).get("seconds")
+    func = (report.get("functional") or {}).get("seconds")
+    timeline = report.get("timeline") or {}
+    spans = [timeline[k] for k in ("bit_check", "functional") if k in timeline]
+    checks = max(end for _, end in spans) - min(begin for begin, _ in spans) if spans else (bits or 0) + (func or 0)
+    phases = [("verify: start-up, imports, exit", run["seconds"] - checks)]
+    if timeline.get("side_by_side"):
+        phases.append(("verify: bit check and functional check, side by side", checks))
+        phases.append(("verify:   (bit check, beside)", bits))
+        if func is not None:
+            phases.append(("verify:   (functional check, beside)", func))
+    else:
+        if bits is not None:
+            phases.append(("verify: bit check", bits))
+        if func is not None:
+            phases.append(("verify: functional check", func))
     if func is not None:
-        phases.append(("verify: functional check", func))
+        phases += functional_parts(run, func)
     return phases
+
+
+def functional_parts(run: dict, func: float) -> list[tuple[str, float]]:
+    """The functional check's parts, from its progress lines (`functional: 28/28 layer in 7.8 s`, the
+    evaluation tokens through the decoder; `greedy: 8/8 token in 9.1 s`); the rest is its set-up and
+    the output layers (indented: inside the functional check)."""
+    parts = []
+    for key, name in (("functional", "decoder layers, evaluation tokens"), ("greedy", "greedy tokens")):
+        hit = first_line(run, rf"^{key}: \d+/\d+ ")
+        seconds = seconds_in(hit[1], "in") if hit else None
+        if seconds is not None:
+            parts.append((f"verify:   (functional: {name})", seconds))
+    if parts:
+        parts.append(("verify:   (functional: set-up, output layers, comparisons)", func - sum(s for _, s in parts)))
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,27 +308,37 @@ def main() -> None:
     p.add_argument("--quantize_args", default="", help="more quantize.py arguments, one string (e.g. '--nsamples 16 --seqlen 128')")
     p.add_argument("--verify_args", default="", help="more verify.py arguments, one string")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "e2e", help="scratch folder (removed at the end unless --keep)")
+    p.add_argument("--model_in", type=Path, help="where the random model is kept (default: the scratch folder); /dev/shm keeps "
+                                                 "a 7B's 15 GB off a small disk (the one-GPU machine's 64 GB)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (the model is then reused by the next run)")
     p.add_argument("--cold", action="store_true", help="empty the page cache before each command (root only)")
     p.add_argument("--fingerprint", type=Path, help="write the sha256 of every output file here")
     p.add_argument("--disk", action="store_true", help="first measure the disk's unbuffered write and read speed (8 GB), and give each command's floor")
     p.add_argument("--json", type=Path, help="default: bench/results/e2e_<machine>_<layers>L[_export].json")
+    p.add_argument("--pycache", type=Path, help="PYTHONPYCACHEPREFIX for the commands, filled by one untimed import first: an "
+                                                "environment without compiled bytecode (the GPU machine's) compiles torch's and "
+                                                "transformers' sources in every process, which a pip install does once")
     args = p.parse_args()
 
+    if args.pycache:
+        os.environ["PYTHONPYCACHEPREFIX"] = str(args.pycache.resolve())
+        subprocess.run([sys.executable, "-c", "import torch, transformers; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+                        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import vcu128.quant.layerwise, vcu128.check.functional"], check=False)
     info = machine(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
-    weights = args.layers * 233_000_000 + 2 * 545_000_000 if args.shape == "qwen2-7b" else 1_000_000
-    need = int(weights * (0 if args.export_only else 2) + weights * (0.5 + 4 + 0.6) * 1.1)
-    free = shutil.disk_usage(args.work).free
-    if free < need:
-        raise SystemExit(f"{args.work}: {free / 1e9:.1f} GB free, this run needs about {need / 1e9:.0f} GB")
     log = sys.stderr
     env_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     os.environ["PYTHONPATH"] = env_path
     tag = f"{args.shape}-{args.layers}L"
-    model = args.work / f"model-{tag}"
+    model = (args.model_in or args.work) / f"model-{tag}"
     qdir = args.work / (f"synthetic-{tag}-W4A16-gptq" if args.export_only else f"model-{tag}-W4A16-gptq")
-    shutil.rmtree(qdir, ignore_errors=True)
+    shutil.rmtree(qdir, ignore_errors=True)  # a kept run's outputs
+    weights = args.layers * 233_000_000 + 2 * 545_000_000 if args.shape == "qwen2-7b" else 1_000_000
+    model_here = not args.export_only and args.model_in is None and not (model / "config.json").is_file()
+    need = int(weights * (2 if model_here else 0) + weights * (0.5 + 4 + 0.6) * 1.1)
+    free = shutil.disk_usage(args.work).free
+    if free < need:
+        raise SystemExit(f"{args.work}: {free / 1e9:.1f} GB free, this run needs about {need / 1e9:.0f} GB")
     t = time.perf_counter()
     if args.export_only:
         build = ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_e2e import *; "
@@ -339,8 +379,8 @@ def main() -> None:
                 phases.append((name, run["seconds"]))
     else:
         calib = ["--calib", args.calib] + (["--eval_text", str(ROOT / "data" / "demo_corpus.txt")] if args.calib == "random" else [])
-        run = run_command("quantize --compile", ["quantize.py", "--model", str(model), "--device", args.device, *calib, "--compile",
-                                                 *args.quantize_args.split()], log, args.cold)
+        run = run_command("quantize --compile", ["quantize.py", "--model", str(model), "--quantize_model", str(qdir), "--device", args.device,
+                                                 *calib, "--compile", *args.quantize_args.split()], log, args.cold)
         runs.append(run)
         phases += quantize_phases(run)
         if not run["exit_code"]:
@@ -373,13 +413,18 @@ def main() -> None:
 
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": info, "layers": args.layers, "shape": args.shape, "device": args.device,
            "mode": "export_only" if args.export_only else "quantize --compile, verify", "cold_cache": args.cold,
+           "bytecode_cache": "PYTHONPYCACHEPREFIX, filled first" if args.pycache else "the environment's own",
            "total_seconds": round(total, 2), "phases": [{"phase": n, "seconds": round(s, 2)} for n, s in phases],
            "commands": [{k: v for k, v in r.items() if k != "lines"} | {"log": r["lines"]} for r in runs]}
     if disk:
         doc["disk"] = disk
     if args.fingerprint:
         n = fingerprint([qdir], args.fingerprint)
-        print(f"\nsha256 of {n} output files -> {args.fingerprint}")
+        digest = hashlib.sha256(args.fingerprint.read_bytes()).hexdigest()
+        doc["fingerprint"] = {"files": n, "sha256_of_list": digest,
+                              "list": "the output of --fingerprint (sha256 and path of every output file, records with times left out); "
+                                      "kept out of git: re-run the same command and compare this digest"}
+        print(f"\nsha256 of {n} output files -> {args.fingerprint} (sha256 of the list {digest})")
     out = args.json or ROOT / "bench" / "results" / f"e2e_{machine_tag(info, args.device)}_{args.layers}L{'_export' if args.export_only else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")

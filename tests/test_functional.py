@@ -53,6 +53,48 @@ def test_streamed_fp32_model_equals_the_transformers_forward(packed):
     assert float((streamed - whole).norm() / whole.norm()) < 1e-5
 
 
+def test_the_decoder_reads_the_next_layer_ahead(make_checkpoint):
+    ckpt = GPTQCheckpoint(make_checkpoint(num_layers=3))
+    streamed = CompactDecoder(ckpt, keep=False)
+    first = streamed.raw(0)
+    assert set(streamed.ahead) == {1} and not streamed.layers  # one layer more in memory, none kept
+    streamed.raw(1)
+    assert set(streamed.ahead) == {2}
+    streamed.raw(2)
+    assert not streamed.ahead and not streamed.layers
+    # the int4 bytes: GPTQ's words transposed, row c holding inputs 2k, 2k+1 of output channel c as q + 8
+    q = ckpt.get("model.layers.0.mlp.down_proj.qweight")
+    assert torch.equal(first["mlp.down_proj"][0], torch.from_numpy(np.ascontiguousarray(q.T).view(np.uint8)))
+    kept = CompactDecoder(ckpt)
+    assert kept.raw(1) is kept.raw(1) and set(kept.layers) == {1} and set(kept.ahead) == {2}
+    # a CPU builds a layer's weights for each use (the int4 bytes shared), keeping only the bytes
+    w = kept.layer(1, {"mlp.down_proj": 0.5})
+    assert w.linears["mlp.down_proj"][0].nibbles is kept.raw(1)["mlp.down_proj"][0] and not kept.built
+    scales = ckpt.get("model.layers.1.mlp.down_proj.scales").T.astype(np.float32)
+    assert torch.equal(w.linears["mlp.down_proj"][0].scales, torch.from_numpy(scales * 0.5))
+    # a GPU keeps them, once for each set of factors
+    kept.keep_built = True
+    assert kept.layer(1, {"mlp.down_proj": 0.5}) is kept.layer(1, {"mlp.down_proj": 0.5}) is not kept.layer(1)
+    assert set(kept.built) == {(1, (("mlp.down_proj", 0.5),)), (1, ())}
+
+
+def test_the_checkpoints_output_layer_as_a_gpu_and_a_cpu_hold_it(make_checkpoint):
+    ckpt = GPTQCheckpoint(make_checkpoint(vocab=320))
+    out = checkpoint_output_layer(ckpt)
+    table = out.fp16_table("cpu")  # what load_on(cuda) makes there, here on the CPU
+    rows = out.rows_fn(0, 320)
+    assert table.dtype == torch.float16 and table.shape == (320, 256)
+    assert torch.equal(table.float(), rows) and torch.equal(rows, torch.from_numpy(ckpt.get("lm_head.weight").astype(np.float32)))
+    out.load_on("cpu")  # a CPU reads slices as it goes: nothing held
+    assert out.loading is None and out.dense is None
+    # GPTQ's own int4 lm_head: read and transposed on a thread
+    quantized = GPTQCheckpoint(make_checkpoint("q2", vocab=320, lm_head_quantized=True))
+    held = checkpoint_output_layer(quantized)
+    held.wait()
+    q = quantized.get("lm_head.qweight")
+    assert torch.equal(held.int4.nibbles, torch.from_numpy(np.ascontiguousarray(q.T).view(np.uint8))) and held.loading is None
+
+
 def test_board_storage_rounds_saturates_and_flushes():
     num = Numerics("board", True, 1e-6, torch.zeros(1, 1), torch.zeros(1, 1))
     x = torch.tensor([1e5, -7e4, 1 / 3, FLUSH / 2, -FLUSH * 2, 65504.0])

@@ -230,7 +230,8 @@ def test_verify_report_with_the_defaults(exported, tmp_path):
     hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
     result = verify(qdir, hw, progress=False)
     bits = result["bit_check"]
-    assert set(result) == {"tool", "version", "time", "checkpoint", "hardware_dir", "bit_check", "source", "functional", "verdict", "report_path"}
+    assert set(result) == {"tool", "version", "time", "checkpoint", "hardware_dir", "bit_check", "source", "functional", "timeline", "verdict",
+                           "report_path"}
     assert result["tool"] == "compiler-vcu128" and result["version"] == tool_version()
     assert len(result["time"]) == 24 and result["time"][4] == "-" and result["time"][10] == "T"  # 2026-11-30T22:40:14+0000
     assert result["checkpoint"] == str(qdir.resolve()) and result["hardware_dir"] == str(hw.resolve())
@@ -242,6 +243,10 @@ def test_verify_report_with_the_defaults(exported, tmp_path):
     # the defaults: board numerics, the folder's int4 output layer, 256 evaluation tokens, 8 greedy tokens
     assert (f["numerics"], f["centred_variance"], f["lm_head_from_checkpoint"], f["device"]) == ("board", True, False, "cpu")
     assert f["eval"]["tokens"] == 256 and len(f["greedy"]["hardware"]["tokens"]) == 8 and 0 < f["seconds"] < 600
+    # on a CPU one check after the other, each span its seconds
+    (b0, b1), (f0, f1) = result["timeline"]["bit_check"], result["timeline"]["functional"]
+    assert result["timeline"]["side_by_side"] is False and 0 <= b0 < b1 <= f0 < f1
+    assert b1 - b0 == bits["seconds"] and f1 - f0 == f["seconds"]
     assert result["verdict"]["strict"] is False and result["verdict"]["bits"] == "match"
     assert result["report_path"] == str(hw.parent / "verify_report.json")
     assert json.loads((hw.parent / "verify_report.json").read_text()) == {k: v for k, v in result.items() if k != "report_path"}

@@ -34,6 +34,70 @@ def test_gptq_beats_round_to_nearest(quantized):
     assert 1 < p["fp16"] < 50 and abs(p["gptq"] / p["fp16"] - 1) < 0.1
 
 
+def whole_model_report(model, out, seqlen: int = FAST["seqlen"]) -> dict:
+    """quant_report.json's numbers measured from whole transformers models built from the two
+    folders (the report GPTQModel's checkpoints get), in float32."""
+    import torch
+
+    from vcu128.quant.calibration import load_tokenizer
+    from vcu128.quant.report import (
+        layer_errors,
+        load_checkpoint_model,
+        load_float_model,
+        perplexity,
+    )
+
+    ids = build_calibration(load_tokenizer(model), FAST["calib"], FAST["nsamples"], seqlen, 0, None, 1 << 20).eval_ids
+    ref = load_float_model(model, "cpu", torch.float32)
+    return {"eval_tokens": len(ids), "layers": layer_errors(ref, GPTQCheckpoint(out), ids, seqlen),
+            "perplexity": {"fp16": perplexity(ref, ids, seqlen), "gptq": perplexity(load_checkpoint_model(out, "cpu", torch.float32), ids, seqlen)}}
+
+
+def assert_same_report(ours: dict, theirs: dict) -> None:
+    """Both in float32: they differ only in summation order."""
+    assert ours["eval_tokens"] == theirs["eval_tokens"] > 2 * FAST["seqlen"]  # several windows: the chunking is exercised
+    for key in ("fp16", "gptq"):
+        assert ours["perplexity"][key] == pytest.approx(theirs["perplexity"][key], rel=1e-5)
+    # two models measured: they differ (7e-4 here) by far more than the tolerance above
+    assert abs(ours["perplexity"]["gptq"] / ours["perplexity"]["fp16"] - 1) > 1e-4
+    for a, b in zip(ours["layers"], theirs["layers"], strict=True):
+        assert a["layer"] == b["layer"]
+        assert a["gptq"] == pytest.approx(b["gptq"], rel=1e-5) and a["rtn"] == pytest.approx(b["rtn"], rel=1e-5)
+
+
+def test_the_walks_report_is_the_whole_model_report(quantized, tiny_model):
+    """The report measured inside GPTQ's layer walk (two held-out streams beside the calibration)
+    equals the one measured from whole models."""
+    out, report = quantized
+    assert_same_report(report, whole_model_report(tiny_model, out))
+
+
+def tied_copy(model, folder):
+    """The tiny model with its output layer tied to the embedding (no lm_head.weight)."""
+    from safetensors.numpy import load_file, save_file
+
+    folder.mkdir()
+    for f in model.iterdir():
+        if f.suffix != ".safetensors" and f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    for f in model.glob("*.safetensors"):
+        save_file({k: v for k, v in load_file(f).items() if k != "lm_head.weight"}, folder / f.name, {"format": "pt"})
+    cfg = json.loads((model / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["lm_head quantized", "tied output layer"])
+def test_the_walks_report_with_either_output_layer(case, tiny_model, tmp_path):
+    """The walk's perplexities use the output layer the GPTQ model has: GPTQ's own (quantize.py
+    --lm_head), or the embedding where the model ties them."""
+    model = tied_copy(tiny_model, tmp_path / "tied") if case == "tied output layer" else tiny_model
+    opts = dict(FAST, nsamples=8, lm_head=case == "lm_head quantized")
+    out, report = quantize_model(model, tmp_path / "q", QuantizeOptions(**opts))
+    assert GPTQCheckpoint(out).has("lm_head.qweight") == opts["lm_head"]
+    assert_same_report(report, whole_model_report(model, out))
+
+
 def test_the_report_names_the_source_model_and_the_options(quantized, tiny_model):
     """What main.sh (and a reader) needs to tell whether a checkpoint is up to date with its source."""
     from vcu128.io.uptodate import fingerprint

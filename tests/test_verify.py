@@ -1,15 +1,26 @@
 """verify.py: a clean folder passes; every planted fault is caught and named."""
 
+import copy
+import json
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from conftest import ROOT, export_all
 
-from vcu128.check.verify import bit_check, verify
+from vcu128.check.verify import (
+    SIDE_BY_SIDE_ENV,
+    BitReport,
+    bit_check,
+    checks_side_by_side,
+    default_side_by_side,
+    verify,
+)
 from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
+from vcu128.io.errors import VCUError
 
 HW = "compile/QWEN_BLOCK_write_data_port32"
 
@@ -154,3 +165,133 @@ def test_functional_check_matches_the_checkpoint_model(quantized):
     r = board["against_hardware"]["checkpoint"]
     assert r["top1_agreement"] > 0.9 and r["relative_logit_error"] < 0.1  # measured 0.957 and 0.035
     assert (hw.parent / "verify_report.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Both checks side by side (the default with a GPU): the report, messages and exit code of the
+# checks run one after the other
+
+QUICK = dict(eval_tokens=16, tokens=2, progress=False)
+
+
+def steady(result: dict) -> dict:
+    """A verify result without what depends on when and how fast it ran."""
+    out = copy.deepcopy(result)
+    for key in ("time", "timeline", "report_path"):
+        out.pop(key, None)
+    out["bit_check"].pop("seconds")
+    if "functional" in out:
+        out["functional"].pop("seconds")
+    return out
+
+
+def test_side_by_side_reports_what_one_after_the_other_reports(folder):
+    qdir, hw = folder
+    apart = verify(qdir, hw, side_by_side=False, **QUICK)
+    beside = verify(qdir, hw, side_by_side=True, **QUICK)
+    assert apart["bit_check"]["ok"] and apart["functional"]["ok"] and apart["verdict"]["exit_code"] == 0
+    assert steady(beside) == steady(apart)
+    assert steady(json.loads((hw.parent / "verify_report.json").read_text())) == steady(beside)
+    first, second = apart["timeline"], beside["timeline"]
+    assert not first["side_by_side"] and first["functional"][0] >= first["bit_check"][1]
+    assert second["side_by_side"] and second["functional"][0] < second["bit_check"][1]
+
+
+def test_side_by_side_a_flipped_word_is_the_answer_alone(folder):
+    qdir, hw = folder
+    flip_word(hw / WEIGHT_NIBBLE[0], WEIGHT_NIBBLE[1], WEIGHT_NIBBLE[2])
+    apart = verify(qdir, hw, side_by_side=False, **QUICK)
+    beside = verify(qdir, hw, side_by_side=True, **QUICK)
+    assert not beside["bit_check"]["ok"] and beside["verdict"]["exit_code"] == 1
+    assert "functional" not in beside and "source" not in beside and "functional" not in beside["timeline"]
+    assert steady(beside) == steady(apart)
+
+
+def test_side_by_side_cli_exits_1_and_names_the_file(folder):
+    qdir, hw = folder
+    flip_word(hw / WEIGHT_NIBBLE[0], WEIGHT_NIBBLE[1], WEIGHT_NIBBLE[2])
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "verify.py"), "--quantize_model", str(qdir), "--hardware_dir", str(hw), "--eval_tokens", "16",
+         "--tokens", "2"],
+        capture_output=True, text=True, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", SIDE_BY_SIDE_ENV: "1"},
+    )
+    assert r.returncode == 1, r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith(("difference:", "warning:", "error:"))]
+    one_after_the_other = [f"difference: {d}" for d in bit_check(qdir, hw, progress=False).differences]
+    assert said == one_after_the_other + [f"error: verify: 2 differences in {hw}; do not load it on the board"]
+    assert said[0].startswith("difference: BLOCK01/MVM_BN_RES_write_to_HBM_bin/MVMBNRES2_HBM_DDR_03.bin: row 1 (output channel 35), word 20")
+
+
+def test_side_by_side_errors_come_in_the_order_of_the_checks(folder, tmp_path):
+    qdir, hw = folder
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 5000")  # past the vocabulary (1008)
+    with pytest.raises(VCUError, match=r"ids.txt: needs at least 2 token ids, each in 0\.\.1007"):
+        verify(qdir, hw, eval_ids=ids, side_by_side=True, **QUICK)
+    # where the bits differ, that is the answer: the functional check's inputs are not judged
+    flip_word(hw / WEIGHT_NIBBLE[0], WEIGHT_NIBBLE[1], WEIGHT_NIBBLE[2])
+    result = verify(qdir, hw, eval_ids=ids, side_by_side=True, **QUICK)
+    assert not result["bit_check"]["ok"] and "functional" not in result
+    # the bit check's own error first
+    manifest = json.loads((hw / "manifest.json").read_text())
+    manifest["model"]["hidden"] = 1024
+    (hw / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(VCUError, match=r"manifest.json: model hidden=1024, but the checkpoint's config.json says 896"):
+        verify(qdir, hw, eval_ids=ids, side_by_side=True, **QUICK)
+
+
+def differing_report() -> BitReport:
+    report = BitReport()
+    report.add("x.bin: word 0 is 0x00000001, expected 0x00000000")
+    return report
+
+
+def test_side_by_side_the_functional_check_stops_once_the_bits_differ():
+    from vcu128.check.functional import Stopped
+
+    asked = []
+
+    def functional(stop):
+        deadline = time.monotonic() + 60
+        while not stop():  # functional_check asks before every layer
+            assert time.monotonic() < deadline, "stop() never said the bits differ"
+            time.sleep(0.001)
+        asked.append("stopped")
+        raise Stopped
+
+    report = differing_report()
+    assert checks_side_by_side(lambda: (report, (0.0, 0.1)), functional) == ((report, (0.0, 0.1)), None)
+    assert asked == ["stopped"]
+
+
+def test_side_by_side_stubbed_order_of_answers():
+    def fails(message):
+        def run(*args):
+            raise VCUError(message)
+
+        return run
+
+    ok = BitReport()
+    # the bits match: the functional check's result, or its error
+    assert checks_side_by_side(lambda: (ok, (0, 1)), lambda stop: "functional") == ((ok, (0, 1)), "functional")
+    with pytest.raises(VCUError, match="^functional$"):
+        checks_side_by_side(lambda: (ok, (0, 1)), fails("functional"))
+    # the bits differ: no functional result, whatever it was
+    bad = differing_report()
+    assert checks_side_by_side(lambda: (bad, (0, 1)), fails("functional")) == ((bad, (0, 1)), None)
+    assert checks_side_by_side(lambda: (bad, (0, 1)), lambda stop: "functional") == ((bad, (0, 1)), None)
+    # the bit check failed to run: its error, not the functional check's
+    with pytest.raises(VCUError, match="^bits$"):
+        checks_side_by_side(fails("bits"), fails("functional"))
+
+
+def test_side_by_side_with_a_gpu_unless_told(monkeypatch):
+    monkeypatch.delenv(SIDE_BY_SIDE_ENV, raising=False)
+    assert default_side_by_side("cuda") and default_side_by_side("cuda:1") and not default_side_by_side("cpu")
+    monkeypatch.setenv(SIDE_BY_SIDE_ENV, "0")
+    assert not default_side_by_side("cuda")
+    monkeypatch.setenv(SIDE_BY_SIDE_ENV, "1")
+    assert default_side_by_side("cpu")
+    monkeypatch.setenv(SIDE_BY_SIDE_ENV, "yes")
+    with pytest.raises(VCUError, match=r"^VCU128_VERIFY_SIDE_BY_SIDE=yes: expected 1 \(side by side\), 0"):
+        default_side_by_side("cpu")

@@ -5,15 +5,23 @@ generation), not the model. The folder is read through `format.folder.PackedFold
 Models: `hardware` (the folder: the board's datapath in `board` numerics, with the folder's RoPE and
 SiLU tables and its int4 output layer), `checkpoint` (the GPTQ checkpoint in fp32, its own output
 layer), `hardware, exact SiLU` (board numerics with exact SiLU: what the piecewise table costs) and,
-with --model, `fp16 original` (the unquantized model in fp32). The bit check has already shown that
-the folder's decoder holds the checkpoint's bits, so both read the decoder from one compact copy.
+with --model, `fp16 original` (the unquantized model in fp32). The bit check shows that the folder's
+decoder holds the checkpoint's bits (verify uses this check's answers only when it does), so both read
+the decoder from one compact copy.
+
+Reading overlaps computing: a reader thread reads the next decoder layer while the models run through
+this one, and the output layers are read and decoded on threads while the decoder runs. On a GPU the
+compact copy lives on the GPU (transposed there, in a moment, where numpy takes a tenth of a second a
+7B layer), so greedy decoding neither reads nor copies a weight again.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,6 +55,7 @@ from vcu128.format.layout import (
     offset_binary_bytes,
     read_port_rows,
     split_linear_rows,
+    transposed,
 )
 from vcu128.format.model import (
     EMBEDDING,
@@ -67,6 +76,7 @@ from vcu128.format.tables import (
 )
 from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import get_float
+from vcu128.io.parallel import in_background
 from vcu128.io.progress import bar
 
 log = logging.getLogger("vcu128")
@@ -82,50 +92,87 @@ SILU_EFFECT_TOKENS = 64  # evaluation tokens the exact-SiLU comparison runs on (
 
 class CompactDecoder:
     """The checkpoint's decoder layers as the board holds them: int4 (two a byte) and fp16 scales,
-    an eighth of fp32, kept once read so that greedy decoding does not read them again."""
+    an eighth of fp32, kept once read (`keep`) so that greedy decoding does not read them again.
 
-    def __init__(self, ckpt: GPTQCheckpoint, keep: bool = True):
-        self.ckpt, self.keep = ckpt, keep
+    The int4 bytes live on `device`. A reader thread reads the next layer while the caller computes
+    with this one (layers are asked for in order), so at most one layer more is in memory. On a GPU
+    each layer's weights are also kept as the models use them (scales widened and rescaled, per set
+    of factors): greedy decoding then runs every token from the GPU's memory."""
+
+    def __init__(self, ckpt: GPTQCheckpoint, keep: bool = True, device="cpu"):
+        self.ckpt, self.keep, self.device = ckpt, keep, torch.device(device)
         self.layers: dict[int, dict] = {}
+        # A CPU builds a layer's weights in milliseconds, and its memory is better kept for the int4
+        # bytes; a GPU would copy the scales again for every greedy token.
+        self.keep_built = keep and self.device.type != "cpu"
+        self.built: dict[tuple, LayerWeights] = {}  # (layer, factors) -> the weights, with keep_built
+        self.ahead: dict[int, Future] = {}  # layers being read
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="layer-reader")
 
     def raw(self, layer: int) -> dict:
         if layer in self.layers:
             return self.layers[layer]
+        reading = self.ahead.pop(layer, None) or self.reader.submit(self.read, layer)
+        following = layer + 1
+        if following < self.ckpt.dims.num_layers and following not in self.layers and following not in self.ahead:
+            self.ahead[following] = self.reader.submit(self.read, following)
+        out = reading.result()
+        if self.keep:
+            self.layers[layer] = out
+        return out
+
+    def read(self, layer: int) -> dict:
+        """One layer from the checkpoint: {module: (int4 bytes on the device, fp16 scales [chout, groups],
+        fp16 bias or None), norm: float32 weights}."""
         c = self.ckpt
         out = {}
         for lin in LINEARS:
             name = lin.name(layer)
             bias = c.get_fp16(f"{name}.bias") if c.has(f"{name}.bias") else None
-            # GPTQ [chin/8, chout] words, transposed once: row c's bytes hold its inputs 2k, 2k+1 as q + 8
-            nibbles = torch.from_numpy(np.ascontiguousarray(c.get(f"{name}.qweight").T).view(np.uint8))
-            out[lin.module] = (nibbles, np.ascontiguousarray(c.get(f"{name}.scales").T), bias)
+            out[lin.module] = (int4_bytes(c.get(f"{name}.qweight"), self.device), np.ascontiguousarray(c.get(f"{name}.scales").T), bias)
         for norm, _ in LAYER_NORMS:
             out[norm] = c.get_fp16(f"model.layers.{layer}.{norm}.weight").astype(np.float32)
-        if self.keep:
-            self.layers[layer] = out
         return out
 
     def layer(self, layer: int, factors: dict | None = None) -> LayerWeights:
-        """The layer's weights; `factors` (module -> power of two) rescale scales and biases as the
-        folder holds them (FORMAT.md 7)."""
+        """The layer's weights on the device; `factors` (module -> power of two) rescale scales and
+        biases as the folder holds them (FORMAT.md 7)."""
+        key = (layer, tuple(sorted((factors or {}).items())))
+        if key in self.built:
+            return self.built[key]
         raw = self.raw(layer)
+        on_device = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         linears = {}
         for lin in LINEARS:
             nibbles, scales, bias = raw[lin.module]
             f = (factors or {}).get(lin.module, 1.0)
-            s = torch.from_numpy(scale_fp16(scales, f, {}).astype(np.float32))
-            b = None if bias is None else torch.from_numpy(scale_fp16(bias, f, {}).astype(np.float32))
+            s = on_device(scale_fp16(scales, f, {}).astype(np.float32))
+            b = None if bias is None else on_device(scale_fp16(bias, f, {}).astype(np.float32))
             linears[lin.module] = (Int4Weight(nibbles, s), b)
-        return LayerWeights(linears, torch.from_numpy(raw["input_layernorm"]), torch.from_numpy(raw["post_attention_layernorm"]))
+        w = LayerWeights(linears, on_device(raw["input_layernorm"]), on_device(raw["post_attention_layernorm"]))
+        if self.keep_built:
+            self.built[key] = w
+        return w
 
 
-def float32_rows(entry, rows: slice | None = None) -> torch.Tensor:
-    """A float tensor (fp16, bf16 or fp32 in its file), or a block of its rows, as float32; read
-    buffered: the same rows are read again for every greedy token, from the page cache."""
+def int4_bytes(qweight: np.ndarray, device) -> torch.Tensor:
+    """GPTQ's qweight [chin/8, chout] as Int4Weight's bytes [chout, chin/2] on `device`, transposed
+    there (a GPU does it in a moment): row c's bytes hold its inputs 2k, 2k+1 as q + 8 nibbles."""
+    if torch.device(device).type == "cpu":  # numpy's one thread: torch's would be a second team on the models' cores
+        return torch.from_numpy(transposed(qweight).view(np.uint8))
+    return torch.from_numpy(qweight).to(device).T.contiguous().view(torch.uint8)
+
+
+def float32_rows(entry, rows: slice | None = None, device="cpu") -> torch.Tensor:
+    """A float tensor (fp16, bf16 or fp32 in its file), or a block of its rows, as float32 on `device`
+    (a GPU gets fp16 and fp32 as stored and widens them there); read buffered: on a CPU the same rows
+    are read again for every greedy token, from the page cache."""
     data = read_tensor(entry, rows=rows, direct=False)
     if entry.dtype == "BF16":  # bf16 is the top half of a float32
-        return torch.from_numpy((data.astype(np.uint32) << 16).view(np.float32))
-    return torch.from_numpy(data.astype(np.float32))
+        data = (data.astype(np.uint32) << 16).view(np.float32)
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(data.astype(np.float32, copy=False))
+    return torch.from_numpy(data).to(device).float()
 
 
 class OriginalDecoder:
@@ -161,60 +208,90 @@ class OriginalDecoder:
 
 class OutputLayer:
     """An output layer: logits [N, vocab] for hidden [N, hidden], an int4 one through Int4Weight,
-    a float one read in slices of the vocabulary (its fp16 copy stays on disk)."""
+    a float one from `rows_fn(start, stop, device)` (float32 rows): a GPU holds it once as fp16, a
+    CPU reads a slice of the vocabulary at a time (its fp16 copy stays on disk). What it holds may
+    still be loading on a thread (`loading`: a Future of it), until its first use."""
 
-    def __init__(self, vocab: int, int4: Int4Weight | None = None, rows_fn=None):
-        self.vocab, self.int4, self.rows_fn = vocab, int4, rows_fn
+    def __init__(self, vocab: int, int4: Int4Weight | None = None, rows_fn=None, loading: Future | None = None):
+        self.vocab, self.int4, self.rows_fn, self.loading = vocab, int4, rows_fn, loading
         self.dense = None
+
+    def load_on(self, device) -> None:
+        """Start loading what a GPU holds of a float output layer, on a thread, beside the decoder's work."""
+        if self.rows_fn is not None and self.loading is None and self.dense is None and torch.device(device).type == "cuda":
+            self.loading = in_background(self.fp16_table, device)
+
+    def fp16_table(self, device) -> torch.Tensor:
+        return torch.cat([self.rows_fn(a, min(a + VOCAB_SLICE, self.vocab), device).half() for a in range(0, self.vocab, VOCAB_SLICE)])
+
+    def wait(self) -> None:
+        """What is loading (an int4 layer's Int4Weight, or the fp16 table a GPU holds of a float one),
+        in place; its error, if it failed, raised here."""
+        if self.loading is not None:
+            held = self.loading.result()
+            if isinstance(held, Int4Weight):
+                self.int4 = held
+            else:
+                self.dense = held
+            self.loading = None
 
     def logits(self, h: torch.Tensor, group_rounding: str | None = None) -> torch.Tensor:
         """h [N, hidden] @ W.T, fp32 (the caller stores them as its numerics do); an int4 layer in
         the grouped accumulation where `group_rounding` is set (Numerics.group_rounding)."""
+        self.wait()
         if self.int4 is not None:
             self.int4 = self.int4.to(h.device)  # moved once: greedy decoding uses it every token
             return self.int4.apply(h, group_rounding)
         if h.is_cuda:  # a GPU holds the fp16 table once, instead of reading it again for every token
             if self.dense is None:
-                self.dense = torch.cat([self.rows_fn(a, min(a + VOCAB_SLICE, self.vocab)).to(h.device, torch.float16)
-                                        for a in range(0, self.vocab, VOCAB_SLICE)])
+                self.dense = self.fp16_table(h.device)
             return h @ self.dense.float().T
         out = torch.empty(h.shape[0], self.vocab, device=h.device)
         for start in range(0, self.vocab, VOCAB_SLICE):
             stop = min(start + VOCAB_SLICE, self.vocab)
-            out[:, start:stop] = h @ self.rows_fn(start, stop).to(h.device).T
+            out[:, start:stop] = h @ self.rows_fn(start, stop, h.device).T
         return out
 
 
-def packed_output_layer(folder: PackedFolder, hidden: int, vocab: int) -> OutputLayer:
+def packed_output_layer(folder: PackedFolder, hidden: int, vocab: int, device="cpu") -> OutputLayer:
     """The folder's int4 output layer, taken once from its port words into Int4Weight form (byte for
-    byte: its nibbles are already in input order)."""
+    byte: its nibbles are already in input order) on `device`: read and decoded on a thread (the files
+    are opened, and their sizes checked, here)."""
     files = folder.open_linear(OUT_WEIGHT_STEM, hidden, vocab)
-    ports = folder.ports
-    nibbles = np.empty((vocab, hidden // 2), np.uint8)
-    scales = np.empty((vocab, hidden // GROUP_SIZE), np.float32)
-    step = max(ports, VOCAB_SLICE // ports * ports)
-    for start in range(0, vocab, step):
-        stop = min(start + step, vocab)
-        weight_words, halves = split_linear_rows(read_port_rows(files, start, stop), hidden)
-        nibbles[start:stop] = offset_binary_bytes(weight_words, folder.assumptions.int4)
-        scales[start:stop] = halves[:, : hidden // GROUP_SIZE].view("<f2")
-    return OutputLayer(vocab, Int4Weight(torch.from_numpy(nibbles), torch.from_numpy(scales)))
+    ports, code = folder.ports, folder.assumptions.int4
+
+    def decode() -> Int4Weight:
+        nibbles = np.empty((vocab, hidden // 2), np.uint8)
+        scales = np.empty((vocab, hidden // GROUP_SIZE), np.float32)
+        step = max(ports, VOCAB_SLICE // ports * ports)
+        for start in range(0, vocab, step):
+            stop = min(start + step, vocab)
+            weight_words, halves = split_linear_rows(read_port_rows(files, start, stop), hidden)
+            nibbles[start:stop] = offset_binary_bytes(weight_words, code)
+            scales[start:stop] = halves[:, : hidden // GROUP_SIZE].view("<f2")
+        return Int4Weight(torch.from_numpy(nibbles), torch.from_numpy(scales)).to(device)
+
+    return OutputLayer(vocab, loading=in_background(decode))
 
 
-def checkpoint_output_layer(ckpt: GPTQCheckpoint) -> OutputLayer:
+def checkpoint_output_layer(ckpt: GPTQCheckpoint, device="cpu") -> OutputLayer:
+    """The checkpoint's own output layer: GPTQ's int4 one (read and transposed on a thread), or its
+    float lm_head or tied embedding."""
     src, vocab = ckpt.lm_head_source(), ckpt.dims.vocab
     if src == "lm_head":
-        nibbles = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.qweight").T).view(np.uint8))
-        scales = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.scales").T).astype(np.float32))
-        return OutputLayer(vocab, Int4Weight(nibbles, scales))
+        def decode() -> Int4Weight:
+            scales = torch.from_numpy(np.ascontiguousarray(ckpt.get("lm_head.scales").T).astype(np.float32))
+            return Int4Weight(int4_bytes(ckpt.get("lm_head.qweight"), device), scales.to(device))
+
+        return OutputLayer(vocab, loading=in_background(decode))
     entry = ckpt._entry(src)
-    return OutputLayer(vocab, rows_fn=lambda start, stop: float32_rows(entry, slice(start, stop)))
+    return OutputLayer(vocab, rows_fn=lambda start, stop, on="cpu": float32_rows(entry, slice(start, stop), on))
 
 
 def original_output_layer(orig: OriginalDecoder, tied: bool, vocab: int) -> OutputLayer:
     name = EMBEDDING if tied or not orig.has(f"{LM_HEAD}.weight") else f"{LM_HEAD}.weight"
     entry = orig.entry(name)
-    return OutputLayer(vocab, rows_fn=lambda start, stop: float32_rows(entry, slice(start, stop)))
+    return OutputLayer(vocab, rows_fn=lambda start, stop, on="cpu": float32_rows(entry, slice(start, stop), on))
 
 
 def hardware_embedding(folder: PackedFolder, vocab: int, hidden: int):
@@ -256,13 +333,24 @@ class ModelRun:
     factors: dict = field(default_factory=dict)  # layer -> {module: power of two}
 
 
+class Stopped(Exception):
+    """The caller no longer wants the answer (verify: the bit check, run beside, found a difference)."""
+
+
+def check_stop(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise Stopped
+
+
 def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, start: int = 0,
-            caches: dict | None = None, progress: bool = False, desc: str = "", device="cpu") -> dict:
+            caches: dict | None = None, progress: bool = False, desc: str = "", device="cpu",
+            stop: Callable[[], bool] | None = None) -> dict:
     """Every model's logits [B, T, vocab] for its ids [B, T] at positions start.., one decoder layer at
     a time: each layer's weights are made once, and models that share them run through it together
-    (an int4 weight decoded once for all)."""
+    (an int4 weight decoded once for all). `stop() -> True` between layers raises Stopped."""
     x = {m.name: m.embed(ids[m.name]).to(device) for m in models}
     for layer in bar(range(num_layers), desc, "layer", enabled=progress):
+        check_stop(stop)
         groups: dict = {}
         for m in models:
             key = (id(m.decoder), tuple(sorted(m.factors.get(layer, {}).items())))
@@ -290,14 +378,14 @@ def forward(models: list[ModelRun], ids: dict, shape: Shape, num_layers: int, st
 
 
 def greedy(models: list[ModelRun], prompt: np.ndarray, tokens: int, shape: Shape, num_layers: int, progress: bool,
-           device="cpu") -> dict:
+           device="cpu", stop: Callable[[], bool] | None = None) -> dict:
     """Each model's greedy continuation of the prompt, with a KV cache per model and layer."""
     caches = {m.name: [KVCache() for _ in range(num_layers)] for m in models}
     ids = {m.name: prompt[None, :] for m in models}
     generated = {m.name: [] for m in models}
     pos = 0
     for _ in bar(range(tokens), "greedy", "token", enabled=progress):
-        logits = forward(models, ids, shape, num_layers, pos, caches, device=device)
+        logits = forward(models, ids, shape, num_layers, pos, caches, device=device, stop=stop)
         pos += next(iter(ids.values())).shape[1]
         for m in models:
             nxt = int(logits[m.name][0, -1].argmax())
@@ -348,7 +436,7 @@ class CheckpointSetup:
         cos32, sin32 = (torch.from_numpy(a.astype(np.float32)).to(device) for a in _fp32_rope(cfg, rotary_dim(d), positions, where))
         embed = checkpoint_embedding(lambda t: ckpt.get_fp16(EMBEDDING, rows=slice(t, t + 1))[0], d.hidden)
         return cls(ckpt, cfg, Shape(d.num_heads, d.num_kv_heads, d.head_dim, d.family.rope), model_eps(cfg, where), cos32, sin32,
-                   CompactDecoder(ckpt, keep), embed, checkpoint_output_layer(ckpt),
+                   CompactDecoder(ckpt, keep, device), embed, checkpoint_output_layer(ckpt, device),
                    torch.from_numpy(ckpt.get_fp16(f"{FINAL_NORM}.weight").astype(np.float32)))
 
     def run(self, name: str) -> ModelRun:
@@ -367,15 +455,17 @@ class CheckpointSetup:
 
 def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: FunctionalInputs, *, tokens: int, numerics: str = "board",
                      model: Path | None = None, variant: BoardVariant = DEFAULT_VARIANT, variants: tuple[BoardVariant, ...] = (),
-                     lm_head_from_checkpoint: bool = False, progress: bool = True, device: str = "cpu") -> dict:
+                     lm_head_from_checkpoint: bool = False, progress: bool = True, device: str = "cpu",
+                     stop: Callable[[], bool] | None = None) -> dict:
     """The folder's model (board numerics in `variant`, and in each of `variants` beside it, on the
-    same tokens) next to the checkpoint's model in fp32 (and the fp16 original with `model`)."""
+    same tokens) next to the checkpoint's model in fp32 (and the fp16 original with `model`).
+    `stop() -> True`, asked between layers, abandons the check (Stopped)."""
     d = ckpt.dims
     positions = max(len(inputs.eval_ids), len(inputs.prompt_ids) + tokens)
     setup = CheckpointSetup.build(ckpt, positions, device)
     cos_b, sin_b, silu, rope_source = folder_tables(folder, setup.cfg, d, positions, ckpt.qdir / "config.json")
     cos_b, sin_b = cos_b.to(device), sin_b.to(device)
-    hw_out = setup.output if lm_head_from_checkpoint else packed_output_layer(folder, d.hidden, d.vocab)
+    hw_out = setup.output if lm_head_from_checkpoint else packed_output_layer(folder, d.hidden, d.vocab, device)
     hw_embed = hardware_embedding(folder, d.vocab, d.hidden) if folder.parts else None
 
     board = numerics == "board"
@@ -399,6 +489,8 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
                                checkpoint_embedding(lambda t: _orig_row(orig, t), d.hidden),
                                original_output_layer(orig, tied, d.vocab), orig.get(f"{FINAL_NORM}.weight")))
     shape = setup.shape
+    for out in {id(m.output): m.output for m in models}.values():
+        out.load_on(device)
 
     result: dict = {"numerics": numerics, "device": str(device), "eval": {"tokens": int(len(inputs.eval_ids)), "source": inputs.source},
                     "rope": rope_source, "silu": "table " + ACT_FILE if board and silu is not None else "exact",
@@ -410,7 +502,7 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
             ids = {m.name: inputs.eval_ids[None, :] for m in models}
             if EXACT_SILU in ids:  # what the table costs needs fewer tokens: causal, so they are the first ones
                 ids[EXACT_SILU] = ids[EXACT_SILU][:, :SILU_EFFECT_TOKENS]
-            logits = forward(models, ids, shape, d.num_layers, progress=progress, desc="functional", device=device)
+            logits = forward(models, ids, shape, d.num_layers, progress=progress, desc="functional", device=device, stop=stop)
             if EXACT_SILU in logits:
                 exact = logits.pop(EXACT_SILU)
                 result["silu_effect"] = compare({"exact": exact, "table": logits["hardware"][:, : exact.shape[1]]}, "exact")["table"]
@@ -420,7 +512,8 @@ def functional_check(ckpt: GPTQCheckpoint, folder: PackedFolder, inputs: Functio
             board_runs = [m for m in models if m is hardware or m.name.startswith("hardware [")] if board else []
             on_checkpoint = compare({m.name: logits[m.name] for m in board_runs} | {"checkpoint": logits["checkpoint"]}, "checkpoint")
             del logits
-            generated = greedy([m for m in models if m.name != EXACT_SILU], inputs.prompt_ids, tokens, shape, d.num_layers, progress, device)
+            generated = greedy([m for m in models if m.name != EXACT_SILU], inputs.prompt_ids, tokens, shape, d.num_layers, progress, device,
+                               stop)
     except NonFinite as e:
         result.update(ok=False, nonfinite={"model": e.model, "layer": e.layer, "site": e.site}, error=str(e))
         result["saturation"] = hw_num.stats.saturation_list()

@@ -83,7 +83,12 @@ from vcu128.io.output import (
     replace_file_atomically,
     sha256_file,
 )
-from vcu128.io.parallel import import_in_background, ordered_map, rows_per_block
+from vcu128.io.parallel import (
+    import_in_background,
+    in_background,
+    ordered_map,
+    rows_per_block,
+)
 from vcu128.io.progress import bar
 from vcu128.io.provenance import stale_compile, stale_hardware, warn
 from vcu128.quant.rtn import quantize_rows
@@ -234,7 +239,7 @@ def check_fp16_file(report: BitReport, folder: PackedFolder, rel: str, expected:
     got = read_checked(report, folder, rel, "<f2", expected.shape)
     if got is None:
         return
-    bad = np.flatnonzero(got.view("<u2").ravel() != expected.astype("<f2").view("<u2").ravel())
+    bad = np.flatnonzero(got.view("<u2").ravel() != expected.astype("<f2", copy=False).view("<u2").ravel())
     if bad.size:
         i = int(bad[0])
         where = f"row {i // row_len}, element {i % row_len}" if row_len else f"element {i}"
@@ -358,29 +363,34 @@ def bit_check(qdir: Path, hw: Path, compile_dir: Path | None = None, progress: b
             check_fp16_file(part, folder, hw_layer_norm_file(layer, board), sw_norm_file(w), f"{norm} weight, then zeros")
         return part
 
+    def check_embedding_part(i: int) -> BitReport:
+        part, rows = BitReport(), d.vocab // folder.parts
+        want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), tensor_factor(rescale, EMBEDDING))
+        check_fp16_file(part, folder, folder.embedding_part_names()[i], want, f"embedding row {i * rows}+", d.hidden)
+        return part
+
     # numpy and file reads release the GIL: the layers check side by side, beside the output layer
-    # (made again from the checkpoint: the longest part, so it starts first); the reports are merged in
-    # order, layers then output layer, so the differences read the same on any machine.
+    # (made again from the checkpoint: the longest part, so it starts first), and the embedding's parts
+    # after them (a 7B's 1 GB: alone at the end, the last seconds of the check); the reports are merged
+    # in order, layers, output layer, embedding, so the differences read the same on any machine.
     output_part = BitReport()
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         output_done = pool.submit(check_packed_linear, output_part, folder, OUT_WEIGHT_STEM, d.hidden, d.vocab, expected_output)
-        for part in bar(pool.map(check_layer, range(d.num_layers)), "verify", "layer", d.num_layers, progress):
+        layers = pool.map(check_layer, range(d.num_layers))
+        splits = folder.parts and d.vocab % folder.parts == 0
+        embedding = pool.map(check_embedding_part, range(folder.parts)) if splits else []
+        for part in bar(layers, "verify", "layer", d.num_layers, progress):
             report.merge(part)
         output_done.result()
-    report.merge(output_part)
-    check_bias_words(report, folder, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
-    check_fp16_file(report, folder, OUT_NORM_FILE, sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")), "model.norm weight, then zeros")
-
-    if folder.parts:
-        rows = d.vocab // folder.parts if d.vocab % folder.parts == 0 else 0
-        for i, rel in enumerate(folder.embedding_part_names()):
-            if not rows:
-                report.add(f"{rel}: vocab {d.vocab} does not split into {folder.parts} parts")
-                break
-            want = scale_fp16(ckpt.get_fp16(EMBEDDING, rows=slice(i * rows, (i + 1) * rows)), tensor_factor(rescale, EMBEDDING))
-            check_fp16_file(report, folder, rel, want, f"embedding row {i * rows}+", d.hidden)
-    else:
+        report.merge(output_part)
+        check_bias_words(report, folder, OUT_BIAS_FILE, np.zeros(d.vocab, np.float16))
+        check_fp16_file(report, folder, OUT_NORM_FILE, sw_norm_file(ckpt.get_fp16(f"{FINAL_NORM}.weight")), "model.norm weight, then zeros")
+        for part in embedding:
+            report.merge(part)
+    if not folder.parts:
         report.add(f"Embedding/: no embedding parts recorded in {MANIFEST_NAME} (run embedding_tokens.py)")
+    elif not splits:
+        report.add(f"{folder.embedding_part_names()[0]}: vocab {d.vocab} does not split into {folder.parts} parts")
     expected_files = folder.expected_files(d)
     check_tables(report, folder, ckpt, expected_files)
     check_manifest(report, folder, expected_files)
@@ -455,10 +465,12 @@ def check_table_words(report: BitReport, folder: PackedFolder, rel: str, want: n
 def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, prompt="The accelerator", tokens=8,
            device="cpu", functional=True, lm_head_from_checkpoint=False, progress=True, eval_tokens: int = 256,
            eval_ids=None, numerics: str = "board", variant: str | None = None, variants: str = "pessimistic",
-           strict: bool = False) -> dict:
+           strict: bool = False, side_by_side: bool | None = None) -> dict:
     """Both checks and the verdict; `variant` is the board model's main variant (default: the
     emulator's, datapath.DEFAULT_VARIANT), `variants` the set run beside it: 'none', 'pessimistic'
-    (truncate + grouped, either variance; the default) or 'all'."""
+    (truncate + grouped, either variance; the default) or 'all'. `side_by_side`: run the functional
+    check while the bit check runs (default: with a GPU; see checks_side_by_side); the report, the
+    messages and the exit code are those of the checks run one after the other."""
     # The board model (torch) is imported on a thread, beside the cheap checks of the inputs: a wrong
     # path is one line at once, not after the seconds torch takes to load.
     import_in_background("vcu128.check.functional")
@@ -470,50 +482,121 @@ def verify(qdir: Path, hw: Path, *, compile_dir=None, model=None, text=None, pro
 
     chosen = BoardVariant.from_name(variant or DEFAULT_VARIANT.name)
     extra = variant_set(variants)
-    start = time.perf_counter()
-    report = bit_check(qdir, hw, compile_dir, progress)
-    seconds = time.perf_counter() - start
+    if side_by_side is None:
+        side_by_side = default_side_by_side(device)
+    origin = time.perf_counter()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run_bits = lambda: timed(origin, bit_check, qdir, hw, compile_dir, progress)  # noqa: E731
+
+    def run_functional(stop=None):
+        return timed(origin, functional_part, qdir, hw, compile_dir, model=model, text=text, eval_ids=eval_ids, prompt=prompt,
+                     eval_tokens=eval_tokens, device=device, stop=stop, tokens=tokens, numerics=numerics, variant=chosen,
+                     variants=extra, lm_head_from_checkpoint=lm_head_from_checkpoint, progress=progress)
+
+    if functional and side_by_side:
+        (report, bits_span), func = checks_side_by_side(run_bits, run_functional)
+    else:
+        report, bits_span = run_bits()
+        func = run_functional() if report.ok and functional else None
     result = {
         "tool": TOOL,
         "version": tool_version(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": stamp,
         "checkpoint": str(Path(qdir).resolve()),
         "hardware_dir": str(hw.resolve()),
         "bit_check": {
             "ok": report.ok,
             "files": report.files_checked,
             "bytes": report.bytes_checked,
-            "seconds": seconds,
+            "seconds": bits_span[1] - bits_span[0],
             "differences": report.differences,
             "more_differences": report.more,
             "stale_inputs": report.stale,
         },
     }
-    if report.ok and functional:
-        start = time.perf_counter()
-        ckpt = GPTQCheckpoint(qdir)
-        if model is not None:
-            check_same_shape(Path(model), ckpt)
-        folder = PackedFolder.open(hw, compile_hints(ckpt.qdir, hw, compile_dir))
-        result["source"] = folder.source
-        inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
-        if str(device).startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
-        from vcu128.check.functional import functional_check
-
-        result["functional"] = functional_check(
-            ckpt, folder, inputs, tokens=tokens, numerics=numerics, model=model, variant=chosen, variants=extra,
-            lm_head_from_checkpoint=lm_head_from_checkpoint, progress=progress, device=device,
-        )
-        result["functional"]["seconds"] = time.perf_counter() - start
+    # When each check ran, in seconds from here: bench/bench_e2e.py splits verify's time by it.
+    timeline = {"side_by_side": bool(functional and side_by_side), "bit_check": list(bits_span)}
+    if func is not None:
+        (source, outcome), func_span = func
+        result["source"] = source
+        result["functional"] = outcome
+        result["functional"]["seconds"] = func_span[1] - func_span[0]
+        timeline["functional"] = list(func_span)
+    result["timeline"] = timeline
     result["verdict"] = judge(result, strict)
     path = hw.parent / REPORT_NAME
     if write_report(path, result):
         result["report_path"] = str(path)
     return result
+
+
+SIDE_BY_SIDE_ENV = "VCU128_VERIFY_SIDE_BY_SIDE"
+
+
+def default_side_by_side(device) -> bool:
+    """Side by side with a GPU: the functional check then leaves the cores to the bit check, and the
+    two take the time of the longer. On a CPU both want every core (torch's threads, the bit check's
+    pool): side by side they would only take turns, and the functional check is the one that must
+    then stop when the bits differ. VCU128_VERIFY_SIDE_BY_SIDE=1 or 0 decides instead (to measure)."""
+    chosen = os.environ.get(SIDE_BY_SIDE_ENV, "")
+    if chosen not in ("", "0", "1"):
+        raise VCUError(f"{SIDE_BY_SIDE_ENV}={chosen}: expected 1 (side by side), 0 (one after the other) or nothing (by the device)")
+    return chosen == "1" if chosen else str(device).startswith("cuda")
+
+
+def timed(origin: float, fn, *args, **kwargs):
+    """(fn's result, (start, end) in seconds from `origin`)."""
+    began = time.perf_counter() - origin
+    value = fn(*args, **kwargs)
+    return value, (began, time.perf_counter() - origin)
+
+
+def functional_part(qdir: Path, hw: Path, compile_dir, *, model, text, eval_ids, prompt: str, eval_tokens: int, device,
+                    stop=None, **options) -> tuple[str | None, dict]:
+    """The functional check's own inputs checked (--model's shape, the evaluation ids, the device),
+    then the check: (the folder's source, its result). `options` go to functional_check."""
+    ckpt = GPTQCheckpoint(qdir)
+    if model is not None:
+        check_same_shape(Path(model), ckpt)
+    folder = PackedFolder.open(hw, compile_hints(ckpt.qdir, hw, compile_dir))
+    inputs = evaluation_inputs(ckpt.qdir, ckpt.dims.vocab, text, eval_ids, prompt, eval_tokens)
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise VCUError(f"--device {device}: no CUDA device here (torch {torch.__version__})")
+    from vcu128.check.functional import functional_check
+
+    return folder.source, functional_check(ckpt, folder, inputs, model=model, device=device, stop=stop, **options)
+
+
+def checks_side_by_side(run_bits, run_functional):
+    """The bit check on a thread while the functional check runs on this one: (run_bits(), and
+    run_functional(stop) or None). The bit check reads and compares with numpy on the CPU's cores;
+    the functional check, on a GPU, mostly waits for it. The answer is the one the checks give one
+    after the other: the bit check's error is raised first; where the bits differ there is no
+    functional result (the functional check stops at its next layer once they are known to differ,
+    whatever it had found); only then is the functional check's own error raised."""
+    from vcu128.check.functional import Stopped
+
+    bits = in_background(run_bits)
+
+    def bits_failed() -> bool:
+        return bits.done() and (bits.exception() is not None or not bits.result()[0].ok)
+
+    func, failure = None, None
+    try:
+        func = run_functional(bits_failed)
+    except Stopped:
+        pass
+    except Exception as e:  # noqa: BLE001 - kept until the bit check has spoken: its answer comes first
+        failure = e
+    report, span = bits.result()
+    if not report.ok:
+        return (report, span), None
+    if failure is not None:
+        raise failure
+    return (report, span), func
 
 
 VARIANT_SETS = ("none", "pessimistic", "all")

@@ -22,6 +22,22 @@ import numpy as np
 
 ALIGN = 4096  # a multiple of every disk's logical block size
 O_DIRECT = getattr(os, "O_DIRECT", 0)
+BUFFERED_FROM_CORES = 8
+
+
+def _direct_by_default() -> bool:
+    """O_DIRECT where the kernel's copy would take the steps' own cores: on fewer than 8 (the 2-core
+    VM above). A larger machine has cores to spare for it, and its page cache then lets a step
+    finish before the disk does and the next step read the previous one's files from memory
+    (bench/results/e2e_*: on the 16-core H200 machine hardware.py read compile_sw's 27 GB from a
+    1.6 GB/s disk). VCU128_DIRECT_IO=1 or 0 decides instead."""
+    setting = os.environ.get("VCU128_DIRECT_IO", "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return (os.cpu_count() or 1) < BUFFERED_FROM_CORES
+
+
+ENABLED = _direct_by_default()
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
@@ -33,7 +49,7 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 
 def _open(path: Path, flags: int, direct: bool) -> tuple[int, bool]:
     """(fd, is it O_DIRECT): O_DIRECT when asked for and the filesystem takes it."""
-    if direct and O_DIRECT:
+    if direct and O_DIRECT and ENABLED:
         try:
             return os.open(path, flags | O_DIRECT, 0o666), True
         except OSError:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-WORKERS = min(4, os.cpu_count() or 1)
+# Threads that compute blocks: all of a small machine's cores, up to 8 (blocks are read and written
+# on threads of their own). VCU128_WORKERS sets it (measuring).
+WORKERS = int(os.environ.get("VCU128_WORKERS") or min(8, os.cpu_count() or 1))
 BLOCK_BYTES = 32 << 20  # a block of rows is about this size
 
 
@@ -49,3 +51,20 @@ def import_in_background(module: str) -> None:
             pass
 
     threading.Thread(target=load, name=f"import-{module}", daemon=True).start()
+
+
+def in_background(fn: Callable[..., R], *args) -> Future:
+    """fn(*args), started now on a thread of its own; `.result()` waits for it and raises what it
+    raised. For reading and decoding that is needed later, beside the caller's own work (file reads,
+    numpy and torch release the GIL). Not a daemon: the process ends only once it has ended."""
+    future: Future = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=f"background-{getattr(fn, '__name__', 'work')}").start()
+    return future

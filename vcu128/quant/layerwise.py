@@ -43,6 +43,7 @@ from vcu128.quant.gptq import (
     gptq_quantize,
     gptq_tensors,
 )
+from vcu128.quant.report import HeldOutReport, eval_windows
 
 log = logging.getLogger("vcu128")
 
@@ -67,6 +68,7 @@ class GPTQRun:
     retried: list = field(default_factory=list)  # layers re-run in float32 after an fp16 overflow
     layer_seconds: list = field(default_factory=list)
     activation_stats: list = field(default_factory=list)  # per layer: {site: largest |value|}, gate range
+    quality: dict | None = None  # the held-out report (quant/report.py HeldOutReport), when asked for
 
     def stats_report(self, dtype) -> dict:
         """quant_report.json's `activation_stats`: fp16 headroom per layer and site, the gate range."""
@@ -481,9 +483,11 @@ def quantization_config(lm_head: bool, qmin: int = -8, run: dict | None = None, 
 
 @torch.no_grad()
 def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str, lm_head: bool = False,
-                        samples_a_chunk: int | None = None, progress: bool = True, qmin: int = -8, int4: str | None = None) -> GPTQRun:
+                        samples_a_chunk: int | None = None, progress: bool = True, qmin: int = -8, int4: str | None = None,
+                        eval_ids: np.ndarray | None = None) -> GPTQRun:
     """GPTQ-quantize the model in `model_dir` on calibration token ids [samples, seqlen] into the
-    folder `out`: safetensors shards, index, config.json, quantize_config.json."""
+    folder `out`: safetensors shards, index, config.json, quantize_config.json. With held-out
+    `eval_ids`, the quality report is measured in the same walk (run.quality)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -505,15 +509,24 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         if not lm_head:  # the shard of everything but the layers is the model's own: written while the GPU works
             writer.write(num_layers, names=[weights.view.source_name(n) for n in rest],
                          make=lambda: source_names({name: weights.host(name, pin=False).half() for name in rest}, weights.dims))
-        embed = reading.result().to(device).to(dtype)
+        embed_host = reading.result()
+        embed = embed_host.to(device).to(dtype)
         x = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
         tokens = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
         for p in chunks(n, samples_a_chunk):
             x[p] = torch.nn.functional.embedding(tokens[p], embed)
-        del embed
         with device:  # a fresh rotary embedding: its inv_freq buffer is computed, not loaded
             rotary = type(inner.rotary_emb)(config=cfg)
         position_embeddings = rotary(x[:1], torch.arange(seqlen, device=device)[None])
+        report = None
+        if eval_ids is not None:
+            windows = eval_windows(eval_ids, seqlen)
+            length = windows.shape[1]
+            report = HeldOutReport(windows, embed, rotary(x[:1], torch.arange(length, device=device)[None]),
+                                   sliding_window_mask(cfg, length, device, dtype))
+        del embed
+        if not (report is not None and cfg.tie_word_embeddings):
+            del embed_host  # else the output layer of the report's last step
         if warming is not None:
             warming.join()
         run.seconds["setup"] += time.perf_counter() - start
@@ -529,6 +542,8 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
                 reading = weights.prefetch(inner.layers[i + 1], f"model.layers.{i + 1}")
             weights.load_module(layer, prefix, device, dtype, source)
             run.seconds["load"] += time.perf_counter() - t0
+            if report is not None:
+                report.before(layer)
             # fp16 can overflow where the model was trained in bf16: keep the layer's input to retry it
             kept = x.clone() if dtype == torch.float16 else None
             try:
@@ -543,26 +558,39 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
                 weights.load_module(layer, prefix, device, dtype, source)
                 position_embeddings = tuple(t.to(dtype) for t in position_embeddings)
                 mask = None if mask is None else mask.to(dtype)
+                if report is not None:
+                    report.to(dtype)
+                    report.before(layer)
                 lq = LayerQuantizer(layer, x, position_embeddings, samples_a_chunk, run, qmin, mask)
                 lq.run_layer(prefix)
                 run.retried.append({"layer": i, "where": e.where, "from": str(e.dtype).replace("torch.", ""), "to": "float32"})
             del kept
+            if report is not None:
+                report.after(layer, i, lq.results, source, prefix)
             run.activation_stats.append(lq.summary())
             run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source, weights.dims))
             inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
             del layer, lq, source
             run.layer_seconds.append(time.perf_counter() - t0)
 
-        if lm_head:  # the output layer sees the final norm of the last layer's (quantized) output
+        if lm_head or report is not None:
             weights.load_module(inner.norm, "model.norm", device, dtype)
+        output_layer = q = None
+        if lm_head:  # the output layer sees the final norm of the last layer's (quantized) output
             acc = HessianAccumulator(cfg.hidden_size, device)
             for p in chunks(n, samples_a_chunk):
                 acc.add(inner.norm(x[p]))
-            q, scales = gptq_quantize(weights.get("lm_head.weight", device, dtype), acc.result(), "lm_head", qmin)
+            output_layer = weights.get("lm_head.weight", device, dtype)
+            q, scales = gptq_quantize(output_layer, acc.result(), "lm_head", qmin)
             last = {name: weights.host(name, pin=False).half() for name in rest}
             last.update({f"lm_head.{k}": v for k, v in gptq_tensors(q, scales).items()})
             writer.write(num_layers, source_names(last, weights.dims))
         del x
+        if report is not None:
+            if output_layer is None:
+                output_layer = (embed_host if cfg.tie_word_embeddings else weights.host("lm_head.weight", pin=False)).to(device)
+            run.quality = report.finish(inner.norm, output_layer, None if q is None else dequantize(q, scales))
+            del report, output_layer
         t0 = time.perf_counter()
         writer.close()
         run.seconds["finish"] += time.perf_counter() - t0

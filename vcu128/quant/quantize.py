@@ -145,24 +145,25 @@ def _add_calibration_meta(folder: Path, meta: dict) -> None:
             path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> tuple[float, dict | None]:
+def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> tuple[float, dict | None, dict | None]:
     """Quantize `model` into the empty folder `out` with the chosen engine; returns (seconds, the
-    fp16 headroom statistics, which only this project's engine measures)."""
+    fp16 headroom statistics, the quality report measured in GPTQ's own walk): only this project's
+    engine measures the last two."""
     if opts.engine == "gptqmodel":
-        return run_gptqmodel(model, out, calib, opts), None
+        return run_gptqmodel(model, out, calib, opts), None, None
     from vcu128.quant.layerwise import quantize_checkpoint
 
     start = time.perf_counter()
     ids = np.array([s["input_ids"] for s in calib.samples], dtype=np.int64)
     run = quantize_checkpoint(model, out, ids, opts.device, lm_head=opts.lm_head, samples_a_chunk=opts.batch_size, qmin=-opts.int4_range,
-                              int4=opts.int4)
+                              int4=opts.int4, eval_ids=calib.eval_ids if opts.report else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     seconds = time.perf_counter() - start
     layers = sorted(run.layer_seconds) or [0.0]
     log.info("quantize: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.seconds.items()) + f"; total {seconds:.1f} s; "
              f"a layer: first {run.layer_seconds[0] if run.layer_seconds else 0:.2f} s, median {layers[len(layers) // 2]:.2f} s, longest {layers[-1]:.2f} s")
-    return seconds, run.stats_report(run.dtype)
+    return seconds, run.stats_report(run.dtype), run.quality
 
 
 def run_gptqmodel(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions) -> float:
@@ -284,6 +285,8 @@ class FallbackWatch(logging.Handler):
 
 
 def quality_report(model: Path, qdir: Path, calib: Calibration, opts: QuantizeOptions) -> dict:
+    """The report from whole transformers models built from the two folders (a second read of the
+    model): for GPTQModel's checkpoints, which this project's walk does not make."""
     import torch
 
     from vcu128.format.checkpoint import GPTQCheckpoint
@@ -300,7 +303,7 @@ def quality_report(model: Path, qdir: Path, calib: Calibration, opts: QuantizeOp
     del ref
     quant = load_checkpoint_model(qdir, opts.device, torch.float16 if opts.device != "cpu" else torch.float32)
     ppl_q = perplexity(quant, calib.eval_ids, opts.seqlen)
-    return {"perplexity": {"fp16": ppl_ref, "gptq": ppl_q}, "eval_tokens": int(len(calib.eval_ids)), "layers": layers}
+    return {"perplexity": {"fp16": ppl_ref, "gptq": ppl_q}, "layers": layers}
 
 
 def format_report(report: dict) -> str:
@@ -339,13 +342,13 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
                     "made_from": {"model": str(model), "fingerprint": fingerprint(model)}, "calibration": calib.meta,
                     "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force", "verbose")}}
     with staged_dir(out, "quantize", checkpoint_owns, inputs, opts.force, flag="--quantize_model") as stage:
-        report["seconds_quantize"], stats = run_gptq(model, stage, calib, opts, tokenizer)
+        report["seconds_quantize"], stats, quality = run_gptq(model, stage, calib, opts, tokenizer)
         if stats:
             report["activation_stats"] = stats
             warn_headroom(stats)
         _add_calibration_meta(stage, calib.meta)
         if opts.report:
-            report.update(quality_report(model, stage, calib, opts))
+            report.update(quality or quality_report(model, stage, calib, opts), eval_tokens=int(len(calib.eval_ids)))
         report["files"] = files_under(stage) + [REPORT_NAME]
         (stage / REPORT_NAME).write_text(dumps(report))
     return out, report
