@@ -3,6 +3,7 @@ mutants that survived every other test (bench/results/mutation.md lists which). 
 deterministic, fast: no export unless the test is about one."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -787,6 +788,24 @@ def test_output_helpers_in_process(tmp_path):
     assert _umask() == UMASK == before and os.umask(before) == before  # read, and left as it was
 
 
+def test_whether_a_run_is_alive_is_asked_with_signal_0(monkeypatch):
+    """os.kill(pid, 0) only asks; any other number would signal the other run."""
+    from vcu128.io import output
+
+    asked = []
+
+    def kill(pid, sig):
+        asked.append((pid, sig))
+        if pid == 2:
+            raise ProcessLookupError
+        if pid == 3:
+            raise PermissionError  # another user's live process
+
+    monkeypatch.setattr(output.os, "kill", kill)
+    assert [output._alive(pid) for pid in (1, 2, 3)] == [True, False, True]
+    assert asked == [(1, 0), (2, 0), (3, 0)]
+
+
 def test_unpacking_rows_reads_the_code_it_is_given():
     from vcu128.format.layout import pack_linear_rows, unpack_linear_rows
 
@@ -796,3 +815,81 @@ def test_unpacking_rows_reads_the_code_it_is_given():
     got, got_scales, padding = unpack_linear_rows(words, 256, "sign_magnitude")
     assert np.array_equal(got, q) and np.array_equal(got_scales, scales) and not padding.any()
     assert not np.array_equal(unpack_linear_rows(words, 256)[0], q)  # read as two's complement, the negative values differ
+
+
+# ---------------------------------------------------------------------------------------------
+# verify's survivors that were accepted before: what it passes on (the default prompt, --eval_text,
+# the progress flag) and where it finds a manifest-less folder's fp16 plan
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    """A checkpoint with a byte-level BPE tokenizer (vocab 288: 256 bytes, one special token, 31 merges
+    learnt from the text below) and its packed folder; the tokenizer's ids are pinned in the test."""
+    from vcu128.demo.tiny_model import train_tokenizer
+
+    qdir = write_gptq_checkpoint(tmp_path_factory.mktemp("tok") / "q", SyntheticSpec(hidden=256, intermediate=384, num_layers=1,
+                                                                                    num_heads=2, num_kv_heads=1, vocab=288, seed=9))
+    train_tokenizer("The accelerator runs the model. The accelerator reads its folder.", 288).save_pretrained(qdir)
+    export_all(qdir, lm_method="rtn")
+    return qdir
+
+
+def test_verify_greedy_prompt_and_eval_text_through_the_tokenizer(with_tokenizer, tmp_path):
+    qdir = with_tokenizer
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    f = verify(qdir, hw, progress=False, tokens=1)["functional"]
+    assert f["prompt_tokens"] == [260, 270]  # "The", " accelerator" (not "the": 280; "THE" would be bytes)
+    assert f["eval"]["source"] == "the last tokens of demo_corpus.txt" and f["eval"]["tokens"] == 256
+    text = tmp_path / "held_out.txt"
+    text.write_text("the accelerator reads the model.")
+    f = verify(qdir, hw, progress=False, tokens=1, text=text, prompt="the model")["functional"]
+    assert f["prompt_tokens"] == [280, 285, 272]  # "the", " mo", "del"
+    # "the", " accelerator", " read", "s", " the", " mo", "del", "." (the default corpus would give 256)
+    assert f["eval"] == {"tokens": 8, "source": "the last tokens of held_out.txt"}
+
+
+def test_verify_draws_its_bars_as_asked(exported, tmp_path, monkeypatch, capsys):
+    """A bar is one line on stderr when that is not a terminal; progress=False (--quiet) draws none."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("VCU128_TTY", raising=False)
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    capsys.readouterr()
+    verify(qdir, hw, functional=False)  # the default: the bit check's bar
+    assert re.fullmatch(r"verify: 1/1 layer in \d+\.\d s\n", capsys.readouterr().err)
+    verify(qdir, hw, functional=False, progress=True)
+    assert re.fullmatch(r"verify: 1/1 layer in \d+\.\d s\n", capsys.readouterr().err)
+    verify(qdir, hw, functional=False, progress=False)
+    assert capsys.readouterr().err == ""
+    verify(qdir, hw, tokens=2, eval_tokens=16)  # the board model's bars too: its layers, then the greedy tokens
+    assert re.fullmatch(r"verify: 1/1 layer in \d+\.\d s\nfunctional: 1/1 layer in \d+\.\d s\ngreedy: 2/2 token in \d+\.\d s\n",
+                        capsys.readouterr().err)
+    verify(qdir, hw, tokens=2, eval_tokens=16, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_folder_without_manifest_takes_its_fp16_plan_from_the_compile_folder(tmp_path):
+    """The plan of a folder without manifest is in its compile folder's config.json, wherever
+    --compile_dir says it is: the board model must run with it, as with the manifest's copy."""
+    spec = SyntheticSpec(hidden=256, intermediate=384, num_layers=1, num_heads=2, num_kv_heads=1, vocab=256, seed=9)
+    results = {}
+    for mode in ("off", "k=14,m=3"):  # 2^-14: most of the residual stream is near or below fp16's smallest normal
+        qdir = write_gptq_checkpoint(tmp_path / mode.replace("=", "").replace(",", "_") / "q", spec)
+        hw = export_all(qdir, lm_method="rtn", fp16_rescale=mode)["hw"]
+        results[mode] = verify(qdir, hw, progress=False, tokens=2, eval_tokens=16)
+    assert json.loads((qdir / "compile" / "config.json").read_text())["vcu128_fp16_rescale"]["k"] == 14
+    # the folder moved away from its compile folder, which is elsewhere again, and its manifest gone
+    board, elsewhere = tmp_path / "board", tmp_path / "elsewhere"
+    board.mkdir()
+    elsewhere.mkdir()
+    shutil.move(hw, board / hw.name)
+    shutil.move(qdir / "compile", elsewhere / "compile")
+    (board / hw.name / "manifest.json").unlink()
+    result = verify(qdir, board / hw.name, compile_dir=elsewhere / "compile", progress=False, tokens=2, eval_tokens=16)
+    assert result["bit_check"]["ok"], result["bit_check"]["differences"]
+    with_plan, without = results["k=14,m=3"]["functional"], results["off"]["functional"]
+    f = result["functional"]
+    assert f["against_hardware"] == with_plan["against_hardware"] and f["greedy"] == with_plan["greedy"]
+    assert f["against_hardware"] != without["against_hardware"]  # the plan changes the board's answers

@@ -190,27 +190,38 @@ def test_lm_head_never_replaces_lm_head_files_it_did_not_write(exported):
 # Staging names are literal; a failed run leaves no parent folder; one error stays one line
 
 
-def test_staging_names_are_matched_literally(tmp_path, caplog):
+@pytest.fixture
+def other_run():
+    """A live process that stands for another run of the tool: a child of this test, never a process
+    outside it such as the parent (under mutation testing, a mutant of output._alive that sends a real
+    signal instead of probing with 0 would kill the mutation runner itself)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+def test_staging_names_are_matched_literally(tmp_path, caplog, other_run):
     name = "hw [v2]"
     dead = tmp_path / f".{name}.partial-{2**22 + 4242}@{output.HOST}@abc"  # left by a killed run
     dead.mkdir()
     # another target's live staging folder that the glob `.hw [v2].partial-*` would have matched
-    neighbour = tmp_path / f".hw v.partial-{os.getppid()}@{output.HOST}@abc"
+    neighbour = tmp_path / f".hw v.partial-{other_run.pid}@{output.HOST}@abc"
     neighbour.mkdir()
     with output.staged_dir(tmp_path / name, "test") as stage:
         (stage / "x").write_text("x")
     assert not dead.exists() and neighbour.is_dir() and (tmp_path / name / "x").is_file()
     assert f"warning: removed {dead}" in caplog.text
     shutil.rmtree(tmp_path / name)
-    live = tmp_path / f".{name}.partial-{os.getppid()}@{output.HOST}@abc"  # a live run on the same target
+    live = tmp_path / f".{name}.partial-{other_run.pid}@{output.HOST}@abc"  # a live run on the same target
     live.mkdir()
-    with pytest.raises(VCUError, match=r"another run \(pid \d+ on .*\) is writing it right now"):
+    with pytest.raises(VCUError, match=rf"another run \(pid {other_run.pid} on .*\) is writing it right now"):
         with output.staged_dir(tmp_path / name, "test"):
             pass
     assert live.is_dir() and neighbour.is_dir()
 
 
-def test_a_glob_named_target_end_to_end(exported, tmp_path):
+def test_a_glob_named_target_end_to_end(exported, tmp_path, other_run):
     comp = exported["compile"]
     out = tmp_path / "hw [v2]*?"
     dead = tmp_path / f".{out.name}.partial-{2**22 + 4242}@{output.HOST}@abc"
@@ -218,7 +229,7 @@ def test_a_glob_named_target_end_to_end(exported, tmp_path):
     code, err = run_step("hardware", "--compile_dir", comp, "--out", out)
     assert code == 0, err
     assert not dead.exists() and (out / "manifest.json").is_file() and not leftovers(tmp_path)
-    live = tmp_path / f".{out.name}.partial-{os.getppid()}@{output.HOST}@abc"
+    live = tmp_path / f".{out.name}.partial-{other_run.pid}@{output.HOST}@abc"
     live.mkdir()
     assert "another run" in refused(*run_step("hardware", "--compile_dir", comp, "--out", out))
 
