@@ -893,3 +893,75 @@ def test_a_folder_without_manifest_takes_its_fp16_plan_from_the_compile_folder(t
     f = result["functional"]
     assert f["against_hardware"] == with_plan["against_hardware"] and f["greedy"] == with_plan["greedy"]
     assert f["against_hardware"] != without["against_hardware"]  # the plan changes the board's answers
+
+
+@pytest.fixture(scope="module")
+def gptq_lm_head(tmp_path_factory):
+    """A checkpoint whose lm_head GPTQ quantized (lm_head.qweight), exported: the folder's output layer
+    is the checkpoint's own int4 lm_head (method checkpoint)."""
+    qdir = write_gptq_checkpoint(tmp_path_factory.mktemp("lmq") / "q", SyntheticSpec(hidden=256, intermediate=384, num_layers=1, num_heads=2,
+                                                                                    num_kv_heads=1, vocab=256, lm_head_quantized=True, seed=5))
+    export_all(qdir)
+    return qdir
+
+
+def test_verify_reads_an_output_layer_taken_from_the_checkpoints_gptq_lm_head(gptq_lm_head, tmp_path):
+    from conftest import rewrite_manifest
+
+    from vcu128.check.verify import bit_check
+
+    qdir = tmp_path / "q"
+    shutil.copytree(gptq_lm_head, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    assert doc["lm_head"] == {"method": "checkpoint", "int4_range": 8}
+    assert bit_check(qdir, hw, progress=False).ok
+    part = hw / "OutLayer" / "MVM_BN_write_to_HBM_bin" / "MVMBN_Argmax_HBM_DDR_05.bin"  # rows 5, 37, ...: weights then scales
+    words = np.fromfile(part, "<u4")
+    words[8 + 3] ^= 0x10  # its first row (output channel 5): after 8 scale words, inputs 24..31, one nibble
+    words.tofile(part)
+    rewrite_manifest(hw)
+    report = bit_check(qdir, hw, progress=False)
+    assert report.differences == ["OutLayer/MVM_BN_write_to_HBM_bin/MVMBN_Argmax_HBM_DDR_05.bin: row 0 (output channel 5), word 11 "
+                                  "(weights of inputs 24..31) is 0xdc42fe18, expected 0xdc42fe08"]
+    doc["lm_head"]["method"] = "trunc"  # a record that does not match the checkpoint
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError) as e:
+        bit_check(qdir, hw, progress=False)
+    assert str(e.value) == f"{qdir}: the output layer is GPTQ-quantized (lm_head.qweight), but the folder records method trunc"
+
+
+def test_a_folder_recording_the_checkpoints_lm_head_for_a_checkpoint_without_one_is_refused(exported, tmp_path):
+    from vcu128.check.verify import bit_check
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["lm_head"]["method"] = "checkpoint"
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError) as e:
+        bit_check(qdir, hw, progress=False)
+    assert str(e.value) == f"{qdir}: the folder's output layer was taken from the checkpoint's lm_head.qweight, which it does not have"
+
+
+@pytest.mark.parametrize("made, want", [({"method": "trunc", "int4_range": 7}, ("trunc", 7)), ({"method": "checkpoint"}, ("checkpoint", 8)),
+                                        ({"method": "gptq"}, ("checkpoint", 8)), ({"method": "rtn", "int4_range": 6}, ("checkpoint", 8))],
+                         ids=["trunc on the 15-level grid", "checkpoint", "an unknown method", "a grid out of range"])
+def test_an_older_folders_output_layer_from_its_record_or_else_from_the_checkpoint(gptq_lm_head, tmp_path, made, want):
+    """No lm_head in the manifest: lm_head.json's method and grid where they are ones lm_head.py
+    writes; else what the checkpoint holds decides (its GPTQ lm_head here: checkpoint)."""
+    from vcu128.check.verify import output_layer_record
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.format.folder import PackedFolder
+    from vcu128.io.output import write_step_record
+
+    qdir = tmp_path / "q"
+    shutil.copytree(gptq_lm_head, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc.pop("lm_head")
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    write_step_record(qdir / "compile", "lm_head", made, [])
+    record = output_layer_record(PackedFolder.open(hw), GPTQCheckpoint(qdir), qdir / "compile")
+    assert (record.method, record.int4_range) == want
