@@ -965,3 +965,30 @@ def test_an_older_folders_output_layer_from_its_record_or_else_from_the_checkpoi
     write_step_record(qdir / "compile", "lm_head", made, [])
     record = output_layer_record(PackedFolder.open(hw), GPTQCheckpoint(qdir), qdir / "compile")
     assert (record.method, record.int4_range) == want
+
+
+@pytest.mark.parametrize("silu, fit_range, message", [
+    ("fit", [-4, 6.5], None),
+    ("fit", [-4.0, 6.0, 8.0], "tables.silu.fit_range is [-4.0, 6.0, 8.0], expected [low, high] (two finite numbers)"),
+    ("fit", [6.0, -4.0], "tables.silu.fit_range is [6.0, -4.0], expected [low, high] (two finite numbers)"),
+    ("fit", [-4.0, True], "tables.silu.fit_range is [-4.0, True], expected [low, high] (two finite numbers)"),
+    ("fit", [-4.0, "6"], "tables.silu.fit_range is [-4.0, '6'], expected [low, high] (two finite numbers)"),
+    ("exact", None, "assumptions.silu_table is 'exact', expected one of board, fit"),
+], ids=["read", "three numbers", "high below low", "a boolean", "a string", "an unknown table"])
+def test_the_fitted_silu_tables_range_as_the_manifest_records_it(exported, tmp_path, silu, fit_range, message):
+    from vcu128.format.folder import PackedFolder
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["assumptions"]["silu_table"] = silu
+    doc.setdefault("tables", {}).setdefault("silu", {})["fit_range"] = fit_range
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    if message is None:
+        a = PackedFolder.open(hw).assumptions
+        assert (a.silu_table, a.silu_fit_range) == ("fit", (-4.0, 6.5)) and all(type(v) is float for v in a.silu_fit_range)
+        return
+    with pytest.raises(VCUError) as e:
+        PackedFolder.open(hw)
+    assert str(e.value) == f"{hw / 'manifest.json'}: {message}"
