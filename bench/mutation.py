@@ -5,6 +5,11 @@
     python bench/mutation.py run                       # the default modules, then the report
     python bench/mutation.py run --modules layout,verify --deadline 480 --raw a.json --no-report
     python bench/mutation.py run --modules rescale --sample 40 --max-children 2   # a quick look, on 2 cores
+
+    # every module on a 32-core machine: two runs of about 8 minutes, then the report of both
+    python bench/mutation.py run --modules verify,tables,family,rescale --deadline 470 --raw a.json --no-report
+    python bench/mutation.py run --modules output,folder,layout,datapath --deadline 470 --raw b.json --no-report
+    python bench/mutation.py report --raw a.json b.json
     python bench/mutation.py report --raw a.json b.json    # runs of other modules (or machines) as one report
     python bench/mutation.py merge --raw run1.json --recheck re.json --out all.json   # as raw results again
 
@@ -101,23 +106,23 @@ def _tests(*names: str) -> list[str]:
     return [f"tests/test_{n}.py" for n in names]
 
 
-# Each module and the tests that cover it, its own first (tests/conftest.py runs them in this order;
-# mutmut narrows them further, per mutated function). cost: core-seconds a mutant, measured on 2 cores
-# with these selections.
+# Each module and the tests that cover it (mutmut narrows them further, per mutated function). cost:
+# CPU seconds a mutant, measured on 2 cores with these selections (40-mutant samples, 2026-12-01).
 SCOPE = {
     "vcu128/format/layout.py": Scope(_tests("formats", "mutation_pins", "export", "folder_reader", "verify", "chatglm", "refusals", "tables", "pins"),
-                                     " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD))),
-    "vcu128/format/tables.py": Scope(_tests("tables", "mutation_pins", "folder_reader", "pins", "chatglm"), " or ".join((GLM_FORWARD, GLM_NATIVE))),
+                                     " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=1.5),
+    "vcu128/format/tables.py": Scope(_tests("tables", "mutation_pins", "folder_reader", "pins", "chatglm"), " or ".join((GLM_FORWARD, GLM_NATIVE)),
+                                     cost=4.0),
     "vcu128/format/folder.py": Scope(_tests("folder_reader", "mutation_pins", "verify", "tables", "outputs", "pins", "chatglm"),
-                                     " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD))),
-    "vcu128/format/family.py": Scope(_tests("chatglm", "mutation_pins", "export", "refusals", "strict_input"), GLM_FORWARD),
+                                     " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=3.0),
+    "vcu128/format/family.py": Scope(_tests("chatglm", "mutation_pins", "export", "refusals", "strict_input"), GLM_FORWARD, cost=0.5),
     "vcu128/format/rescale.py": Scope(_tests("rescale", "mutation_pins", "folder_reader", "pins"),
-                                      " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD))),
-    "vcu128/check/verify.py": Scope(_tests("verify", "mutation_pins", "folder_reader", "tables"), ROPE_TRANSFORMERS),
+                                      " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=0.5),
+    "vcu128/check/verify.py": Scope(_tests("verify", "mutation_pins", "folder_reader", "tables"), ROPE_TRANSFORMERS, cost=3.0),
     "vcu128/board/datapath.py": Scope(_tests("board_reference", "mutation_pins", "functional", "pins", "chatglm", "verify"),
-                                      " or ".join((GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT))),
+                                      " or ".join((GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT)), cost=1.0),
     "vcu128/io/output.py": Scope(_tests("outputs", "mutation_pins", "safety", "export", "refusals", "pins"),
-                                 " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD))),
+                                 " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=6.0),
 }
 
 

@@ -942,7 +942,22 @@ def test_a_folder_recording_the_checkpoints_lm_head_for_a_checkpoint_without_one
     (hw / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(VCUError) as e:
         bit_check(qdir, hw, progress=False)
-    assert str(e.value) == f"{qdir}: the folder's output layer was taken from the checkpoint's lm_head.qweight, which it does not have"
+    want = f"{qdir}: the folder's output layer was taken from the checkpoint's lm_head.qweight, which it does not have"
+    assert str(e.value) == want
+    # an older folder (no lm_head in its manifest) whose lm_head.json says so: taken at its word, refused the same way
+    from vcu128.check.verify import output_layer_record
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.format.folder import PackedFolder
+    from vcu128.io.output import write_step_record
+
+    doc.pop("lm_head")
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    write_step_record(qdir / "compile", "lm_head", {"method": "checkpoint"}, [])
+    record = output_layer_record(PackedFolder.open(hw), GPTQCheckpoint(qdir), qdir / "compile")
+    assert (record.method, record.int4_range) == ("checkpoint", 8)
+    with pytest.raises(VCUError) as e:
+        bit_check(qdir, hw, progress=False)
+    assert str(e.value) == want
 
 
 @pytest.mark.parametrize("made, want", [({"method": "trunc", "int4_range": 7}, ("trunc", 7)), ({"method": "checkpoint"}, ("checkpoint", 8)),
