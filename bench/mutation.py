@@ -621,6 +621,8 @@ def report(raw: dict, results: Path) -> None:
         counts["stopped_at_deadline"] = r.get("stopped_at_deadline")
         for key in ("cpu_seconds", "seconds_before_first_mutant", "children", "rc"):
             counts[key] = r.get(key)
+        if r.get("mutant_costs"):  # the workers' own CPU seconds (mutation_plugin.py), mutmut's start-up apart
+            counts["cpu_seconds_a_mutant"] = round(sum(c[0] for c in r["mutant_costs"].values()) / len(r["mutant_costs"]), 2)
         out["modules"][m] = counts
         rows.append((m, counts))
     for m, r in raw["modules"].items():  # survivors of the full run that the added tests kill (the re-check)
@@ -688,9 +690,9 @@ def markdown(out: dict) -> str:
     costs = [(mod, c) for mod, c in out["modules"].items() if c.get("cpu_seconds")]
     if costs:
         lines += ["", "What each module's mutmut cost: " + "; ".join(
-            f"{short(mod)} {c['seconds']:.0f} s on {c['children']} workers ({c['seconds_before_first_mutant'] or 0:.0f} s before its first mutant), "
-            f"{c['cpu_seconds']:.0f} CPU s" + (f", {c['cpu_seconds'] / tested:.1f} a mutant" if (tested := sum(
-                c[k] for k in ("killed", "timeout", "survived", "no tests", "suspicious"))) else "")
+            f"{short(mod)} {c['seconds']:.0f} s on {c['children']} worker{'s' if c['children'] != 1 else ''} "
+            f"({c['seconds_before_first_mutant'] or 0:.0f} s before its first mutant), {c['cpu_seconds']:.0f} CPU s"
+            + (f", {c['cpu_seconds_a_mutant']} a mutant" if c.get("cpu_seconds_a_mutant") else "")
             + (" (stopped at the deadline)" if c.get("stopped_at_deadline") else "") + (f" (mutmut's exit code {c['rc']})" if c.get("rc") else "")
             for mod, c in costs) + "."]
     for r in out.get("rechecks", []):

@@ -6,10 +6,18 @@ are mostly killed by the same few tests, and mutmut takes a function's mutants o
 each failure is noted (function and test, one line appended to $MUTATION_KILLS), and a later mutant of
 that function runs the tests that killed most of its siblings first, the rest in mutmut's order. Only
 the order changes: a mutant that survives still runs every test.
+
+The worker is forked from mutmut's process, which has run the tests once with the original code: a
+cache the mutated module filled then would hand the worker the original's answers, and a mutant of
+the code behind it would survive. So the worker empties the mutated module's caches first (its
+functools caches, and the dict caches named in MODULE_CACHES).
 """
 
 import os
 import resource
+import sys
+
+MODULE_CACHES = {"vcu128.format.layout": ("_LUTS",)}  # module-level dicts that memoise a mutated function's work
 
 KILLS = os.environ.get("MUTATION_KILLS")
 COSTS = os.environ.get("MUTATION_COSTS")  # what each mutant's run cost: CPU seconds and tests run
@@ -47,6 +55,14 @@ def _append(path: str, line: str) -> None:
 
 def pytest_sessionstart(session):
     _ran[0] = 0  # the worker is forked from mutmut's process, which ran pytest before
+    function = _function()
+    module = sys.modules.get(function.rsplit(".", 1)[0]) if function else None
+    if module is not None:
+        for obj in list(vars(module).values()):
+            if callable(getattr(obj, "cache_clear", None)) and getattr(obj, "__module__", None) == module.__name__:
+                obj.cache_clear()
+        for name in MODULE_CACHES.get(module.__name__, ()):
+            getattr(module, name).clear()
 
 
 def pytest_runtest_logreport(report):
