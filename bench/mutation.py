@@ -3,15 +3,33 @@
 
     pip install -r bench/requirements-mutation.txt     # once; this script installs nothing
     python bench/mutation.py run                       # the default modules, then the report
-    python bench/mutation.py run --modules layout,verify --max-children 8 --deadline 540
-    python bench/mutation.py report --raw bench/out/mutation/raw.json   # the report again
-    python bench/mutation.py merge --raw run1.json run2.json --out all.json   # runs of other modules as one
+    python bench/mutation.py run --modules layout,verify --deadline 480 --raw a.json --no-report
+    python bench/mutation.py run --modules rescale --sample 40 --max-children 2   # a quick look, on 2 cores
+
+    # every module on a 32-core machine: two runs of about 8 minutes, then the report of both
+    python bench/mutation.py run --modules verify,tables,family,rescale --deadline 470 --raw a.json --no-report
+    python bench/mutation.py run --modules output,folder,layout,datapath --deadline 470 --raw b.json --no-report
+    python bench/mutation.py report --raw a.json b.json
+    python bench/mutation.py report --raw a.json b.json    # runs of other modules (or machines) as one report
+    python bench/mutation.py merge --raw run1.json --recheck re.json --out all.json   # as raw results again
 
 Each module is mutated alone, in a copy of the repository of its own (bench/out/mutation/<module>),
 against the tests that cover it (SCOPE below): mutmut then runs, for each mutant, only those of
-them that call the mutated function, in a forked worker, so a mutant costs seconds. The modules
-run side by side (cores shared out). Tests that run a step in a subprocess are left out of the
-selection: the mutant is active only in mutmut's own process, so they could never kill one.
+them that call the mutated function, in a worker forked from a process that has run them all once,
+stopping at the first failure. The modules run side by side, each with mutmut workers in proportion
+to its work, so that they end together.
+
+What a mutant costs, and what keeps it to a few core-seconds:
+- a killed mutant: the tests up to the first that fails. mutation_plugin.py runs first the tests
+  that killed the same function's earlier mutants (most mutants of a function die by the same few);
+- a mutant that survives (an equivalent one, or a missing test): every test of its function. So a
+  module's selection holds the tests that test it, not every test that happens to call it: slow tests
+  of another module's work are left out (SCOPE's `deselect`);
+- every test copies a packed folder: the tests' temporary folders are in memory (/dev/shm) and a
+  passing test's folder is removed at once.
+Left out of every selection: tests that run a step in a subprocess (the mutant is active only in
+mutmut's own process: they could never kill one), property-based fuzzing, and the tests of the
+trained tiny model (its fixture takes minutes, and would be built again for every mutant).
 
 mutmut 3 mutates function bodies only: module-level constants and decorated functions (a
 @property, fit_silu's @lru_cache) are not mutated by it. EXTRA below adds a hand-made mutant for
@@ -21,12 +39,14 @@ selection in a patched copy.
 Results: bench/results/mutation.json (every mutant's status, every survivor with its diff and its
 disposition) and bench/results/mutation.md (the table). A survivor is either equivalent (its
 reason in bench/mutation_dispositions.json) or a missing test: then a test is added, and the
-disposition names it. The kill rate is (killed + timeout) / (mutants tested - equivalent).
+disposition names it. The kill rate is (killed + timeout) / (mutants tested - equivalent). The raw
+results also keep what each module cost (wall, CPU and start-up seconds) and which tests killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -44,38 +64,65 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "out" / "mutation"
 RESULTS = ROOT / "bench" / "results"
 DISPOSITIONS = ROOT / "bench" / "mutation_dispositions.json"
+PLUGIN = ROOT / "bench" / "mutation_plugin.py"  # loaded by every pytest run of the mutants: the tests that killed a function's mutants first
 MUTMUT_VERSION = "3.8.1"  # bench/requirements-mutation.txt
 
-# Tests left out of every selection: they run a step in a subprocess (a mutant is never active
-# there), or need the tiny trained model (minutes a mutant), or are property-based fuzzing.
-EXCLUDE = ("cli or command_line or random_model or 15_level or functional_check_matches or exits_2 or bad_arguments "
-           "or concurrent or side_by_side or umask or sigterm or unrelated_folder or out_a_file or out_dot or out_may_not or nan_never_prints "
-           "or fuzzed or quantize_records or without_rescaling or rescaled_ or quantize_tiny or tokenizer_is_read")
+# Tests left out of every selection. -m: those that train or quantize the tiny model (tests/conftest.py
+# marks them; its fixture takes minutes, in every mutant's forked pytest again). -k: those that run a
+# step in a subprocess (a mutant is never active there), and property-based fuzzing.
+MARKERS = "not trained_model"
+EXCLUDE = ("cli or command_line or random_model or exits_2 or bad_arguments or concurrent or side_by_side or umask or sigterm "
+           "or nan_never_prints or fuzzed or quantize_tiny or tokenizer_is_read")
 
 
 @dataclass
 class Scope:
+    """A module's test selection: the files (or test ids) that test it, less `deselect` (a -k expression
+    of test names: slow ones whose kills faster tests of the selection already make). mutmut narrows it
+    further, per mutant, to the tests that call the mutated function. `cost`: core-seconds a mutant,
+    measured, to share the cores out so that the modules end together."""
+
     tests: list[str]
+    deselect: str = ""
+    cost: float = 1.0
     run_by_default: bool = True
     note: str = ""
 
+    def k(self) -> str:
+        return f"not ({EXCLUDE}{' or ' + self.deselect if self.deselect else ''})"
 
-# Each module and the tests that cover it (mutmut narrows these further, per mutated function).
+
+# Slow tests (seconds each) that check another module's work: left out of the selections of the
+# modules they do not test (they call most of every module, so mutmut would run them for nearly every
+# mutant, and every mutant that survives runs them all).
+GLM_FORWARD = "transformers_glm_compute_chatglm"  # the functional check's GLM model against transformers
+GLM_NATIVE = "transformers_glm_checkpoint_exports_like_chatglm"  # transformers' glm layout read through the family view
+ROPE_TRANSFORMERS = "rope_table_pairs_and_whole_table_equals_transformers"  # the RoPE table's values
+SILU_FIT = "silu_fit_follows_the_recorded_gate_range or fitted_silu_table_is_exact_far_out"  # the fitted SiLU table
+SILU_BOARD = "folder_silu_table_changes_the_board_model_answer"  # the board model reads the folder's table
+
+
+def _tests(*names: str) -> list[str]:
+    return [f"tests/test_{n}.py" for n in names]
+
+
+# Each module and the tests that cover it (mutmut narrows them further, per mutated function). cost:
+# CPU seconds a mutant, measured on 2 cores with these selections (40-mutant samples, 2026-12-01).
 SCOPE = {
-    "vcu128/format/layout.py": Scope(["tests/test_formats.py", "tests/test_export.py", "tests/test_folder_reader.py", "tests/test_verify.py",
-                                      "tests/test_tables.py", "tests/test_refusals.py", "tests/test_pins.py", "tests/test_mutation_pins.py",
-                                      "tests/test_chatglm.py"]),
-    "vcu128/format/tables.py": Scope(["tests/test_tables.py", "tests/test_folder_reader.py", "tests/test_pins.py", "tests/test_mutation_pins.py",
-                                      "tests/test_chatglm.py"]),
-    "vcu128/format/folder.py": Scope(["tests/test_folder_reader.py", "tests/test_verify.py", "tests/test_tables.py", "tests/test_outputs.py",
-                                      "tests/test_pins.py", "tests/test_mutation_pins.py", "tests/test_chatglm.py"]),
-    "vcu128/format/family.py": Scope(["tests/test_chatglm.py", "tests/test_export.py", "tests/test_strict_input.py", "tests/test_refusals.py"]),
-    "vcu128/format/rescale.py": Scope(["tests/test_rescale.py", "tests/test_folder_reader.py", "tests/test_pins.py", "tests/test_mutation_pins.py"]),
-    "vcu128/check/verify.py": Scope(["tests/test_verify.py", "tests/test_folder_reader.py", "tests/test_tables.py", "tests/test_pins.py",
-                                     "tests/test_mutation_pins.py", "tests/test_chatglm.py"]),
-    "vcu128/board/datapath.py": Scope(["tests/test_functional.py", "tests/test_pins.py", "tests/test_board_reference.py", "tests/test_chatglm.py"]),
-    "vcu128/io/output.py": Scope(["tests/test_outputs.py", "tests/test_export.py", "tests/test_refusals.py", "tests/test_pins.py",
-                                  "tests/test_safety.py"]),
+    "vcu128/format/layout.py": Scope(_tests("formats", "mutation_pins", "export", "folder_reader", "verify", "chatglm", "refusals", "tables", "pins"),
+                                     " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=1.5),
+    "vcu128/format/tables.py": Scope(_tests("tables", "mutation_pins", "folder_reader", "pins", "chatglm"), " or ".join((GLM_FORWARD, GLM_NATIVE)),
+                                     cost=4.0),
+    "vcu128/format/folder.py": Scope(_tests("folder_reader", "mutation_pins", "verify", "tables", "outputs", "pins", "chatglm"),
+                                     " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=3.0),
+    "vcu128/format/family.py": Scope(_tests("chatglm", "mutation_pins", "export", "refusals", "strict_input"), GLM_FORWARD, cost=0.5),
+    "vcu128/format/rescale.py": Scope(_tests("rescale", "mutation_pins", "folder_reader", "pins"),
+                                      " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=0.5),
+    "vcu128/check/verify.py": Scope(_tests("verify", "mutation_pins", "folder_reader", "tables"), ROPE_TRANSFORMERS, cost=3.0),
+    "vcu128/board/datapath.py": Scope(_tests("board_reference", "mutation_pins", "functional", "pins", "chatglm", "verify"),
+                                      " or ".join((GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT)), cost=1.0),
+    "vcu128/io/output.py": Scope(_tests("outputs", "mutation_pins", "safety", "export", "refusals", "pins"),
+                                 " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=6.0),
 }
 
 
@@ -162,10 +209,18 @@ def copy_tree(dest: Path) -> None:
         shutil.copytree(ROOT / d, dest / d, ignore=ignore)
     for f in ROOT.glob("*.py"):
         shutil.copy2(f, dest / f.name)
+    shutil.copy2(PLUGIN, dest / PLUGIN.name)
 
 
 def toml_list(items) -> str:
     return "[" + ", ".join(json.dumps(str(i)) for i in items) + "]"
+
+
+def selection_args(module: str) -> list[str]:
+    """pytest's options of every run of this module's tests (mutmut's, and the hand-made mutants')."""
+    # a passing test's tmp_path is removed at once: a mutant that survives runs every test, each copying a
+    # packed folder (tens of MB), and dozens of them run at a time in memory (TMPDIR, see scratch_dir)
+    return ["-p", "no:cacheprovider", "-p", PLUGIN.stem, "-o", "tmp_path_retention_policy=failed", "-m", MARKERS, "-k", SCOPE[module].k()]
 
 
 def prepare(module: str, work: Path, timeout_multiplier: float, timeout_constant: float, tests: list[str] | None = None) -> Path:
@@ -176,18 +231,64 @@ def prepare(module: str, work: Path, timeout_multiplier: float, timeout_constant
         'source_paths = ["vcu128"]\n'
         f"only_mutate = {toml_list([module])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(tests or SCOPE[module].tests)}\n"
-        f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', '-k', f'not ({EXCLUDE})'])}\n"
+        f"pytest_add_cli_args = {toml_list(selection_args(module))}\n"
         f"timeout_multiplier = {timeout_multiplier}\n"
         f"timeout_constant = {timeout_constant}\n"
         "use_git_change_detection = false\n"
         # mutmut runs the tests from its mutants/ copy: the demo corpus and the step scripts must be there too
-        f"also_copy = {toml_list(['tests', 'data', *sorted(f.name for f in ROOT.glob('*.py'))])}\n"
+        f"also_copy = {toml_list(['tests', 'data', PLUGIN.name, *sorted(f.name for f in ROOT.glob('*.py'))])}\n"
     )
     return d
 
 
-def child_env() -> dict:
+def mutant_names(d: Path) -> list[str]:
+    """Every mutant mutmut makes of the module, by name (made here as mutmut makes them: for a sample,
+    and to share the cores out by the work)."""
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_names"], cwd=d, capture_output=True, text=True, env=child_env(), check=False)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        sys.exit(f"{d}: mutmut could not list the mutants: {r.stderr.strip()[-500:]}")
+
+
+def _print_names() -> None:
+    from mutmut.configuration import config
+    from mutmut.mutation.file_mutation import mutate_file_contents
+    from mutmut.utils.format_utils import get_mutant_name
+
+    path = Path(config().only_mutate[0])
+    print(json.dumps([get_mutant_name(path, n) for n in mutate_file_contents(str(path), path.read_text()).mutant_names]))
+
+
+def share_cores(work: dict[str, float], total: int) -> dict[str, int]:
+    """mutmut's workers for each module, in proportion to its work (mutants x cost), at least one."""
+    whole = sum(work.values()) or 1.0
+    return {m: max(1, round(total * w / whole)) for m, w in work.items()}
+
+
+def scratch_dir(work: Path) -> Path:
+    """Where the tests' temporary folders go: memory (/dev/shm) where it has room, else beside the work
+    copies. Every test copies a packed folder; in memory that costs a fifth less CPU."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 16 << 30:
+        return shm / f"vcu128-mutation-{os.getpid()}"
+    return work / "tmp"
+
+
+SCRATCH: Path | None = None  # set by cmd_run
+KILL_ORDER = True  # --no-kill-order: mutmut's own order (to measure what mutation_plugin.py's saves)
+
+
+def child_env(d: Path | None = None) -> dict:
     env = dict(os.environ)
+    for key in ("MUTATION_KILLS", "MUTATION_COSTS"):
+        env.pop(key, None)
+    if d is not None:  # mutation_plugin.py: which test killed which function's mutants; what each mutant cost
+        if KILL_ORDER:
+            env["MUTATION_KILLS"] = str(d / "kills.tsv")
+        env["MUTATION_COSTS"] = str(d / "costs.tsv")
+    if SCRATCH is not None:
+        env["TMPDIR"] = str(SCRATCH)
     # the repository itself off the path (scripts/venv.sh puts it there): the copy's package must be the one imported
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -196,23 +297,69 @@ def child_env() -> dict:
 
 
 def run_mutmut(module: str, d: Path, max_children: int, deadline: float, patterns: list[str]) -> dict:
+    """mutmut on one module until it ends or the deadline; what it cost: wall seconds, seconds before
+    its first mutant (its stats and clean-test runs, one core), CPU seconds of it and its workers."""
     start = time.time()
-    stopped = False
+    stopped, first_mutant, status, usage = False, None, None, None
+
+    def reap(block: bool) -> bool:
+        nonlocal status, usage
+        pid, st, ru = os.wait4(p.pid, 0 if block else os.WNOHANG)
+        if pid:
+            status, usage = st, ru
+        return bool(pid)
+
     with open(d / "mutmut.log", "w") as log:
         p = subprocess.Popen([sys.executable, "-c", "from mutmut.__main__ import cli; cli()", "run", "--max-children", str(max_children), *patterns],
-                             cwd=d, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        while p.poll() is None:
+                             cwd=d, env=child_env(d), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        seen = 0
+        while not reap(False):
+            if first_mutant is None:
+                with open(d / "mutmut.log", "rb") as f:
+                    f.seek(max(0, seen - 64))  # the new part, and enough before it for a line cut in two
+                    tail = f.read()
+                    seen = f.tell()
+                if b"Running mutation testing" in tail:
+                    first_mutant = time.time() - start
             if time.time() > deadline:
-                os.killpg(p.pid, signal.SIGINT)  # mutmut stops its workers; every finished mutant is already saved
+                # to mutmut alone: it stops its workers (SIGTERM) without recording them; every finished mutant is
+                # already saved. (To the whole group, a worker's pytest could end first as 'interrupted'.)
+                os.kill(p.pid, signal.SIGINT)
                 stopped = True
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
+                for _ in range(30):
+                    if reap(False):
+                        break
+                    time.sleep(1)
+                else:
                     os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+                    reap(True)
                 break
             time.sleep(2)
-    return {"rc": p.returncode, "seconds": round(time.time() - start, 1), "stopped_at_deadline": stopped}
+    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return {"rc": p.returncode, "seconds": round(time.time() - start, 1), "stopped_at_deadline": stopped,
+            "seconds_before_first_mutant": None if first_mutant is None else round(first_mutant, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
+
+
+def killing_tests(d: Path) -> dict[str, int]:
+    """How many mutants each test killed (mutation_plugin.py's notes; a mutant may count for several
+    tests when mutmut ran it again): what a tighter selection would keep."""
+    counts: dict[str, int] = {}
+    path = d / "kills.tsv"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        test = line.partition("\t")[2]
+        counts[test] = counts.get(test, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def mutant_costs(d: Path) -> dict[str, list]:
+    """[CPU seconds, tests run] of each mutant's worker (mutation_plugin.py's notes)."""
+    costs = {}
+    path = d / "costs.tsv"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        name, _, cpu, ran = line.split("\t")
+        costs[name] = [float(cpu), int(ran)]
+    return costs
 
 
 def read_meta(module: str, d: Path) -> dict:
@@ -258,7 +405,7 @@ def run_extra(extra: Extra, work: Path, deadline: float, timeout: float, tests: 
     left = deadline - time.time()
     if left < 10:
         return {"status": "not checked"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", f"not ({EXCLUDE})", *(tests or SCOPE[extra.module].tests)]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", *selection_args(extra.module), *(tests or SCOPE[extra.module].tests)]
     start = time.time()
     try:
         r = subprocess.run(cmd, cwd=d, env=child_env(), capture_output=True, text=True, timeout=min(timeout, left), check=False)
@@ -283,17 +430,29 @@ def cmd_run(args) -> None:
         sys.exit(f"--modules: expected some of {', '.join(short(m) for m in SCOPE)}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cores = os.cpu_count() or 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2  # the cores this process may use
     start = time.time()
     deadline = start + args.deadline
-    # oversubscribed: a module whose mutants are done leaves its cores to the others (the timeouts are CPU time)
-    per_module = args.max_children or max(2, cores // 2 + 1)
+    global SCRATCH, KILL_ORDER
+    SCRATCH = Path(args.tmp) if args.tmp else scratch_dir(work)
+    KILL_ORDER = not args.no_kill_order
+    SCRATCH.mkdir(parents=True, exist_ok=True)
     raw = {"machine": {"cpus": cores, "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor()},
-           "mutmut": MUTMUT_VERSION, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "max_children_per_module": per_module, "modules": {},
-           "excluded_from_this_run": {m: SCOPE[m].note or "not in --modules" for m in SCOPE if m not in names}, "test_selection_filter": f"not ({EXCLUDE})"}
+           "mutmut": MUTMUT_VERSION, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "modules": {},
+           "excluded_from_this_run": {m: SCOPE[m].note or "not in --modules" for m in SCOPE if m not in names},
+           "test_selection_filter": {m: f"-m '{MARKERS}' -k '{SCOPE[m].k()}'" for m in names}}
     tests = args.tests.split(",") if args.tests else None
+    dirs = {m: prepare(m, work, args.timeout_multiplier, args.timeout_constant, tests) for m in names}
+    with ThreadPoolExecutor(max(1, len(names))) as pool:
+        every = dict(zip(names, pool.map(lambda m: mutant_names(dirs[m]), names)))
     patterns = {m: args.mutants or [] for m in names}
-    extras = [e for e in EXTRA if e.module in names] if not args.mutants else []
+    extras = [e for e in EXTRA if e.module in names] if not (args.mutants or args.sample) else []
+    if args.sample and not (args.survivors_of or args.not_checked_of):  # a random sample of each module's mutants
+        import random
+
+        rng = random.Random(args.seed)
+        patterns = {m: sorted(rng.sample(every[m], min(args.sample, len(every[m])))) for m in names}
+        raw["sample"] = {"seed": args.seed, "sampled": {m: len(patterns[m]) for m in names}, "mutants": {m: len(every[m]) for m in names}}
     if args.survivors_of:  # a re-check: only what an earlier run left alive, usually against the added tests alone
         earlier = json.loads(Path(args.survivors_of).read_text())
         alive = lambda code: status_of(code) in ("survived", "no tests", "suspicious", "segfault")
@@ -307,23 +466,33 @@ def cmd_run(args) -> None:
         earlier = json.loads(Path(args.not_checked_of).read_text())
         rng = random.Random(args.seed)
         pool_ = {m: sorted(n for n, c in earlier["modules"].get(m, {}).get("codes", {}).items() if status_of(c) == "not checked") for m in names}
-        patterns = {m: rng.sample(pool_[m], min(args.sample, len(pool_[m]))) for m in names}
+        patterns = {m: rng.sample(pool_[m], min(args.sample or 100, len(pool_[m]))) for m in names}
         names = [m for m in names if patterns[m]]
         extras = [e for e in extras if (earlier.get("extra") or {}).get(e.key, {}).get("status") == "not checked"]
         raw["sample_of"] = {"raw": str(args.not_checked_of), "started": earlier.get("started"), "seed": args.seed,
                             "sampled": {m: len(patterns[m]) for m in names}, "not_checked_before": {m: len(v) for m, v in pool_.items()}}
-    dirs = {m: prepare(m, work, args.timeout_multiplier, args.timeout_constant, tests) for m in names}
-    # the hand-made mutants run beside mutmut, on a few workers of their own
-    extra_pool = ThreadPoolExecutor(max(1, args.extra_workers or cores // 4))
+    # The cores shared out: the hand-made mutants' few workers, and each module's mutmut workers in
+    # proportion to its work (mutants to run x its measured cost), so that the modules end together.
+    # A quarter more workers than cores covers each mutmut's serial start (its stats and clean runs);
+    # more would stretch the wall clock that mutmut's timeouts are measured in.
+    extra_workers = 0 if not extras else max(1, args.extra_workers or round(cores / 16))
+    total = args.workers or max(len(names), round(1.25 * cores) - extra_workers)
+    todo = {m: len([n for n in every[m] if not patterns[m] or any(fnmatch.fnmatchcase(n, p) for p in patterns[m])]) for m in names}
+    children = {m: args.max_children for m in names} if args.max_children else share_cores({m: todo[m] * SCOPE[m].cost for m in names}, total)
+    raw["workers"] = {"mutmut": children, "hand_made": extra_workers}
+    raw["scratch"] = str(SCRATCH)
+    extra_pool = ThreadPoolExecutor(max(1, extra_workers))
     extra_futures = [extra_pool.submit(run_extra, e, work, deadline, args.extra_timeout, tests) for e in extras]
     with ThreadPoolExecutor(max(1, len(names))) as pool:
-        runs = dict(zip(names, pool.map(lambda m: run_mutmut(m, dirs[m], per_module, deadline, patterns[m]), names)))
+        runs = dict(zip(names, pool.map(lambda m: run_mutmut(m, dirs[m], children[m], deadline, patterns[m]), names)))
     for m in names:
         meta = read_meta(m, dirs[m])
         codes = meta.get("codes", {})
         not_killed = [n for n, c in codes.items() if status_of(c) not in ("killed", "timeout", "not checked", "skipped")]
         tail = (dirs[m] / "mutmut.log").read_text(errors="replace")[-3000:] if (dirs[m] / "mutmut.log").is_file() else ""
-        raw["modules"][m] = {**runs[m], "tests": tests or SCOPE[m].tests, "codes": codes, "durations": meta.get("durations", {}),
+        raw["modules"][m] = {**runs[m], "tests": tests or SCOPE[m].tests, "children": children[m], "killing_tests": killing_tests(dirs[m]),
+                             "mutant_costs": mutant_costs(dirs[m]),
+                             "codes": codes, "durations": meta.get("durations", {}),
                              "diffs": diffs(dirs[m], not_killed), "log_tail": tail if not codes or runs[m]["rc"] not in (0, None) else ""}
     extra_pool.shutdown(wait=True)
     if extras:
@@ -333,6 +502,8 @@ def cmd_run(args) -> None:
     path = Path(args.raw or work / "raw.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(raw, indent=1))
+    if not args.tmp:
+        shutil.rmtree(SCRATCH, ignore_errors=True)  # the tests' leftovers (a killed mutant's folders are kept by pytest)
     print(f"raw results: {path}")
     if not args.no_report:
         report(raw, Path(args.results))
@@ -408,9 +579,13 @@ def disposition(disp: dict, name: str) -> dict:
     return next((d for pattern, d in disp.items() if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern)), {})
 
 
-def survivor_disposition(disp: dict, name: str) -> dict:
-    """What a live mutant is: equivalent (with why), or open; a 'killed' pattern does not cover a mutant still alive."""
+def survivor_disposition(disp: dict, name: str, diff: str) -> dict:
+    """What a live mutant is: equivalent (with why), or open; a 'killed' pattern does not cover a mutant still alive.
+    mutmut numbers a function's mutants afresh when the function changes: a disposition that records
+    its `change` holds only for a mutant whose change is still that one (else it is open, and says so)."""
     d = disposition(disp, name)
+    if d.get("change") and d["change"] != _change_line(diff):
+        return {"disposition": "open", "why": f"**open** (the disposition of this name was for another change: `{d['change']}`)"}
     return d if d.get("disposition") == "equivalent" or name in disp else {}
 
 
@@ -433,7 +608,7 @@ def report(raw: dict, results: Path) -> None:
             else:
                 counts["suspicious"] += 1
             if s in ("survived", "no tests", "suspicious", "segfault"):
-                d = survivor_disposition(disp, name)
+                d = survivor_disposition(disp, name, r["diffs"].get(name, ""))
                 if d.get("disposition") == "equivalent":
                     counts["equivalent"] += 1
                 out["survivors"].append({"mutant": name, "module": m, "status": s, "diff": r["diffs"].get(name, ""), **d})
@@ -444,6 +619,10 @@ def report(raw: dict, results: Path) -> None:
         counts["kill_rate_non_equivalent"] = round(detected / non_eq, 4) if non_eq else None
         counts["seconds"] = r.get("seconds")
         counts["stopped_at_deadline"] = r.get("stopped_at_deadline")
+        for key in ("cpu_seconds", "seconds_before_first_mutant", "children", "rc"):
+            counts[key] = r.get(key)
+        if r.get("mutant_costs"):  # the workers' own CPU seconds (mutation_plugin.py), mutmut's start-up apart
+            counts["cpu_seconds_a_mutant"] = round(sum(c[0] for c in r["mutant_costs"].values()) / len(r["mutant_costs"]), 2)
         out["modules"][m] = counts
         rows.append((m, counts))
     for m, r in raw["modules"].items():  # survivors of the full run that the added tests kill (the re-check)
@@ -482,7 +661,7 @@ def _add_extra(raw: dict, module: str, counts: dict, out: dict, disp: dict) -> N
         else:
             counts["suspicious"] += 1
         if s not in ("killed", "timeout", "not checked"):
-            d = survivor_disposition(disp, key)
+            d = survivor_disposition(disp, key, e["change"])
             if d.get("disposition") == "equivalent":
                 counts["equivalent"] += 1
             out["survivors"].append({"mutant": key, "module": module, "status": s, "diff": e["change"], **d})
@@ -508,6 +687,14 @@ def markdown(out: dict) -> str:
     rate = f"{100 * t['kill_rate_non_equivalent']:.1f}%" if t["kill_rate_non_equivalent"] is not None else "-"
     lines.append(f"| **all** | {t['total']} | {t['killed']} | {t['timeout']} | {t['survived']} | {t['no tests']} | {t['equivalent']} | "
                  f"{t['not checked']} | **{rate}** |")
+    costs = [(mod, c) for mod, c in out["modules"].items() if c.get("cpu_seconds")]
+    if costs:
+        lines += ["", "What each module's mutmut cost: " + "; ".join(
+            f"{short(mod)} {c['seconds']:.0f} s on {c['children']} worker{'s' if c['children'] != 1 else ''} "
+            f"({c['seconds_before_first_mutant'] or 0:.0f} s before its first mutant), {c['cpu_seconds']:.0f} CPU s"
+            + (f", {c['cpu_seconds_a_mutant']} a mutant" if c.get("cpu_seconds_a_mutant") else "")
+            + (" (stopped at the deadline)" if c.get("stopped_at_deadline") else "") + (f" (mutmut's exit code {c['rc']})" if c.get("rc") else "")
+            for mod, c in costs) + "."]
     for r in out.get("rechecks", []):
         where = f"{r['machine']['cpus']} cores, Python {r['machine']['python']}" if r.get("machine") else ""
         if r.get("survivors_of"):
@@ -557,9 +744,10 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run mutmut on the modules, then write the report")
     r.add_argument("--modules", help=f"comma-separated, of {', '.join(short(m) for m in SCOPE)} (default: those not being rewritten)")
-    r.add_argument("--max-children", type=int, help="mutmut workers per module (default: the cores shared out over the modules)")
+    r.add_argument("--max-children", type=int, help="mutmut workers of every module (default: --workers shared out by each module's work)")
+    r.add_argument("--workers", type=int, help="mutmut workers in all (default: 1.25 x the cores, less the hand-made mutants' workers)")
     r.add_argument("--deadline", type=float, default=3600, help="seconds; mutmut is stopped then and what finished is reported (default 3600)")
-    r.add_argument("--extra-workers", type=int, help="workers for the hand-made mutants (default: a quarter of the cores)")
+    r.add_argument("--extra-workers", type=int, help="workers for the hand-made mutants (default: a sixteenth of the cores)")
     r.add_argument("--extra-timeout", type=float, default=240, help="seconds one hand-made mutant may take")
     r.add_argument("--timeout-multiplier", type=float, default=2.0,
                    help="mutmut's timeout_multiplier: a mutant's CPU limit is (its tests' time + the constant) x 2 x this")
@@ -568,10 +756,13 @@ def main() -> None:
     r.add_argument("--mutants", nargs="*", help="only these mutmut mutant names or patterns (a quick look; no hand-made mutants)")
     r.add_argument("--survivors-of", help="raw results of an earlier run: run only what it left alive (mutmut's and the hand-made ones)")
     r.add_argument("--not-checked-of", help="raw results of an earlier run: run a random sample (--sample) of what it did not reach")
-    r.add_argument("--sample", type=int, default=100, help="mutants a module for --not-checked-of (default 100)")
+    r.add_argument("--sample", type=int, help="a random sample of this many mutants a module (no hand-made ones); "
+                                               "with --not-checked-of, of what that run did not reach (default 100 there)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--tests", help="comma-separated test files instead of each module's selection (with --survivors-of: the tests added since)")
+    r.add_argument("--no-kill-order", action="store_true", help="mutmut's own test order, not the tests that killed a function's mutants first")
     r.add_argument("--work", default=str(WORK))
+    r.add_argument("--tmp", help="the tests' temporary folders (default: in /dev/shm where it has 16 GiB free, else WORK/tmp)")
     r.add_argument("--raw", help="where the raw results go (default WORK/raw.json)")
     r.add_argument("--results", default=str(RESULTS))
     r.add_argument("--no-report", action="store_true")
@@ -586,6 +777,7 @@ def main() -> None:
     g.add_argument("--out", required=True)
     d = sub.add_parser("_diffs")
     d.add_argument("names", nargs="*")
+    sub.add_parser("_names")
     args = p.parse_args()
     if args.cmd == "run":
         cmd_run(args)
@@ -596,6 +788,8 @@ def main() -> None:
         full = combine([json.loads(Path(r).read_text()) for r in args.raw])
         merged = merge(full, [json.loads(Path(r).read_text()) for r in args.recheck])
         Path(args.out).write_text(json.dumps(merged, indent=1))
+    elif args.cmd == "_names":
+        _print_names()
     else:
         _print_diffs(args.names)
 

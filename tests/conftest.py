@@ -16,6 +16,22 @@ from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint  # noqa
 SMALL_QWEN = dict(hidden=896, intermediate=2432, num_layers=2, num_heads=14, num_kv_heads=2, vocab=1056)
 
 
+# Fixtures that train or quantize the tiny model (minutes on one core): the tests that use them are
+# marked `trained_model`, which bench/mutation.py leaves out (-m "not trained_model"): every mutant
+# would train the model again in its own forked pytest.
+TRAINED_MODEL_FIXTURES = {"tiny_model", "quantized"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "trained_model: uses the trained tiny model (a fixture of minutes); left out of mutation runs")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINED_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.trained_model)
+
+
 def export_all(qdir: Path, ports: int = 32, parts: int = 16, lm_method=None, fp16_rescale="auto") -> dict:
     return pipeline.export_all(qdir, lm_method, ports, parts, progress=False, fp16_rescale=fp16_rescale)
 

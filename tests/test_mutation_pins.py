@@ -893,3 +893,117 @@ def test_a_folder_without_manifest_takes_its_fp16_plan_from_the_compile_folder(t
     f = result["functional"]
     assert f["against_hardware"] == with_plan["against_hardware"] and f["greedy"] == with_plan["greedy"]
     assert f["against_hardware"] != without["against_hardware"]  # the plan changes the board's answers
+
+
+@pytest.fixture(scope="module")
+def gptq_lm_head(tmp_path_factory):
+    """A checkpoint whose lm_head GPTQ quantized (lm_head.qweight), exported: the folder's output layer
+    is the checkpoint's own int4 lm_head (method checkpoint)."""
+    qdir = write_gptq_checkpoint(tmp_path_factory.mktemp("lmq") / "q", SyntheticSpec(hidden=256, intermediate=384, num_layers=1, num_heads=2,
+                                                                                    num_kv_heads=1, vocab=256, lm_head_quantized=True, seed=5))
+    export_all(qdir)
+    return qdir
+
+
+def test_verify_reads_an_output_layer_taken_from_the_checkpoints_gptq_lm_head(gptq_lm_head, tmp_path):
+    from conftest import rewrite_manifest
+
+    from vcu128.check.verify import bit_check
+
+    qdir = tmp_path / "q"
+    shutil.copytree(gptq_lm_head, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    assert doc["lm_head"] == {"method": "checkpoint", "int4_range": 8}
+    assert bit_check(qdir, hw, progress=False).ok
+    part = hw / "OutLayer" / "MVM_BN_write_to_HBM_bin" / "MVMBN_Argmax_HBM_DDR_05.bin"  # rows 5, 37, ...: weights then scales
+    words = np.fromfile(part, "<u4")
+    words[8 + 3] ^= 0x10  # its first row (output channel 5): after 8 scale words, inputs 24..31, one nibble
+    words.tofile(part)
+    rewrite_manifest(hw)
+    report = bit_check(qdir, hw, progress=False)
+    assert report.differences == ["OutLayer/MVM_BN_write_to_HBM_bin/MVMBN_Argmax_HBM_DDR_05.bin: row 0 (output channel 5), word 11 "
+                                  "(weights of inputs 24..31) is 0xdc42fe18, expected 0xdc42fe08"]
+    doc["lm_head"]["method"] = "trunc"  # a record that does not match the checkpoint
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError) as e:
+        bit_check(qdir, hw, progress=False)
+    assert str(e.value) == f"{qdir}: the output layer is GPTQ-quantized (lm_head.qweight), but the folder records method trunc"
+
+
+def test_a_folder_recording_the_checkpoints_lm_head_for_a_checkpoint_without_one_is_refused(exported, tmp_path):
+    from vcu128.check.verify import bit_check
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["lm_head"]["method"] = "checkpoint"
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(VCUError) as e:
+        bit_check(qdir, hw, progress=False)
+    want = f"{qdir}: the folder's output layer was taken from the checkpoint's lm_head.qweight, which it does not have"
+    assert str(e.value) == want
+    # an older folder (no lm_head in its manifest) whose lm_head.json says so: taken at its word, refused the same way
+    from vcu128.check.verify import output_layer_record
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.format.folder import PackedFolder
+    from vcu128.io.output import write_step_record
+
+    doc.pop("lm_head")
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    write_step_record(qdir / "compile", "lm_head", {"method": "checkpoint"}, [])
+    record = output_layer_record(PackedFolder.open(hw), GPTQCheckpoint(qdir), qdir / "compile")
+    assert (record.method, record.int4_range) == ("checkpoint", 8)
+    with pytest.raises(VCUError) as e:
+        bit_check(qdir, hw, progress=False)
+    assert str(e.value) == want
+
+
+@pytest.mark.parametrize("made, want", [({"method": "trunc", "int4_range": 7}, ("trunc", 7)), ({"method": "checkpoint"}, ("checkpoint", 8)),
+                                        ({"method": "gptq"}, ("checkpoint", 8)), ({"method": "rtn", "int4_range": 6}, ("checkpoint", 8))],
+                         ids=["trunc on the 15-level grid", "checkpoint", "an unknown method", "a grid out of range"])
+def test_an_older_folders_output_layer_from_its_record_or_else_from_the_checkpoint(gptq_lm_head, tmp_path, made, want):
+    """No lm_head in the manifest: lm_head.json's method and grid where they are ones lm_head.py
+    writes; else what the checkpoint holds decides (its GPTQ lm_head here: checkpoint)."""
+    from vcu128.check.verify import output_layer_record
+    from vcu128.format.checkpoint import GPTQCheckpoint
+    from vcu128.format.folder import PackedFolder
+    from vcu128.io.output import write_step_record
+
+    qdir = tmp_path / "q"
+    shutil.copytree(gptq_lm_head, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc.pop("lm_head")
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    write_step_record(qdir / "compile", "lm_head", made, [])
+    record = output_layer_record(PackedFolder.open(hw), GPTQCheckpoint(qdir), qdir / "compile")
+    assert (record.method, record.int4_range) == want
+
+
+@pytest.mark.parametrize("silu, fit_range, message", [
+    ("fit", [-4, 6.5], None),
+    ("fit", [-4.0, 6.0, 8.0], "tables.silu.fit_range is [-4.0, 6.0, 8.0], expected [low, high] (two finite numbers)"),
+    ("fit", [6.0, -4.0], "tables.silu.fit_range is [6.0, -4.0], expected [low, high] (two finite numbers)"),
+    ("fit", [-4.0, True], "tables.silu.fit_range is [-4.0, True], expected [low, high] (two finite numbers)"),
+    ("fit", [-4.0, "6"], "tables.silu.fit_range is [-4.0, '6'], expected [low, high] (two finite numbers)"),
+    ("exact", None, "assumptions.silu_table is 'exact', expected one of board, fit"),
+], ids=["read", "three numbers", "high below low", "a boolean", "a string", "an unknown table"])
+def test_the_fitted_silu_tables_range_as_the_manifest_records_it(exported, tmp_path, silu, fit_range, message):
+    from vcu128.format.folder import PackedFolder
+
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    hw = qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+    doc = json.loads((hw / "manifest.json").read_text())
+    doc["assumptions"]["silu_table"] = silu
+    doc.setdefault("tables", {}).setdefault("silu", {})["fit_range"] = fit_range
+    (hw / "manifest.json").write_text(json.dumps(doc))
+    if message is None:
+        a = PackedFolder.open(hw).assumptions
+        assert (a.silu_table, a.silu_fit_range) == ("fit", (-4.0, 6.5)) and all(type(v) is float for v in a.silu_fit_range)
+        return
+    with pytest.raises(VCUError) as e:
+        PackedFolder.open(hw)
+    assert str(e.value) == f"{hw / 'manifest.json'}: {message}"

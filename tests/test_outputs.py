@@ -33,6 +33,18 @@ def run(script, *args, umask=None):
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, env=env, preexec_fn=pre)
 
 
+def run_here(script, *args):
+    """What `run` gives, of the step's command line run in this process (test_safety.run_step): where
+    the point is the step's own refusal, a mutant of the code that refuses is active here, and not in
+    a subprocess (bench/mutation.py)."""
+    from types import SimpleNamespace
+
+    from test_safety import run_step
+
+    code, err = run_step(script.removesuffix(".py"), *args)
+    return SimpleNamespace(returncode=code, stderr=err)
+
+
 def error_lines(r):
     """The error and hint lines (warnings before them, such as a stale input, are not errors)."""
     lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("warning: ")]
@@ -60,7 +72,7 @@ def test_an_unrelated_folder_is_refused_and_left_as_it_was(make_checkpoint, tmp_
         ("compile_sw.py", ["--quantize_model", qdir]),
         ("lm_head.py", ["--quantize_model", qdir]),
     ]:
-        r = run(script, *args, "--out", theirs)
+        r = run_here(script, *args, "--out", theirs)
         assert r.returncode == 2
         assert error_lines(r)[0].startswith(f"error: --out {theirs}: ")
     export_all(qdir)
@@ -68,7 +80,7 @@ def test_an_unrelated_folder_is_refused_and_left_as_it_was(make_checkpoint, tmp_
         ("hardware.py", ["--compile_dir", qdir / "compile"]),
         ("embedding_tokens.py", ["--compile_dir", qdir / "compile"]),
     ]:
-        r = run(script, *args, "--out", theirs)
+        r = run_here(script, *args, "--out", theirs)
         assert r.returncode == 2
         assert error_lines(r) == [f"error: --out {theirs}: exists and was not written by {script}; not replacing it",
                                   "hint: choose another --out, or pass --force to replace that folder"]
@@ -96,18 +108,17 @@ def test_out_may_not_be_or_contain_the_input(exported, where):
     comp = exported["compile"]
     out = comp if where == "input" else comp.parent
     before = tree(comp)
-    r = run("hardware.py", "--compile_dir", comp, "--out", out)
+    r = run_here("hardware.py", "--compile_dir", comp, "--out", out)
     assert r.returncode == 2
     assert error_lines(r)[0] == f"error: --out {out}: is or contains the input {comp}; choose another folder"
     assert tree(comp) == before
 
 
-def test_out_dot_is_refused_with_one_line(make_checkpoint, tmp_path):
+def test_out_dot_is_refused_with_one_line(make_checkpoint, tmp_path, monkeypatch):
     qdir = make_checkpoint()
     (tmp_path / "mine.txt").write_text("x")
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "compile_sw.py"), "--quantize_model", str(qdir), "--out", "."],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = run_here("compile_sw.py", "--quantize_model", qdir, "--out", ".")
     assert r.returncode == 2
     assert error_lines(r)[0] == f"error: --out {tmp_path}: is or contains the input {qdir}; choose another folder"
 
@@ -116,7 +127,7 @@ def test_lm_head_out_a_file(make_checkpoint, tmp_path):
     qdir = make_checkpoint()
     f = tmp_path / "f"
     f.write_text("x")
-    r = run("lm_head.py", "--quantize_model", qdir, "--out", f)
+    r = run_here("lm_head.py", "--quantize_model", qdir, "--out", f)
     assert r.returncode == 2 and error_lines(r) == [f"error: --out {f}: exists and is not a folder; not writing into it"]
 
 
