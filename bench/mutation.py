@@ -428,13 +428,15 @@ def cmd_run(args) -> None:
         [m for m in SCOPE if short(m) in args.modules.split(",")]
     if not names:
         sys.exit(f"--modules: expected some of {', '.join(short(m) for m in SCOPE)}")
-    work = Path(args.work)
+    # absolute: mutmut runs each module's tests from inside its copy, where a relative path names
+    # nothing (the plugin's notes then fail every mutant's pytest, and mutmut counts that a kill)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2  # the cores this process may use
     start = time.time()
     deadline = start + args.deadline
     global SCRATCH, KILL_ORDER
-    SCRATCH = Path(args.tmp) if args.tmp else scratch_dir(work)
+    SCRATCH = Path(args.tmp).resolve() if args.tmp else scratch_dir(work)
     KILL_ORDER = not args.no_kill_order
     SCRATCH.mkdir(parents=True, exist_ok=True)
     raw = {"machine": {"cpus": cores, "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor()},

@@ -1,0 +1,244 @@
+"""vcu128/io/output.py in process, rule by rule: what the swap into place keeps, moves and says,
+which paths count as "something already there", and the exact words of its refusals and summaries.
+
+Mutation testing (bench/mutation.py) showed each of these rules could change and every other test
+still pass: most of output's tests run a step's command line in a subprocess, where a mutant of
+this module is never active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vcu128 import __version__
+from vcu128.io import output
+from vcu128.io.errors import VCUError
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _write(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# What counts as "already there"
+
+
+def test_something_under_a_path_is_a_file_or_symlink_where_one_of_its_folders_would_go(tmp_path, monkeypatch):
+    root = tmp_path / "out"
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "file").write_bytes(b"x")
+    (root / "dir" / "plain").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # relative paths must be taken under `root`, never the working folder
+    assert output._lexists_under(root, "file")
+    assert output._lexists_under(root, "file/below")  # a file where a folder would go
+    assert output._lexists_under(root, "dir/plain/below/deeper")  # ... two levels up
+    assert output._lexists_under(root, "link/x.bin")  # a symlinked folder on the way
+    assert not output._lexists_under(root, "dir/sub/new.bin")
+    assert not output._lexists_under(root, "dir/new/deeper.bin")
+    assert not output._lexists_under(root, "missing/x")
+
+
+def test_a_symlinked_output_folder_itself_is_not_something_under_it(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
+    assert not output._lexists_under(tmp_path / "alias", "a/b.bin")
+
+
+def test_refusing_a_file_the_step_did_not_write_names_it_and_says_what_to_do(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(VCUError) as e:
+        output.check_not_theirs(tmp_path, {"a.bin"}, ["a.bin", "notes.txt"], "compile_sw", force=False)
+    assert str(e.value) == f"{tmp_path / 'notes.txt'}: exists and was not written by compile_sw.py (its records do not list it); not replacing it"
+    assert e.value.hint == "move it away, or pass --force to replace it"
+    output.check_not_theirs(tmp_path, {"a.bin"}, ["a.bin", "notes.txt"], "compile_sw", force=True)  # --force: no refusal
+
+
+def test_an_output_reached_through_a_symlink_is_shown_as_named_and_as_it_is(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
+    assert output._shown(tmp_path / "real" / "hw") == str(tmp_path / "real" / "hw")
+    assert output._shown(tmp_path / "alias" / "hw") == f"{tmp_path / 'alias' / 'hw'} (that is {tmp_path / 'real' / 'hw'})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders a failed run created, and the names of staging paths
+
+
+def test_a_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
+    created = output.make_parents(tmp_path / "a" / "b")
+    assert created == [tmp_path / "a" / "b", tmp_path / "a"]
+    (tmp_path / "a" / "user.txt").write_text("mine")  # put there meanwhile: `a` is no longer empty
+    output.remove_created(created)  # an error removing `a` is not raised: the user's folder stays
+    assert not (tmp_path / "a" / "b").exists()
+    assert (tmp_path / "a" / "user.txt").read_text() == "mine"
+
+
+def test_a_staging_path_names_its_run_or_nothing(tmp_path):
+    assert output._staging_run(tmp_path / ".hw.partial-123@host@abc", "hw") == (123, "host")
+    assert output._staging_run(tmp_path / ".hw.partial-123@host", "hw") == (123, "host")
+    assert output._staging_run(tmp_path / ".hw.partial-123-done", "hw") is None  # an earlier version's: no run to name
+    assert output._staging_run(tmp_path / ".hw.partial-123", "hw") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Putting a killed run's `.old` files back
+
+
+def test_moving_back_a_file_onto_a_later_runs_folder_keeps_the_folder(tmp_path):
+    src, dst = tmp_path / "old" / "x", tmp_path / "new" / "x"
+    _write(tmp_path, {"old/x": b"user", "new/x/later.bin": b"later"})
+    output._move_back(src, dst)
+    assert _tree(tmp_path / "new") == {"x/later.bin": b"later"}
+
+
+def test_moving_back_a_folder_onto_a_later_runs_file_keeps_the_file(tmp_path):
+    _write(tmp_path, {"old/x/inner.txt": b"user", "new/x": b"later"})
+    output._move_back(tmp_path / "old" / "x", tmp_path / "new" / "x")
+    assert _tree(tmp_path / "new") == {"x": b"later"}
+
+
+def test_moving_back_merges_folders_file_by_file(tmp_path):
+    _write(tmp_path, {"old/d/mine.txt": b"user", "old/d/both.bin": b"old", "new/d/both.bin": b"later"})
+    output._move_back(tmp_path / "old" / "d", tmp_path / "new" / "d")
+    assert _tree(tmp_path / "new") == {"d/both.bin": b"later", "d/mine.txt": b"user"}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a step carries over from its earlier output
+
+
+def test_what_is_carried_over_is_every_path_the_step_does_not_own_folders_whole(tmp_path):
+    _write(tmp_path, {"a.bin": b"", "layers/0/q.bin": b"", "layers/0/user.txt": b"", "layers/notes/x.txt": b"",
+                      "user/deep/y.txt": b"", "top.txt": b""})
+    owned = {"a.bin", "layers/0/q.bin"}
+    assert output._carried(tmp_path, owned) == ["layers/0/user.txt", "layers/notes", "top.txt", "user"]
+
+
+def test_a_symlink_where_an_owned_folder_was_is_carried_whole_never_walked(tmp_path):
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "x.bin").write_bytes(b"")
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / "layers").symlink_to(tmp_path / "theirs", target_is_directory=True)
+    assert output._carried(root, {"layers/x.bin"}) == ["layers"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The swap into place
+
+
+def _swap(tmp_path: Path, old: dict, new: dict, owned: set | None, carry: bool, force: bool = False):
+    target, stage = tmp_path / "out", tmp_path / "stage"
+    _write(target, old)
+    stage.mkdir()
+    _write(stage, new)
+    trash = output._swap_in(stage, target, owned, carry, "hardware", force)
+    return target, trash
+
+
+def test_a_user_file_in_a_folder_the_new_output_lacks_is_carried_with_its_folders(tmp_path):
+    target, trash = _swap(tmp_path, {"a/b/owned.bin": b"old", "a/b/user.txt": b"mine"}, {"other.bin": b"new"},
+                          {"a/b/owned.bin"}, carry=True)
+    assert _tree(target) == {"a/b/user.txt": b"mine", "other.bin": b"new"}
+    assert _tree(trash) == {"a/b/owned.bin": b"old"}  # the old output's own file goes to the trash, nothing else
+
+
+def test_a_clash_with_a_file_the_step_did_not_write_is_refused_naming_it(tmp_path):
+    with pytest.raises(VCUError) as e:
+        _swap(tmp_path, {"own.bin": b"old", "notes.txt": b"mine"}, {"own.bin": b"new", "notes.txt": b"new"}, {"own.bin"}, carry=True)
+    assert str(e.value) == f"{tmp_path / 'out' / 'notes.txt'}: exists and was not written by hardware.py (its records do not list it); not replacing it"
+    assert e.value.hint == "move it away, or pass --force to replace it"
+    assert (tmp_path / "out" / "notes.txt").read_bytes() == b"mine"
+
+
+def _force_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "--force" in r.getMessage()]
+
+
+def test_force_over_a_clash_replaces_and_names_the_one_file(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "vcu128")
+    target, _ = _swap(tmp_path, {"own.bin": b"old", "notes.txt": b"mine", "keep.txt": b"kept"},
+                      {"own.bin": b"new", "notes.txt": b"new"}, {"own.bin"}, carry=True, force=True)
+    assert _tree(target) == {"keep.txt": b"kept", "notes.txt": b"new", "own.bin": b"new"}
+    assert _force_warnings(caplog) == [f"warning: --force: removed 1 file that hardware.py did not write from {target}: notes.txt"]
+
+
+@pytest.mark.parametrize("count, shown", [
+    (2, "f0.txt, f1.txt"),
+    (3, "f0.txt, f1.txt, f2.txt"),
+    (4, "f0.txt, f1.txt, f2.txt and 1 more"),
+    (6, "f0.txt, f1.txt, f2.txt and 3 more"),
+])
+def test_force_over_a_folder_not_the_steps_names_what_it_removed(tmp_path, caplog, count, shown):
+    caplog.set_level(logging.WARNING, "vcu128")
+    old = {f"f{i}.txt": b"mine" for i in range(count)}
+    target, trash = _swap(tmp_path, old, {"own.bin": b"new"}, None, carry=False, force=True)
+    assert _tree(target) == {"own.bin": b"new"}
+    assert _force_warnings(caplog) == [f"warning: --force: removed {count} files that hardware.py did not write from {target}: {shown}"]
+
+
+def test_no_warning_when_nothing_of_anyone_elses_goes(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "vcu128")
+    _swap(tmp_path, {"own.bin": b"old", "notes.txt": b"mine"}, {"own.bin": b"new"}, {"own.bin"}, carry=True, force=True)
+    assert _force_warnings(caplog) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Records and summaries
+
+
+def test_a_step_record_holds_the_tool_version_and_an_id_of_what_it_was_made_from(tmp_path):
+    made_from = {"checkpoint": "/m", "fingerprint": "ab", "method": "x"}
+    doc = output.write_step_record(tmp_path, "compile_sw", made_from, ["b.bin", "a.bin"], extra_key=1)
+    on_disk = json.loads((tmp_path / "compile_sw.json").read_text())
+    assert on_disk == doc
+    assert list(doc) == ["tool", "version", "step", "id", "made_from", "extra_key", "files"]
+    assert (doc["tool"], doc["version"], doc["step"], doc["files"]) == ("compiler-vcu128", __version__, "compile_sw", ["a.bin", "b.bin"])
+    assert output.read_step_record(tmp_path, "compile_sw")["version"] == __version__
+
+
+def test_the_made_from_id_is_the_sorted_json_sha256_prefix(tmp_path):
+    expected = hashlib.sha256(b'{"a": 2, "b": 1}').hexdigest()[:16]
+    assert output.made_from_id({"b": 1, "a": 2}) == expected
+    assert output.made_from_id({"a": 2, "b": 1}) == expected
+
+
+def test_a_step_summary_line(tmp_path):
+    r = output.StepResult("compile_sw", Path("/x/compile"), 3, 1_500_000_000, 2.04, note="compile_sw.json lists them")
+    assert r.line() == "compile_sw: 3 files (compile_sw.json lists them), 1.500 GB in 2.0 s -> /x/compile"
+    r = output.StepResult("hardware", Path("/x/hw"), 7, 123_456_789, 0.25)
+    assert r.line() == "hardware: 7 files, 0.123 GB in 0.2 s -> /x/hw"
+    r = output.StepResult("compile_sw", Path("/x/compile"), 1, 1_234_567_500_500, 1.0)  # 1234.5675005 GB: decimal gigabytes, rounded
+    assert r.line() == "compile_sw: 1 files, 1234.568 GB in 1.0 s -> /x/compile"
+
+
+def test_a_whole_file_without_a_shape_is_written_and_recorded(tmp_path):
+    data = np.arange(10, dtype="<u4")
+    rec = output.write_whole_file(tmp_path, "sub/x.bin", data, "made here")
+    assert (tmp_path / "sub" / "x.bin").read_bytes() == data.tobytes()
+    assert rec.to_json() == {"path": "sub/x.bin", "bytes": 40, "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+                             "source": "made here", "dtype": "uint32"}
+
+
+def test_the_recorded_umask_is_the_processes_and_is_left_as_it_was():
+    old = os.umask(0o027)
+    try:
+        assert output._umask() == 0o027
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
