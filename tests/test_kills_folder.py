@@ -58,7 +58,7 @@ def test_each_listed_file_as_read(tmp_path):
     ({"sha256": "abc"}, "files[0].sha256 'abc' is not a sha256 (64 hex digits)"),
     ({"step": 5}, "files[0].step is 5, expected a string"),
     ({"made_from": ["run"]}, "files[0].made_from is ['run'], expected a string"),
-])
+], ids=["absolute_path", "sha256", "step", "made_from"])
 def test_a_bad_file_entry_is_refused_word_for_word(tmp_path, entry, message):
     where = write_manifest(tmp_path, files=[{"path": "a.bin", "bytes": 4, "sha256": SHA, **entry}])
     assert refusal(tmp_path) == f"{where}: {message}"
