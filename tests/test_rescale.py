@@ -12,7 +12,7 @@ from conftest import FAST, export_all
 
 from vcu128.board.rescale import plan_from_stats
 from vcu128.check.verify import verify
-from vcu128.format.rescale import module_factors
+from vcu128.format.rescale import RescalePlan, module_factors
 from vcu128.io.errors import VCUError
 
 RESIDUAL, MLP = 2.0**13, 2.0**10
@@ -183,3 +183,12 @@ def test_rescaled_bytes_are_the_checkpoints_times_powers_of_two(both):
             assert np.array_equal(got.view("<u2"), want.view("<u2")), name
         q = np.fromfile(sw / f"model.layers.{layer}.mlp.down_proj.qweight.bin", "<i4")
         assert q.min() >= -8 and q.max() <= 7
+
+
+def test_the_embedding_carries_2_to_the_minus_k_by_its_module_or_tensor_name():
+    """factor() takes a module or a tensor name: the embedding's module (`model.embed_tokens`) is the
+    embedding as much as its tensor; the norms and the output layer carry 1 whatever k and m."""
+    plan = RescalePlan(3, (2,))
+    assert plan.factor("model.embed_tokens") == plan.factor("model.embed_tokens.weight") == 2.0**-3
+    assert plan.factor("model.norm.weight") == plan.factor("lm_head") == plan.factor("model.layers.0.input_layernorm.weight") == 1.0
+    assert plan.factor("model.layers.0.mlp.down_proj.scales") == 2.0 ** (2 - 3)
