@@ -109,19 +109,19 @@ def _tests(*names: str) -> list[str]:
 # Each module and the tests that cover it (mutmut narrows them further, per mutated function). cost:
 # CPU seconds a mutant, measured on 2 cores with these selections (40-mutant samples, 2026-12-01).
 SCOPE = {
-    "vcu128/format/layout.py": Scope(_tests("formats", "mutation_pins", "export", "folder_reader", "verify", "chatglm", "refusals", "tables", "pins"),
+    "vcu128/format/layout.py": Scope(_tests("kills_layout", "formats", "mutation_pins", "export", "folder_reader", "verify", "chatglm", "refusals", "tables", "pins"),
                                      " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=1.5),
-    "vcu128/format/tables.py": Scope(_tests("tables", "mutation_pins", "folder_reader", "pins", "chatglm"), " or ".join((GLM_FORWARD, GLM_NATIVE)),
+    "vcu128/format/tables.py": Scope(_tests("kills_tables", "tables", "mutation_pins", "folder_reader", "pins", "chatglm"), " or ".join((GLM_FORWARD, GLM_NATIVE)),
                                      cost=4.0),
-    "vcu128/format/folder.py": Scope(_tests("folder_reader", "mutation_pins", "verify", "tables", "outputs", "pins", "chatglm"),
+    "vcu128/format/folder.py": Scope(_tests("kills_folder", "folder_reader", "mutation_pins", "verify", "tables", "outputs", "pins", "chatglm"),
                                      " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=3.0),
     "vcu128/format/family.py": Scope(_tests("chatglm", "mutation_pins", "export", "refusals", "strict_input"), GLM_FORWARD, cost=0.5),
     "vcu128/format/rescale.py": Scope(_tests("rescale", "mutation_pins", "folder_reader", "pins"),
                                       " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=0.5),
-    "vcu128/check/verify.py": Scope(_tests("verify", "mutation_pins", "folder_reader", "tables"), ROPE_TRANSFORMERS, cost=3.0),
-    "vcu128/board/datapath.py": Scope(_tests("board_reference", "mutation_pins", "functional", "pins", "chatglm", "verify"),
+    "vcu128/check/verify.py": Scope(_tests("kills_verify", "verify", "mutation_pins", "folder_reader", "tables"), ROPE_TRANSFORMERS, cost=3.0),
+    "vcu128/board/datapath.py": Scope(_tests("kills_datapath", "board_reference", "mutation_pins", "functional", "pins", "chatglm", "verify"),
                                       " or ".join((GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT)), cost=1.0),
-    "vcu128/io/output.py": Scope(_tests("outputs", "mutation_pins", "safety", "export", "refusals", "pins"),
+    "vcu128/io/output.py": Scope(_tests("kills_output", "outputs", "mutation_pins", "safety", "export", "refusals", "pins"),
                                  " or ".join((GLM_FORWARD, GLM_NATIVE, ROPE_TRANSFORMERS, SILU_FIT, SILU_BOARD)), cost=6.0),
 }
 
