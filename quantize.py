@@ -78,14 +78,25 @@ def main(argv=None):
     from vcu128.quant.quantize import format_report, quantize_model
 
     log = logging.getLogger("vcu128")
-    out, report = quantize_model(args.model, args.quantize_model, opts)
-    if "perplexity" in report:
-        log.info(format_report(report))
-    log.info(f"quantize: GPTQ in {report['seconds_quantize']:.1f} s -> {out}")
-    if args.compile:
-        from vcu128.export.pipeline import export_all
 
-        export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts)
+    def quantize(on_layer=None):
+        out, report = quantize_model(args.model, args.quantize_model, opts, on_layer)
+        if "perplexity" in report:
+            log.info(format_report(report))
+        log.info(f"quantize: GPTQ in {report['seconds_quantize']:.1f} s -> {out}")
+        return out
+
+    if not args.compile:
+        quantize()
+        return
+    from vcu128.export.pipeline import compiling_during_gptq, export_all
+    from vcu128.quant.quantize import output_folder
+
+    # Each layer's compile_sw files are written while GPTQ quantizes the next; the same bytes as
+    # compile_sw.py run afterwards (tests/test_pipelined_export.py)
+    with compiling_during_gptq(output_folder(args.model, args.quantize_model, args.wbits), args.model) as prewriter:
+        out = quantize(prewriter)
+        export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts, qweights_from=prewriter.written())
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -142,21 +143,34 @@ def _save_shard(save_file, make, path: Path) -> None:
         raise OSError(wrapped.errno, wrapped.strerror, str(path)) from None
 
 
+# A decoder layer's checkpoint tensors, handed to a caller's consumer as they are written:
+# on_layer(layer index, {name: host tensor}), names and tensors exactly as in the layer's shard.
+LayerSink = Callable[[int, dict[str, torch.Tensor]], None]
+SINK_AHEAD = 4  # layers a consumer may be behind before GPTQ waits for it (host memory: a 7B's is 0.12 GB each)
+
+
 class CheckpointWriter:
     """Writes one safetensors shard a decoder layer (plus one for the rest) on a background thread,
-    then the index; at most two shards are in flight, so host memory stays about two layers."""
+    then the index; at most two shards are in flight, so host memory stays about two layers. With
+    `on_layer`, each decoder layer's tensors also go to that consumer, on a thread of its own (the
+    GPU goes on with the next layer; quantize.py --compile writes compile_sw's files there)."""
 
-    def __init__(self, out: Path, shards: int):
+    def __init__(self, out: Path, shards: int, on_layer: LayerSink | None = None):
         self.out = Path(out)
         self.shards = shards
         self.weight_map: dict[str, str] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
         self.pending = []
+        self.on_layer = on_layer
+        self.sink = ThreadPoolExecutor(1, thread_name_prefix="layer-sink") if on_layer is not None else None
+        self.sinking = []  # the consumer's calls in flight
 
-    def write(self, index: int, tensors: dict[str, torch.Tensor] | None = None, names: list[str] | None = None, make=None) -> float:
+    def write(self, index: int, tensors: dict[str, torch.Tensor] | None = None, names: list[str] | None = None, make=None,
+              layer: bool = False) -> float:
         """Queue a shard: `tensors` (may be on the device: copied to pinned memory without stopping
         the GPU's queue, and waited for on the writer thread), or the tensors `names` that `make()`
-        returns on the writer thread. Returns seconds spent waiting for room."""
+        returns on the writer thread; `layer`: decoder layer `index`'s, for the consumer too.
+        Returns seconds spent waiting for room."""
         from safetensors.torch import save_file
 
         name = f"model-{index + 1:05d}-of-{self.shards:05d}.safetensors"
@@ -176,8 +190,12 @@ class CheckpointWriter:
         start = time.perf_counter()
         while len(self.pending) >= 2:
             self.pending.pop(0).result()
+        while len(self.sinking) >= SINK_AHEAD:
+            self.sinking.pop(0).result()
         waited = time.perf_counter() - start
         self.pending.append(self.pool.submit(_save_shard, save_file, make, self.out / name))
+        if layer and self.sink is not None:
+            self.sinking.append(self.sink.submit(lambda: self.on_layer(index, make())))
         return waited
 
     @staticmethod
@@ -195,17 +213,23 @@ class CheckpointWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
 
     def drain(self, raise_errors: bool = True) -> None:
-        """Wait for the shards in flight (also when a run fails, so that no thread writes into a
-        folder that is being removed)."""
-        pending, self.pending = self.pending, []
+        """Wait for the shards and the consumer's calls in flight (also when a run fails, so that no
+        thread writes into a folder that is being removed; then the consumer's calls that have not
+        started are dropped)."""
+        pending, self.pending = self.pending + self.sinking, []
+        self.sinking = []
         try:
             if raise_errors:
                 for f in pending:
                     f.result()
             else:
+                if self.sink is not None:
+                    self.sink.shutdown(wait=False, cancel_futures=True)
                 wait(pending)
         finally:
             self.pool.shutdown(wait=True)
+            if self.sink is not None:
+                self.sink.shutdown(wait=True)
 
 
 def build_meta_model(model_dir: Path, dtype):
@@ -484,10 +508,12 @@ def quantization_config(lm_head: bool, qmin: int = -8, run: dict | None = None, 
 @torch.no_grad()
 def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str, lm_head: bool = False,
                         samples_a_chunk: int | None = None, progress: bool = True, qmin: int = -8, int4: str | None = None,
-                        eval_ids: np.ndarray | None = None) -> GPTQRun:
+                        eval_ids: np.ndarray | None = None, on_layer: LayerSink | None = None) -> GPTQRun:
     """GPTQ-quantize the model in `model_dir` on calibration token ids [samples, seqlen] into the
     folder `out`: safetensors shards, index, config.json, quantize_config.json. With held-out
-    `eval_ids`, the quality report is measured in the same walk (run.quality)."""
+    `eval_ids`, the quality report is measured in the same walk (run.quality). `on_layer(i, tensors)`
+    is called with each decoder layer's checkpoint tensors on a thread of its own, in layer order; an
+    error it raises fails the run; every call has returned when this function returns."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -504,7 +530,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         n, seqlen = ids.shape
         samples_a_chunk = samples_a_chunk or max(1, TOKENS_A_CHUNK // seqlen)
         num_layers = cfg.num_hidden_layers
-        writer = CheckpointWriter(out, num_layers + 1)
+        writer = CheckpointWriter(out, num_layers + 1, on_layer)
         rest = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings or lm_head else ["lm_head.weight"])
         if not lm_head:  # the shard of everything but the layers is the model's own: written while the GPU works
             writer.write(num_layers, names=[weights.view.source_name(n) for n in rest],
@@ -568,7 +594,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
             if report is not None:
                 report.after(layer, i, lq.results, source, prefix)
             run.activation_stats.append(lq.summary())
-            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source, weights.dims))
+            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source, weights.dims), layer=True)
             inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
             del layer, lq, source
             run.layer_seconds.append(time.perf_counter() - t0)
