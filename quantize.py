@@ -79,8 +79,8 @@ def main(argv=None):
 
     log = logging.getLogger("vcu128")
 
-    def quantize(on_layer=None):
-        out, report = quantize_model(args.model, args.quantize_model, opts, on_layer)
+    def quantize(on_shard=None):
+        out, report = quantize_model(args.model, args.quantize_model, opts, on_shard)
         if "perplexity" in report:
             log.info(format_report(report))
         log.info(f"quantize: GPTQ in {report['seconds_quantize']:.1f} s -> {out}")
@@ -92,11 +92,13 @@ def main(argv=None):
     from vcu128.export.pipeline import compiling_during_gptq, export_all
     from vcu128.quant.quantize import output_folder
 
-    # Each layer's compile_sw files are written while GPTQ quantizes the next; the same bytes as
-    # compile_sw.py run afterwards (tests/test_pipelined_export.py)
-    with compiling_during_gptq(output_folder(args.model, args.quantize_model, args.wbits), args.model) as prewriter:
-        out = quantize(prewriter)
-        export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts, qweights_from=prewriter.written())
+    # Each layer's compile_sw files, and lm_head's, are written while GPTQ quantizes the layers: the
+    # same bytes as the steps run afterwards (tests/test_pipelined_export.py)
+    method = args.lm_head_method or "rtn"
+    lm_head = None if args.lm_head or method == "checkpoint" else (method, 8 if method == "trunc" else opts.int4_range)
+    with compiling_during_gptq(output_folder(args.model, args.quantize_model, args.wbits), args.model, lm_head) as ahead:
+        out = quantize(ahead)
+        export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts, ahead=ahead)
 
 
 if __name__ == "__main__":

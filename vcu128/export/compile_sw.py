@@ -18,8 +18,7 @@ import numpy as np
 
 from vcu128.board.rescale import parse_mode, plan_from_stats
 from vcu128.board.stats import STATS_FILE, stats_from_report
-from vcu128.format.checkpoint import GPTQCheckpoint, TensorView, signed_weights
-from vcu128.format.gate import read_model_dims
+from vcu128.format.checkpoint import GPTQCheckpoint, signed_weights
 from vcu128.format.int4_grid import RECORD_KEY as INT4_KEY
 from vcu128.format.int4_grid import read_checkpoint_setting
 from vcu128.format.layout import (
@@ -33,18 +32,15 @@ from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
 from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
 from vcu128.format.rescale import RescalePlan, scale_fp16, tensor_factor
 from vcu128.io.direct_io import DirectWriter, aligned_empty, write_array
-from vcu128.io.errors import VCUError, one_line
+from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import dumps, read_json_object
 from vcu128.io.output import (
     StepResult,
     check_out,
     disk_bytes,
     files_under,
-    out_path,
     read_step_record,
     record_owns,
-    remove_created,
-    stage_tag,
     staged_dir,
     write_step_record,
 )
@@ -58,7 +54,7 @@ STEP = "compile_sw"
 def write_qweight(qweight: np.ndarray, path: Path) -> None:
     """qweight.bin: a GPTQ qweight, int32 [chin/8, chout] (half a byte a weight), as int32 q - 8
     [chout, chin]. The same whatever the fp16 rescaling (its factors touch scales, biases and the
-    embedding only): what QweightPrewriter writes during GPTQ."""
+    embedding only): what pipeline.ExportPrewriter writes during GPTQ."""
     chin, chout = qweight.shape[0] * 8, qweight.shape[1]
     # Blocks of 16 MB (memory the allocator reuses; 32 MB would be new, kernel-zeroed pages each time),
     # of a multiple of 8 rows: whole 4 kB pages
@@ -172,7 +168,7 @@ def output_bytes(dims) -> int:
 
 
 def prewritten_qweights(folder: Path, dims) -> dict[str, Path]:
-    """{linear: its qweight.bin} under `folder` (QweightPrewriter's, in the compile folder's layout):
+    """{linear: its qweight.bin} under `folder` (written ahead, in the compile folder's layout):
     every linear's, each a plain file of its exact size, or refused, naming the first that is not."""
     folder = Path(folder)
     if not folder.is_dir() or folder.is_symlink():
@@ -196,76 +192,6 @@ def prewritten_qweights(folder: Path, dims) -> dict[str, Path]:
     return found
 
 
-class QweightPrewriter:
-    """compile_sw's qweight.bin files of each decoder layer, written while GPTQ quantizes the next
-    (quantize.py --compile): a layerwise.LayerSink, called with the tensors of the layer's checkpoint
-    shard. compile_software(qweights_from=.folder) then renames them into its stage instead of
-    writing them; the rest (scales, biases, norms, embedding: what the fp16 rescaling multiplies)
-    it writes as ever, once the plan is known.
-
-    The folder is a staging path of the checkpoint's target, beside it: on the same filesystem as
-    the checkpoint's compile folder, and a run killed with it there has it removed by the next
-    quantize.py on that target (output.remove_stale). `remove()` always removes it. An error here
-    does not fail GPTQ: the folder is removed and compile_sw writes every file itself afterwards,
-    as it does alone."""
-
-    def __init__(self, checkpoint: Path, model: Path):
-        target = out_path(checkpoint)
-        self.folder = target.parent / f".{target.name}.partial-{stage_tag()}@{STEP}"
-        self.created = [p for p in target.parents if not os.path.lexists(p)]  # staged_dir makes them; emptied, they go too
-        self.model = Path(model)
-        self.dims = None
-        self.layers: set[int] = set()
-        self.failed: Exception | None = None
-
-    def __call__(self, layer: int, tensors: dict) -> None:
-        if self.failed is not None:
-            return
-        try:
-            self._write(layer, tensors)
-        except Exception as e:  # noqa: BLE001 - compile_sw writes the files after GPTQ instead (and meets the error there)
-            self.failed = e
-            shutil.rmtree(self.folder, ignore_errors=True)
-            if not isinstance(e, NoRoom):
-                log.warning(one_line(f"warning: compile_sw's qweight.bin files could not be written during GPTQ ({e}); "
-                                     "compile_sw writes them after it"))
-
-    def _write(self, layer: int, tensors: dict) -> None:
-        if self.dims is None:
-            dims = read_model_dims(self.model / "config.json")
-            st = os.statvfs(self.folder.parent)
-            if st.f_bavail * st.f_frsize < output_bytes(dims):  # compile_sw refuses it after GPTQ, as it does alone
-                raise NoRoom()
-            self.folder.mkdir()
-            self.dims = dims
-        view = TensorView({}, self.dims, self.folder)
-        software = self.dims.family.software
-
-        def linear(lin) -> None:
-            name = f"{lin.name(layer)}.qweight"
-            path = sw_linear_paths(self.folder, lin.name(layer), software)["qweight"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_qweight(view.part_of(name, tensors[view.source_name(name)].numpy()), path)
-
-        for _ in ordered_map(linear, LINEARS, ahead=2, workers=2):  # two at a time, as compile_software
-            pass
-        self.layers.add(layer)
-
-    def written(self) -> Path | None:
-        """The folder, once it holds every layer's files; None where it does not (an error, or an
-        engine that hands no layers over)."""
-        whole = self.failed is None and self.dims is not None and self.layers == set(range(self.dims.num_layers))
-        return self.folder if whole else None
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        remove_created(self.created)
-
-
-class NoRoom(Exception):
-    """The disk cannot hold compile_sw's output: nothing is written ahead."""
-
-
 # A compile folder is compile_sw's output when it holds its record; a folder lm_head.py created
 # first (record lm_head.json) is one too, with nothing of compile_sw's in it yet.
 _compile_sw_owns = record_owns(STEP)
@@ -281,7 +207,7 @@ def compile_folder_owns(folder: Path) -> set[str] | None:
 def compile_software(qdir: Path, out: Path | None = None, progress: bool = True, force: bool = False,
                      fp16_rescale: str = "auto", text: Path | None = None, qweights_from: Path | None = None) -> StepResult:
     """`qweights_from`: a folder of this checkpoint's qweight.bin files written ahead
-    (QweightPrewriter), on the output's filesystem: renamed into the output instead of written."""
+    (pipeline.ExportPrewriter), on the output's filesystem: renamed into the output instead of written."""
     start = time.perf_counter()
     parse_mode(fp16_rescale)  # options first: one line, before anything is read
     ckpt = GPTQCheckpoint(qdir)

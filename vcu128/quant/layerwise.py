@@ -143,33 +143,48 @@ def _save_shard(save_file, make, path: Path) -> None:
         raise OSError(wrapped.errno, wrapped.strerror, str(path)) from None
 
 
-# A decoder layer's checkpoint tensors, handed to a caller's consumer as they are written:
-# on_layer(layer index, {name: host tensor}), names and tensors exactly as in the layer's shard.
-LayerSink = Callable[[int, dict[str, torch.Tensor]], None]
-SINK_AHEAD = 4  # layers a consumer may be behind before GPTQ waits for it (host memory: a 7B's is 0.12 GB each)
+# A shard's tensors, handed to a caller's consumer as they are written: on_shard(index, {name: host
+# tensor}), names and tensors exactly as in the shard. Index i < L (the model's layer count): decoder
+# layer i; index L: the model's other tensors (embedding, final norm, float output layer), where they
+# are written before the layers (not with the output layer quantized by GPTQ).
+ShardSink = Callable[[int, dict[str, torch.Tensor]], None]
+SINK_AHEAD = 4  # shards a consumer may be behind before GPTQ waits for it (host memory: a 7B layer's is 0.12 GB)
+
+
+def _once(make):
+    """make(), called once whoever asks first (the shard's writer or the consumer), its result shared."""
+    lock, result = threading.Lock(), []
+
+    def once():
+        with lock:
+            if not result:
+                result.append(make())
+        return result[0]
+
+    return once
 
 
 class CheckpointWriter:
     """Writes one safetensors shard a decoder layer (plus one for the rest) on a background thread,
     then the index; at most two shards are in flight, so host memory stays about two layers. With
-    `on_layer`, each decoder layer's tensors also go to that consumer, on a thread of its own (the
-    GPU goes on with the next layer; quantize.py --compile writes compile_sw's files there)."""
+    `on_shard`, the shards written with `to_sink` also go to that consumer, on a thread of its own
+    (the GPU goes on with the next layer; quantize.py --compile writes compile_sw's files there)."""
 
-    def __init__(self, out: Path, shards: int, on_layer: LayerSink | None = None):
+    def __init__(self, out: Path, shards: int, on_shard: ShardSink | None = None):
         self.out = Path(out)
         self.shards = shards
         self.weight_map: dict[str, str] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
         self.pending = []
-        self.on_layer = on_layer
-        self.sink = ThreadPoolExecutor(1, thread_name_prefix="layer-sink") if on_layer is not None else None
+        self.on_shard = on_shard
+        self.sink = ThreadPoolExecutor(1, thread_name_prefix="shard-sink") if on_shard is not None else None
         self.sinking = []  # the consumer's calls in flight
 
     def write(self, index: int, tensors: dict[str, torch.Tensor] | None = None, names: list[str] | None = None, make=None,
-              layer: bool = False) -> float:
+              to_sink: bool = False) -> float:
         """Queue a shard: `tensors` (may be on the device: copied to pinned memory without stopping
         the GPU's queue, and waited for on the writer thread), or the tensors `names` that `make()`
-        returns on the writer thread; `layer`: decoder layer `index`'s, for the consumer too.
+        returns on the writer thread; `to_sink`: for the consumer too.
         Returns seconds spent waiting for room."""
         from safetensors.torch import save_file
 
@@ -193,9 +208,10 @@ class CheckpointWriter:
         while len(self.sinking) >= SINK_AHEAD:
             self.sinking.pop(0).result()
         waited = time.perf_counter() - start
+        if to_sink and self.sink is not None:
+            make = _once(make)
+            self.sinking.append(self.sink.submit(lambda: self.on_shard(index, make())))
         self.pending.append(self.pool.submit(_save_shard, save_file, make, self.out / name))
-        if layer and self.sink is not None:
-            self.sinking.append(self.sink.submit(lambda: self.on_layer(index, make())))
         return waited
 
     @staticmethod
@@ -508,12 +524,12 @@ def quantization_config(lm_head: bool, qmin: int = -8, run: dict | None = None, 
 @torch.no_grad()
 def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str, lm_head: bool = False,
                         samples_a_chunk: int | None = None, progress: bool = True, qmin: int = -8, int4: str | None = None,
-                        eval_ids: np.ndarray | None = None, on_layer: LayerSink | None = None) -> GPTQRun:
+                        eval_ids: np.ndarray | None = None, on_shard: ShardSink | None = None) -> GPTQRun:
     """GPTQ-quantize the model in `model_dir` on calibration token ids [samples, seqlen] into the
     folder `out`: safetensors shards, index, config.json, quantize_config.json. With held-out
-    `eval_ids`, the quality report is measured in the same walk (run.quality). `on_layer(i, tensors)`
-    is called with each decoder layer's checkpoint tensors on a thread of its own, in layer order; an
-    error it raises fails the run; every call has returned when this function returns."""
+    `eval_ids`, the quality report is measured in the same walk (run.quality). `on_shard(i, tensors)`
+    (ShardSink) is called with each shard's tensors on a thread of its own, in the order they are
+    written; an error it raises fails the run; every call has returned when this function returns."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -530,11 +546,11 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         n, seqlen = ids.shape
         samples_a_chunk = samples_a_chunk or max(1, TOKENS_A_CHUNK // seqlen)
         num_layers = cfg.num_hidden_layers
-        writer = CheckpointWriter(out, num_layers + 1, on_layer)
+        writer = CheckpointWriter(out, num_layers + 1, on_shard)
         rest = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings or lm_head else ["lm_head.weight"])
         if not lm_head:  # the shard of everything but the layers is the model's own: written while the GPU works
             writer.write(num_layers, names=[weights.view.source_name(n) for n in rest],
-                         make=lambda: source_names({name: weights.host(name, pin=False).half() for name in rest}, weights.dims))
+                         make=lambda: source_names({name: weights.host(name, pin=False).half() for name in rest}, weights.dims), to_sink=True)
         embed_host = reading.result()
         embed = embed_host.to(device).to(dtype)
         x = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
@@ -594,7 +610,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
             if report is not None:
                 report.after(layer, i, lq.results, source, prefix)
             run.activation_stats.append(lq.summary())
-            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source, weights.dims), layer=True)
+            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source, weights.dims), to_sink=True)
             inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
             del layer, lq, source
             run.layer_seconds.append(time.perf_counter() - t0)
