@@ -4,7 +4,8 @@ symmetric, no act-order, saved as a standard GPTQ (v1) checkpoint <model>-W4A16-
 tokenizer, calibration metadata and quant_report.json (perplexity fp16 vs GPTQ; per-layer output
 error of GPTQ next to plain round-to-nearest; the source model's fingerprint and the options).
 
-With --compile, the export steps run right after: compile_sw, lm_head, hardware, embedding_tokens.
+With --compile, the export steps run right after: compile_sw, lm_head, hardware, embedding_tokens
+(compile_sw's qweight.bin files and lm_head's are written during GPTQ's layer walk: the same bytes).
 """
 
 import argparse
