@@ -77,8 +77,9 @@ class ExportPrewriter:
                 self._start()
             if index < self.dims.num_layers:
                 self._write_layer(index, tensors)
-            elif self.lm_head is not None:
-                self.lm_head_job = in_background(self._write_lm_head, tensors)
+            elif self.lm_head is not None:  # only the output layer is kept: the embedding beside it goes with its shard
+                source = EMBEDDING if self.dims.tie_word_embeddings else f"{LM_HEAD}.weight"  # GPTQCheckpoint.lm_head_source's choice
+                self.lm_head_job = in_background(self._write_lm_head, source, tensors[TensorView({}, self.dims, self.folder).source_name(source)])
         except Exception as e:  # noqa: BLE001 - compile_sw writes the files after GPTQ instead (and meets the error there)
             self.failed = e
             shutil.rmtree(self.folder / "compile", ignore_errors=True)
@@ -107,14 +108,13 @@ class ExportPrewriter:
             pass
         self.layers.add(layer)
 
-    def _write_lm_head(self, tensors: dict) -> WrittenAhead:
-        """lm_head.py's rtn or trunc of the shard's float output layer (as the checkpoint holds it,
-        fp16), on a thread of its own: the layers' files go on meanwhile."""
+    def _write_lm_head(self, source: str, tensor) -> WrittenAhead:
+        """lm_head.py's rtn or trunc of the float output layer `source` (its shard's `tensor`, fp16 as
+        the checkpoint holds it), on a thread of its own: the layers' files go on meanwhile."""
         method, grid = self.lm_head
         dims = self.dims
-        source = EMBEDDING if dims.tie_word_embeddings else f"{LM_HEAD}.weight"  # GPTQCheckpoint.lm_head_source's choice
         name = TensorView({}, dims, self.folder).source_name(source)
-        weight = tensors[name].numpy()
+        weight = tensor.numpy()
         paths = lm_head_files(self.folder / "lm_head", dims.family.software)
 
         def rows_of(rows: slice):
