@@ -4,7 +4,8 @@ symmetric, no act-order, saved as a standard GPTQ (v1) checkpoint <model>-W4A16-
 tokenizer, calibration metadata and quant_report.json (perplexity fp16 vs GPTQ; per-layer output
 error of GPTQ next to plain round-to-nearest; the source model's fingerprint and the options).
 
-With --compile, the export steps run right after: compile_sw, lm_head, hardware, embedding_tokens.
+With --compile, the export steps run right after: compile_sw, lm_head, hardware, embedding_tokens
+(compile_sw's qweight.bin files and lm_head's are written during GPTQ's layer walk: the same bytes).
 """
 
 import argparse
@@ -78,14 +79,27 @@ def main(argv=None):
     from vcu128.quant.quantize import format_report, quantize_model
 
     log = logging.getLogger("vcu128")
-    out, report = quantize_model(args.model, args.quantize_model, opts)
-    if "perplexity" in report:
-        log.info(format_report(report))
-    log.info(f"quantize: GPTQ in {report['seconds_quantize']:.1f} s -> {out}")
-    if args.compile:
-        from vcu128.export.pipeline import export_all
 
-        export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts)
+    def quantize(on_shard=None):
+        out, report = quantize_model(args.model, args.quantize_model, opts, on_shard)
+        if "perplexity" in report:
+            log.info(format_report(report))
+        log.info(f"quantize: GPTQ in {report['seconds_quantize']:.1f} s -> {out}")
+        return out
+
+    if not args.compile:
+        quantize()
+        return
+    from vcu128.export.pipeline import compiling_during_gptq, export_all
+    from vcu128.quant.quantize import output_folder
+
+    # Each layer's compile_sw files, and lm_head's, are written while GPTQ quantizes the layers: the
+    # same bytes as the steps run afterwards (tests/test_pipelined_export.py)
+    method = args.lm_head_method or "rtn"
+    lm_head = None if args.lm_head or method == "checkpoint" else (method, 8 if method == "trunc" else opts.int4_range)
+    with compiling_during_gptq(output_folder(args.model, args.quantize_model, args.wbits), args.model, lm_head) as ahead:
+        out = quantize(ahead)
+        export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts, ahead=ahead)
 
 
 if __name__ == "__main__":

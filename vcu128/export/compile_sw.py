@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from vcu128.board.rescale import parse_mode, plan_from_stats
 from vcu128.board.stats import STATS_FILE, stats_from_report
-from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.format.checkpoint import GPTQCheckpoint, signed_weights
 from vcu128.format.int4_grid import RECORD_KEY as INT4_KEY
 from vcu128.format.int4_grid import read_checkpoint_setting
 from vcu128.format.layout import (
@@ -30,6 +32,7 @@ from vcu128.format.model import EMBEDDING, FINAL_NORM, LAYER_NORMS, LINEARS
 from vcu128.format.rescale import CONFIG_KEY as RESCALE_KEY
 from vcu128.format.rescale import RescalePlan, scale_fp16, tensor_factor
 from vcu128.io.direct_io import DirectWriter, aligned_empty, write_array
+from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import dumps, read_json_object
 from vcu128.io.output import (
     StepResult,
@@ -48,12 +51,10 @@ log = logging.getLogger("vcu128")
 STEP = "compile_sw"
 
 
-def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
-    """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin;
-    scales and bias times `factor` (a power of two: fp16 rescaling)."""
-    counter = {} if counter is None else counter
-    paths = sw_linear_paths(folder, name, ckpt.dims.family.software)
-    qweight = ckpt.get(f"{name}.qweight")  # int32 [chin/8, chout]: half a byte a weight
+def write_qweight(qweight: np.ndarray, path: Path) -> None:
+    """qweight.bin: a GPTQ qweight, int32 [chin/8, chout] (half a byte a weight), as int32 q - 8
+    [chout, chin]. The same whatever the fp16 rescaling (its factors touch scales, biases and the
+    embedding only): what pipeline.ExportPrewriter writes during GPTQ."""
     chin, chout = qweight.shape[0] * 8, qweight.shape[1]
     # Blocks of 16 MB (memory the allocator reuses; 32 MB would be new, kernel-zeroed pages each time),
     # of a multiple of 8 rows: whole 4 kB pages
@@ -61,11 +62,25 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 
 
     def block(c: int) -> np.ndarray:  # unpacked into aligned memory, written from there (no copy)
         n = min(step, chout - c)
-        return ckpt.signed_weights(qweight[:, c : c + n], np.dtype("<i4"), out=aligned_empty(4 * n * chin).view("<i4").reshape(n, chin))
+        return signed_weights(qweight[:, c : c + n], np.dtype("<i4"), out=aligned_empty(4 * n * chin).view("<i4").reshape(n, chin))
 
-    with DirectWriter(paths["qweight"], background=True) as f:
+    with DirectWriter(path, background=True) as f:
         for rows in ordered_map(block, range(0, chout, step)):
             f.write(rows, owned=True)
+
+
+def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 1.0, counter: dict | None = None,
+                 qweight_from: Path | None = None) -> None:
+    """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin;
+    scales and bias times `factor` (a power of two: fp16 rescaling). `qweight_from`: its qweight.bin
+    written ahead (prewritten_qweights checked it), renamed into place instead of written."""
+    counter = {} if counter is None else counter
+    paths = sw_linear_paths(folder, name, ckpt.dims.family.software)
+    if qweight_from is None:
+        write_qweight(ckpt.get(f"{name}.qweight"), paths["qweight"])
+    else:
+        os.rename(qweight_from, paths["qweight"])
+    chout = ckpt.info(f"{name}.qweight")[1][1]
     write_array(paths["scales"], scale_fp16(np.ascontiguousarray(ckpt.get(f"{name}.scales").T), factor, counter).astype("<f2"))
     bias_name = f"{name}.bias"
     bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")
@@ -152,6 +167,31 @@ def output_bytes(dims) -> int:
     return dims.num_layers * per_layer + disk_bytes(4 * dims.hidden) + disk_bytes(2 * dims.vocab * dims.hidden)
 
 
+def prewritten_qweights(folder: Path, dims) -> dict[str, Path]:
+    """{linear: its qweight.bin} under `folder` (written ahead, in the compile folder's layout):
+    every linear's, each a plain file of its exact size, or refused, naming the first that is not."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        raise VCUError(f"{folder}: not a folder of qweight.bin files written ahead (compile_sw's qweights_from)")
+    found = {}
+    for layer in range(dims.num_layers):
+        for lin in LINEARS:
+            name = lin.name(layer)
+            chin, chout = dims.linear_shape(lin)
+            path = sw_linear_paths(folder, name, dims.family.software)["qweight"]
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                raise VCUError(f"{path}: missing: the qweight.bin files written ahead are incomplete") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise VCUError(f"{path}: not a plain file (a qweight.bin written ahead is one)")
+            if st.st_size != 4 * chin * chout:
+                raise VCUError(f"{path}: {st.st_size} bytes, expected {4 * chin * chout} (int32 [{chout}, {chin}]): "
+                               "a qweight.bin written ahead that is not whole")
+            found[name] = path
+    return found
+
+
 # A compile folder is compile_sw's output when it holds its record; a folder lm_head.py created
 # first (record lm_head.json) is one too, with nothing of compile_sw's in it yet.
 _compile_sw_owns = record_owns(STEP)
@@ -165,7 +205,9 @@ def compile_folder_owns(folder: Path) -> set[str] | None:
 
 
 def compile_software(qdir: Path, out: Path | None = None, progress: bool = True, force: bool = False,
-                     fp16_rescale: str = "auto", text: Path | None = None) -> StepResult:
+                     fp16_rescale: str = "auto", text: Path | None = None, qweights_from: Path | None = None) -> StepResult:
+    """`qweights_from`: a folder of this checkpoint's qweight.bin files written ahead
+    (pipeline.ExportPrewriter), on the output's filesystem: renamed into the output instead of written."""
     start = time.perf_counter()
     parse_mode(fp16_rescale)  # options first: one line, before anything is read
     ckpt = GPTQCheckpoint(qdir)
@@ -174,13 +216,15 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
     check_out(out, STEP, compile_folder_owns, inputs, force)  # before any reading or measuring
     ckpt.validate()  # every refusal happens here, before the output folder exists
     dims = ckpt.dims
+    adopted = prewritten_qweights(qweights_from, dims) if qweights_from is not None else {}
     stats = stats_from_report(ckpt.qdir, dims.num_layers)  # strictly read: a damaged record is refused now
     int4 = read_checkpoint_setting(ckpt.qdir)  # the board's int4 code quantize.py recorded: hardware.py follows it
     plan = rescale_plan(ckpt, fp16_rescale, text)
     made_from = {"checkpoint": str(ckpt.qdir.resolve()), **source_model(ckpt.qdir), "fingerprint": ckpt.fingerprint(),
                  "fp16_rescale": plan.factors_record() if plan else None}
     counter: dict = {}
-    with staged_dir(out, STEP, compile_folder_owns, inputs, force, output_bytes(dims), writes=[CONFIG, f"{STEP}.json"]) as stage:
+    need = output_bytes(dims) - sum(disk_bytes(path.stat().st_size) for path in adopted.values())
+    with staged_dir(out, STEP, compile_folder_owns, inputs, force, need, writes=[CONFIG, f"{STEP}.json"]) as stage:
         software = dims.family.software
         for sub in sw_dirs(software):
             (stage / sub).mkdir()
@@ -190,7 +234,7 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
             name = lin.name(layer)
             sw_linear_paths(stage, name, software)["qweight"].parent.mkdir(parents=True, exist_ok=True)
             counts: dict = {}
-            write_linear(ckpt, name, stage, tensor_factor(plan, name), counts)
+            write_linear(ckpt, name, stage, tensor_factor(plan, name), counts, adopted.get(name))
             return counts
 
         # Two linears at a time, each read, unpacked and written on threads of its own: while one
@@ -224,5 +268,5 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
     # What this step wrote, not what the folder holds (lm_head's files, the packed folder): the same on a re-run
     nbytes = sum((out / rel).stat().st_size for rel in written)
     result = StepResult("compile_sw", out, len(written), nbytes, time.perf_counter() - start, note=f"{STEP}.json lists them")
-    result.details = {"fp16_rescale": plan.to_record() if plan else None}
+    result.details = {"fp16_rescale": plan.to_record() if plan else None, "qweights_adopted": len(adopted)}
     return result

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +94,82 @@ def check_lm_head_out(out: Path, qdir: Path, force: bool, created: bool = False,
             raise VCUError(f"{p}: exists and was not written by lm_head.py; not replacing it", "pass --force to replace it")
 
 
+def rtn_blocks(rows_of, method: str, int4_range: int, hidden: int, source: str):
+    """quantize_block for `method` (rtn, trunc) on the grid -int4_range..7 of the float output layer
+    whose blocks of rows `rows_of(rows)` gives (`source`: its name, for messages): (int32 q, fp16
+    scales, squared error, squared norm) of a block of output rows."""
+
+    def quantize_block(rows: slice):
+        n = rows.stop - rows.start
+        q32 = aligned_empty(4 * n * hidden).view("<i4").reshape(n, hidden)  # written from there, without a copy
+        w = rows_of(rows).astype(np.float32, copy=False)  # a NaN or inf is refused there, by row
+        q, scales = quantize_rows(w, method, -int4_range)
+        if not np.isfinite(scales).all():  # finite weights whose group scale (largest |w| / 7) fp16 cannot hold
+            r, g = (int(i) for i in np.argwhere(~np.isfinite(scales))[0])
+            raise VCUError(f"{source}: row {rows.start + r}, group {g}: largest |weight| {float(np.abs(w[r, g * 128:(g + 1) * 128]).max())} "
+                           "gives a scale outside fp16's range (65504), in which the board stores it")
+        np.copyto(q32, q)
+        return q32, scales, *squared_error(w, dequantize_rows(q, scales))
+
+    return quantize_block
+
+
+def write_lm_head(quantize_block, vocab: int, hidden: int, paths: dict[str, Path], label: str = "lm_head", progress: bool = False) -> tuple[float, float]:
+    """The output layer's files at `paths` (lm_head_files' keys) from quantize_block(rows) of each
+    block of output rows, computed on threads, written in order; returns the sums of the blocks'
+    squared errors and squared norms, in block order."""
+    step = rows_per_block(4 * hidden)
+    blocks = [slice(r, min(r + step, vocab)) for r in range(0, vocab, step)]
+    err = ref = 0.0
+    with contextlib.ExitStack() as files:
+        writers = {k: files.enter_context(DirectWriter(p, background=True) if k.startswith("qweight") else DirectWriter(p, 1 << 20))
+                   for k, p in paths.items()}
+        half = vocab // 2
+        for block, (q, scales, e, n) in zip(blocks, bar(ordered_map(quantize_block, blocks), label, "block", len(blocks), progress), strict=True):
+            scales = scales.astype("<f2")
+            writers["qweight"].write(q, owned=True)
+            writers["scales"].write(scales)
+            if "qweight_0" in writers:  # rows below vocab/2 to the _0 copies, the rest to _1
+                cut = min(max(half - block.start, 0), q.shape[0])
+                for i, rows in ((0, slice(0, cut)), (1, slice(cut, None))):
+                    writers[f"qweight_{i}"].write(np.ascontiguousarray(q[rows]))
+                    writers[f"scales_{i}"].write(np.ascontiguousarray(scales[rows]))
+            err, ref = err + e, ref + n
+    return err, ref
+
+
+@dataclass
+class WrittenAhead:
+    """The output layer's files written during GPTQ from the checkpoint's own float tensor
+    (pipeline.ExportPrewriter), and what they were made with."""
+
+    paths: dict[str, Path]  # lm_head_files' keys
+    method: str
+    int4_range: int
+    source: str  # the pipeline name of the tensor quantized: lm_head.weight, or the tied embedding
+    squared_error: float  # write_lm_head's sums
+    squared_norm: float
+
+    def fits(self, method: str, int4_range: int, source: str, dims) -> bool:
+        """Made as this run makes them, and every file whole."""
+        if (self.method, self.int4_range, self.source) != (method, int4_range, source):
+            return False
+        groups, half = dims.hidden // 128, dims.vocab // 2
+        rows = {"": dims.vocab, "_0": half, "_1": dims.vocab - half}
+        for key, path in self.paths.items():
+            kind, _, part = key.partition("_")
+            want = rows["_" + part if part else ""] * (4 * dims.hidden if kind == "qweight" else 2 * groups)
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != want:
+                return False
+        return True
+
+
 def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = None, progress: bool = True, force: bool = False,
-                     int4_range: int | None = None):
+                     int4_range: int | None = None, ahead: WrittenAhead | None = None):
     """Write lm_head_qweight.bin and lm_head_scales.bin into out/qwen2_qweight_bin, and lm_head.json.
     `int4_range` None: the grid quantize.py recorded in the checkpoint (format/int4_grid.py), else 8.
+    `ahead`: the files written during GPTQ, renamed into place where they are what this run would
+    write (the same method, grid and tensor; each file whole), else left alone.
     Returns (StepResult, method, relative error ||W - W_hat|| / ||W||, None for `checkpoint`)."""
     start = time.perf_counter()
     ckpt = GPTQCheckpoint(qdir)
@@ -121,29 +194,19 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
     folder = final["qweight"].parent
     created = make_parents(folder)
     nbytes = (dims.vocab * dims.hidden * 4 + dims.vocab * (dims.hidden // 128) * 2) * (2 if len(final) > 2 else 1)
+    adopt = ahead is not None and set(ahead.paths) == set(final) and ahead.fits(method, int4_range, source, dims)
+    if adopt:
+        nbytes = 0  # on the disk already
     set_writing(folder, nbytes)
     if method == "checkpoint":  # GPTQ layout [hidden/8, vocab] and [hidden/128, vocab]: half a byte a weight
         gptq_qweight, gptq_scales = ckpt.get("lm_head.qweight"), ckpt.get("lm_head.scales")
 
-    def quantize_block(rows: slice):
-        """(int32 q, fp16 scales, squared error, squared norm) of a block of output rows."""
-        n = rows.stop - rows.start
-        q32 = aligned_empty(4 * n * dims.hidden).view("<i4").reshape(n, dims.hidden)  # written from there, without a copy
-        if method == "checkpoint":
+        def quantize_block(rows: slice):
+            q32 = aligned_empty(4 * (rows.stop - rows.start) * dims.hidden).view("<i4").reshape(-1, dims.hidden)
             q = ckpt.signed_weights(gptq_qweight[:, rows], np.dtype("<i4"), out=q32)
             return q, np.ascontiguousarray(gptq_scales[:, rows].T), 0.0, 0.0
-        w = ckpt.get(source, rows=rows).astype(np.float32, copy=False)  # a NaN or inf is refused there, by row
-        q, scales = quantize_rows(w, method, -int4_range)
-        if not np.isfinite(scales).all():  # finite weights whose group scale (largest |w| / 7) fp16 cannot hold
-            r, g = (int(i) for i in np.argwhere(~np.isfinite(scales))[0])
-            raise VCUError(f"{source}: row {rows.start + r}, group {g}: largest |weight| {float(np.abs(w[r, g * 128:(g + 1) * 128]).max())} "
-                           "gives a scale outside fp16's range (65504), in which the board stores it")
-        np.copyto(q32, q)
-        return q32, scales, *squared_error(w, dequantize_rows(q, scales))
-
-    step = rows_per_block(4 * dims.hidden)
-    blocks = [slice(r, min(r + step, dims.vocab)) for r in range(0, dims.vocab, step)]
-    err = ref = 0.0
+    else:
+        quantize_block = rtn_blocks(lambda rows: ckpt.get(source, rows=rows), method, int4_range, dims.hidden, source)
     ok = False
     partial = {k: p.with_name(f".{p.name}.partial-{stage_tag()}") for k, p in final.items()}
     try:
@@ -154,21 +217,12 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
             check_free_space(folder / "x", nbytes)
             for p in partial.values():  # claimed now: a second run on these files sees a live one
                 p.touch()
-        with contextlib.ExitStack() as files:
-            writers = {k: files.enter_context(DirectWriter(p, background=True) if k.startswith("qweight") else DirectWriter(p, 1 << 20))
-                       for k, p in partial.items()}
-            half = dims.vocab // 2
-            for block, (q, scales, e, n) in zip(blocks, bar(ordered_map(quantize_block, blocks), f"lm_head ({method})", "block", len(blocks),
-                                                            progress), strict=True):
-                scales = scales.astype("<f2")
-                writers["qweight"].write(q, owned=True)
-                writers["scales"].write(scales)
-                if "qweight_0" in writers:  # rows below vocab/2 to the _0 copies, the rest to _1
-                    cut = min(max(half - block.start, 0), q.shape[0])
-                    for i, rows in ((0, slice(0, cut)), (1, slice(cut, None))):
-                        writers[f"qweight_{i}"].write(np.ascontiguousarray(q[rows]))
-                        writers[f"scales_{i}"].write(np.ascontiguousarray(scales[rows]))
-                err, ref = err + e, ref + n
+        if adopt:
+            for k, p in partial.items():
+                os.replace(ahead.paths[k], p)
+            err, ref = ahead.squared_error, ahead.squared_norm
+        else:
+            err, ref = write_lm_head(quantize_block, dims.vocab, dims.hidden, partial, f"lm_head ({method})", progress)
         error = None if method == "checkpoint" else (err / ref) ** 0.5 if ref else 0.0
         with folder_lock(out), signals_deferred():
             for k in final:
@@ -182,4 +236,6 @@ def quantize_lm_head(qdir: Path, out: Path | None = None, method: str | None = N
         if not ok:
             remove_created(created)
     nbytes = sum(p.stat().st_size for p in final.values())
-    return StepResult("lm_head", folder, len(final), nbytes, time.perf_counter() - start, note=f"{STEP}.json lists them"), method, error
+    result = StepResult("lm_head", folder, len(final), nbytes, time.perf_counter() - start, note=f"{STEP}.json lists them")
+    result.details = {"adopted": adopt}
+    return result, method, error

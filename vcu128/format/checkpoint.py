@@ -384,7 +384,15 @@ class TensorView:
         if axis == 0:
             first, last = (0, stop - start) if rows is None else rows.indices(stop - start)[:2]
             return read_tensor(e, slice(start + first, start + max(first, last)), direct)
-        return np.ascontiguousarray(read_tensor(e, rows, direct)[:, start:stop])
+        return np.ascontiguousarray(self.part_of(name, read_tensor(e, rows, direct)))
+
+    def part_of(self, name: str, whole):
+        """The part of its checkpoint tensor `whole` (an array, or a torch tensor in memory) that the
+        pipeline name `name` is (a view: rows, or GPTQ-transposed columns)."""
+        _, axis, start, stop = self.locate(name)
+        if axis is None:
+            return whole
+        return whole[start:stop] if axis == 0 else whole[:, start:stop]
 
 
 class GPTQCheckpoint:
@@ -564,9 +572,13 @@ class GPTQCheckpoint:
 
     # --- decoding ----------------------------------------------------------------------------------
     def signed_weights(self, qweight: np.ndarray, dtype=np.int8, out: np.ndarray | None = None) -> np.ndarray:
-        """GPTQ qweight [chin/8, chout] (or a block of its columns) to signed ints q - 8, [chout, chin]
-        (into `out`, if given: unpack_nibbles)."""
-        from vcu128.format.layout import transposed, unpack_nibbles
+        return signed_weights(qweight, dtype, out)
 
-        # Transposed, word k of a row holds inputs 8k..8k+7 of one output channel, low nibble first.
-        return unpack_nibbles(transposed(qweight).view(np.uint32), unsigned_offset=8, dtype=dtype, out=out)
+
+def signed_weights(qweight: np.ndarray, dtype=np.int8, out: np.ndarray | None = None) -> np.ndarray:
+    """GPTQ qweight [chin/8, chout] (or a block of its columns) to signed ints q - 8, [chout, chin]
+    (into `out`, if given: unpack_nibbles). The zero point 8 is the checkpoint's (validate_linear)."""
+    from vcu128.format.layout import transposed, unpack_nibbles
+
+    # Transposed, word k of a row holds inputs 8k..8k+7 of one output channel, low nibble first.
+    return unpack_nibbles(transposed(qweight).view(np.uint32), unsigned_offset=8, dtype=dtype, out=out)

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -142,21 +143,49 @@ def _save_shard(save_file, make, path: Path) -> None:
         raise OSError(wrapped.errno, wrapped.strerror, str(path)) from None
 
 
+# A shard's tensors, handed to a caller's consumer as they are written: on_shard(index, {name: host
+# tensor}), names and tensors exactly as in the shard. Index i < L (the model's layer count): decoder
+# layer i; index L: the model's other tensors (embedding, final norm, float output layer), where they
+# are written before the layers (not with the output layer quantized by GPTQ).
+ShardSink = Callable[[int, dict[str, torch.Tensor]], None]
+SINK_AHEAD = 4  # shards a consumer may be behind before GPTQ waits for it (host memory: a 7B layer's is 0.12 GB)
+
+
+def _once(make):
+    """make(), called once whoever asks first (the shard's writer or the consumer), its result shared."""
+    lock, result = threading.Lock(), []
+
+    def once():
+        with lock:
+            if not result:
+                result.append(make())
+        return result[0]
+
+    return once
+
+
 class CheckpointWriter:
     """Writes one safetensors shard a decoder layer (plus one for the rest) on a background thread,
-    then the index; at most two shards are in flight, so host memory stays about two layers."""
+    then the index; at most two shards are in flight, so host memory stays about two layers. With
+    `on_shard`, the shards written with `to_sink` also go to that consumer, on a thread of its own
+    (the GPU goes on with the next layer; quantize.py --compile writes compile_sw's files there)."""
 
-    def __init__(self, out: Path, shards: int):
+    def __init__(self, out: Path, shards: int, on_shard: ShardSink | None = None):
         self.out = Path(out)
         self.shards = shards
         self.weight_map: dict[str, str] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
         self.pending = []
+        self.on_shard = on_shard
+        self.sink = ThreadPoolExecutor(1, thread_name_prefix="shard-sink") if on_shard is not None else None
+        self.sinking = []  # the consumer's calls in flight
 
-    def write(self, index: int, tensors: dict[str, torch.Tensor] | None = None, names: list[str] | None = None, make=None) -> float:
+    def write(self, index: int, tensors: dict[str, torch.Tensor] | None = None, names: list[str] | None = None, make=None,
+              to_sink: bool = False) -> float:
         """Queue a shard: `tensors` (may be on the device: copied to pinned memory without stopping
         the GPU's queue, and waited for on the writer thread), or the tensors `names` that `make()`
-        returns on the writer thread. Returns seconds spent waiting for room."""
+        returns on the writer thread; `to_sink`: for the consumer too.
+        Returns seconds spent waiting for room."""
         from safetensors.torch import save_file
 
         name = f"model-{index + 1:05d}-of-{self.shards:05d}.safetensors"
@@ -176,7 +205,12 @@ class CheckpointWriter:
         start = time.perf_counter()
         while len(self.pending) >= 2:
             self.pending.pop(0).result()
+        while len(self.sinking) >= SINK_AHEAD:
+            self.sinking.pop(0).result()
         waited = time.perf_counter() - start
+        if to_sink and self.sink is not None:
+            make = _once(make)
+            self.sinking.append(self.sink.submit(lambda: self.on_shard(index, make())))
         self.pending.append(self.pool.submit(_save_shard, save_file, make, self.out / name))
         return waited
 
@@ -195,17 +229,23 @@ class CheckpointWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
 
     def drain(self, raise_errors: bool = True) -> None:
-        """Wait for the shards in flight (also when a run fails, so that no thread writes into a
-        folder that is being removed)."""
-        pending, self.pending = self.pending, []
+        """Wait for the shards and the consumer's calls in flight (also when a run fails, so that no
+        thread writes into a folder that is being removed; then the consumer's calls that have not
+        started are dropped)."""
+        pending, self.pending = self.pending + self.sinking, []
+        self.sinking = []
         try:
             if raise_errors:
                 for f in pending:
                     f.result()
             else:
+                if self.sink is not None:
+                    self.sink.shutdown(wait=False, cancel_futures=True)
                 wait(pending)
         finally:
             self.pool.shutdown(wait=True)
+            if self.sink is not None:
+                self.sink.shutdown(wait=True)
 
 
 def build_meta_model(model_dir: Path, dtype):
@@ -484,10 +524,12 @@ def quantization_config(lm_head: bool, qmin: int = -8, run: dict | None = None, 
 @torch.no_grad()
 def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str, lm_head: bool = False,
                         samples_a_chunk: int | None = None, progress: bool = True, qmin: int = -8, int4: str | None = None,
-                        eval_ids: np.ndarray | None = None) -> GPTQRun:
+                        eval_ids: np.ndarray | None = None, on_shard: ShardSink | None = None) -> GPTQRun:
     """GPTQ-quantize the model in `model_dir` on calibration token ids [samples, seqlen] into the
     folder `out`: safetensors shards, index, config.json, quantize_config.json. With held-out
-    `eval_ids`, the quality report is measured in the same walk (run.quality)."""
+    `eval_ids`, the quality report is measured in the same walk (run.quality). `on_shard(i, tensors)`
+    (ShardSink) is called with each shard's tensors on a thread of its own, in the order they are
+    written; an error it raises fails the run; every call has returned when this function returns."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -504,11 +546,11 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
         n, seqlen = ids.shape
         samples_a_chunk = samples_a_chunk or max(1, TOKENS_A_CHUNK // seqlen)
         num_layers = cfg.num_hidden_layers
-        writer = CheckpointWriter(out, num_layers + 1)
+        writer = CheckpointWriter(out, num_layers + 1, on_shard)
         rest = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings or lm_head else ["lm_head.weight"])
         if not lm_head:  # the shard of everything but the layers is the model's own: written while the GPU works
             writer.write(num_layers, names=[weights.view.source_name(n) for n in rest],
-                         make=lambda: source_names({name: weights.host(name, pin=False).half() for name in rest}, weights.dims))
+                         make=lambda: source_names({name: weights.host(name, pin=False).half() for name in rest}, weights.dims), to_sink=True)
         embed_host = reading.result()
         embed = embed_host.to(device).to(dtype)
         x = torch.empty(n, seqlen, cfg.hidden_size, dtype=dtype, device=device)
@@ -568,7 +610,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, ids: np.ndarray, device: str
             if report is not None:
                 report.after(layer, i, lq.results, source, prefix)
             run.activation_stats.append(lq.summary())
-            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source, weights.dims))
+            run.seconds["write_wait"] += writer.write(i, layer_tensors(prefix, lq.results, source, weights.dims), to_sink=True)
             inner.layers[i] = torch.nn.Identity()  # drop the layer's device memory
             del layer, lq, source
             run.layer_seconds.append(time.perf_counter() - t0)

@@ -145,10 +145,11 @@ def _add_calibration_meta(folder: Path, meta: dict) -> None:
             path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None) -> tuple[float, dict | None, dict | None]:
+def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, tokenizer=None,
+             on_shard=None) -> tuple[float, dict | None, dict | None]:
     """Quantize `model` into the empty folder `out` with the chosen engine; returns (seconds, the
     fp16 headroom statistics, the quality report measured in GPTQ's own walk): only this project's
-    engine measures the last two."""
+    engine measures the last two, and hands each shard's tensors to `on_shard` (layerwise.ShardSink)."""
     if opts.engine == "gptqmodel":
         return run_gptqmodel(model, out, calib, opts), None, None
     from vcu128.quant.layerwise import quantize_checkpoint
@@ -156,7 +157,7 @@ def run_gptq(model: Path, out: Path, calib: Calibration, opts: QuantizeOptions, 
     start = time.perf_counter()
     ids = np.array([s["input_ids"] for s in calib.samples], dtype=np.int64)
     run = quantize_checkpoint(model, out, ids, opts.device, lm_head=opts.lm_head, samples_a_chunk=opts.batch_size, qmin=-opts.int4_range,
-                              int4=opts.int4, eval_ids=calib.eval_ids if opts.report else None)
+                              int4=opts.int4, eval_ids=calib.eval_ids if opts.report else None, on_shard=on_shard)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     seconds = time.perf_counter() - start
@@ -317,14 +318,21 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tuple[Path, dict]:
-    """Quantize into `out` (default <model>-W<bits>A16-gptq), atomically; returns (out, report)."""
+def output_folder(model: Path, out: Path | None, wbits: int) -> Path:
+    """Where quantize_model writes: `out`, or <model>-W<bits>A16-gptq beside the model."""
+    return Path(out) if out else default_output(Path(model).resolve(), wbits)
+
+
+def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions, on_shard=None) -> tuple[Path, dict]:
+    """Quantize into `out` (default <model>-W<bits>A16-gptq), atomically; returns (out, report).
+    `on_shard`: a consumer of each checkpoint shard's tensors (layerwise.ShardSink; this project's
+    engine only), called while the next layer is quantized."""
     check_arguments(opts)  # before the model is opened
     model = Path(model).resolve()
     cfg = check_model_folder(model)  # before transformers' import (seconds)
     check_seqlen(cfg, opts.seqlen, model / "config.json")
     check_memory(read_model_dims(model / "config.json"), opts, model / "config.json")
-    out = Path(out) if out else default_output(model, opts.wbits)
+    out = output_folder(model, out, opts.wbits)
     if opts.lm_head and cfg.get("tie_word_embeddings"):
         raise VCUError(f"{model}: --lm_head with tie_word_embeddings: the output layer is the embedding "
                        "(leave --lm_head off; lm_head.py quantizes the tied embedding)")
@@ -342,7 +350,7 @@ def quantize_model(model: Path, out: Path | None, opts: QuantizeOptions) -> tupl
                     "made_from": {"model": str(model), "fingerprint": fingerprint(model)}, "calibration": calib.meta,
                     "settings": {k: v for k, v in vars(opts).items() if k not in ("calib", "eval_text", "force", "verbose")}}
     with staged_dir(out, "quantize", checkpoint_owns, inputs, opts.force, flag="--quantize_model") as stage:
-        report["seconds_quantize"], stats, quality = run_gptq(model, stage, calib, opts, tokenizer)
+        report["seconds_quantize"], stats, quality = run_gptq(model, stage, calib, opts, tokenizer, on_shard)
         if stats:
             report["activation_stats"] = stats
             warn_headroom(stats)

@@ -1,0 +1,208 @@
+"""quantize.py --compile writes compile_sw's qweight.bin files and lm_head's files during GPTQ's
+layer walk (export/pipeline.py ExportPrewriter, fed by layerwise's on_shard): the same bytes as the
+steps run one after the other, nothing left behind when the walk fails, and compile_software's
+adoption of the files written ahead refuses any that is not whole."""
+
+import hashlib
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from safetensors.torch import load_file
+from test_chatglm import TINY_GLM
+from test_safety import run_step
+
+from vcu128.export import pipeline
+from vcu128.export.compile_sw import compile_software, write_qweight
+from vcu128.export.lm_head import quantize_lm_head
+from vcu128.export.pipeline import ExportPrewriter
+from vcu128.format.checkpoint import GPTQCheckpoint
+from vcu128.format.layout import sw_linear_paths
+from vcu128.format.model import LINEARS
+from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
+from vcu128.io.errors import VCUError
+from vcu128.io.output import HOST, out_path
+from vcu128.quant import layerwise
+
+CALIB = ["--calib", ROOT / "data" / "demo_corpus.txt", "--nsamples", "8", "--seqlen", "64"]
+TINY_QWEN = dict(hidden=256, intermediate=384, num_layers=2, num_heads=4, num_kv_heads=2, vocab=256)
+
+
+def digests(folder) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`, hidden ones too."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def staging_left(folder) -> list[str]:
+    return sorted(str(p) for p in folder.rglob(".*") if ".partial-" in p.name or ".old-" in p.name)
+
+
+@pytest.fixture
+def adopted(monkeypatch):
+    """What the pipeline's steps adopted: compile_sw, how many qweight.bin files; lm_head, whether its files."""
+    seen = []
+
+    def compiling(*args, **kwargs):
+        result = compile_software(*args, **kwargs)
+        seen.append(("compile_sw", result.details["qweights_adopted"]))
+        return result
+
+    def lm_head(*args, **kwargs):
+        result = quantize_lm_head(*args, **kwargs)
+        seen.append(("lm_head", result[0].details["adopted"]))
+        return result
+
+    monkeypatch.setattr(pipeline, "compile_software", compiling)
+    monkeypatch.setattr(pipeline, "quantize_lm_head", lm_head)
+    return seen
+
+
+def test_compile_during_gptq_writes_the_bytes_of_the_steps_run_one_after_another(tiny_untrained_model, tmp_path, adopted):
+    q = tmp_path / "q"
+    code, err = run_step("quantize", "--model", tiny_untrained_model, "--out", q, *CALIB, "--compile")
+    assert code == 0, err
+    assert adopted == [("compile_sw", 2 * len(LINEARS)), ("lm_head", True)]  # all written during the walk
+    assert staging_left(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    pipelined = digests(q)
+    assert sum(rel.endswith(".qweight.bin") for rel in pipelined) == 2 * len(LINEARS)
+    # The same checkpoint, its export run again by each step's command line, one after the other
+    shutil.move(q / "compile", tmp_path / "pipelined")
+    for step, args in (("compile_sw", ["--quantize_model", q]), ("lm_head", ["--quantize_model", q]),
+                       ("hardware", ["--compile_dir", q / "compile"]), ("embedding_tokens", ["--compile_dir", q / "compile"])):
+        code, err = run_step(step, *args)
+        assert code == 0, (step, err)
+    assert digests(q) == pipelined
+
+
+@pytest.mark.parametrize("how", ["error", "Ctrl-C"])
+def test_a_walk_that_fails_leaves_nothing_behind(tiny_untrained_model, tmp_path, monkeypatch, how):
+    """GPTQ fails on layer 1, once layer 0's qweight.bin files are written ahead: no checkpoint, no
+    staging folder, no files written ahead, no parent folder the run made."""
+    layer0_written = threading.Event()
+    seen = []
+    call, run_layer = ExportPrewriter.__call__, layerwise.LayerQuantizer.run_layer
+
+    def prewrite(self, index, tensors):
+        call(self, index, tensors)
+        if index == 0:
+            layer0_written.set()
+
+    def fail_on_layer_1(self, prefix):
+        if prefix == "model.layers.1":
+            assert layer0_written.wait(60)
+            seen.extend(p.name for p in (tmp_path / "new").glob(".q.partial-*@compile_sw/*/*/*qweight.bin"))
+            raise KeyboardInterrupt if how == "Ctrl-C" else VCUError("planted")
+        return run_layer(self, prefix)
+
+    monkeypatch.setattr(ExportPrewriter, "__call__", prewrite)
+    monkeypatch.setattr(layerwise.LayerQuantizer, "run_layer", fail_on_layer_1)
+    code, err = run_step("quantize", "--model", tiny_untrained_model, "--out", tmp_path / "new" / "q", *CALIB, "--compile")
+    assert (code, err) == ((130, "error: interrupted (no output was left behind)\n") if how == "Ctrl-C" else (2, "error: planted\n"))
+    assert sorted(seen) == sorted([f"{lin.name(0)}.qweight.bin" for lin in LINEARS] + ["lm_head_qweight.bin"])  # something to remove
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_writing_ahead_leaves_compile_sw_to_write_them(tiny_untrained_model, tmp_path, monkeypatch, adopted, caplog):
+    """The disk fails while layer 1's files are written ahead: GPTQ goes on, the folder written ahead
+    goes, and compile_sw writes every qweight.bin itself (as without the overlap)."""
+    def failing(qweight, path):
+        if ".layers.1." in path.name:
+            raise OSError(28, "No space left on device", str(path))
+        write_qweight(qweight, path)
+
+    monkeypatch.setattr(pipeline, "write_qweight", failing)  # what is written ahead; compile_sw's own calls go through
+    q = tmp_path / "q"
+    code, err = run_step("quantize", "--model", tiny_untrained_model, "--out", q, *CALIB, "--compile")
+    assert code == 0, err
+    ahead = out_path(tmp_path).parent / tmp_path.name / f".q.partial-{os.getpid()}@{HOST}@compile_sw"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"warning: compile_sw's qweight.bin files could not be written during GPTQ ([Errno 28] No space left on device: "
+        f"'{ahead}/compile/qwen2_qweight_bin/model.layers.1.self_attn.q_proj.qweight.bin'); compile_sw writes them after it"]
+    assert adopted == [("compile_sw", 0), ("lm_head", True)] and staging_left(tmp_path) == []
+    ckpt = GPTQCheckpoint(q)
+    name = LINEARS[0].name(1)
+    want = ckpt.signed_weights(ckpt.get(f"{name}.qweight"), np.dtype("<i4"))
+    assert np.array_equal(np.fromfile(sw_linear_paths(q / "compile", name)["qweight"], "<i4").reshape(want.shape), want)
+
+
+def written_ahead(qdir, target, lm_head=("rtn", 8)):
+    """An ExportPrewriter fed each shard of a synthetic checkpoint (one shard a layer and one of the
+    rest, under the source model's names: what GPTQ's walk hands it), the rest's first."""
+    prewriter = ExportPrewriter(target, qdir, lm_head)
+    layers = GPTQCheckpoint(qdir).dims.num_layers
+    for i in [layers, *range(layers)]:
+        prewriter(i, load_file(qdir / f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors"))
+    assert prewriter.failed is None
+    return prewriter
+
+
+@pytest.mark.parametrize("spec", [TINY_QWEN, TINY_GLM], ids=["qwen2", "chatglm"])
+def test_adopted_qweights_are_the_bytes_compile_sw_writes(tmp_path, spec):
+    """Fused tensors too (ChatGLM's query_key_value: its q, k, v parts; its output layer in halves)."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**spec, seed=3))
+    prewriter = written_ahead(qdir, tmp_path / "target")
+    assert prewriter.folder == out_path(tmp_path).parent / tmp_path.name / f".target.partial-{os.getpid()}@{HOST}@compile_sw"
+    assert prewriter.written() == prewriter.folder / "compile"
+    plain = compile_software(qdir, tmp_path / "plain", progress=False)
+    result = compile_software(qdir, tmp_path / "adopted", progress=False, qweights_from=prewriter.written())
+    assert result.details["qweights_adopted"] == 2 * len(LINEARS) and plain.details["qweights_adopted"] == 0
+    plain_lm = quantize_lm_head(qdir, tmp_path / "plain", progress=False)
+    lm = quantize_lm_head(qdir, tmp_path / "adopted", progress=False, ahead=prewriter.lm_head_written())
+    assert (lm[0].details, plain_lm[0].details, lm[1:]) == ({"adopted": True}, {"adopted": False}, plain_lm[1:])
+    assert digests(tmp_path / "adopted") == digests(tmp_path / "plain")
+    assert [p for p in prewriter.folder.rglob("*") if p.is_file()] == []  # renamed, not copied
+    prewriter.remove()
+    assert staging_left(tmp_path) == []
+
+
+def test_adoption_refuses_a_qweight_that_is_not_whole(tmp_path):
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    folder = written_ahead(qdir, tmp_path / "target", lm_head=None).written()
+    q_proj = sw_linear_paths(folder, "model.layers.1.self_attn.q_proj")["qweight"]
+    before = digests(folder)
+
+    def refused() -> str:
+        with pytest.raises(VCUError) as e:
+            compile_software(qdir, tmp_path / "out", progress=False, qweights_from=folder)
+        assert not (tmp_path / "out").exists() and staging_left(tmp_path / "q") == []
+        return str(e.value)
+
+    with open(q_proj, "r+b") as f:
+        f.truncate(256 * 256 * 4 - 4)
+    assert refused() == f"{q_proj}: 262140 bytes, expected 262144 (int32 [256, 256]): a qweight.bin written ahead that is not whole"
+    q_proj.unlink()
+    assert refused() == f"{q_proj}: missing: the qweight.bin files written ahead are incomplete"
+    q_proj.symlink_to(sw_linear_paths(folder, "model.layers.0.self_attn.q_proj")["qweight"])
+    assert refused() == f"{q_proj}: not a plain file (a qweight.bin written ahead is one)"
+    q_proj.unlink()
+    assert refused() == f"{q_proj}: missing: the qweight.bin files written ahead are incomplete"
+    assert {rel: d for rel, d in digests(folder).items()} == {rel: d for rel, d in before.items() if not rel.endswith("layers.1.self_attn.q_proj.qweight.bin")}
+    shutil.rmtree(folder)
+    with pytest.raises(VCUError, match="not a folder of qweight.bin files written ahead"):
+        compile_software(qdir, tmp_path / "out", progress=False, qweights_from=folder)
+
+
+def test_lm_head_writes_its_files_itself_where_those_written_ahead_are_not_what_it_would_write(tmp_path):
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    ahead = written_ahead(qdir, tmp_path / "target").lm_head_written()  # rtn on -8..7
+    want = {}
+    for method in ("rtn", "trunc"):
+        quantize_lm_head(qdir, tmp_path / f"plain_{method}", method, progress=False)
+        want[method] = digests(tmp_path / f"plain_{method}")
+    result, _, _ = quantize_lm_head(qdir, tmp_path / "trunc", "trunc", progress=False, ahead=ahead)  # another method
+    assert not result.details["adopted"] and digests(tmp_path / "trunc") == want["trunc"]
+    result, _, _ = quantize_lm_head(qdir, tmp_path / "seven", progress=False, int4_range=7, ahead=ahead)  # another grid
+    assert not result.details["adopted"]
+    with open(ahead.paths["scales"], "r+b") as f:  # a file that is not whole
+        f.truncate(100)
+    result, _, _ = quantize_lm_head(qdir, tmp_path / "short", progress=False, ahead=ahead)
+    assert not result.details["adopted"] and digests(tmp_path / "short") == want["rtn"]
+    assert ahead.paths["qweight"].stat().st_size == 256 * 256 * 4  # left where it was
