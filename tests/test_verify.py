@@ -247,7 +247,7 @@ def differing_report() -> BitReport:
     return report
 
 
-def test_side_by_side_the_functional_check_stops_once_the_bits_differ():
+def test_beside_the_bit_check_the_functional_check_stops_once_the_bits_differ():
     from vcu128.check.functional import Stopped
 
     asked = []
@@ -265,7 +265,7 @@ def test_side_by_side_the_functional_check_stops_once_the_bits_differ():
     assert asked == ["stopped"]
 
 
-def test_side_by_side_stubbed_order_of_answers():
+def test_beside_the_bit_check_stubbed_order_of_answers():
     def fails(message):
         def run(*args):
             raise VCUError(message)
@@ -286,7 +286,7 @@ def test_side_by_side_stubbed_order_of_answers():
         checks_side_by_side(fails("bits"), fails("functional"))
 
 
-def test_side_by_side_with_a_gpu_unless_told(monkeypatch):
+def test_the_checks_run_beside_each_other_with_a_gpu_unless_told(monkeypatch):
     monkeypatch.delenv(SIDE_BY_SIDE_ENV, raising=False)
     assert default_side_by_side("cuda") and default_side_by_side("cuda:1") and not default_side_by_side("cpu")
     monkeypatch.setenv(SIDE_BY_SIDE_ENV, "0")
