@@ -242,3 +242,51 @@ def test_the_recorded_umask_is_the_processes_and_is_left_as_it_was():
         assert os.umask(0o027) == 0o027
     finally:
         os.umask(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parents, staging folders, disk space
+
+
+def test_make_parents_names_only_the_folders_it_created(tmp_path):
+    (tmp_path / "exists").mkdir()
+    assert output.make_parents(tmp_path / "exists" / "new" / "deeper") == [tmp_path / "exists" / "new" / "deeper", tmp_path / "exists" / "new"]
+    assert output.make_parents(tmp_path / "exists") == []
+
+
+def test_make_parents_under_a_file_fails_with_the_systems_error(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OSError):  # NotADirectoryError or FileExistsError, never the clean-up's own failure
+        output.make_parents(tmp_path / "file" / "a" / "b")
+
+
+def test_a_stage_is_beside_its_target_and_names_this_run(tmp_path):
+    stage = output.make_stage(tmp_path, "hw")
+    assert stage.parent == tmp_path
+    assert stage.name.startswith(f".hw.partial-{output.stage_tag()}@")
+    assert output._staging_run(stage, "hw") == (os.getpid(), output.HOST)
+    assert output.staging_paths(tmp_path, "hw") == [stage]
+    assert stage.stat().st_mode & 0o777 == output.FOLDER_MODE
+
+
+def test_disk_bytes_are_whole_4096_byte_blocks():
+    assert [output.disk_bytes(n) for n in (0, 1, 4096, 4097, 8192)] == [0, 4096, 4096, 8192, 8192]
+    assert isinstance(output.disk_bytes(1), int)
+
+
+def _free(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(output.os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 0, 0, free // 4096, 0, 0, 0, 0, 255)))
+
+
+def test_free_space_is_enough_when_it_is_exactly_what_the_step_needs(tmp_path, monkeypatch):
+    _free(monkeypatch, 8192)
+    output.check_free_space(tmp_path / "out", 8192)
+    output.check_free_space(tmp_path / "out", None)
+
+
+def test_too_little_free_space_is_refused_with_both_sizes_and_what_to_do(tmp_path, monkeypatch):
+    _free(monkeypatch, 4096)
+    with pytest.raises(VCUError) as e:
+        output.check_free_space(tmp_path / "out", 2_500_000)
+    assert str(e.value) == f"{tmp_path / 'out'}: not enough disk space: the step needs about 2.50 MB, 4.10 kB are free there"
+    assert e.value.hint == "free some space, or choose an output folder on another disk"
