@@ -6,11 +6,15 @@
     python bench/mutation.py run --modules layout,verify --deadline 480 --raw a.json --no-report
     python bench/mutation.py run --modules rescale --sample 40 --max-children 2   # a quick look, on 2 cores
 
-    # every module on a 32-core machine: two runs of about 8 minutes, then the report of both
-    python bench/mutation.py run --modules verify,tables,family,rescale --deadline 470 --raw a.json --no-report
-    python bench/mutation.py run --modules output,folder,layout,datapath --deadline 470 --raw b.json --no-report
-    python bench/mutation.py report --raw a.json b.json
-    python bench/mutation.py report --raw a.json b.json    # runs of other modules (or machines) as one report
+    # every module on the 16-core GPU machine (2026-12-01): three runs of under 9 minutes each
+    # (output, family and rescale ran on 2 cores instead, for about 100 minutes)
+    python bench/mutation.py run --modules verify,folder --deadline 525 --raw a.json --no-report
+    python bench/mutation.py run --modules tables,layout --deadline 505 --raw b.json --no-report
+    python bench/mutation.py run --modules datapath --deadline 330 --raw c.json --no-report
+    # what a deadline left unreached, then what survived against the tests added since
+    python bench/mutation.py run --modules verify,folder --not-checked-of a.json --sample 100000 --raw d.json --no-report
+    python bench/mutation.py run --modules verify --survivors-of a.json --tests tests/test_kills_verify.py --raw e.json --no-report
+    python bench/mutation.py report --raw a.json b.json c.json --recheck d.json e.json   # runs and re-checks as one report
     python bench/mutation.py merge --raw run1.json --recheck re.json --out all.json   # as raw results again
 
 Each module is mutated alone, in a copy of the repository of its own (bench/out/mutation/<module>),
