@@ -290,3 +290,80 @@ def test_too_little_free_space_is_refused_with_both_sizes_and_what_to_do(tmp_pat
         output.check_free_space(tmp_path / "out", 2_500_000)
     assert str(e.value) == f"{tmp_path / 'out'}: not enough disk space: the step needs about 2.50 MB, 4.10 kB are free there"
     assert e.value.hint == "free some space, or choose an output folder on another disk"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a step record back: each refusal's exact words
+
+
+def _record(tmp_path: Path, **change) -> Path:
+    made_from = {"checkpoint": "/m", "fingerprint": "ab", "method": "x"}
+    output.write_step_record(tmp_path, "compile_sw", made_from, ["a.bin"])
+    path = tmp_path / "compile_sw.json"
+    doc = json.loads(path.read_text())
+    for key, value in change.items():
+        if key.startswith("made_from_"):
+            doc["made_from"][key.removeprefix("made_from_")] = value
+        elif value is None:
+            del doc[key]
+        else:
+            doc[key] = value
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _refusal(tmp_path: Path) -> str:
+    with pytest.raises(VCUError) as e:
+        output.read_step_record(tmp_path, "compile_sw")
+    return str(e.value)
+
+
+def test_a_step_record_that_is_a_folder_is_refused_as_not_a_file(tmp_path):
+    (tmp_path / "compile_sw.json").mkdir()
+    assert _refusal(tmp_path) == f"{tmp_path / 'compile_sw.json'}: not a file (the record compile_sw.py writes is a JSON file)"
+
+
+def test_a_step_record_of_another_tool_names_the_value_found(tmp_path):
+    path = _record(tmp_path, tool="someone-else")
+    assert _refusal(tmp_path) == f"{path}: 'tool' is 'someone-else', expected 'compiler-vcu128' (not the record compile_sw.py writes)"
+
+
+@pytest.mark.parametrize("key", ["version", "id"])
+def test_a_step_records_version_and_id_must_be_strings(tmp_path, key):
+    path = _record(tmp_path, **{key: 5})
+    assert _refusal(tmp_path) == f"{path}: '{key}' is 5, expected a string"
+
+
+def test_a_step_record_without_an_id_is_refused(tmp_path):
+    path = _record(tmp_path, id=None)
+    assert _refusal(tmp_path) == f"{path}: missing 'id'"
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "fingerprint", "method"])
+def test_what_a_step_record_was_made_from_must_be_strings(tmp_path, key):
+    path = _record(tmp_path, **{f"made_from_{key}": 5})
+    assert _refusal(tmp_path) == f"{path}: 'made_from.{key}' is 5, expected a string"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a file whole or not at all: the error names the file asked for, in the system's words
+
+
+def test_a_failed_atomic_write_names_the_target_with_the_systems_words(tmp_path):
+    target = tmp_path / "missing" / "x.json"
+    with pytest.raises(FileNotFoundError) as e:
+        output.replace_file_atomically(target, b"data")
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (2, os.strerror(2), str(target))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_failed_atomic_write_without_the_systems_words_keeps_the_errors_own(tmp_path, monkeypatch):
+    def refuse(src, dst):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(output.os, "replace", refuse)
+    target = tmp_path / "x.json"
+    with pytest.raises(OSError) as e:
+        output.replace_file_atomically(target, b"data")
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (None, "the disk went away", str(target))
+    assert list(tmp_path.iterdir()) == []
