@@ -12,9 +12,14 @@ from vcu128.format.folder import (
     EMBEDDING_KIND,
     HARDWARE_KIND,
     ListedFile,
+    OutputLayerRecord,
     PackedFolder,
     holds_only_embedding_parts,
+    read_manifest,
 )
+from vcu128.format.layout import hw_linear_stems, port_file
+from vcu128.format.model import LINEARS
+from vcu128.format.rescale import RescalePlan
 from vcu128.format.tables import ACT_FILE, BOARD_SILU, SiluTable
 from vcu128.io.errors import VCUError
 from vcu128.io.output import TOOL
@@ -77,6 +82,14 @@ def test_a_value_is_shown_up_to_40_characters_then_by_its_kind(tmp_path):
     assert refusal(tmp_path) == f"{where}: assumptions is a list, expected an object"
 
 
+def test_a_manifest_of_another_tool_is_refused_naming_its_tool(tmp_path):
+    where = write_manifest(tmp_path, tool="other-packer")
+    with pytest.raises(VCUError) as e:
+        read_manifest(tmp_path)
+    assert str(e.value) == f"{where}: not a compiler-vcu128 manifest (its 'tool' is 'other-packer')"
+    assert refusal(tmp_path) == f"{where}: not a compiler-vcu128 manifest (its 'tool' is 'other-packer')"
+
+
 def test_a_missing_folder_is_refused(tmp_path):
     assert refusal(tmp_path / "nowhere") == f"{tmp_path / 'nowhere'}: no such hardware folder"
 
@@ -133,3 +146,57 @@ def test_a_folder_holding_only_an_embedding_folder_made_alone(tmp_path):
     (hw / "Embedding" / "manifest.json").unlink()
     assert holds_only_embedding_parts(hw, "embedding_tokens") is False
     assert holds_only_embedding_parts(tmp_path / "nowhere", "embedding_tokens") is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The output layer and the counts a manifest may leave out
+
+
+def test_the_output_layers_record_and_its_int4_range(tmp_path):
+    write_manifest(tmp_path, lm_head={"method": "rtn", "int4_range": 7})
+    assert PackedFolder.open(tmp_path).output_layer == OutputLayerRecord("rtn", 7)
+    write_manifest(tmp_path, lm_head={"method": "trunc"})
+    assert PackedFolder.open(tmp_path).output_layer == OutputLayerRecord("trunc", 8)
+    where = write_manifest(tmp_path, lm_head={"method": "rtn", "int4_range": 6})
+    assert refusal(tmp_path) == f"{where}: lm_head.int4_range is 6, expected a whole number of at least 7"
+    write_manifest(tmp_path, lm_head={"method": "rtn", "int4_range": 9})
+    assert refusal(tmp_path) == f"{where}: lm_head.int4_range is 9, expected 7 or 8"
+
+
+def test_a_manifest_without_embedding_parts_has_none(tmp_path):
+    write_manifest(tmp_path)
+    folder = PackedFolder.open(tmp_path)
+    assert (folder.ports, folder.parts, folder.embedding_part_names()) == (2, 0, [])
+    write_manifest(tmp_path, embedding_parts=4)
+    assert PackedFolder.open(tmp_path).parts == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder the original scripts made: no manifest
+
+
+def _unlisted_folder(folder: Path, ports: int = 2) -> Path:
+    stem, _ = hw_linear_stems(0, LINEARS[0])
+    for p in range(ports):
+        (folder / port_file(stem, p)).parent.mkdir(parents=True, exist_ok=True)
+        (folder / port_file(stem, p)).write_bytes(b"")
+    return folder
+
+
+def test_a_folder_without_a_manifest_records_nothing(tmp_path):
+    folder = PackedFolder.open(_unlisted_folder(tmp_path / "hw", ports=3), compile_hints=(tmp_path / "nowhere",))
+    assert (folder.has_manifest, folder.ports, folder.parts, folder.output_layer) == (False, 3, 0, None)
+    assert folder.rescale is None  # no compile folder beside it: no fp16 factors
+    assert (folder.files, folder.made_from, folder.model, folder.source) == ({}, {}, {}, {})
+
+
+def test_a_folder_without_a_manifest_takes_its_fp16_factors_from_the_compile_folder(tmp_path):
+    hw, compile_dir = _unlisted_folder(tmp_path / "hw"), tmp_path / "compile"
+    compile_dir.mkdir()
+    (compile_dir / "config.json").write_text(json.dumps({"vcu128_fp16_rescale": {"k": 3, "m": [1, 2]}}))
+    assert PackedFolder.open(hw, compile_hints=(None, tmp_path, compile_dir)).rescale == RescalePlan(3, (1, 2))
+    (compile_dir / "config.json").write_text(json.dumps({"vcu128_fp16_rescale": {"m": [1, 2]}}))
+    with pytest.raises(VCUError) as e:
+        PackedFolder.open(hw, compile_hints=(compile_dir,))
+    assert str(e.value) == (f"{compile_dir / 'config.json'}: vcu128_fp16_rescale.k is missing "
+                            "(the residual stream's factor, a whole number from 0 to 30)")

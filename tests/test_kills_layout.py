@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from vcu128.format.layout import (
+    BinFile,
     PackedLinearWriter,
     check_embedding_split,
     offset_binary_bytes,
     open_port_files,
     pack_bias_words,
+    pack_nibbles,
     pack_scale_words,
     read_port_rows,
     split_linear_rows,
@@ -66,6 +68,19 @@ def test_words_are_read_by_value_whatever_their_byte_order_in_memory():
     assert offset_binary_bytes(words).tolist() == [[0x98, 0xBA, 0xDC, 0xFE, 0x10, 0x32, 0x54, 0x76]]
     # sign-magnitude 0x8..0xF are -0, -1..-7: q + 8 is 8, 7, 6, ..., 1
     assert offset_binary_bytes(words, "sign_magnitude").tolist() == [[0x98, 0xBA, 0xDC, 0xFE, 0x78, 0x56, 0x34, 0x12]]
+
+
+def test_int8_inputs_in_any_memory_order_pack_by_value():
+    """pack_nibbles reads int8 inputs as bytes in place: one laid out column-major (a transposed
+    view, as q.T of a checkpoint's [chin, chout] ints is) packs as its row-major copy does."""
+    q = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [-8, -7, -6, -5, -4, -3, -2, -1]], np.int8)
+    for laid_out in (np.asfortranarray(q), np.ascontiguousarray(q.T).T):
+        assert not laid_out.flags.c_contiguous
+        got = pack_nibbles(laid_out)
+        assert got.dtype == np.dtype("<u4") and got.tolist() == [[0x76543210], [0xFEDCBA98]]
+    # sign-magnitude: w, or 8 + |w| for w < 0 (0x8 never written: -0 is 0)
+    sm = np.asfortranarray(np.array([[-7, -6, -5, -4, -3, -2, -1, 0], [1, 2, 3, 4, 5, 6, 7, 7]], np.int8))
+    assert pack_nibbles(sm, "sign_magnitude").tolist() == [[0x09ABCDEF], [0x77654321]]
 
 
 def test_scale_words_of_three_groups():
@@ -195,3 +210,21 @@ def test_the_embedding_split_into_parts():
     with pytest.raises(VCUError) as e:
         check_embedding_split(6, 0)
     assert str(e.value) == "model.embed_tokens.weight: vocab 6 does not split into 0 equal parts; part counts up to 64 that do: 1, 2, 3, 6"
+
+
+# ---------------------------------------------------------------------------------------------
+# FORMAT.md 2: a software-format file's size checked on opening
+
+
+def test_a_bin_file_of_the_wrong_size_is_refused_saying_which_way(tmp_path):
+    path = tmp_path / "x.bin"
+    np.zeros(5, "<f2").tofile(path)
+    with pytest.raises(VCUError) as e:
+        BinFile(path, "<f2", (2, 3))
+    assert str(e.value) == f"{path}: 10 bytes, expected 12 (float16 [2, 3]): truncated"
+    np.zeros(7, "<f2").tofile(path)
+    with pytest.raises(VCUError) as e:
+        BinFile(path, "<f2", (2, 3))
+    assert str(e.value) == f"{path}: 14 bytes, expected 12 (float16 [2, 3]): too long"
+    np.arange(6, dtype="<f2").tofile(path)
+    assert BinFile(path, "<f2", (2, 3)).read_rows(1, 2).tolist() == [[3.0, 4.0, 5.0]]
