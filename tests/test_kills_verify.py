@@ -5,6 +5,7 @@ Small hand-made folders: no export unless the test is about verify as a whole.""
 
 import hashlib
 import json
+import logging
 import shutil
 import subprocess
 import threading
@@ -287,9 +288,11 @@ def test_the_output_layers_rows_are_those_of_the_whole_matrix(qwen_ckpt):
     assert q.shape == (32, 256) and np.array_equal(q, whole_q[16:48]) and np.array_equal(s, whole_s[16:48])
 
 
-def test_an_older_folder_with_no_compile_folder_is_checked_as_trunc(qwen_ckpt):
+def test_an_older_folder_with_no_compile_folder_is_checked_as_trunc(qwen_ckpt, caplog):
+    caplog.set_level(logging.INFO, logger="vcu128")
     folder = SimpleNamespace(output_layer=None, path=Path("hw"))
     assert output_layer_record(folder, GPTQCheckpoint(qwen_ckpt), None) == OutputLayerRecord("trunc")
+    assert caplog.messages == ["verify: hw does not record how its output layer was quantized: checking it as method trunc"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,3 +446,97 @@ def test_functional_part_starts_the_gpu_early_and_hands_on_device_and_stop(expor
     assert answer == ({"checkpoint": str(exported.resolve())}, "checked")
     assert started == [(torch.zeros, (1,), {"device": "cuda:1"})]  # the GPU's context, made while the tokenizer loads
     assert checks == [dict(model=None, device="cuda:1", stop=stop, tokens=1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole bit check on an exported folder: stale inputs, the final norm, a folder of the
+# original scripts (no manifest) and its embedding parts
+
+
+def exported_copy(exported, tmp_path):
+    qdir = tmp_path / "q"
+    shutil.copytree(exported, qdir)
+    return qdir, qdir / "compile" / "QWEN_BLOCK_write_data_port32"
+
+
+def without_manifest(exported, tmp_path):
+    """The packed folder as the original scripts left it: no manifest.json, beside nothing (its
+    compile folder is the checkpoint's, found by that hint alone)."""
+    qdir, hw = exported_copy(exported, tmp_path)
+    bare = tmp_path / "boards" / "hw"
+    shutil.copytree(hw, bare)
+    (bare / "manifest.json").unlink()
+    return qdir, bare
+
+
+def test_a_folder_made_from_an_earlier_compile_run_is_stale_but_still_the_model(exported, tmp_path, caplog):
+    qdir, hw = exported_copy(exported, tmp_path)
+    record = json.loads((qdir / "compile" / "compile_sw.json").read_text())
+    record["id"] = "0123456789abcdef"  # compile_sw.py run again since: the same checkpoint, a new run
+    (qdir / "compile" / "compile_sw.json").write_text(json.dumps(record))
+    report = bit_check(qdir, hw, progress=False)
+    compile_dir = qdir / "compile"
+    assert report.stale == [
+        f"the packed folder was made from an earlier compile_sw run than the one in {compile_dir} (re-run hardware.py)",
+        f"Embedding/ was made from an earlier compile_sw run than the one in {compile_dir} (re-run embedding_tokens.py)",
+    ]
+    assert report.ok and [m for m in caplog.messages if m.startswith("warning:")] == [f"warning: {line}" for line in report.stale]
+
+
+def test_a_final_norm_difference_is_named_as_the_final_norm(exported, tmp_path):
+    from vcu128.format.layout import OUT_NORM_FILE
+
+    qdir, hw = exported_copy(exported, tmp_path)
+    words = np.fromfile(hw / OUT_NORM_FILE, "<u2")
+    want = float(words[3:4].view("<f2")[0])
+    words[3] ^= 0x0400  # the exponent's lowest bit: the value doubled or halved
+    words.tofile(hw / OUT_NORM_FILE)
+    got = float(words[3:4].view("<f2")[0])
+    assert got in (2 * want, want / 2)
+    assert bit_check(qdir, hw, progress=False).differences == [
+        f"{OUT_NORM_FILE}: element 3 (model.norm weight, then zeros) is {got!r}, expected {want!r}",
+        f"{OUT_NORM_FILE}: sha256 differs from manifest.json (content changed or files swapped)",
+    ]
+
+
+def test_a_folder_without_manifest_takes_the_output_layers_method_from_the_checkpoints_compile_folder(exported, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vcu128")
+    qdir, hw = without_manifest(exported, tmp_path)
+    report = bit_check(qdir, hw, progress=False)
+    assert report.ok and report.files_checked == len(report.sha256) > 0
+    assert (f"verify: {hw} does not record how its output layer was quantized: taking {qdir / 'compile'}/lm_head.json's "
+            "method rtn (the values are still made again from the checkpoint)") in caplog.messages
+
+
+def test_a_folder_without_any_record_of_its_output_layer_is_checked_as_trunc(exported, tmp_path, caplog):
+    """Exported with rtn: as trunc, the output layer's port files differ, and nothing else."""
+    from vcu128.format.layout import OUT_WEIGHT_STEM
+
+    caplog.set_level(logging.INFO, logger="vcu128")
+    qdir, hw = without_manifest(exported, tmp_path)
+    (qdir / "compile" / "lm_head.json").unlink()
+    report = bit_check(qdir, hw, progress=False)
+    assert f"verify: {hw} does not record how its output layer was quantized: checking it as method trunc" in caplog.messages
+    assert report.differences[0].startswith(f"{OUT_WEIGHT_STEM}_HBM_DDR_00.bin: row 0 (output channel 0), word 8 (weights of inputs 0..7) is ")
+    assert all(d.startswith(f"{OUT_WEIGHT_STEM}_HBM_DDR_") for d in report.differences) and report.more > 0
+
+
+def test_a_folder_without_embedding_parts_says_so(exported, tmp_path):
+    qdir, hw = without_manifest(exported, tmp_path)
+    shutil.rmtree(hw / "Embedding")
+    assert bit_check(qdir, hw, progress=False).differences == [
+        "Embedding/: no embedding parts recorded in manifest.json (run embedding_tokens.py)"]
+
+
+def test_embedding_parts_that_do_not_split_the_vocab_are_one_difference(exported, tmp_path):
+    """3 parts of a 256-token vocabulary: named by its first part, and no part compared."""
+    qdir, hw = without_manifest(exported, tmp_path)
+    parts = sorted((hw / "Embedding").iterdir())
+    for i, part in enumerate(parts):
+        if i < 3:
+            part.rename(hw / "Embedding" / f"Embedding_{i + 1:02d}-of-03.bin")
+        else:
+            part.unlink()
+    report = bit_check(qdir, hw, progress=False)
+    assert report.differences == ["Embedding/Embedding_01-of-03.bin: vocab 256 does not split into 3 parts"]
+    assert not any(rel.startswith("Embedding/") for rel in report.sha256)
