@@ -367,3 +367,111 @@ def test_a_failed_atomic_write_without_the_systems_words_keeps_the_errors_own(tm
         output.replace_file_atomically(target, b"data")
     assert (e.value.errno, e.value.strerror, e.value.filename) == (None, "the disk went away", str(target))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# What a killed run left: staging paths and `.old` folders (remove_stale)
+
+
+DEAD_PID = 2**22 + 4243  # above any pid the kernel hands out here: a run that is gone
+
+
+def test_this_runs_own_staging_path_is_removed_not_refused(tmp_path):
+    own = tmp_path / f".t.partial-{output.stage_tag()}@x"
+    own.mkdir()
+    output.remove_stale(tmp_path, "t")
+    assert not own.exists()
+
+
+def test_a_live_other_runs_staging_path_is_refused_and_kept(tmp_path):
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".t.partial-{other.pid}@{output.HOST}@x"
+        live.mkdir()
+        with pytest.raises(VCUError) as e:
+            output.remove_stale(tmp_path, "t")
+        assert str(e.value) == f"{tmp_path / 't'}: another run (pid {other.pid} on {output.HOST}) is writing it right now; wait for it to finish"
+        assert e.value.hint == f"if that run is gone, remove {live}"
+        assert live.is_dir()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_stale_staging_files_and_links_are_removed_never_followed(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "vcu128")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "keep.bin").write_bytes(b"k")
+    a_file = tmp_path / f".t.partial-{DEAD_PID}@{output.HOST}"
+    a_file.write_bytes(b"x")
+    a_link = tmp_path / f".t.partial-{DEAD_PID + 1}@{output.HOST}@x"
+    a_link.symlink_to(tmp_path / "theirs", target_is_directory=True)
+    output.remove_stale(tmp_path, "t")
+    assert not os.path.lexists(a_file) and not os.path.lexists(a_link)
+    assert (tmp_path / "theirs" / "keep.bin").read_bytes() == b"k"
+    assert f"warning: removed {a_file}: a staging folder left by a killed run" in caplog.text
+
+
+def test_a_stale_folder_that_cannot_be_removed_whole_does_not_stop_the_run(tmp_path, monkeypatch):
+    stale = tmp_path / f".t.partial-{DEAD_PID}@{output.HOST}@x"
+    old = tmp_path / ".t.old-4242"
+    for folder in (stale, old):
+        folder.mkdir()
+        (folder / "stuck.bin").write_bytes(b"x")
+    (tmp_path / "t").mkdir()
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).endswith("stuck.bin"):
+            raise PermissionError(1, "Operation not permitted", os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    output.remove_stale(tmp_path, "t")  # what cannot be removed stays; the run goes on
+
+
+def test_a_killed_swaps_old_folder_comes_back_when_the_target_is_gone(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "vcu128")
+    _write(tmp_path / ".t.old-111", {"a.bin": b"first", "notes.txt": b"mine"})
+    _write(tmp_path / ".t.old-222", {"b.bin": b"second", "deep/user.txt": b"mine too"})
+    output.remove_stale(tmp_path, "t")
+    target = tmp_path / "t"
+    # the first is restored whole; from the second, what the step does not own (all of it: no owner given) is carried in
+    assert _tree(target) == {"a.bin": b"first", "b.bin": b"second", "deep/user.txt": b"mine too", "notes.txt": b"mine"}
+    assert not (tmp_path / ".t.old-111").exists() and not (tmp_path / ".t.old-222").exists()
+    assert f"warning: restored {target} from .t.old-111, left by a run killed while replacing it" in caplog.text
+
+
+def test_a_killed_swaps_old_folder_gives_back_only_what_the_step_did_not_write(tmp_path):
+    _write(tmp_path / ".t.old-111", {"a.bin": b"old output", "layers/0/q.bin": b"old output", "layers/0/user/deep.txt": b"mine",
+                                     "notes.txt": b"mine"})
+    _write(tmp_path / "t", {"b.bin": b"new output"})  # a later run's output, without the old run's files
+    owns = lambda folder: {"a.bin", "layers/0/q.bin"}  # noqa: E731
+    output.remove_stale(tmp_path, "t", owns)
+    assert _tree(tmp_path / "t") == {"b.bin": b"new output", "layers/0/user/deep.txt": b"mine", "notes.txt": b"mine"}
+    assert not (tmp_path / ".t.old-111").exists()
+
+
+def test_without_an_owner_every_file_of_an_old_folder_is_kept(tmp_path):
+    _write(tmp_path / ".t.old-111", {"a.bin": b"old", "notes.txt": b"mine"})
+    _write(tmp_path / "t", {"a.bin": b"new"})
+    output.remove_stale(tmp_path, "t")
+    assert _tree(tmp_path / "t") == {"a.bin": b"new", "notes.txt": b"mine"}
+
+
+def test_an_old_folder_that_cannot_be_removed_whole_does_not_stop_the_run(tmp_path, monkeypatch):
+    _write(tmp_path / ".t.old-111", {"stuck.bin": b"old output", "notes.txt": b"mine"})
+    _write(tmp_path / "t", {"new.bin": b"new"})
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).endswith("stuck.bin"):
+            raise PermissionError(1, "Operation not permitted", os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    output.remove_stale(tmp_path, "t", lambda folder: {"stuck.bin"})
+    assert _tree(tmp_path / "t") == {"new.bin": b"new", "notes.txt": b"mine"}
