@@ -551,6 +551,7 @@ def merge(raw: dict, rechecks: list[dict]) -> dict:
     """A full run's results with the kills of later re-checks of its survivors (tests were only
     added since, so what was killed stays killed): each such mutant is marked with the re-check."""
     for re_ in rechecks:
+        whole_selection = not (re_.get("recheck_of") or {}).get("tests")  # each module's own tests, not only those added
         for m, r in re_.get("modules", {}).items():
             base = raw["modules"][m]
             base["diffs"].update(r.get("diffs", {}))
@@ -564,6 +565,11 @@ def merge(raw: dict, rechecks: list[dict]) -> dict:
                         and status_of(base["codes"][name]) != "killed":  # a kill, or a timeout where it had survived
                     base["codes"][name] = code
                     base.setdefault("killed_in_recheck", []).append(name)
+                elif status_of(base["codes"][name]) == "timeout" and status_of(code) == "survived" and whole_selection:
+                    # a timeout of a loaded machine: run again against the module's whole selection,
+                    # with a longer limit, no test failed. It survived (a later re-check may kill it).
+                    base["codes"][name] = code
+                    base.setdefault("timeout_then_survived", []).append(name)
         for key, e in (re_.get("extra") or {}).items():
             before = raw.get("extra", {}).get(key)
             if before is None or e["status"] == "not checked":

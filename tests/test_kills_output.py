@@ -475,3 +475,87 @@ def test_an_old_folder_that_cannot_be_removed_whole_does_not_stop_the_run(tmp_pa
     monkeypatch.setattr(os, "unlink", unlink)
     output.remove_stale(tmp_path, "t", lambda folder: {"stuck.bin"})
     assert _tree(tmp_path / "t") == {"new.bin": b"new", "notes.txt": b"mine"}
+
+
+def test_only_this_tools_names_are_staging_or_old_paths(tmp_path):
+    names = [".t.partial-12@host@abc", ".t.partial-12@host", ".t.partial-12-abc", ".t.partial-12", ".t.partial-x",
+             ".t.old-12", ".t.old-12-abc", ".t.old-12@host", ".t.old-", ".u.old-12"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    assert [p.name for p in output.staging_paths(tmp_path, "t")] == [".t.partial-12", ".t.partial-12-abc", ".t.partial-12@host", ".t.partial-12@host@abc"]
+    assert [p.name for p in output.staging_paths(tmp_path, "t", "old")] == [".t.old-12"]
+
+
+def test_merging_an_old_folder_into_a_later_output_says_so(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "vcu128")
+    _write(tmp_path / ".t.old-111", {"notes.txt": b"mine"})
+    _write(tmp_path / "t", {"b.bin": b"new"})
+    output.remove_stale(tmp_path, "t")
+    assert caplog.messages == [f"warning: removed {tmp_path / '.t.old-111'}, left by a run killed while replacing {tmp_path / 't'} "
+                               "(other steps' files kept)"]
+
+
+def test_an_interrupted_atomic_write_leaves_nothing_and_stays_an_interrupt(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        output.replace_file_atomically(tmp_path / "r.json", b"{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# check_out: what an --out may be
+
+
+def _never_owned(folder):
+    return None
+
+
+def test_check_out_answers_new_own_or_force(tmp_path):
+    assert output.check_out(tmp_path / "new", "hardware", _never_owned) == "new"
+    (tmp_path / "empty").mkdir()
+    assert output.check_out(tmp_path / "empty", "hardware", _never_owned) == "new"
+    assert output.check_out(tmp_path / "empty", "hardware", lambda folder: set()) == "own"
+    _write(tmp_path / "theirs", {"x.txt": b"theirs"})
+    assert output.check_out(tmp_path / "theirs", "hardware", _never_owned, force=True) == "force"
+
+    def damaged(folder):
+        raise VCUError(f"{folder}/hardware.json: damaged")
+
+    assert output.check_out(tmp_path / "theirs", "hardware", damaged, force=True) == "force"
+    with pytest.raises(VCUError) as e:
+        output.check_out(tmp_path / "theirs", "hardware", damaged, flag="--hw_out")
+    assert (str(e.value), e.value.hint) == (f"{tmp_path / 'theirs'}/hardware.json: damaged", "choose another --hw_out, or pass --force to replace that folder")
+
+
+def test_check_out_refuses_the_root_a_symlink_and_an_input_in_the_flags_words(tmp_path):
+    with pytest.raises(VCUError) as e:
+        output.check_out(Path("/"), "hardware", _never_owned)
+    assert str(e.value) == "/: not a folder the step can write (pass --out with a folder name)"
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    with pytest.raises(VCUError) as e:
+        output.check_out(tmp_path / "link", "hardware", _never_owned, flag="--hw_out")
+    assert str(e.value) == (f"--hw_out {tmp_path / 'link'} (that is {tmp_path / 'real'}): exists and is a symbolic link; "
+                            "not replacing it (choose another --hw_out)")
+    with pytest.raises(VCUError) as e:
+        output.check_out(tmp_path / "real", "hardware", _never_owned, inputs=[tmp_path / "real"], flag="--hw_out")
+    assert str(e.value) == f"--hw_out {tmp_path / 'real'}: is or contains the input {tmp_path / 'real'}; choose another folder"
+
+
+def test_an_output_that_is_an_input_is_refused_with_the_default_flag_and_a_hint(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(VCUError) as e:
+        output.check_inputs(tmp_path, [tmp_path / "model"])  # as lm_head.py asks: the default flag
+    assert str(e.value) == f"--out {tmp_path}: is or contains the input {tmp_path / 'model'}; choose another folder"
+    assert e.value.hint == "choose a new folder (one inside an input folder is fine)"
+    output.check_inputs(tmp_path / "model" / "new", [tmp_path / "model"])  # inside an input folder: fine
+
+
+def test_an_output_ending_in_dotdot_is_the_resolved_folder(tmp_path):
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub", target_is_directory=True)
+    assert output.out_path(tmp_path / "a" / "..") == tmp_path
+    assert output.out_path(tmp_path / "link" / "..") == tmp_path / "real"  # the link's target's parent, as the system goes
