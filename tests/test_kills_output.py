@@ -415,13 +415,8 @@ def test_stale_staging_files_and_links_are_removed_never_followed(tmp_path, capl
     assert f"warning: removed {a_file}: a staging folder left by a killed run" in caplog.text
 
 
-def test_a_stale_folder_that_cannot_be_removed_whole_does_not_stop_the_run(tmp_path, monkeypatch):
-    stale = tmp_path / f".t.partial-{DEAD_PID}@{output.HOST}@x"
-    old = tmp_path / ".t.old-4242"
-    for folder in (stale, old):
-        folder.mkdir()
-        (folder / "stuck.bin").write_bytes(b"x")
-    (tmp_path / "t").mkdir()
+def _stuck_files_cannot_be_removed(monkeypatch) -> None:
+    """Every file named stuck.bin refuses to be unlinked (as a file a user made immutable would)."""
     real_unlink = os.unlink
 
     def unlink(path, *args, **kwargs):
@@ -430,6 +425,16 @@ def test_a_stale_folder_that_cannot_be_removed_whole_does_not_stop_the_run(tmp_p
         return real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", unlink)
+
+
+def test_a_stale_folder_that_cannot_be_removed_whole_does_not_stop_the_run(tmp_path, monkeypatch):
+    stale = tmp_path / f".t.partial-{DEAD_PID}@{output.HOST}@x"
+    old = tmp_path / ".t.old-4242"
+    for folder in (stale, old):
+        folder.mkdir()
+        (folder / "stuck.bin").write_bytes(b"x")
+    (tmp_path / "t").mkdir()
+    _stuck_files_cannot_be_removed(monkeypatch)
     output.remove_stale(tmp_path, "t")  # what cannot be removed stays; the run goes on
 
 
@@ -465,14 +470,7 @@ def test_without_an_owner_every_file_of_an_old_folder_is_kept(tmp_path):
 def test_an_old_folder_that_cannot_be_removed_whole_does_not_stop_the_run(tmp_path, monkeypatch):
     _write(tmp_path / ".t.old-111", {"stuck.bin": b"old output", "notes.txt": b"mine"})
     _write(tmp_path / "t", {"new.bin": b"new"})
-    real_unlink = os.unlink
-
-    def unlink(path, *args, **kwargs):
-        if os.fspath(path).endswith("stuck.bin"):
-            raise PermissionError(1, "Operation not permitted", os.fspath(path))
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", unlink)
+    _stuck_files_cannot_be_removed(monkeypatch)
     output.remove_stale(tmp_path, "t", lambda folder: {"stuck.bin"})
     assert _tree(tmp_path / "t") == {"new.bin": b"new", "notes.txt": b"mine"}
 

@@ -206,3 +206,16 @@ def test_lm_head_writes_its_files_itself_where_those_written_ahead_are_not_what_
     result, _, _ = quantize_lm_head(qdir, tmp_path / "short", progress=False, ahead=ahead)
     assert not result.details["adopted"] and digests(tmp_path / "short") == want["rtn"]
     assert ahead.paths["qweight"].stat().st_size == 256 * 256 * 4  # left where it was
+
+
+def test_a_folder_of_the_prewriters_name_it_did_not_create_is_left_alone(tmp_path, caplog):
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    target = tmp_path / "target"
+    prewriter = ExportPrewriter(target, qdir, None)
+    (prewriter.folder / "compile").mkdir(parents=True)  # there before it (same pid and host: another tool's, or a reused pid)
+    (prewriter.folder / "compile" / "theirs.bin").write_bytes(b"theirs")
+    layers = GPTQCheckpoint(qdir).dims.num_layers
+    prewriter(0, load_file(qdir / f"model-00001-of-{layers + 1:05d}.safetensors"))
+    assert prewriter.failed is not None and prewriter.written() is None
+    prewriter.remove()
+    assert (prewriter.folder / "compile" / "theirs.bin").read_bytes() == b"theirs"

@@ -68,6 +68,7 @@ class ExportPrewriter:
         self.failed: Exception | None = None  # writing the layers' files
         self.lm_head_job: Future | None = None
         self.stopping = threading.Event()
+        self.made = False  # the folder is removed only where this run created it
 
     def __call__(self, index: int, tensors: dict) -> None:
         if self.failed is not None:
@@ -82,7 +83,8 @@ class ExportPrewriter:
                 self.lm_head_job = in_background(self._write_lm_head, source, tensors[TensorView({}, self.dims, self.folder).source_name(source)])
         except Exception as e:  # noqa: BLE001 - compile_sw writes the files after GPTQ instead (and meets the error there)
             self.failed = e
-            shutil.rmtree(self.folder / "compile", ignore_errors=True)
+            if self.made:
+                shutil.rmtree(self.folder / "compile", ignore_errors=True)
             if not isinstance(e, NoRoom):
                 log.warning(one_line(f"warning: compile_sw's qweight.bin files could not be written during GPTQ ({e}); "
                                      "compile_sw writes them after it"))
@@ -92,7 +94,8 @@ class ExportPrewriter:
         st = os.statvfs(self.folder.parent)
         if st.f_bavail * st.f_frsize < output_bytes(dims):  # compile_sw refuses it after GPTQ, as it does alone
             raise NoRoom()
-        self.folder.mkdir()
+        self.folder.mkdir()  # exists already: refused here, and left alone
+        self.made = True
         self.dims = dims
 
     def _write_layer(self, layer: int, tensors: dict) -> None:
@@ -150,7 +153,8 @@ class ExportPrewriter:
         self.stopping.set()
         if self.lm_head_job is not None:
             self.lm_head_job.exception()  # no thread writes into the folder once it is removed
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.made:
+            shutil.rmtree(self.folder, ignore_errors=True)
         remove_created(self.created)
 
 
