@@ -97,7 +97,8 @@ def main(argv=None):
     # same bytes as the steps run afterwards (tests/test_pipelined_export.py)
     method = args.lm_head_method or "rtn"
     lm_head = None if args.lm_head or method == "checkpoint" else (method, 8 if method == "trunc" else opts.int4_range)
-    with compiling_during_gptq(output_folder(args.model, args.quantize_model, args.wbits), args.model, lm_head) as ahead:
+    board = (args.ports, opts.int4)  # opts settles the int4 code quantize records, which hardware.py follows
+    with compiling_during_gptq(output_folder(args.model, args.quantize_model, args.wbits), args.model, lm_head, board) as ahead:
         out = quantize(ahead)
         export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts, ahead=ahead)
 

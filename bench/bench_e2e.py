@@ -8,9 +8,9 @@ the quality report, compile_sw, lm_head, hardware, embedding_tokens, then verify
 and functional check (its verify_report.json). Prints a table and writes
 bench/results/e2e_<machine>_<layers>L.json.
 
-On the GPU machine (one line; about 6 minutes and 60 GB of disk for 28 layers):
+On the GPU machine (one line; about 2 minutes, 45 GB of disk and the 15 GB model in memory for 28 layers):
 
-    python bench/bench_e2e.py --layers 28 --device cuda:0 --fingerprint bench/out/e2e_h200.sha256
+    python bench/bench_e2e.py --layers 28 --device cuda:0 --model_in /dev/shm/e2e --pycache /tmp/pyc --fingerprint e2e.sha256
 
 `--export_only` starts from a synthetic GPTQ checkpoint (random ints and scales, vcu128/format/synthetic.py)
 and times the four export steps, each run by hand as its own command, then `verify.py --bits_only`
@@ -242,6 +242,25 @@ def functional_parts(run: dict, func: float, timeline: dict) -> list[tuple[str, 
 # Fingerprint and machine
 
 
+def fill_bytecode_cache(work: Path, device: str) -> None:
+    """Run the user's commands once, untimed, on a tiny 1-layer model: every module the timed commands
+    import (modeling_qwen2, the tokenizer's, the export's, verify's) has its bytecode cached first."""
+    model, qdir = work / "model", work / "model-W4A16-gptq"
+    shutil.rmtree(work, ignore_errors=True)
+    gen_device = "cuda" if device.startswith("cuda") else "cpu"
+    steps = [["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_e2e import *; "
+                    f"write_random_model(Path({str(model)!r}), 1, 'tiny', {gen_device!r})"],
+             ["quantize.py", "--model", str(model), "--quantize_model", str(qdir), "--device", device, "--calib", "random",
+              "--eval_text", str(ROOT / "data" / "demo_corpus.txt"), "--compile"],
+             ["verify.py", "--quantize_model", str(qdir), "--hardware_dir", str(qdir / "compile" / "QWEN_BLOCK_write_data_port32"),
+              "--device", gen_device]]
+    start = time.perf_counter()
+    for args in steps:
+        subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"bytecode cache filled in {time.perf_counter() - start:.1f} s (untimed)", file=sys.stderr)
+
+
 def fingerprint(folders: list[Path], out: Path) -> int:
     """sha256 of every file under `folders` but the records, one `sha  folder/path` line each, sorted."""
     from scripts.output_fingerprint import file_hashes
@@ -327,16 +346,23 @@ def main() -> None:
     p.add_argument("--fingerprint", type=Path, help="write the sha256 of every output file here")
     p.add_argument("--disk", action="store_true", help="first measure the disk's unbuffered write and read speed (8 GB), and give each command's floor")
     p.add_argument("--json", type=Path, help="default: bench/results/e2e_<machine>_<layers>L[_export].json")
-    p.add_argument("--pycache", type=Path, help="PYTHONPYCACHEPREFIX for the commands, filled by one untimed import first: an "
-                                                "environment without compiled bytecode (the GPU machine's) compiles torch's and "
-                                                "transformers' sources in every process, which a pip install does once")
+    p.add_argument("--pycache", type=Path, help="PYTHONPYCACHEPREFIX for the commands, filled first by an untimed run of the same "
+                                                "commands on a tiny model, with bytecode writing allowed: an environment without "
+                                                "compiled bytecode (the GPU machine's, which also sets PYTHONDONTWRITEBYTECODE=1) "
+                                                "compiles torch's and transformers' sources in every process, which a pip install does once")
     args = p.parse_args()
 
+    bytecode_env = os.environ.get("PYTHONDONTWRITEBYTECODE")
     if args.pycache:
+        # A pip install compiles every module's bytecode; an environment without it (the GPU machine's
+        # site-packages have none, and it sets PYTHONDONTWRITEBYTECODE, so nothing is ever cached)
+        # compiles torch's and transformers' sources again in every process: 10-15 s a command there.
+        # So writing is allowed, into a prefix of our own, filled by the same commands on a tiny model.
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
         os.environ["PYTHONPYCACHEPREFIX"] = str(args.pycache.resolve())
-        subprocess.run([sys.executable, "-c", "import torch, transformers; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-                        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import vcu128.quant.layerwise, vcu128.check.functional"], check=False)
+        fill_bytecode_cache(args.work / "bytecode-fill", args.device)
     info = machine(args.device)
+    info["PYTHONDONTWRITEBYTECODE"] = bytecode_env
     args.work.mkdir(parents=True, exist_ok=True)
     log = sys.stderr
     env_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -425,7 +451,8 @@ def main() -> None:
 
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": info, "layers": args.layers, "shape": args.shape, "device": args.device,
            "mode": "export_only" if args.export_only else "quantize --compile, verify", "cold_cache": args.cold,
-           "bytecode_cache": "PYTHONPYCACHEPREFIX, filled first" if args.pycache else "the environment's own",
+           "bytecode_cache": ("PYTHONPYCACHEPREFIX, filled first by the same commands on a tiny model, bytecode writing allowed"
+                              if args.pycache else "the environment's own"),
            "total_seconds": round(total, 2), "phases": [{"phase": n, "seconds": round(s, 2)} for n, s in phases],
            "commands": [{k: v for k, v in r.items() if k != "lines"} | {"log": r["lines"]} for r in runs]}
     if disk:

@@ -1,7 +1,8 @@
 """quantize.py --compile writes compile_sw's qweight.bin files and lm_head's files during GPTQ's
-layer walk (export/pipeline.py ExportPrewriter, fed by layerwise's on_shard): the same bytes as the
-steps run one after the other, nothing left behind when the walk fails, and compile_software's
-adoption of the files written ahead refuses any that is not whole."""
+layer walk, and packs every linear in the board's layout (export/pipeline.py ExportPrewriter, fed by
+layerwise's on_shard): the same bytes as the steps run one after the other, nothing left behind when
+the walk fails, compile_software's adoption of the files written ahead refuses any that is not whole,
+and hardware.py takes a packed linear only where its own inputs are the ones it was packed from."""
 
 import hashlib
 import os
@@ -17,6 +18,7 @@ from test_safety import run_step
 
 from vcu128.export import pipeline
 from vcu128.export.compile_sw import compile_software, write_qweight
+from vcu128.export.hardware import pack_hardware
 from vcu128.export.lm_head import quantize_lm_head
 from vcu128.export.pipeline import ExportPrewriter
 from vcu128.format.checkpoint import GPTQCheckpoint
@@ -47,8 +49,14 @@ def staging_left(folder) -> list[str]:
 
 @pytest.fixture
 def adopted(monkeypatch):
-    """What the pipeline's steps adopted: compile_sw, how many qweight.bin files; lm_head, whether its files."""
+    """What the pipeline's steps adopted: compile_sw, how many qweight.bin files; lm_head, whether its
+    files; hardware, how many linears packed ahead."""
     seen = []
+
+    def packing(*args, **kwargs):
+        result = pack_hardware(*args, **kwargs)
+        seen.append(("hardware", result.details["packed_ahead"]))
+        return result
 
     def compiling(*args, **kwargs):
         result = compile_software(*args, **kwargs)
@@ -62,6 +70,7 @@ def adopted(monkeypatch):
 
     monkeypatch.setattr(pipeline, "compile_software", compiling)
     monkeypatch.setattr(pipeline, "quantize_lm_head", lm_head)
+    monkeypatch.setattr(pipeline, "pack_hardware", packing)
     return seen
 
 
@@ -69,7 +78,7 @@ def test_compile_during_gptq_writes_the_bytes_of_the_steps_run_one_after_another
     q = tmp_path / "q"
     code, err = run_step("quantize", "--model", tiny_untrained_model, "--out", q, *CALIB, "--compile")
     assert code == 0, err
-    assert adopted == [("compile_sw", 2 * len(LINEARS)), ("lm_head", True)]  # all written during the walk
+    assert adopted == [("compile_sw", 2 * len(LINEARS)), ("lm_head", True), ("hardware", 2 * len(LINEARS) + 1)]  # all during the walk
     assert staging_left(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     pipelined = digests(q)
     assert sum(rel.endswith(".qweight.bin") for rel in pipelined) == 2 * len(LINEARS)
@@ -126,17 +135,17 @@ def test_an_error_writing_ahead_leaves_compile_sw_to_write_them(tiny_untrained_m
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"warning: compile_sw's qweight.bin files could not be written during GPTQ ([Errno 28] No space left on device: "
         f"'{ahead}/compile/qwen2_qweight_bin/model.layers.1.self_attn.q_proj.qweight.bin'); compile_sw writes them after it"]
-    assert adopted == [("compile_sw", 0), ("lm_head", True)] and staging_left(tmp_path) == []
+    assert adopted == [("compile_sw", 0), ("lm_head", True), ("hardware", 0)] and staging_left(tmp_path) == []
     ckpt = GPTQCheckpoint(q)
     name = LINEARS[0].name(1)
     want = ckpt.signed_weights(ckpt.get(f"{name}.qweight"), np.dtype("<i4"))
     assert np.array_equal(np.fromfile(sw_linear_paths(q / "compile", name)["qweight"], "<i4").reshape(want.shape), want)
 
 
-def written_ahead(qdir, target, lm_head=("rtn", 8)):
+def written_ahead(qdir, target, lm_head=("rtn", 8), board=None):
     """An ExportPrewriter fed each shard of a synthetic checkpoint (one shard a layer and one of the
     rest, under the source model's names: what GPTQ's walk hands it), the rest's first."""
-    prewriter = ExportPrewriter(target, qdir, lm_head)
+    prewriter = ExportPrewriter(target, qdir, lm_head, board)
     layers = GPTQCheckpoint(qdir).dims.num_layers
     for i in [layers, *range(layers)]:
         prewriter(i, load_file(qdir / f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors"))
@@ -219,3 +228,68 @@ def test_a_folder_of_the_prewriters_name_it_did_not_create_is_left_alone(tmp_pat
     assert prewriter.failed is not None and prewriter.written() is None
     prewriter.remove()
     assert (prewriter.folder / "compile" / "theirs.bin").read_bytes() == b"theirs"
+
+
+def export_by_steps(qdir, out, ahead=None, rescale="auto", ports=32):
+    """compile_sw, lm_head, hardware into `out`, with what `ahead` (an ExportPrewriter) made; returns
+    how many linears hardware took from it."""
+    compile_software(qdir, out, progress=False, fp16_rescale=rescale, qweights_from=ahead.written() if ahead else None)
+    quantize_lm_head(qdir, out, progress=False, ahead=ahead.lm_head_written() if ahead else None)
+    result = pack_hardware(out, None, ports, progress=False, ahead=ahead.packed_ahead() if ahead else None)
+    return result.details["packed_ahead"]
+
+
+@pytest.mark.parametrize("spec", [TINY_QWEN, TINY_GLM], ids=["qwen2", "chatglm"])
+def test_linears_packed_ahead_are_the_words_hardware_writes(tmp_path, spec):
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**spec, seed=3))
+    assert export_by_steps(qdir, tmp_path / "plain") == 0
+    prewriter = written_ahead(qdir, tmp_path / "target", board=(32, "twos"))
+    assert export_by_steps(qdir, tmp_path / "adopted", prewriter) == 2 * len(LINEARS) + 1  # every linear and the output layer
+    assert digests(tmp_path / "adopted") == digests(tmp_path / "plain")  # the manifests too
+    assert [p for p in (prewriter.folder / "hardware").rglob("*") if p.is_file()] == []  # renamed, not copied
+    prewriter.remove()
+    assert staging_left(tmp_path) == []
+
+
+@pytest.mark.parametrize("change", ["rescaled", "ports", "int4", "qweight rewritten"])
+def test_hardware_packs_itself_what_was_packed_from_other_inputs(tmp_path, change):
+    """fp16 rescaling changes the scales and biases it was packed from (k=1, m=1: each layer's o_proj
+    and up_proj carry 1/2, its down_proj 2^(m-k) = 1; the output layer, which lm_head.py makes, 1):
+    those two a layer are packed again, the other five and the output layer taken; other ports or another int4 code pack other words; a qweight.bin of the
+    same bytes that is not the file packed (written again) is not taken either. The folder is the one
+    the steps write alone, every byte."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    rescale, ports = ("k=1,m=1" if change == "rescaled" else "auto"), (16 if change == "ports" else 32)
+    export_by_steps(qdir, tmp_path / "plain", rescale=rescale, ports=ports)
+    prewriter = written_ahead(qdir, tmp_path / "target", board=(32, "sign_magnitude" if change == "int4" else "twos"))
+    if change == "qweight rewritten":
+        qweights = prewriter.written()
+        for path in qweights.rglob("*.qweight.bin"):
+            data = path.read_bytes()
+            path.unlink()
+            path.write_bytes(data)
+    taken = export_by_steps(qdir, tmp_path / "adopted", prewriter, rescale=rescale, ports=ports)
+    assert taken == {"rescaled": 2 * 5 + 1, "ports": 0, "int4": 0, "qweight rewritten": 1}[change]
+    assert digests(tmp_path / "adopted") == digests(tmp_path / "plain")
+    prewriter.remove()
+    assert staging_left(tmp_path) == []
+
+
+def test_an_error_packing_ahead_leaves_hardware_to_pack_them(tmp_path, monkeypatch, caplog):
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    export_by_steps(qdir, tmp_path / "plain")
+    real = pipeline.PackedAhead.pack
+
+    def failing(self, jobs):
+        if jobs[0].name == LINEARS[0].name(1):
+            raise OSError(28, "No space left on device")
+        real(self, jobs)
+
+    monkeypatch.setattr(pipeline.PackedAhead, "pack", failing)
+    prewriter = written_ahead(qdir, tmp_path / "target", board=(32, "twos"))
+    assert export_by_steps(qdir, tmp_path / "adopted", prewriter) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "packed" in r.getMessage()] == [
+        "warning: the board's files could not be packed during GPTQ ([Errno 28] No space left on device); hardware packs them after it"]
+    assert digests(tmp_path / "adopted") == digests(tmp_path / "plain")
+    prewriter.remove()
+    assert staging_left(tmp_path) == []

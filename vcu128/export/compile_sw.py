@@ -80,10 +80,18 @@ def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 
         write_qweight(ckpt.get(f"{name}.qweight"), paths["qweight"])
     else:
         os.rename(qweight_from, paths["qweight"])
-    chout = ckpt.info(f"{name}.qweight")[1][1]
-    write_array(paths["scales"], scale_fp16(np.ascontiguousarray(ckpt.get(f"{name}.scales").T), factor, counter).astype("<f2"))
     bias_name = f"{name}.bias"
-    bias = ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else np.zeros(chout, "<f2")
+    write_scales_and_bias(ckpt.get(f"{name}.scales"), ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else None, paths, factor, counter)
+
+
+def write_scales_and_bias(scales: np.ndarray, bias: np.ndarray | None, paths: dict[str, Path], factor: float = 1.0,
+                          counter: dict | None = None) -> None:
+    """scales.bin: a GPTQ scales tensor [chin/128, chout] as fp16 [chout, chin/128]; bias.bin: the fp16
+    bias, zeros for a linear without one; both times `factor`. What pipeline.ExportPrewriter packs
+    ahead from (factor 1), and hardware.py compares before taking what it packed."""
+    counter = {} if counter is None else counter
+    write_array(paths["scales"], scale_fp16(np.ascontiguousarray(scales.T), factor, counter).astype("<f2"))
+    bias = np.zeros(scales.shape[1], "<f2") if bias is None else bias
     write_array(paths["bias"], scale_fp16(bias, factor, counter).astype("<f2"))
 
 

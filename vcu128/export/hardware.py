@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +96,7 @@ from vcu128.io.provenance import compile_ids, stale_compile, warn
 
 log = logging.getLogger("vcu128")
 STEP = "hardware"
+OUTPUT_LAYER = "lm_head"  # the output layer's PackJob name
 EMBEDDING_STEP = "embedding_tokens"  # the step whose parts a packed folder holds beside hardware.py's files
 
 
@@ -106,7 +109,14 @@ class PackJob:
         self.chout, self.chin = qweight.shape
 
     def run(self, root: Path, ports: int, int4: str = "twos") -> list[FileRecord]:
-        return pack_jobs([self], root, ports, int4)
+        return pack_jobs([self], root, ports, int4)[0]
+
+    def inputs(self) -> tuple:
+        """What its words follow from: its qweight.bin, the file itself (device, inode, size and
+        modification time, which a rename keeps), and the bytes of its scales and bias files."""
+        st = self.qweight.path.stat()
+        digest = lambda f: None if f is None else hashlib.sha256(f.path.read_bytes()).hexdigest()  # noqa: E731
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest(self.scales), digest(self.bias)
 
     def blocks(self, ports: int) -> list[tuple[int, int]]:
         """(start, stop) of its blocks of rows, about 16 MB of ints each (a size the allocator reuses;
@@ -138,8 +148,8 @@ class PackJob:
         return records
 
 
-def pack_jobs(jobs: list[PackJob], root: Path, ports: int, int4: str = "twos", done=None) -> list[FileRecord]:
-    """Every job's files, its records in job order (the manifest reads the same whatever the timing).
+def pack_jobs(jobs: list[PackJob], root: Path, ports: int, int4: str = "twos", done=None) -> list[list[FileRecord]]:
+    """Every job's files: each job's records, in job order (the manifest reads the same whatever the timing).
 
     One stream of blocks through all the jobs, so that no linear starts or ends with the disk idle:
     the int32 rows (4 bytes a weight) are read ahead on threads of their own, checked, packed and
@@ -165,14 +175,14 @@ def pack_jobs(jobs: list[PackJob], root: Path, ports: int, int4: str = "twos", d
         writers[i].place(start, jobs[i].pack_block(start, q, scales, int4))
         return i, start
 
-    records: list[FileRecord] = []
+    records: list[list[FileRecord]] = []
     finishing: deque = deque()
 
     def collect(keep: int) -> None:
         """The records of finished jobs, in order, waiting until at most `keep` are left unfinished."""
         while finishing and (len(finishing) > keep or finishing[0][1].done()):
             i, future = finishing.popleft()
-            records.extend(future.result())
+            records.append(future.result())
             if done is not None:
                 done(i)
 
@@ -211,18 +221,53 @@ def plan(compile_dir: Path, dims: ModelDims) -> tuple[list[list[PackJob]], list[
             src = sw_fp16_path(compile_dir, f"model.layers.{layer}.{norm}.weight", software)
             norms.append((BinFile(src, "<f2", (2 * dims.hidden,)), hw_layer_norm_file(layer, board)))
     norms.append((BinFile(sw_fp16_path(compile_dir, f"{FINAL_NORM}.weight", software), "<f2", (2 * dims.hidden,)), OUT_NORM_FILE))
-    lm = sw_lm_head_paths(compile_dir, software)
+    return layers, norms, output_layer_job(compile_dir, dims)
+
+
+def output_layer_job(compile_dir: Path, dims: ModelDims) -> PackJob:
+    lm = sw_lm_head_paths(compile_dir, dims.family.software)
     if not lm["qweight"].is_file():
         raise VCUError(f"{lm['qweight']}: missing (run lm_head.py first)")
-    out_layer = PackJob(
-        "lm_head",
+    return PackJob(
+        OUTPUT_LAYER,
         sw_qweight_file(lm["qweight"], dims.vocab, dims.hidden),
         sw_scales_file(lm["scales"], dims.vocab, dims.hidden),
         None,  # the output layer has no bias: its bias words are 0x3C000000
         OUT_WEIGHT_STEM,
         OUT_BIAS_FILE,
     )
-    return layers, norms, out_layer
+
+
+@dataclass
+class PackedAhead:
+    """Linears packed before hardware.py runs (pipeline.ExportPrewriter, during GPTQ): each one's
+    files under `root`, at the paths its records name, and what it was packed from (PackJob.inputs).
+    pack_hardware takes a linear's files only where its own job reads those very inputs, with the
+    same ports and int4 code: the words are then the ones it would write."""
+
+    root: Path
+    ports: int
+    int4: str
+    linears: dict[str, tuple[tuple, list[FileRecord]]] = field(default_factory=dict)  # name: (inputs, records)
+
+    def pack(self, jobs: list[PackJob]) -> None:
+        for job, records in zip(jobs, pack_jobs(jobs, self.root, self.ports, self.int4), strict=True):
+            self.linears[job.name] = (job.inputs(), records)
+
+    def adopt(self, jobs: list[PackJob], stage: Path, ports: int, int4: str) -> dict[int, list[FileRecord]]:
+        """{index in `jobs`: records} of the jobs whose files are here, moved into `stage`."""
+        if not self.linears or (self.ports, self.int4) != (ports, int4) or os.stat(self.root).st_dev != os.stat(stage).st_dev:
+            return {}
+        adopted = {}
+        for i, job in enumerate(jobs):
+            inputs, records = self.linears.get(job.name, (None, []))
+            if inputs is None or inputs != job.inputs():
+                continue
+            for r in records:
+                (stage / r.path).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(self.root / r.path, stage / r.path)
+            adopted[i] = records
+        return adopted
 
 
 def output_bytes(dims: ModelDims, ports: int, max_token: int = DEFAULT_MAX_TOKEN) -> int:
@@ -331,7 +376,8 @@ def read_gate_range(compile_dir: Path, num_layers: int | None = None) -> tuple[f
 
 
 def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD_PORTS, progress: bool = True, force: bool = False,
-                  opts: BoardOptions | None = None) -> StepResult:
+                  opts: BoardOptions | None = None, ahead: PackedAhead | None = None) -> StepResult:
+    """`ahead`: linears packed during GPTQ (PackedAhead), taken where they are what this run packs."""
     start = time.perf_counter()
     opts = opts or BoardOptions(ports=ports)
     ports = opts.ports
@@ -363,10 +409,24 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
     inputs = [compile_dir, *(compile_dir / sub for sub in sw_dirs(dims.family.software)), compile_dir / CONFIG]
     tables = [ACT_FILE, MANIFEST_NAME] + ([rope_file_name(opts.max_token)] if dims.head_dim == BOARD_HEAD_DIM else [])
     with staged_dir(out, STEP, hardware_owns, inputs, force, output_bytes(dims, ports, opts.max_token), writes=tables) as stage:
-        jobs = [job for layer in layers for job in layer]
+        jobs = [job for layer in layers for job in layer] + [out_layer]
+        adopted = ahead.adopt(jobs, stage, ports, opts.int4) if ahead is not None else {}
+        rest = [i for i in range(len(jobs)) if i not in adopted]
         with bar(None, "hardware", "layer", len(layers), progress) as shown:
-            manifest.files += pack_jobs(jobs + [out_layer], stage, ports, opts.int4,
-                                        done=lambda i: shown.update(1) if i < len(jobs) and (i + 1) % len(LINEARS) == 0 else None)
+            left = [len(layer) for layer in layers]  # a layer is shown once its last linear is written
+
+            def written(i: int) -> None:  # job i of `jobs`
+                layer = i // len(LINEARS)
+                if layer < len(left):
+                    left[layer] -= 1
+                    if left[layer] == 0:
+                        shown.update(1)
+
+            for i in adopted:
+                written(i)
+            packed = dict(zip(rest, pack_jobs([jobs[i] for i in rest], stage, ports, opts.int4, done=lambda k: written(rest[k])), strict=True))
+        for i in range(len(jobs)):
+            manifest.files += adopted[i] if i in adopted else packed[i]
         for src, rel in norms:
             weights = src.read()
             check_finite(str(src.path), weights)
@@ -386,7 +446,7 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
     files, nbytes = len(manifest.files), sum(f.bytes for f in manifest.files)
     note = f"{MANIFEST_NAME} lists them" + (f"; {EMBEDDING_DIR}/'s {kept} files kept" if kept else "")
     result = StepResult("hardware", out, files, nbytes, time.perf_counter() - start, note=note)
-    result.details = {"assumptions": assumptions, "tables": tables, "int4_from": int4_from}
+    result.details = {"assumptions": assumptions, "tables": tables, "int4_from": int4_from, "packed_ahead": len(adopted)}
     return result
 
 
