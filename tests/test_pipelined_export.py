@@ -74,11 +74,16 @@ def adopted(monkeypatch):
     return seen
 
 
-def test_compile_during_gptq_writes_the_bytes_of_the_steps_run_one_after_another(tiny_untrained_model, tmp_path, adopted):
+@pytest.mark.parametrize("flags", [[], ["--lm_head"]], ids=["rtn output layer", "GPTQ output layer"])
+def test_compile_during_gptq_writes_the_bytes_of_the_steps_run_one_after_another(tiny_untrained_model, tmp_path, adopted, flags):
+    """All made during the walk; with --lm_head the output layer is GPTQ's, which lm_head.py takes
+    from the checkpoint and hardware.py packs itself, after the walk."""
     q = tmp_path / "q"
-    code, err = run_step("quantize", "--model", tiny_untrained_model, "--out", q, *CALIB, "--compile")
+    code, err = run_step("quantize", "--model", tiny_untrained_model, "--out", q, *CALIB, *flags, "--compile")
     assert code == 0, err
-    assert adopted == [("compile_sw", 2 * len(LINEARS)), ("lm_head", True), ("hardware", 2 * len(LINEARS) + 1)]  # all during the walk
+    gptq_output_layer = "--lm_head" in flags
+    assert adopted == [("compile_sw", 2 * len(LINEARS)), ("lm_head", not gptq_output_layer),
+                       ("hardware", 2 * len(LINEARS) + (not gptq_output_layer))]
     assert staging_left(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     pipelined = digests(q)
     assert sum(rel.endswith(".qweight.bin") for rel in pipelined) == 2 * len(LINEARS)
