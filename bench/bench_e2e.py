@@ -242,23 +242,30 @@ def functional_parts(run: dict, func: float, timeline: dict) -> list[tuple[str, 
 # Fingerprint and machine
 
 
-def fill_bytecode_cache(work: Path, device: str) -> None:
-    """Run the user's commands once, untimed, on a tiny 1-layer model: every module the timed commands
-    import (modeling_qwen2, the tokenizer's, the export's, verify's) has its bytecode cached first."""
+def fill_bytecode_cache(work: Path, device: str, quantize_args: list[str], verify_args: list[str]) -> bool:
+    """Run the timed commands once, untimed, on a tiny 1-layer model (with the same extra arguments):
+    every module they import (modeling_qwen2, the tokenizer's, the export's, verify's) has its
+    bytecode cached first. Returns whether every command ran; a failure is shown, and the timed run
+    then pays for what was not compiled."""
     model, qdir = work / "model", work / "model-W4A16-gptq"
     shutil.rmtree(work, ignore_errors=True)
     gen_device = "cuda" if device.startswith("cuda") else "cpu"
     steps = [["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_e2e import *; "
                     f"write_random_model(Path({str(model)!r}), 1, 'tiny', {gen_device!r})"],
              ["quantize.py", "--model", str(model), "--quantize_model", str(qdir), "--device", device, "--calib", "random",
-              "--eval_text", str(ROOT / "data" / "demo_corpus.txt"), "--compile"],
+              "--eval_text", str(ROOT / "data" / "demo_corpus.txt"), "--compile", *quantize_args],
              ["verify.py", "--quantize_model", str(qdir), "--hardware_dir", str(qdir / "compile" / "QWEN_BLOCK_write_data_port32"),
-              "--device", gen_device]]
-    start = time.perf_counter()
+              "--device", gen_device, *verify_args]]
+    start, ok = time.perf_counter(), True
     for args in steps:
-        subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        if done.returncode not in (0, 1):  # verify's 1: a tiny random model may miss its threshold
+            print(f"filling the bytecode cache: {args[0]} exited {done.returncode}:\n{done.stderr[-2000:]}", file=sys.stderr)
+            ok = False
+            break
     shutil.rmtree(work, ignore_errors=True)
-    print(f"bytecode cache filled in {time.perf_counter() - start:.1f} s (untimed)", file=sys.stderr)
+    print(f"bytecode cache {'filled' if ok else 'NOT filled'} in {time.perf_counter() - start:.1f} s (untimed)", file=sys.stderr)
+    return ok
 
 
 def fingerprint(folders: list[Path], out: Path) -> int:
@@ -352,7 +359,7 @@ def main() -> None:
                                                 "compiles torch's and transformers' sources in every process, which a pip install does once")
     args = p.parse_args()
 
-    bytecode_env = os.environ.get("PYTHONDONTWRITEBYTECODE")
+    bytecode_env, filled = os.environ.get("PYTHONDONTWRITEBYTECODE"), False
     if args.pycache:
         # A pip install compiles every module's bytecode; an environment without it (the GPU machine's
         # site-packages have none, and it sets PYTHONDONTWRITEBYTECODE, so nothing is ever cached)
@@ -360,7 +367,7 @@ def main() -> None:
         # So writing is allowed, into a prefix of our own, filled by the same commands on a tiny model.
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
         os.environ["PYTHONPYCACHEPREFIX"] = str(args.pycache.resolve())
-        fill_bytecode_cache(args.work / "bytecode-fill", args.device)
+        filled = fill_bytecode_cache(args.work / "bytecode-fill", args.device, args.quantize_args.split(), args.verify_args.split())
     info = machine(args.device)
     info["PYTHONDONTWRITEBYTECODE"] = bytecode_env
     args.work.mkdir(parents=True, exist_ok=True)
@@ -451,7 +458,8 @@ def main() -> None:
 
     doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": info, "layers": args.layers, "shape": args.shape, "device": args.device,
            "mode": "export_only" if args.export_only else "quantize --compile, verify", "cold_cache": args.cold,
-           "bytecode_cache": ("PYTHONPYCACHEPREFIX, filled first by the same commands on a tiny model, bytecode writing allowed"
+           "bytecode_cache": (("PYTHONPYCACHEPREFIX, filled first by the same commands on a tiny model, bytecode writing allowed"
+                               if filled else "PYTHONPYCACHEPREFIX, but filling it failed (its output above): the commands compiled what they import")
                               if args.pycache else "the environment's own"),
            "total_seconds": round(total, 2), "phases": [{"phase": n, "seconds": round(s, 2)} for n, s in phases],
            "commands": [{k: v for k, v in r.items() if k != "lines"} | {"log": r["lines"]} for r in runs]}

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import threading
+from concurrent.futures import wait
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from conftest import ROOT
 from safetensors.torch import load_file
 from test_chatglm import TINY_GLM
 from test_safety import run_step
+from test_tables import _clip_checkpoint_to_seven
 
-from vcu128.export import pipeline
+from vcu128.export import hardware, pipeline
 from vcu128.export.compile_sw import compile_software, write_qweight
 from vcu128.export.hardware import pack_hardware
 from vcu128.export.lm_head import quantize_lm_head
@@ -26,7 +28,7 @@ from vcu128.format.layout import sw_linear_paths
 from vcu128.format.model import LINEARS
 from vcu128.format.synthetic import SyntheticSpec, write_gptq_checkpoint
 from vcu128.io.errors import VCUError
-from vcu128.io.output import HOST, out_path
+from vcu128.io.output import HOST, disk_bytes, out_path
 from vcu128.quant import layerwise
 
 CALIB = ["--calib", ROOT / "data" / "demo_corpus.txt", "--nsamples", "8", "--seqlen", "64"]
@@ -101,18 +103,21 @@ def test_a_walk_that_fails_leaves_nothing_behind(tiny_untrained_model, tmp_path,
     """GPTQ fails on layer 1, once layer 0's qweight.bin files are written ahead: no checkpoint, no
     staging folder, no files written ahead, no parent folder the run made."""
     layer0_written = threading.Event()
-    seen = []
+    seen, packed_then = [], 0
     call, run_layer = ExportPrewriter.__call__, layerwise.LayerQuantizer.run_layer
 
     def prewrite(self, index, tensors):
         call(self, index, tensors)
         if index == 0:
+            wait(self.packing)
             layer0_written.set()
 
     def fail_on_layer_1(self, prefix):
         if prefix == "model.layers.1":
             assert layer0_written.wait(60)
             seen.extend(p.name for p in (tmp_path / "new").glob(".q.partial-*@compile_sw/*/*/*qweight.bin"))
+            nonlocal packed_then
+            packed_then = len(list((tmp_path / "new").glob(".q.partial-*@compile_sw/hardware/BLOCK00/*/*_wt_and_bias_in_DDR.bin")))
             raise KeyboardInterrupt if how == "Ctrl-C" else VCUError("planted")
         return run_layer(self, prefix)
 
@@ -121,7 +126,9 @@ def test_a_walk_that_fails_leaves_nothing_behind(tiny_untrained_model, tmp_path,
     code, err = run_step("quantize", "--model", tiny_untrained_model, "--out", tmp_path / "new" / "q", *CALIB, "--compile")
     assert (code, err) == ((130, "error: interrupted (no output was left behind)\n") if how == "Ctrl-C" else (2, "error: planted\n"))
     assert sorted(seen) == sorted([f"{lin.name(0)}.qweight.bin" for lin in LINEARS] + ["lm_head_qweight.bin"])  # something to remove
+    assert packed_then == len(LINEARS)  # layer 0's linears packed for the board too (a bias words file each)
     assert list(tmp_path.iterdir()) == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith(("pack-ahead", "shard-sink", "background-"))] == []
 
 
 def test_an_error_writing_ahead_leaves_compile_sw_to_write_them(tiny_untrained_model, tmp_path, monkeypatch, adopted, caplog):
@@ -235,10 +242,12 @@ def test_a_folder_of_the_prewriters_name_it_did_not_create_is_left_alone(tmp_pat
     assert (prewriter.folder / "compile" / "theirs.bin").read_bytes() == b"theirs"
 
 
-def export_by_steps(qdir, out, ahead=None, rescale="auto", ports=32):
+def export_by_steps(qdir, out, ahead=None, rescale="auto", ports=32, after_compile=None):
     """compile_sw, lm_head, hardware into `out`, with what `ahead` (an ExportPrewriter) made; returns
-    how many linears hardware took from it."""
+    how many linears hardware took from it. `after_compile(out)`: a change to compile_sw's files."""
     compile_software(qdir, out, progress=False, fp16_rescale=rescale, qweights_from=ahead.written() if ahead else None)
+    if after_compile is not None:
+        after_compile(out)
     quantize_lm_head(qdir, out, progress=False, ahead=ahead.lm_head_written() if ahead else None)
     result = pack_hardware(out, None, ports, progress=False, ahead=ahead.packed_ahead() if ahead else None)
     return result.details["packed_ahead"]
@@ -256,28 +265,85 @@ def test_linears_packed_ahead_are_the_words_hardware_writes(tmp_path, spec):
     assert staging_left(tmp_path) == []
 
 
-@pytest.mark.parametrize("change", ["rescaled", "ports", "int4", "qweight rewritten"])
-def test_hardware_packs_itself_what_was_packed_from_other_inputs(tmp_path, change):
+def raise_a_bias(compile_dir) -> None:
+    """Layer 0's q_proj bias one fp16 step up (the same size: only its bytes differ)."""
+    path = sw_linear_paths(compile_dir, LINEARS[0].name(0))["bias"]
+    path.write_bytes((np.fromfile(path, "<u2") + 1).astype("<u2").tobytes())
+
+
+@pytest.mark.parametrize("change", ["rescaled", "bias", "ports", "int4", "qweight rewritten"])
+def test_hardware_packs_itself_what_was_packed_from_other_inputs(tmp_path, change, caplog):
     """fp16 rescaling changes the scales and biases it was packed from (k=1, m=1: each layer's o_proj
     and up_proj carry 1/2, its down_proj 2^(m-k) = 1; the output layer, which lm_head.py makes, 1):
-    those two a layer are packed again, the other five and the output layer taken; other ports or another int4 code pack other words; a qweight.bin of the
-    same bytes that is not the file packed (written again) is not taken either. The folder is the one
-    the steps write alone, every byte."""
+    those two a layer are packed again, the other five and the output layer taken. A bias.bin of other
+    bytes (q_proj's, which has one) is packed again too. Other ports, or another int4 code (the ints
+    on -7..7, so that both codes pack every linear), pack other words: nothing is taken. A qweight.bin
+    of the same bytes that is not the file packed (written again) is not taken either. The folder is
+    the one the steps write alone, every byte, and nothing failed on the way."""
     qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    if change == "int4":
+        _clip_checkpoint_to_seven(qdir)
     rescale, ports = ("k=1,m=1" if change == "rescaled" else "auto"), (16 if change == "ports" else 32)
-    export_by_steps(qdir, tmp_path / "plain", rescale=rescale, ports=ports)
-    prewriter = written_ahead(qdir, tmp_path / "target", board=(32, "sign_magnitude" if change == "int4" else "twos"))
+    after = raise_a_bias if change == "bias" else None
+    export_by_steps(qdir, tmp_path / "plain", rescale=rescale, ports=ports, after_compile=after)
+    prewriter = written_ahead(qdir, tmp_path / "target", lm_head=("rtn", 7 if change == "int4" else 8),
+                              board=(32, "sign_magnitude" if change == "int4" else "twos"))
     if change == "qweight rewritten":
         qweights = prewriter.written()
         for path in qweights.rglob("*.qweight.bin"):
             data = path.read_bytes()
             path.unlink()
             path.write_bytes(data)
-    taken = export_by_steps(qdir, tmp_path / "adopted", prewriter, rescale=rescale, ports=ports)
-    assert taken == {"rescaled": 2 * 5 + 1, "ports": 0, "int4": 0, "qweight rewritten": 1}[change]
+    taken = export_by_steps(qdir, tmp_path / "adopted", prewriter, rescale=rescale, ports=ports, after_compile=after)
+    assert taken == {"rescaled": 2 * 5 + 1, "bias": 2 * 7, "ports": 0, "int4": 0, "qweight rewritten": 1}[change]
     assert digests(tmp_path / "adopted") == digests(tmp_path / "plain")
+    assert prewriter.pack_failed is None and [r.getMessage() for r in caplog.records if "packed" in r.getMessage()] == []
     prewriter.remove()
     assert staging_left(tmp_path) == []
+
+
+def test_compile_sw_takes_the_qweights_only_once_their_packing_is_done(tmp_path, monkeypatch):
+    """The packing reads the qweight.bin files that compile_sw renames away: written() waits for it
+    (and lm_head_written() for the output layer's)."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    go, real = threading.Event(), pipeline.PackedAhead.pack
+
+    def held(self, jobs):
+        assert go.wait(60)
+        real(self, jobs)
+
+    monkeypatch.setattr(pipeline.PackedAhead, "pack", held)
+    prewriter = written_ahead(qdir, tmp_path / "target", board=(32, "twos"))
+    asking = [threading.Thread(target=ask) for ask in (prewriter.written, prewriter.lm_head_written)]
+    for t in asking:
+        t.start()
+    for t in asking:
+        t.join(0.5)
+    assert [t.is_alive() for t in asking] == [True, True]  # held while the packing is
+    go.set()
+    for t in asking:
+        t.join(60)
+    assert [t.is_alive() for t in asking] == [False, False]
+    assert len(prewriter.packed_ahead().linears) == 2 * len(LINEARS) + 1
+    prewriter.remove()
+
+
+def test_hardware_asks_the_disk_only_for_what_it_writes(tmp_path, monkeypatch):
+    """The linears taken are already on the disk: the free space asked for is the rest."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    asked, real = [], hardware.staged_dir
+
+    def staged(*args, **kwargs):
+        asked.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hardware, "staged_dir", staged)
+    prewriter = written_ahead(qdir, tmp_path / "target", board=(32, "twos"))
+    export_by_steps(qdir, tmp_path / "adopted", prewriter)
+    packed = sum(disk_bytes(r.bytes) for _, records in prewriter.packed.linears.values() for r in records)
+    dims = GPTQCheckpoint(qdir).dims
+    assert asked == [hardware.output_bytes(dims, 32) - packed] and 0 < packed < hardware.output_bytes(dims, 32)
+    prewriter.remove()
 
 
 def test_an_error_packing_ahead_leaves_hardware_to_pack_them(tmp_path, monkeypatch, caplog):

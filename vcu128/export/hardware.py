@@ -78,7 +78,7 @@ from vcu128.format.tables import (
     rope_table_blocks,
     silu_table,
 )
-from vcu128.io.errors import VCUError
+from vcu128.io.errors import VCUError, one_line
 from vcu128.io.jsonfile import dumps
 from vcu128.io.output import (
     FileRecord,
@@ -254,20 +254,46 @@ class PackedAhead:
         for job, records in zip(jobs, pack_jobs(jobs, self.root, self.ports, self.int4), strict=True):
             self.linears[job.name] = (job.inputs(), records)
 
-    def adopt(self, jobs: list[PackJob], stage: Path, ports: int, int4: str) -> dict[int, list[FileRecord]]:
-        """{index in `jobs`: records} of the jobs whose files are here, moved into `stage`."""
-        if not self.linears or (self.ports, self.int4) != (ports, int4) or os.stat(self.root).st_dev != os.stat(stage).st_dev:
+    def adoptable(self, jobs: list[PackJob], ports: int, int4: str, out: Path) -> dict[int, list[FileRecord]]:
+        """{index in `jobs`: records} of the jobs packed here from their very inputs, with `ports` and
+        `int4`, where they can be renamed into `out` (the same filesystem)."""
+        if not self.linears or (self.ports, self.int4) != (ports, int4) or device_of(out) != device_of(self.root):
             return {}
-        adopted = {}
+        found = {}
         for i, job in enumerate(jobs):
             inputs, records = self.linears.get(job.name, (None, []))
-            if inputs is None or inputs != job.inputs():
-                continue
-            for r in records:
-                (stage / r.path).parent.mkdir(parents=True, exist_ok=True)
-                os.rename(self.root / r.path, stage / r.path)
+            if inputs is not None and inputs == job.inputs():
+                found[i] = records
+        return found
+
+    def adopt(self, found: dict[int, list[FileRecord]], stage: Path) -> dict[int, list[FileRecord]]:
+        """Move the files of `found` (adoptable's) into `stage`: {index: records} of the jobs moved
+        whole. Where a file will not move, nothing more is taken (that job's files moved so far are
+        removed again): pack_hardware packs the rest itself."""
+        adopted = {}
+        for i, records in found.items():
+            moved = []
+            try:
+                for r in records:
+                    (stage / r.path).parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(self.root / r.path, stage / r.path)
+                    moved.append(stage / r.path)
+            except OSError as e:
+                for path in moved:
+                    path.unlink()
+                log.warning(one_line(f"warning: the board's files packed during GPTQ could not be moved into place ({e}); "
+                                     "hardware packs the rest itself"))
+                break
             adopted[i] = records
         return adopted
+
+
+def device_of(path: Path) -> int:
+    """The filesystem `path` is on, or would be made on (its nearest existing folder's)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.stat(path).st_dev
 
 
 def output_bytes(dims: ModelDims, ports: int, max_token: int = DEFAULT_MAX_TOKEN) -> int:
@@ -408,9 +434,11 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
     # the names it knows it writes (a file of someone else's there is refused before any work).
     inputs = [compile_dir, *(compile_dir / sub for sub in sw_dirs(dims.family.software)), compile_dir / CONFIG]
     tables = [ACT_FILE, MANIFEST_NAME] + ([rope_file_name(opts.max_token)] if dims.head_dim == BOARD_HEAD_DIM else [])
-    with staged_dir(out, STEP, hardware_owns, inputs, force, output_bytes(dims, ports, opts.max_token), writes=tables) as stage:
-        jobs = [job for layer in layers for job in layer] + [out_layer]
-        adopted = ahead.adopt(jobs, stage, ports, opts.int4) if ahead is not None else {}
+    jobs = [job for layer in layers for job in layer] + [out_layer]
+    found = ahead.adoptable(jobs, ports, opts.int4, out) if ahead is not None else {}
+    need = output_bytes(dims, ports, opts.max_token) - sum(disk_bytes(r.bytes) for records in found.values() for r in records)
+    with staged_dir(out, STEP, hardware_owns, inputs, force, need, writes=tables) as stage:
+        adopted = ahead.adopt(found, stage) if found else {}
         rest = [i for i in range(len(jobs)) if i not in adopted]
         with bar(None, "hardware", "layer", len(layers), progress) as shown:
             left = [len(layer) for layer in layers]  # a layer is shown once its last linear is written

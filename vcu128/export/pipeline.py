@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Iterator
 
@@ -90,7 +90,8 @@ class ExportPrewriter:
         self.made = False  # the folder is removed only where this run created it
         self.board = board
         self.packed: PackedAhead | None = None
-        self.packing: list[Future] = []  # a layer's linears packed, one layer after another
+        self.packing: list[Future] = []  # each layer's linears packed, one layer after another
+        self.output_packing: list[Future] = []  # the output layer's
         self.packer: ThreadPoolExecutor | None = None
         self.pack_failed: Exception | None = None
 
@@ -117,9 +118,11 @@ class ExportPrewriter:
     def _start(self) -> None:
         dims = read_model_dims(self.model / "config.json")
         st = os.statvfs(self.folder.parent)
-        need = output_bytes(dims) + (packed_bytes(dims, self.board[0]) if self.board else 0)
-        if st.f_bavail * st.f_frsize < need:  # compile_sw refuses it after GPTQ, as it does alone
+        free = st.f_bavail * st.f_frsize
+        if free < output_bytes(dims):  # compile_sw refuses it after GPTQ, as it does alone
             raise NoRoom()
+        if self.board is not None and free < output_bytes(dims) + packed_bytes(dims, self.board[0]):
+            self.board = None  # room for compile_sw's files only: hardware.py packs after GPTQ, as it does alone
         self.folder.mkdir()  # exists already: refused here, and left alone
         self.made = True
         self.dims = dims
@@ -146,9 +149,9 @@ class ExportPrewriter:
         if self.packed is not None:
             software, dims = self.dims.family.software, self.dims
             self._pack_later([linear_job(self.folder / "compile", lin.name(layer), *dims.linear_shape(lin), hw_linear_stems(layer, lin), software)
-                              for lin in LINEARS])
+                              for lin in LINEARS], self.packing)
 
-    def _pack_later(self, jobs) -> None:
+    def _pack_later(self, jobs, queue: list[Future]) -> None:
         """The board's files of `jobs`, packed on the packing thread (behind the writing of the next
         layers' files); an error there leaves hardware.py to pack every linear itself."""
 
@@ -158,11 +161,14 @@ class ExportPrewriter:
             try:
                 self.packed.pack(jobs)
             except Exception as e:  # noqa: BLE001 - hardware.py packs them after GPTQ instead (and meets the error there)
-                if self.failed is None:  # else the files it read were removed: that failure was said
-                    log.warning(one_line(f"warning: the board's files could not be packed during GPTQ ({e}); hardware packs them after it"))
-                self.pack_failed = e
+                self._pack_error(e)
 
-        self.packing.append(self.packer.submit(pack))
+        queue.append(self.packer.submit(pack))
+
+    def _pack_error(self, e: Exception) -> None:
+        if self.failed is None and self.pack_failed is None:  # else its files were removed, or it was said
+            log.warning(one_line(f"warning: the board's files could not be packed during GPTQ ({e}); hardware packs them after it"))
+        self.pack_failed = e
 
     def _write_lm_head(self, source: str, tensor) -> WrittenAhead:
         """lm_head.py's rtn or trunc of the float output layer `source` (its shard's `tensor`, fp16 as
@@ -184,14 +190,17 @@ class ExportPrewriter:
             path.parent.mkdir(parents=True, exist_ok=True)
         err, ref = write_lm_head(rtn_blocks(rows_of, method, grid, dims.hidden, source), dims.vocab, dims.hidden, paths)
         if self.packed is not None:
-            self._pack_later([output_layer_job(self.folder / "lm_head", dims)])
+            try:
+                self._pack_later([output_layer_job(self.folder / "lm_head", dims)], self.output_packing)
+            except Exception as e:  # noqa: BLE001 - its files are whole: lm_head.py takes them; hardware packs it
+                self._pack_error(e)
         return WrittenAhead(paths, method, grid, source, err, ref)
 
     def written(self) -> Path | None:
         """The folder of compile_sw's qweight.bin files, once it holds every layer's; None where it
         does not (an error, or an engine that hands no layers over). Waits for the packing that
         reads them."""
-        self._wait_packing()
+        wait(self.packing)
         whole = self.failed is None and self.dims is not None and self.layers == set(range(self.dims.num_layers))
         return self.folder / "compile" if whole else None
 
@@ -200,7 +209,8 @@ class ExportPrewriter:
         them); None where they were not."""
         if self.lm_head_job is None:
             return None
-        self._wait_packing()
+        self.lm_head_job.exception()  # its packing is queued once its files are written
+        wait(self.output_packing)
         error = self.lm_head_job.exception()
         if error is None:
             return self.lm_head_job.result()
@@ -208,15 +218,11 @@ class ExportPrewriter:
             log.warning(one_line(f"warning: lm_head's files could not be written during GPTQ ({error}); lm_head writes them after it"))
         return None
 
-    def _wait_packing(self) -> None:
-        if self.lm_head_job is not None:
-            self.lm_head_job.exception()  # the output layer's packing is queued once its files are written
-        for f in self.packing:
-            f.result()  # errors are kept in pack_failed
-
     def packed_ahead(self) -> PackedAhead | None:
         """The linears packed in the board's layout (waits for the packing); None where packing failed."""
-        self._wait_packing()
+        if self.lm_head_job is not None:
+            self.lm_head_job.exception()
+        wait(self.packing + self.output_packing)  # their errors are kept in pack_failed
         return self.packed if self.pack_failed is None and self.failed is None else None
 
     def remove(self) -> None:
@@ -224,7 +230,7 @@ class ExportPrewriter:
         if self.lm_head_job is not None:
             self.lm_head_job.exception()  # no thread writes into the folder once it is removed
         if self.packer is not None:
-            self.packer.shutdown(wait=True)
+            self.packer.shutdown(wait=True, cancel_futures=True)
         if self.made:
             shutil.rmtree(self.folder, ignore_errors=True)
         remove_created(self.created)
