@@ -272,7 +272,7 @@ def raise_a_bias(compile_dir) -> None:
 
 
 @pytest.mark.parametrize("change", ["rescaled", "bias", "ports", "int4", "qweight rewritten"])
-def test_hardware_packs_itself_what_was_packed_from_other_inputs(tmp_path, change, caplog):
+def test_hardware_packs_itself_what_was_packed_from_other_inputs(tmp_path, change, caplog, monkeypatch):
     """fp16 rescaling changes the scales and biases it was packed from (k=1, m=1: each layer's o_proj
     and up_proj carry 1/2, its down_proj 2^(m-k) = 1; the output layer, which lm_head.py makes, 1):
     those two a layer are packed again, the other five and the output layer taken. A bias.bin of other
@@ -280,6 +280,8 @@ def test_hardware_packs_itself_what_was_packed_from_other_inputs(tmp_path, chang
     on -7..7, so that both codes pack every linear), pack other words: nothing is taken. A qweight.bin
     of the same bytes that is not the file packed (written again) is not taken either. The folder is
     the one the steps write alone, every byte, and nothing failed on the way."""
+    bars, real_bar = [], hardware.bar
+    monkeypatch.setattr(hardware, "bar", lambda *args: bars.append(real_bar(*args)) or bars[-1])
     qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
     if change == "int4":
         _clip_checkpoint_to_seven(qdir)
@@ -298,6 +300,7 @@ def test_hardware_packs_itself_what_was_packed_from_other_inputs(tmp_path, chang
     assert taken == {"rescaled": 2 * 5 + 1, "bias": 2 * 7, "ports": 0, "int4": 0, "qweight rewritten": 1}[change]
     assert digests(tmp_path / "adopted") == digests(tmp_path / "plain")
     assert prewriter.pack_failed is None and [r.getMessage() for r in caplog.records if "packed" in r.getMessage()] == []
+    assert [(b.desc, b.n, b.total) for b in bars] == [("hardware", 2, 2)] * 2  # each layer counted once, taken or packed
     prewriter.remove()
     assert staging_left(tmp_path) == []
 
