@@ -10,9 +10,17 @@ With --compile, the export steps run right after: compile_sw, lm_head, hardware,
 
 import argparse
 
-from vcu128.format.constants import BOARD_EMBEDDING_PARTS, BOARD_PORTS, INT4_CODES
+from vcu128.format.constants import (
+    BOARD_EMBEDDING_PARTS,
+    BOARD_PORTS,
+    DEFAULT_MAX_TOKEN,
+    INT4_CODES,
+    ROPE_ORDERS,
+    SILU_TABLES,
+)
 from vcu128.io.errors import (  # standard library only: first
     ArgumentParser,
+    VCUError,
     exit_process,
     positive_int,
     run_cli,
@@ -60,7 +68,16 @@ def main(argv=None):
     p.add_argument("--ports", type=positive_int, default=BOARD_PORTS, help=f"with --compile: HBM ports (default {BOARD_PORTS})")
     p.add_argument("--parts", "--embedding_parts", "--embedding-parts", dest="embedding_parts", type=positive_int, default=BOARD_EMBEDDING_PARTS,
                    help=f"with --compile: embedding parts (default {BOARD_EMBEDDING_PARTS})")
+    p.add_argument("--rope_table", "--rope-table", choices=ROPE_ORDERS,
+                   help="with --compile: hardware.py's --rope_table (default: halves for Qwen2/Llama, glm for ChatGLM)")
+    p.add_argument("--silu_table", "--silu-table", choices=SILU_TABLES, help="with --compile: hardware.py's --silu_table (default: board)")
+    p.add_argument("--max_token", "--max-token", type=positive_int,
+                   help=f"with --compile: hardware.py's --max_token, the RoPE table's positions (default {DEFAULT_MAX_TOKEN})")
     args = p.parse_args(argv)
+    given = [flag for flag, value in (("--rope_table", args.rope_table), ("--silu_table", args.silu_table), ("--max_token", args.max_token))
+             if value is not None]
+    if given and not args.compile:
+        raise VCUError(f"{given[0]} is hardware.py's option: it takes effect with --compile", "or pass it to hardware.py")
 
     from vcu128.io.devices import check_device
     from vcu128.quant.options import check_arguments
@@ -90,8 +107,14 @@ def main(argv=None):
     if not args.compile:
         quantize()
         return
+    from vcu128.export.hardware import BoardOptions
     from vcu128.export.pipeline import compiling_during_gptq, export_all
     from vcu128.quant.quantize import output_folder
+
+    options = BoardOptions(ports=args.ports, rope_table=args.rope_table, silu_table=args.silu_table or "board",
+                           max_token=args.max_token or DEFAULT_MAX_TOKEN)
+    options.check()
+    check_board_options_for(args.model, options)  # a table the model cannot have: refused before GPTQ, not after
 
     # Each layer's compile_sw files, and lm_head's, are written while GPTQ quantizes the layers: the
     # same bytes as the steps run afterwards (tests/test_pipelined_export.py)
@@ -100,7 +123,23 @@ def main(argv=None):
     board = (args.ports, opts.int4)  # opts settles the int4 code quantize records, which hardware.py follows
     with compiling_during_gptq(output_folder(args.model, args.quantize_model, args.wbits), args.model, lm_head, board) as ahead:
         out = quantize(ahead)
-        export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts, ahead=ahead)
+        export_all(out, lm_head_method=args.lm_head_method, ports=args.ports, parts=args.embedding_parts, ahead=ahead, board=options)
+
+
+def check_board_options_for(model, options) -> None:
+    """hardware.py's refusal of a RoPE table the model's family has no such row of; a folder with no
+    readable config.json is left for quantize's own checks to name."""
+    from pathlib import Path
+
+    from vcu128.format.gate import read_model_dims
+
+    config = Path(model) / "config.json"
+    if config.is_file():
+        try:
+            dims = read_model_dims(config)
+        except Exception:  # noqa: BLE001 - said by quantize's model check, in its words
+            return
+        options.for_model(dims)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the walk fails, compile_software's adoption of the files written ahead refuses a
 and hardware.py takes a packed linear only where its own inputs are the ones it was packed from."""
 
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -76,10 +77,14 @@ def adopted(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("flags", [[], ["--lm_head"]], ids=["rtn output layer", "GPTQ output layer"])
+BOARD_FLAGS = ["--rope_table", "pairs", "--silu_table", "fit", "--max_token", "1024"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--lm_head"], BOARD_FLAGS], ids=["rtn output layer", "GPTQ output layer", "hardware's options"])
 def test_compile_during_gptq_writes_the_bytes_of_the_steps_run_one_after_another(tiny_untrained_model, tmp_path, adopted, flags):
     """All made during the walk; with --lm_head the output layer is GPTQ's, which lm_head.py takes
-    from the checkpoint and hardware.py packs itself, after the walk."""
+    from the checkpoint and hardware.py packs itself, after the walk. hardware.py's options given to
+    quantize.py --compile give the folder hardware.py gives with them."""
     q = tmp_path / "q"
     code, err = run_step("quantize", "--model", tiny_untrained_model, "--out", q, *CALIB, *flags, "--compile")
     assert code == 0, err
@@ -92,10 +97,25 @@ def test_compile_during_gptq_writes_the_bytes_of_the_steps_run_one_after_another
     # The same checkpoint, its export run again by each step's command line, one after the other
     shutil.move(q / "compile", tmp_path / "pipelined")
     for step, args in (("compile_sw", ["--quantize_model", q]), ("lm_head", ["--quantize_model", q]),
-                       ("hardware", ["--compile_dir", q / "compile"]), ("embedding_tokens", ["--compile_dir", q / "compile"])):
+                       ("hardware", ["--compile_dir", q / "compile", *(f for f in flags if f != "--lm_head")]),
+                       ("embedding_tokens", ["--compile_dir", q / "compile"])):
         code, err = run_step(step, *args)
         assert code == 0, (step, err)
     assert digests(q) == pipelined
+    if flags == BOARD_FLAGS:
+        manifest = json.loads((q / "compile" / "QWEN_BLOCK_write_data_port32" / "manifest.json").read_text())
+        assert {k: manifest["assumptions"][k] for k in ("rope_table", "silu_table", "max_token")} == {"rope_table": "pairs", "silu_table": "fit", "max_token": 1024}
+
+
+def test_hardwares_options_to_quantize_are_checked_before_the_model(tiny_untrained_model, tmp_path):
+    """Without --compile they would do nothing; a table the model cannot have is refused before GPTQ."""
+    base = ["--model", tiny_untrained_model, "--out", tmp_path / "q", *CALIB]
+    assert run_step("quantize", *base, "--silu_table", "fit") == (
+        2, "error: --silu_table is hardware.py's option: it takes effect with --compile\nhint: or pass it to hardware.py\n")
+    assert run_step("quantize", *base, "--compile", "--rope_table", "glm") == (
+        2, "error: --rope_table glm: a qwen2 model's RoPE table is halves or pairs (rotate-half)\n")
+    assert run_step("quantize", *base, "--compile", "--max_token", str(2**24 + 1))[1].startswith("error: --max_token 16777217: expected 1 to 16777216")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("how", ["error", "Ctrl-C"])

@@ -21,6 +21,7 @@ from vcu128.export.compile_sw import (
 )
 from vcu128.export.embedding_tokens import split_embedding
 from vcu128.export.hardware import (
+    BoardOptions,
     PackedAhead,
     format_assumptions,
     linear_job,
@@ -257,9 +258,10 @@ def compiling_during_gptq(checkpoint: Path, model: Path, lm_head: tuple[str, int
 
 
 def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = BOARD_PORTS, parts: int = BOARD_EMBEDDING_PARTS, progress: bool = True,
-               fp16_rescale: str = "auto", ahead: ExportPrewriter | None = None) -> dict:
+               fp16_rescale: str = "auto", ahead: ExportPrewriter | None = None, board: BoardOptions | None = None) -> dict:
     """compile_sw -> lm_head -> hardware -> embedding_tokens; returns the folders. `ahead`: what
-    was written during GPTQ (compiling_during_gptq)."""
+    was written during GPTQ (compiling_during_gptq); `board`: hardware.py's options (its ports win
+    over `ports`)."""
     qdir = Path(qdir)
     compile_dir = qdir / "compile"
     qweights = ahead.written() if ahead is not None else None
@@ -269,7 +271,7 @@ def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = BOARD
     if error is not None:
         log.info(f"lm_head ({method}): relative error ||W - W_hat|| / ||W|| = {error:.5f}")
     log.info(result.line())
-    hw = pack_hardware(compile_dir, None, ports, progress=progress,  # the int4 code: as quantize.py recorded it
+    hw = pack_hardware(compile_dir, None, ports, progress=progress, opts=board,  # the int4 code: as quantize.py recorded it
                        ahead=ahead.packed_ahead() if ahead is not None else None)
     log.info(format_assumptions(hw.details))
     log.info(hw.line())
