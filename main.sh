@@ -26,6 +26,7 @@ calib=data/demo_corpus.txt         # calibration text: .txt, .jsonl with "text",
 nsamples=256                       # calibration samples
 seqlen=512                         # tokens a sample
 extra_quantize_args=()             # e.g. (--lm_head) to GPTQ-quantize the output layer too
+extra_hardware_args=()             # e.g. (--silu_table fit) or (--rope_table pairs): hardware.py's options (hardware.py --help)
 demo=qwen2                         # the demo's tiny model when no model is given: qwen2 or chatglm (ChatGLM2/3's layout)
 # ------------------------------------------------------------------ end of settings
 
@@ -184,7 +185,7 @@ for model_dir in "${model_dirs[@]}"; do
   fi
   if ((status == 0)) && [[ $compile == 1 ]]; then
     ins=("$cdir/compile_sw.json" "$cdir/lm_head.json"); outs=(); made=("$hw/manifest.json")
-    run_step hardware python "$root/hardware.py" --compile_dir "$cdir" --ports "$ports" || status=$?
+    run_step hardware python "$root/hardware.py" --compile_dir "$cdir" --ports "$ports" "${extra_hardware_args[@]}" || status=$?
   fi
   if ((status == 0)) && [[ $compile == 1 ]]; then
     ins=("$cdir/compile_sw.json" "$hw/manifest.json"); outs=(); made=("$hw/Embedding")

@@ -7,6 +7,7 @@ whole, a failing model does not stop the next, a summary), a re-run (every step 
 removed output (its step runs again; the steps after it only where their inputs changed), a changed
 setting (its step and the steps after it), --redo, and SIGTERM / Ctrl-C."""
 
+import json
 import os
 import re
 import shutil
@@ -52,7 +53,7 @@ PACKED_FILES = LAYERS * (7 * 33 + 2) + 33 + 1 + 2 + 16
 def settings(base, **changes):
     s = dict(models="(missing m)", model_path=str(base / "models"), wbits=4, group_size=128, compile=1, lm_head_method='""',
              int4='""', ports=32, embedding_parts=16, device="cpu", calib=str(ROOT / "data" / "demo_corpus.txt"), nsamples=8,
-             seqlen=64, extra_quantize_args="(--no_report)")
+             seqlen=64, extra_quantize_args="(--no_report)", extra_hardware_args="()")
     s.update(changes)
     return s
 
@@ -136,6 +137,13 @@ def test_runs_redirected_goes_on_after_a_failure_and_skips_what_is_up_to_date(wo
     assert re.search(r"^==> \[m\] embedding_tokens \(the command line changed\): .* --parts 8$", r.stdout, re.M), r.stdout
     assert re.search(r"^==> \[m\] verify \(input .*/QWEN_BLOCK_write_data_port32 changed\): ", r.stdout, re.M), r.stdout
     assert len(list((hw / "Embedding").iterdir())) == 8
+
+    # 4b. hardware.py's own options (extra_hardware_args): hardware runs with them, and what reads its folder.
+    script = own_main_sh(tmp_path, **settings(work, embedding_parts=8, extra_hardware_args="(--silu_table fit)"))
+    r = run(script, str(work / "models" / "m"))
+    assert r.returncode == 0 and ran(r.stdout) == ["hardware", "embedding_tokens", "verify"], r.stdout[-3000:]
+    assert re.search(r"^==> \[m\] hardware \(the command line changed\): .* --ports 32 --silu_table fit$", r.stdout, re.M), r.stdout
+    assert json.loads((hw / "manifest.json").read_text())["assumptions"]["silu_table"] == "fit"
 
     # 5. --redo runs a step that is up to date (compile=0: quantize, skipped without it), here stopped
     #    by SIGTERM once it has started (the interrupted runs are tested below): the checkpoint is kept.
