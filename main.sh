@@ -177,7 +177,7 @@ for model_dir in "${model_dirs[@]}"; do
     ${int4:+--int4 "$int4"} "${extra_quantize_args[@]}" || status=$?
   if ((status == 0)) && [[ $compile == 1 ]]; then
     ins=("$qdir:!compile"); outs=("$cdir/compile_sw.json"); made=()
-    run_step compile_sw python "$root/compile_sw.py" --quantize_model "$qdir" || status=$?
+    run_step compile_sw python "$root/compile_sw.py" --quantize_model "$qdir" --ports "$ports" || status=$?
   fi
   if ((status == 0)) && [[ $compile == 1 ]]; then
     ins=("$qdir:!compile"); outs=("$cdir/lm_head.json"); made=()

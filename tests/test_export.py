@@ -219,7 +219,7 @@ def test_variants_export_exactly(make_checkpoint, case, spec, bias_modules):
 
 def test_seven_b_row_widths_pack_exactly(tmp_path):
     """Qwen2-7B's real chin values, few rows: 3584 (q, k, v, o, gate, up, lm_head) and 18944 (down)."""
-    from vcu128.export.hardware import PackJob
+    from vcu128.export.packing import PackJob
     from vcu128.format.layout import BinFile
 
     rng = np.random.default_rng(7)

@@ -23,6 +23,7 @@ from vcu128.export import hardware, pipeline
 from vcu128.export.compile_sw import compile_software, write_qweight
 from vcu128.export.hardware import pack_hardware
 from vcu128.export.lm_head import quantize_lm_head
+from vcu128.export.packing import PACKED_AHEAD_DIR
 from vcu128.export.pipeline import ExportPrewriter
 from vcu128.format.checkpoint import GPTQCheckpoint
 from vcu128.format.layout import sw_linear_paths
@@ -170,7 +171,9 @@ def test_an_error_writing_ahead_leaves_compile_sw_to_write_them(tiny_untrained_m
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"warning: compile_sw's qweight.bin files could not be written during GPTQ ([Errno 28] No space left on device: "
         f"'{ahead}/compile/qwen2_qweight_bin/model.layers.1.self_attn.q_proj.qweight.bin'); compile_sw writes them after it"]
-    assert adopted == [("compile_sw", 0), ("lm_head", True), ("hardware", 0)] and staging_left(tmp_path) == []
+    # compile_sw, writing the ints itself, packs the layers' linears as it goes: hardware takes them
+    assert adopted == [("compile_sw", 0), ("lm_head", True), ("hardware", 2 * len(LINEARS))] and staging_left(tmp_path) == []
+    assert not (q / "compile" / PACKED_AHEAD_DIR).exists()
     ckpt = GPTQCheckpoint(q)
     name = LINEARS[0].name(1)
     want = ckpt.signed_weights(ckpt.get(f"{name}.qweight"), np.dtype("<i4"))
@@ -201,7 +204,8 @@ def test_adopted_qweights_are_the_bytes_compile_sw_writes(tmp_path, spec):
     plain_lm = quantize_lm_head(qdir, tmp_path / "plain", progress=False)
     lm = quantize_lm_head(qdir, tmp_path / "adopted", progress=False, ahead=prewriter.lm_head_written())
     assert (lm[0].details, plain_lm[0].details, lm[1:]) == ({"adopted": True}, {"adopted": False}, plain_lm[1:])
-    assert digests(tmp_path / "adopted") == digests(tmp_path / "plain")
+    # compile_sw alone also packs the linears ahead, as it writes their ints (hardware.py's to take)
+    assert digests(tmp_path / "adopted") == {rel: d for rel, d in digests(tmp_path / "plain").items() if not rel.startswith(f"{PACKED_AHEAD_DIR}/")}
     assert [p for p in prewriter.folder.rglob("*") if p.is_file()] == []  # renamed, not copied
     prewriter.remove()
     assert staging_left(tmp_path) == []
@@ -267,8 +271,9 @@ def test_a_folder_of_the_prewriters_name_it_did_not_create_is_left_alone(tmp_pat
 
 def export_by_steps(qdir, out, ahead=None, rescale="auto", ports=32, after_compile=None):
     """compile_sw, lm_head, hardware into `out`, with what `ahead` (an ExportPrewriter) made; returns
-    how many linears hardware took from it. `after_compile(out)`: a change to compile_sw's files."""
-    compile_software(qdir, out, progress=False, fp16_rescale=rescale, qweights_from=ahead.written() if ahead else None)
+    how many linears hardware took from it. `after_compile(out)`: a change to compile_sw's files.
+    compile_sw packs nothing ahead itself here (test_packed_ahead.py tests that)."""
+    compile_software(qdir, out, progress=False, fp16_rescale=rescale, qweights_from=ahead.written() if ahead else None, ports=None)
     if after_compile is not None:
         after_compile(out)
     quantize_lm_head(qdir, out, progress=False, ahead=ahead.lm_head_written() if ahead else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -18,11 +19,19 @@ import numpy as np
 
 from vcu128.board.rescale import parse_mode, plan_from_stats
 from vcu128.board.stats import STATS_FILE, stats_from_report
-from vcu128.format.checkpoint import GPTQCheckpoint, signed_weights
+from vcu128.export.packing import (
+    PACKED_AHEAD_DIR,
+    LinearPacker,
+    PackedAhead,
+    packed_linear_bytes,
+)
+from vcu128.format.checkpoint import GPTQCheckpoint, offset_words, signed_of_words
 from vcu128.format.int4_grid import RECORD_KEY as INT4_KEY
 from vcu128.format.int4_grid import read_checkpoint_setting
 from vcu128.format.layout import (
+    BOARD_PORTS,
     CONFIG,
+    hw_linear_stems,
     sw_dirs,
     sw_fp16_path,
     sw_linear_paths,
@@ -39,6 +48,7 @@ from vcu128.io.output import (
     check_out,
     disk_bytes,
     files_under,
+    free_bytes,
     read_step_record,
     record_owns,
     staged_dir,
@@ -51,48 +61,62 @@ log = logging.getLogger("vcu128")
 STEP = "compile_sw"
 
 
-def write_qweight(qweight: np.ndarray, path: Path) -> None:
+def write_qweight(qweight: np.ndarray, path: Path, packer: LinearPacker | None = None) -> None:
     """qweight.bin: a GPTQ qweight, int32 [chin/8, chout] (half a byte a weight), as int32 q - 8
     [chout, chin]. The same whatever the fp16 rescaling (its factors touch scales, biases and the
-    embedding only): what pipeline.ExportPrewriter writes during GPTQ."""
+    embedding only): what pipeline.ExportPrewriter writes during GPTQ. `packer`: the linear packed
+    for the board from the same ints, as they are written."""
     chin, chout = qweight.shape[0] * 8, qweight.shape[1]
     # Blocks of 16 MB (memory the allocator reuses; 32 MB would be new, kernel-zeroed pages each time),
-    # of a multiple of 8 rows: whole 4 kB pages
-    step = rows_per_block(8 * chin, multiple=8)
+    # of a multiple of 8 rows: whole 4 kB pages (and of the ports, when packing: the board's rows
+    # go round the ports)
+    step = rows_per_block(8 * chin, multiple=math.lcm(8, packer.ahead.ports) if packer else 8)
 
     def block(c: int) -> np.ndarray:  # unpacked into aligned memory, written from there (no copy)
         n = min(step, chout - c)
-        return signed_weights(qweight[:, c : c + n], np.dtype("<i4"), out=aligned_empty(4 * n * chin).view("<i4").reshape(n, chin))
+        words = offset_words(qweight[:, c : c + n])
+        rows = signed_of_words(words, np.dtype("<i4"), out=aligned_empty(4 * n * chin).view("<i4").reshape(n, chin))
+        if packer is not None:
+            packer.rows(c, rows, words)
+        return rows
 
     with DirectWriter(path, background=True) as f:
         for rows in ordered_map(block, range(0, chout, step)):
             f.write(rows, owned=True)
+    if packer is not None:
+        packer.finish(path)
 
 
 def write_linear(ckpt: GPTQCheckpoint, name: str, folder: Path, factor: float = 1.0, counter: dict | None = None,
-                 qweight_from: Path | None = None) -> None:
+                 qweight_from: Path | None = None, ahead: PackedAhead | None = None, stems: tuple[str, str] | None = None) -> None:
     """One quantized linear: qweight.bin int32 [chout, chin], scales.bin fp16 [chout, chin/128], bias.bin;
     scales and bias times `factor` (a power of two: fp16 rescaling). `qweight_from`: its qweight.bin
-    written ahead (prewritten_qweights checked it), renamed into place instead of written."""
+    written ahead (prewritten_qweights checked it), renamed into place instead of written. `ahead`:
+    where the linear is packed for the board (`stems`: its files there) from what is written here."""
     counter = {} if counter is None else counter
     paths = sw_linear_paths(folder, name, ckpt.dims.family.software)
+    bias_name = f"{name}.bias"
+    scales, bias = write_scales_and_bias(ckpt.get(f"{name}.scales"), ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else None, paths, factor, counter)
     if qweight_from is None:
-        write_qweight(ckpt.get(f"{name}.qweight"), paths["qweight"])
+        packer = LinearPacker(ahead, name, stems, scales, bias, (str(paths["qweight"]), str(paths["scales"]))) if ahead is not None else None
+        write_qweight(ckpt.get(f"{name}.qweight"), paths["qweight"], packer)
     else:
         os.rename(qweight_from, paths["qweight"])
-    bias_name = f"{name}.bias"
-    write_scales_and_bias(ckpt.get(f"{name}.scales"), ckpt.get_fp16(bias_name) if ckpt.has(bias_name) else None, paths, factor, counter)
 
 
 def write_scales_and_bias(scales: np.ndarray, bias: np.ndarray | None, paths: dict[str, Path], factor: float = 1.0,
-                          counter: dict | None = None) -> None:
+                          counter: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """scales.bin: a GPTQ scales tensor [chin/128, chout] as fp16 [chout, chin/128]; bias.bin: the fp16
     bias, zeros for a linear without one; both times `factor`. What pipeline.ExportPrewriter packs
-    ahead from (factor 1), and hardware.py compares before taking what it packed."""
+    ahead from (factor 1), and hardware.py compares before taking what it packed. Returns the two
+    arrays as written."""
     counter = {} if counter is None else counter
-    write_array(paths["scales"], scale_fp16(np.ascontiguousarray(scales.T), factor, counter).astype("<f2"))
-    bias = np.zeros(scales.shape[1], "<f2") if bias is None else bias
-    write_array(paths["bias"], scale_fp16(bias, factor, counter).astype("<f2"))
+    scales = scale_fp16(np.ascontiguousarray(scales.T), factor, counter).astype("<f2")
+    write_array(paths["scales"], scales)
+    bias = np.zeros(scales.shape[0], "<f2") if bias is None else bias
+    bias = scale_fp16(bias, factor, counter).astype("<f2")
+    write_array(paths["bias"], bias)
+    return scales, bias
 
 
 def write_embedding(ckpt: GPTQCheckpoint, folder: Path, factor: float = 1.0, counter: dict | None = None) -> None:
@@ -201,7 +225,8 @@ def prewritten_qweights(folder: Path, dims) -> dict[str, Path]:
 
 
 # A compile folder is compile_sw's output when it holds its record; a folder lm_head.py created
-# first (record lm_head.json) is one too, with nothing of compile_sw's in it yet.
+# first (record lm_head.json) is one too, with nothing of compile_sw's in it yet. Its own files are
+# the ones its record lists, and what packed_ahead.json lists (what hardware.py has not taken yet).
 _compile_sw_owns = record_owns(STEP)
 
 
@@ -209,13 +234,19 @@ def compile_folder_owns(folder: Path) -> set[str] | None:
     owned = _compile_sw_owns(folder)
     if owned is None and read_step_record(folder, "lm_head") is not None:
         return set()
+    if owned is not None:
+        owned |= {f"{PACKED_AHEAD_DIR}/{rel}" for rel in PackedAhead.files_listed(Path(folder) / PACKED_AHEAD_DIR)}
     return owned
 
 
 def compile_software(qdir: Path, out: Path | None = None, progress: bool = True, force: bool = False,
-                     fp16_rescale: str = "auto", text: Path | None = None, qweights_from: Path | None = None) -> StepResult:
+                     fp16_rescale: str = "auto", text: Path | None = None, qweights_from: Path | None = None,
+                     ports: int | None = BOARD_PORTS) -> StepResult:
     """`qweights_from`: a folder of this checkpoint's qweight.bin files written ahead
-    (pipeline.ExportPrewriter), on the output's filesystem: renamed into the output instead of written."""
+    (pipeline.ExportPrewriter), on the output's filesystem: renamed into the output instead of written.
+    `ports`: every linear whose ints are written here is also packed for a board of that many HBM
+    ports, in the int4 code quantize.py recorded (packed_ahead/, which hardware.py takes from instead
+    of reading the ints back: 27 GB for a 7B); None: not."""
     start = time.perf_counter()
     parse_mode(fp16_rescale)  # options first: one line, before anything is read
     ckpt = GPTQCheckpoint(qdir)
@@ -232,8 +263,13 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
                  "fp16_rescale": plan.factors_record() if plan else None}
     counter: dict = {}
     need = output_bytes(dims) - sum(disk_bytes(path.stat().st_size) for path in adopted.values())
-    with staged_dir(out, STEP, compile_folder_owns, inputs, force, need, writes=[CONFIG, f"{STEP}.json"]) as stage:
+    packing = packed_linear_bytes(dims, ports, output_layer=False) if ports is not None and qweights_from is None else 0
+    if packing and free_bytes(out) < need + packing:
+        log.info(f"compile_sw: no room to pack the linears for the board as well (another {packing / 1e9:.1f} GB): hardware.py packs them from the files")
+        packing = 0
+    with staged_dir(out, STEP, compile_folder_owns, inputs, force, need + packing, writes=[CONFIG, f"{STEP}.json"]) as stage:
         software = dims.family.software
+        ahead = PackedAhead(stage / PACKED_AHEAD_DIR, ports, int4.code if int4 else "twos") if packing else None
         for sub in sw_dirs(software):
             (stage / sub).mkdir()
         shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
@@ -242,7 +278,7 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
             name = lin.name(layer)
             sw_linear_paths(stage, name, software)["qweight"].parent.mkdir(parents=True, exist_ok=True)
             counts: dict = {}
-            write_linear(ckpt, name, stage, tensor_factor(plan, name), counts, adopted.get(name))
+            write_linear(ckpt, name, stage, tensor_factor(plan, name), counts, adopted.get(name), ahead, hw_linear_stems(layer, lin))
             return counts
 
         # Two linears at a time, each read, unpacked and written on threads of its own: while one
@@ -270,11 +306,17 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
                      f"{plan.out_of_normal_range} values pushed out of fp16's normal range")
         if stats is not None:  # what the SiLU fit and the fp16 rescaling need, beside the files they shape
             write_array(stage / STATS_FILE, np.frombuffer(dumps(stats).encode(), np.uint8))
-        written = files_under(stage)
+        if ahead is not None:  # listed in packed_ahead.json, not in compile_sw.json: hardware.py takes them away
+            ahead.save()
+        written = [rel for rel in files_under(stage) if not rel.startswith(f"{PACKED_AHEAD_DIR}/")]
         write_step_record(stage, STEP, made_from, written, fp16_rescale=plan.to_record() if plan else None,
                           **({INT4_KEY: int4.to_record()} if int4 else {}))
     # What this step wrote, not what the folder holds (lm_head's files, the packed folder): the same on a re-run
     nbytes = sum((out / rel).stat().st_size for rel in written)
     result = StepResult("compile_sw", out, len(written), nbytes, time.perf_counter() - start, note=f"{STEP}.json lists them")
-    result.details = {"fp16_rescale": plan.to_record() if plan else None, "qweights_adopted": len(adopted)}
+    result.details = {"fp16_rescale": plan.to_record() if plan else None, "qweights_adopted": len(adopted),
+                      "packed_ahead": len(ahead.linears) if ahead is not None else 0}
+    if ahead is not None:
+        log.info(f"compile_sw: {len(ahead.linears)} of {len(linears)} linears also packed for the board ({ahead.ports} ports, "
+                 f"int4 {ahead.int4}) in {out / PACKED_AHEAD_DIR}: hardware.py takes them from there")
     return result

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from vcu128.board.stats import read_activation_stats
+from vcu128.export.packing import (
+    PACKED_AHEAD_DIR,
+    PackedAhead,
+    PackJob,
+    linear_job,
+    output_layer_job,
+    pack_jobs,
+    packed_linear_bytes,
+)
 from vcu128.format.checkpoint import check_finite
 from vcu128.format.folder import (
     EMBEDDING_KIND,
@@ -32,24 +35,12 @@ from vcu128.format.layout import (
     CONFIG,
     EMBEDDING_DIR,
     INT4_CODES,
-    OUT_BIAS_FILE,
     OUT_NORM_FILE,
-    OUT_WEIGHT_STEM,
     BinFile,
-    PackedLinearWriter,
-    check_int4_range,
     hw_layer_norm_file,
     hw_linear_stems,
-    pack_bias_words,
-    pack_linear_rows,
-    row_words,
-    rows_per_port,
     sw_dirs,
     sw_fp16_path,
-    sw_linear_paths,
-    sw_lm_head_paths,
-    sw_qweight_file,
-    sw_scales_file,
 )
 from vcu128.format.model import (
     FINAL_NORM,
@@ -78,7 +69,7 @@ from vcu128.format.tables import (
     rope_table_blocks,
     silu_table,
 )
-from vcu128.io.errors import VCUError, one_line
+from vcu128.io.errors import VCUError
 from vcu128.io.jsonfile import dumps
 from vcu128.io.output import (
     FileRecord,
@@ -90,123 +81,12 @@ from vcu128.io.output import (
     staged_dir,
     write_whole_file,
 )
-from vcu128.io.parallel import ordered_map, rows_per_block
 from vcu128.io.progress import bar
 from vcu128.io.provenance import compile_ids, stale_compile, warn
 
 log = logging.getLogger("vcu128")
 STEP = "hardware"
-OUTPUT_LAYER = "lm_head"  # the output layer's PackJob name
 EMBEDDING_STEP = "embedding_tokens"  # the step whose parts a packed folder holds beside hardware.py's files
-
-
-class PackJob:
-    """One packed linear: its checked input files and where its words go."""
-
-    def __init__(self, name: str, qweight: BinFile, scales: BinFile, bias: BinFile | None, stem: str, bias_file: str):
-        self.name, self.qweight, self.scales, self.bias = name, qweight, scales, bias
-        self.stem, self.bias_file = stem, bias_file
-        self.chout, self.chin = qweight.shape
-
-    def run(self, root: Path, ports: int, int4: str = "twos") -> list[FileRecord]:
-        return pack_jobs([self], root, ports, int4)[0]
-
-    def inputs(self) -> tuple:
-        """What its words follow from: its qweight.bin, the file itself (device, inode, size and
-        modification time, which a rename keeps), and the bytes of its scales and bias files."""
-        st = self.qweight.path.stat()
-        digest = lambda f: None if f is None else hashlib.sha256(f.path.read_bytes()).hexdigest()  # noqa: E731
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest(self.scales), digest(self.bias)
-
-    def blocks(self, ports: int) -> list[tuple[int, int]]:
-        """(start, stop) of its blocks of rows, about 16 MB of ints each (a size the allocator reuses;
-        a buffer of 32 MB is new memory every time, zeroed by the kernel), starting at multiples of
-        `ports`."""
-        step = rows_per_block(8 * self.chin, multiple=ports)
-        return [(start, min(start + step, self.chout)) for start in range(0, self.chout, step)]
-
-    def read_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.qweight.read_rows(start, stop), self.scales.read_rows(start, stop)
-
-    def pack_block(self, start: int, q: np.ndarray, scales: np.ndarray, int4: str) -> np.ndarray:
-        """The board's rows of a block, its ints checked first (a strip of rows at a time, so that the
-        check's passes and the packing's find the strip's ints in the cache: 1.6 times faster)."""
-        out = np.empty((q.shape[0], row_words(self.chin)), "<u4")
-        strip = max(1, (1 << 20) // (4 * self.chin))
-        for r in range(0, q.shape[0], strip):
-            check_int4_range(q[r : r + strip], str(self.qweight.path), first_row=start + r, code=int4)
-            out[r : r + strip] = pack_linear_rows(q[r : r + strip], scales[r : r + strip], int4)
-        check_finite(str(self.scales.path), scales, first_row=start)
-        return out
-
-    def finish(self, root: Path, writer: PackedLinearWriter) -> list[FileRecord]:
-        """Its port files closed, and its bias words written."""
-        records = writer.close()
-        bias = self.bias.read() if self.bias else np.zeros(self.chout, "<f2")
-        check_finite(str(self.bias.path if self.bias else self.name), bias)
-        records.append(write_whole_file(root, self.bias_file, pack_bias_words(bias), f"{self.name}.bias", rows=self.chout, words_per_row=1))
-        return records
-
-
-def pack_jobs(jobs: list[PackJob], root: Path, ports: int, int4: str = "twos", done=None) -> list[list[FileRecord]]:
-    """Every job's files: each job's records, in job order (the manifest reads the same whatever the timing).
-
-    One stream of blocks through all the jobs, so that no linear starts or ends with the disk idle:
-    the int32 rows (4 bytes a weight) are read ahead on threads of their own, checked, packed and
-    placed in their linear's port files on the worker threads (each linear's files gather in memory,
-    half a byte a weight), and each linear's files are hashed and written whole on threads of their
-    own while the next linears' blocks flow. `done(i)` is called, in order, as job i's files are
-    complete (the progress bar)."""
-    writers: dict[int, PackedLinearWriter] = {}
-    last = {i: job.blocks(ports)[-1][0] for i, job in enumerate(jobs)}
-
-    def blocks():
-        for i, job in enumerate(jobs):
-            writers[i] = PackedLinearWriter(root, job.stem, job.chin, job.chout, ports, source=job.name)
-            for start, stop in job.blocks(ports):
-                yield i, start, stop
-
-    def read(block):
-        i, start, stop = block
-        return (i, start, *jobs[i].read_block(start, stop))
-
-    def pack(block):
-        i, start, q, scales = block
-        writers[i].place(start, jobs[i].pack_block(start, q, scales, int4))
-        return i, start
-
-    records: list[list[FileRecord]] = []
-    finishing: deque = deque()
-
-    def collect(keep: int) -> None:
-        """The records of finished jobs, in order, waiting until at most `keep` are left unfinished."""
-        while finishing and (len(finishing) > keep or finishing[0][1].done()):
-            i, future = finishing.popleft()
-            records.append(future.result())
-            if done is not None:
-                done(i)
-
-    # A linear's files are small (32 of them, 30 kB to 9 MB each), each written in one synchronous
-    # write: a few linears are written at once, so that the disk has several writes to work on.
-    writing = 4
-    with ThreadPoolExecutor(writing, thread_name_prefix="pack-finish") as closer:
-        for i, start in ordered_map(pack, ordered_map(read, blocks(), ahead=6, workers=4)):
-            if start == last[i]:  # every block of job i is placed (results come in order)
-                finishing.append((i, closer.submit(jobs[i].finish, root, writers.pop(i))))
-                collect(keep=writing)
-        collect(keep=0)
-    return records
-
-
-def linear_job(compile_dir: Path, name: str, chin: int, chout: int, stems: tuple[str, str], software: str = "qwen2") -> PackJob:
-    paths = sw_linear_paths(compile_dir, name, software)
-    return PackJob(
-        name,
-        sw_qweight_file(paths["qweight"], chout, chin),
-        sw_scales_file(paths["scales"], chout, chin),
-        BinFile(paths["bias"], "<f2", (chout,)),
-        *stems,
-    )
 
 
 def plan(compile_dir: Path, dims: ModelDims) -> tuple[list[list[PackJob]], list[tuple[BinFile, str]], PackJob]:
@@ -224,85 +104,10 @@ def plan(compile_dir: Path, dims: ModelDims) -> tuple[list[list[PackJob]], list[
     return layers, norms, output_layer_job(compile_dir, dims)
 
 
-def output_layer_job(compile_dir: Path, dims: ModelDims) -> PackJob:
-    lm = sw_lm_head_paths(compile_dir, dims.family.software)
-    if not lm["qweight"].is_file():
-        raise VCUError(f"{lm['qweight']}: missing (run lm_head.py first)")
-    return PackJob(
-        OUTPUT_LAYER,
-        sw_qweight_file(lm["qweight"], dims.vocab, dims.hidden),
-        sw_scales_file(lm["scales"], dims.vocab, dims.hidden),
-        None,  # the output layer has no bias: its bias words are 0x3C000000
-        OUT_WEIGHT_STEM,
-        OUT_BIAS_FILE,
-    )
-
-
-@dataclass
-class PackedAhead:
-    """Linears packed before hardware.py runs (pipeline.ExportPrewriter, during GPTQ): each one's
-    files under `root`, at the paths its records name, and what it was packed from (PackJob.inputs).
-    pack_hardware takes a linear's files only where its own job reads those very inputs, with the
-    same ports and int4 code: the words are then the ones it would write."""
-
-    root: Path
-    ports: int
-    int4: str
-    linears: dict[str, tuple[tuple, list[FileRecord]]] = field(default_factory=dict)  # name: (inputs, records)
-
-    def pack(self, jobs: list[PackJob]) -> None:
-        for job, records in zip(jobs, pack_jobs(jobs, self.root, self.ports, self.int4), strict=True):
-            self.linears[job.name] = (job.inputs(), records)
-
-    def adoptable(self, jobs: list[PackJob], ports: int, int4: str, out: Path) -> dict[int, list[FileRecord]]:
-        """{index in `jobs`: records} of the jobs packed here from their very inputs, with `ports` and
-        `int4`, where they can be renamed into `out` (the same filesystem)."""
-        if not self.linears or (self.ports, self.int4) != (ports, int4) or device_of(out) != device_of(self.root):
-            return {}
-        found = {}
-        for i, job in enumerate(jobs):
-            inputs, records = self.linears.get(job.name, (None, []))
-            if inputs is not None and inputs == job.inputs():
-                found[i] = records
-        return found
-
-    def adopt(self, found: dict[int, list[FileRecord]], stage: Path) -> dict[int, list[FileRecord]]:
-        """Move the files of `found` (adoptable's) into `stage`: {index: records} of the jobs moved
-        whole. Where a file will not move, nothing more is taken (that job's files moved so far are
-        removed again): pack_hardware packs the rest itself."""
-        adopted = {}
-        for i, records in found.items():
-            moved = []
-            try:
-                for r in records:
-                    (stage / r.path).parent.mkdir(parents=True, exist_ok=True)
-                    os.rename(self.root / r.path, stage / r.path)
-                    moved.append(stage / r.path)
-            except OSError as e:
-                for path in moved:
-                    path.unlink()
-                log.warning(one_line(f"warning: the board's files packed during GPTQ could not be moved into place ({e}); "
-                                     "hardware packs the rest itself"))
-                break
-            adopted[i] = records
-        return adopted
-
-
-def device_of(path: Path) -> int:
-    """The filesystem `path` is on, or would be made on (its nearest existing folder's)."""
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return os.stat(path).st_dev
-
-
 def output_bytes(dims: ModelDims, ports: int, max_token: int = DEFAULT_MAX_TOKEN) -> int:
     """What hardware.py writes (FORMAT.md 3), for the free-space check."""
-    total = 0
-    for chin, chout in [dims.linear_shape(lin) for lin in LINEARS] * dims.num_layers + [(dims.hidden, dims.vocab)]:
-        total += ports * disk_bytes(rows_per_port(chout, ports) * row_words(chin) * 4) + disk_bytes(4 * chout)
     tables = disk_bytes(ACT_FILE_BYTES) + (disk_bytes(ROPE_BYTES_A_POSITION * max_token) if dims.head_dim == BOARD_HEAD_DIM else 0)
-    return total + (2 * dims.num_layers + 1) * disk_bytes(4 * dims.hidden) + tables
+    return packed_linear_bytes(dims, ports) + (2 * dims.num_layers + 1) * disk_bytes(4 * dims.hidden) + tables
 
 
 _manifest_owns = manifest_owns(HARDWARE_KIND, STEP)
@@ -403,7 +208,8 @@ def read_gate_range(compile_dir: Path, num_layers: int | None = None) -> tuple[f
 
 def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD_PORTS, progress: bool = True, force: bool = False,
                   opts: BoardOptions | None = None, ahead: PackedAhead | None = None) -> StepResult:
-    """`ahead`: linears packed during GPTQ (PackedAhead), taken where they are what this run packs."""
+    """`ahead`: linears packed during GPTQ (PackedAhead), taken where they are what this run packs;
+    None: those compile_sw.py packed as it wrote them (the compile folder's packed_ahead/), if any."""
     start = time.perf_counter()
     opts = opts or BoardOptions(ports=ports)
     ports = opts.ports
@@ -435,10 +241,11 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
     inputs = [compile_dir, *(compile_dir / sub for sub in sw_dirs(dims.family.software)), compile_dir / CONFIG]
     tables = [ACT_FILE, MANIFEST_NAME] + ([rope_file_name(opts.max_token)] if dims.head_dim == BOARD_HEAD_DIM else [])
     jobs = [job for layer in layers for job in layer] + [out_layer]
-    found = ahead.adoptable(jobs, ports, opts.int4, out) if ahead is not None else {}
+    if ahead is None:  # what compile_sw.py packed as it wrote the ints (none: an empty list)
+        ahead = PackedAhead.load(compile_dir / PACKED_AHEAD_DIR) or PackedAhead(compile_dir / PACKED_AHEAD_DIR, ports, opts.int4)
+    found = ahead.adoptable(jobs, ports, opts.int4, out)
     need = output_bytes(dims, ports, opts.max_token) - sum(disk_bytes(r.bytes) for records in found.values() for r in records)
-    with staged_dir(out, STEP, hardware_owns, inputs, force, need, writes=tables) as stage:
-        adopted = ahead.adopt(found, stage) if found else {}
+    with staged_dir(out, STEP, hardware_owns, inputs, force, need, writes=tables) as stage, ahead.taken(found, stage) as adopted:
         rest = [i for i in range(len(jobs)) if i not in adopted]
         with bar(None, "hardware", "layer", len(layers), progress) as shown:
             left = [len(layer) for layer in layers]  # a layer is shown once its last linear is written
@@ -468,6 +275,7 @@ def pack_hardware(compile_dir: Path, out: Path | None = None, ports: int = BOARD
             f.step = STEP
         manifest.write(stage)
         kept, rehomed = keep_embedding_entries(out, stage)
+    ahead.settle([jobs[i].name for i in adopted])
     if rehomed:
         log.info(f"hardware: kept {out / EMBEDDING_DIR}: the {kept} files embedding_tokens.py wrote there first (their entries "
                  f"moved from {EMBEDDING_RECORD} into {MANIFEST_NAME})")

@@ -20,14 +20,7 @@ from vcu128.export.compile_sw import (
     write_scales_and_bias,
 )
 from vcu128.export.embedding_tokens import split_embedding
-from vcu128.export.hardware import (
-    BoardOptions,
-    PackedAhead,
-    format_assumptions,
-    linear_job,
-    output_layer_job,
-    pack_hardware,
-)
+from vcu128.export.hardware import BoardOptions, format_assumptions, pack_hardware
 from vcu128.export.hardware import output_bytes as packed_bytes
 from vcu128.export.lm_head import (
     WrittenAhead,
@@ -36,6 +29,7 @@ from vcu128.export.lm_head import (
     rtn_blocks,
     write_lm_head,
 )
+from vcu128.export.packing import PackedAhead, linear_job, output_layer_job
 from vcu128.format.checkpoint import TensorView, check_finite
 from vcu128.format.gate import read_model_dims
 from vcu128.format.layout import (
@@ -265,7 +259,8 @@ def export_all(qdir: Path, lm_head_method: str | None = None, ports: int = BOARD
     qdir = Path(qdir)
     compile_dir = qdir / "compile"
     qweights = ahead.written() if ahead is not None else None
-    log.info(compile_software(qdir, compile_dir, progress=progress, fp16_rescale=fp16_rescale, qweights_from=qweights).line())
+    log.info(compile_software(qdir, compile_dir, progress=progress, fp16_rescale=fp16_rescale, qweights_from=qweights,
+                              ports=None if qweights is not None else (board or BoardOptions(ports=ports)).ports).line())
     lm_head = ahead.lm_head_written() if ahead is not None else None
     result, method, error = quantize_lm_head(qdir, compile_dir, lm_head_method, progress=progress, ahead=lm_head)
     if error is not None:

@@ -578,7 +578,19 @@ class GPTQCheckpoint:
 def signed_weights(qweight: np.ndarray, dtype=np.int8, out: np.ndarray | None = None) -> np.ndarray:
     """GPTQ qweight [chin/8, chout] (or a block of its columns) to signed ints q - 8, [chout, chin]
     (into `out`, if given: unpack_nibbles). The zero point 8 is the checkpoint's (validate_linear)."""
-    from vcu128.format.layout import transposed, unpack_nibbles
+    return signed_of_words(offset_words(qweight), dtype, out)
 
-    # Transposed, word k of a row holds inputs 8k..8k+7 of one output channel, low nibble first.
-    return unpack_nibbles(transposed(qweight).view(np.uint32), unsigned_offset=8, dtype=dtype, out=out)
+
+def offset_words(qweight: np.ndarray) -> np.ndarray:
+    """GPTQ qweight [chin/8, chout] (or a block of its columns) as uint32 [chout, chin/8]: word k of a
+    row holds inputs 8k..8k+7 of one output channel, low nibble first, each q + 8."""
+    from vcu128.format.layout import transposed
+
+    return transposed(qweight).view(np.uint32)
+
+
+def signed_of_words(words: np.ndarray, dtype=np.int8, out: np.ndarray | None = None) -> np.ndarray:
+    """offset_words' words to signed ints q - 8, [chout, chin] (into `out`, if given)."""
+    from vcu128.format.layout import unpack_nibbles
+
+    return unpack_nibbles(words, unsigned_offset=8, dtype=dtype, out=out)

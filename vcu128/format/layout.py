@@ -243,8 +243,13 @@ def pack_scale_words(scales: np.ndarray) -> np.ndarray:
 def pack_linear_rows(q: np.ndarray, scales: np.ndarray, code: str = "twos") -> np.ndarray:
     """Signed ints [rows, chin] and fp16 scales [rows, chin/128] to the board's rows, uint32
     [rows, row_words(chin)]: per chunk of 2048 inputs, its 8 scale words then its weight words."""
-    rows, chin = q.shape
-    weight_words = pack_nibbles(q, code)
+    return linear_rows(pack_nibbles(q, code), scales)
+
+
+def linear_rows(weight_words: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The board's rows from their weight words [rows, chin/8] (pack_nibbles') and fp16 scales
+    [rows, chin/128]: per chunk of 2048 inputs, its 8 scale words then its weight words."""
+    rows, chin = weight_words.shape[0], 8 * weight_words.shape[1]
     scale_words = pack_scale_words(scales)
     out = np.empty((rows, row_words(chin)), "<u4")
     pos = 0
