@@ -15,7 +15,7 @@ from test_pipelined_export import TINY_QWEN, digests, raise_a_bias, staging_left
 from test_safety import run_step
 from test_tables import _clip_checkpoint_to_seven
 
-from vcu128.export import hardware
+from vcu128.export import compile_sw, hardware
 from vcu128.export.compile_sw import compile_software
 from vcu128.export.hardware import BoardOptions, pack_hardware
 from vcu128.export.lm_head import quantize_lm_head
@@ -203,3 +203,17 @@ def test_a_failed_hardware_run_gives_back_what_it_took(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert pack_hardware(tmp_path / "ahead", progress=False).details["packed_ahead"] == LAYER_LINEARS
     assert digests(tmp_path / "ahead") == digests(tmp_path / "plain")
+
+
+def test_a_disk_without_room_for_the_packed_files_too_gets_nothing_packed_ahead(tmp_path, monkeypatch, caplog):
+    """Room for compile_sw's own files, not for the packed ones as well: one line, and hardware.py packs."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    dims = GPTQCheckpoint(qdir).dims
+    monkeypatch.setattr(compile_sw, "free_bytes", lambda path: compile_sw.output_bytes(dims) + packed_linear_bytes(dims, 32, output_layer=False) - 1)
+    caplog.set_level("INFO", logger="vcu128")
+    result = compile_software(qdir, tmp_path / "c", progress=False)
+    assert result.details["packed_ahead"] == 0 and not (tmp_path / "c" / PACKED_AHEAD_DIR).exists()
+    assert (f"compile_sw: no room to pack the linears for the board as well (another "
+            f"{packed_linear_bytes(dims, 32, output_layer=False) / 1e9:.1f} GB): hardware.py packs them from the files") in caplog.messages
+    monkeypatch.setattr(compile_sw, "free_bytes", lambda path: compile_sw.output_bytes(dims) + packed_linear_bytes(dims, 32, output_layer=False))
+    assert compile_software(qdir, tmp_path / "c", progress=False).details["packed_ahead"] == LAYER_LINEARS

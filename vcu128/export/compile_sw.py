@@ -23,6 +23,7 @@ from vcu128.export.packing import (
     PACKED_AHEAD_DIR,
     LinearPacker,
     PackedAhead,
+    free_bytes,
     packed_linear_bytes,
 )
 from vcu128.format.checkpoint import GPTQCheckpoint, offset_words, signed_of_words
@@ -48,7 +49,6 @@ from vcu128.io.output import (
     check_out,
     disk_bytes,
     files_under,
-    free_bytes,
     read_step_record,
     record_owns,
     staged_dir,

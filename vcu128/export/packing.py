@@ -399,10 +399,19 @@ def packed_linear_bytes(dims: ModelDims, ports: int, layers: bool = True, output
 
 
 def device_of(path: Path) -> int:
-    """The filesystem `path` is on, or would be made on (its nearest existing folder's)."""
+    """The filesystem `path` is on, or would be made on."""
+    return os.stat(nearest_existing(path)).st_dev
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk `path` is on, or would be made on."""
+    st = os.statvfs(nearest_existing(path))
+    return st.f_bavail * st.f_frsize
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest existing folder."""
     path = Path(os.path.abspath(path))
     while not path.exists() and path != path.parent:
         path = path.parent
-    return os.stat(path).st_dev
-
-
+    return path

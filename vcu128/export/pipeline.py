@@ -29,7 +29,7 @@ from vcu128.export.lm_head import (
     rtn_blocks,
     write_lm_head,
 )
-from vcu128.export.packing import PackedAhead, linear_job, output_layer_job
+from vcu128.export.packing import PackedAhead, free_bytes, linear_job, output_layer_job
 from vcu128.format.checkpoint import TensorView, check_finite
 from vcu128.format.gate import read_model_dims
 from vcu128.format.layout import (
@@ -112,8 +112,7 @@ class ExportPrewriter:
 
     def _start(self) -> None:
         dims = read_model_dims(self.model / "config.json")
-        st = os.statvfs(self.folder.parent)
-        free = st.f_bavail * st.f_frsize
+        free = free_bytes(self.folder.parent)
         if free < output_bytes(dims):  # compile_sw refuses it after GPTQ, as it does alone
             raise NoRoom()
         if self.board is not None and free < output_bytes(dims) + packed_bytes(dims, self.board[0]):

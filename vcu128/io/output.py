@@ -371,15 +371,6 @@ def disk_bytes(nbytes: int, block: int = 4096) -> int:
     return -(-nbytes // block) * block
 
 
-def free_bytes(path: Path) -> int:
-    """Free space on the disk `path` is on, or would be made on (its nearest existing folder's)."""
-    folder = Path(os.path.abspath(path))
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    st = os.statvfs(folder)
-    return st.f_bavail * st.f_frsize
-
-
 def check_free_space(target: Path, need_bytes: int | None) -> None:
     """Refuse before writing a byte when the disk cannot hold the output."""
     if not need_bytes:
