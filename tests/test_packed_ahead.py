@@ -125,8 +125,8 @@ def test_hardware_packs_itself_what_was_packed_from_other_inputs(tmp_path, chang
     if left:
         assert listed(tmp_path / "ahead") == sorted(lin.name(layer) for layer in range(2) for lin in LINEARS)
         assert not_taken == [f"hardware: {LAYER_LINEARS} linears packed ahead in {tmp_path / 'ahead' / PACKED_AHEAD_DIR} were not taken "
-                             "(packed from other inputs, or for other ports or another int4 code); compile_sw.py and lm_head.py "
-                             "replace them when they run again"]
+                             "(packed from other inputs, or for other ports or another int4 code); compile_sw.py replaces them "
+                             "when it runs again"]
     elif change in ("rescaled", "sign_magnitude"):
         assert not (tmp_path / "ahead" / PACKED_AHEAD_DIR).exists() and not_taken == []
     else:

@@ -3,13 +3,14 @@ before it runs, which it takes where they are what it would pack.
 
 A linear packed ahead (PackedAhead) is packed by a step that has its inputs at hand: compile_sw.py as
 it writes each qweight.bin (the ints are in memory then; hardware.py alone would read the 27 GB of a
-7B's qweight.bin files back), lm_head.py as it writes the output layer's, and quantize.py --compile
-during GPTQ. Each is recorded with what it was packed from (`inputs`: the qweight.bin file itself, by
+7B's qweight.bin files back), and quantize.py --compile during GPTQ (every linear, the output layer
+too, pipeline.ExportPrewriter). Each is recorded with what it was packed from (`inputs`: the qweight.bin file itself, by
 device, inode, size and modification time, which a rename keeps, and the bytes of its scales and bias
 files); hardware.py takes it only where its own job reads those very inputs with the same ports and
 int4 code, so that the words are the ones it would write, and packs every other linear itself.
-On disk (compile_sw.py, lm_head.py) they wait in the compile folder's packed_ahead/, listed in its
-packed_ahead.json; hardware.py moves the ones it takes into its folder.
+On disk (compile_sw.py's) they wait in the compile folder's packed_ahead/, listed in its
+packed_ahead.json; hardware.py moves the ones it takes into its folder (docs/FORMAT.md,
+"compile/packed_ahead/").
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ class PackedAhead:
             self.give_back(adopted, stage)
             raise
 
-    # -- on disk: the compile folder's packed_ahead/ (compile_sw.py, lm_head.py write it, hardware.py takes from it)
+    # -- on disk: the compile folder's packed_ahead/ (compile_sw.py writes it, hardware.py takes from it)
 
     def save(self) -> None:
         """packed_ahead.json: the ports, the int4 code, and each linear's inputs and files."""
@@ -334,7 +335,7 @@ class PackedAhead:
         if self.linears:
             self.save()
             log.info(f"hardware: {len(self.linears)} linears packed ahead in {self.root} were not taken (packed from other inputs, "
-                     "or for other ports or another int4 code); compile_sw.py and lm_head.py replace them when they run again")
+                     "or for other ports or another int4 code); compile_sw.py replaces them when it runs again")
         else:
             (self.root / PACKED_AHEAD_INDEX).unlink(missing_ok=True)
         for folder in sorted((p for p in self.root.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)):
@@ -351,7 +352,7 @@ def remove_if_empty(folder: Path) -> None:
 
 class LinearPacker:
     """One linear packed for the board from the ints a step has in memory as it writes them to
-    qweight.bin (compile_sw.py, lm_head.py): `rows` is called with each block of them (from any
+    qweight.bin (compile_sw.py): `rows` is called with each block of them (from any
     thread; blocks start at multiples of the ports), `finish` once the file is written. A linear whose
     ints or scales hardware.py would refuse is left out: hardware.py packs it, and refuses it there.
     `bias`: the bytes of its bias.bin (None: the output layer, which has no bias file)."""
@@ -383,11 +384,10 @@ class LinearPacker:
         if self.failed:
             return
         bias = np.zeros(self.scales.shape[0], "<f2") if self.bias is None else self.bias
-        try:
-            records = self.writer.close()
-            records.append(bias_words_file(self.ahead.root, self.bias_file, bias, self.name, self.name))
-        except VCUError:  # a non-finite bias: hardware.py refuses it
+        if not np.isfinite(bias).all():  # hardware.py refuses it (checked before any file is written: none is left unlisted)
             return
+        records = self.writer.close()
+        records.append(bias_words_file(self.ahead.root, self.bias_file, bias, self.name, self.name))
         scales = np.ascontiguousarray(self.scales, "<f2").tobytes()
         self.ahead.add(self.name, input_identity(qweight, scales, None if self.bias is None else np.ascontiguousarray(bias, "<f2").tobytes()), records)
 
