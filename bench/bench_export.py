@@ -108,7 +108,8 @@ def main() -> None:
     args = p.parse_args()
 
     spec = SyntheticSpec(**{**QWEN2_7B, "num_layers": args.layers})
-    # checkpoint + software files (4 bytes a weight) + packed files, with room to spare
+    # checkpoint + software files (4 bytes a weight) + packed files (compile_sw's packed ahead, then
+    # hardware's), with room to spare
     weights = args.layers * 233_000_000 + 2 * 545_000_000
     need = int(weights * (0.5 + 4 + 0.6) * 1.1)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -130,18 +131,21 @@ def main() -> None:
         ("embedding_tokens", ["embedding_tokens.py", "--compile_dir", str(comp)], [hw / "Embedding"]),
         ("verify (bit check)", ["verify.py", "--quantize_model", str(qdir), "--hardware_dir", str(hw), "--bits_only"], [hw]),
     ]
-    rows = []
+    runs = []
     for name, cmd, outputs in steps:
         before = folder_stats(outputs)[1] if name == "hardware" else 0
         seconds, rss = run_step(cmd)
         nbytes = folder_stats(outputs)[1]
         if name == "hardware":
             nbytes -= before
-        if name.startswith("verify"):  # reads the packed folder (and the checkpoint): baseline is a plain read
-            raw = [raw_read_seconds(outputs, direct) for direct in (False, True)]
-        else:
-            raw = [raw_write_seconds(nbytes, args.work, direct) for direct in (False, True)]
-        rows.append((name, seconds, nbytes, rss, *raw))
+        # verify reads the packed folder (and the checkpoint): its baseline is a plain read, while they are there
+        raw = [raw_read_seconds(outputs, direct) for direct in (False, True)] if name.startswith("verify") else None
+        runs.append((name, seconds, nbytes, rss, raw))
+    # The write baselines once the outputs are gone: the disk holds one of them at a time, not the
+    # outputs and a copy of compile_sw's 30 GB as well
+    shutil.rmtree(qdir, ignore_errors=True)
+    rows = [(name, seconds, nbytes, rss, *(raw or [raw_write_seconds(nbytes, args.work, direct) for direct in (False, True)]))
+            for name, seconds, nbytes, rss, raw in runs]
 
     cache = "page cache emptied before each step and baseline" if drop_page_cache() else "page cache NOT emptied (not root): expect noise"
     print(f"\nQwen2-7B shape, {args.layers} layer(s); {platform.node()}: {os.cpu_count()} cores, "

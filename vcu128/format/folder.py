@@ -115,9 +115,6 @@ class _Record:
     def _bad(self, key: str, value, expected: str) -> VCUError:
         return VCUError(f"{self.where}: {self._name(key)} is {_show(value)}, expected {expected}")
 
-    def has(self, key: str) -> bool:
-        return self.doc.get(key) is not None
-
     def int(self, key: str, default=None, minimum: int = 0) -> int:
         value = self.doc.get(key)
         if value is None:
