@@ -59,7 +59,7 @@ class ExportPrewriter:
       shard is written before the layers), into `lm_head/`, on a thread of its own: quantize_lm_head
       (ahead=...) renames them into place where they are what it would write.
     - with `board` (ports, int4 code), every linear packed in the board's layout, into `hardware/`
-      (hardware.PackedAhead), from those files and each layer's scales and biases as compile_sw
+      (packing.PackedAhead), from those files and each layer's scales and biases as compile_sw
       writes them unscaled: pack_hardware(ahead=...) takes a linear's files where its own inputs are
       those very files (the ints renamed into place, scales and biases the same bytes: no fp16
       rescaling), and packs the others itself.
