@@ -8,6 +8,9 @@ SiLU table, int4 code) is printed and recorded in manifest.json's "assumptions".
 Every linear becomes rows of 32-bit words (scales and int4 weights interleaved per 2048 inputs) spread
 over the HBM ports; biases become bias words, norms are copied. Dimensions come from the compile
 folder's config.json. Writes manifest.json (every file's bytes, sha256, source). See FORMAT.md section 3.
+
+A linear compile_sw.py packed ahead (DIR/packed_ahead/) is moved into the folder instead of packed
+again, where its inputs are the very files it was packed from, with the same ports and int4 code.
 """
 
 import logging

@@ -217,3 +217,22 @@ def test_a_disk_without_room_for_the_packed_files_too_gets_nothing_packed_ahead(
             f"{packed_linear_bytes(dims, 32, output_layer=False) / 1e9:.1f} GB): hardware.py packs them from the files") in caplog.messages
     monkeypatch.setattr(compile_sw, "free_bytes", lambda path: compile_sw.output_bytes(dims) + packed_linear_bytes(dims, 32, output_layer=False))
     assert compile_software(qdir, tmp_path / "c", progress=False).details["packed_ahead"] == LAYER_LINEARS
+
+
+def test_a_folder_linked_to_elsewhere_is_not_taken_from(tmp_path):
+    """A folder of packed_ahead/ replaced by a link to the user's own files of the same names and
+    sizes: hardware.py takes nothing from there, packs those linears itself, and the user's files
+    stay where they are, as they were."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    export(qdir, tmp_path / "plain", pack=False)
+    compile_software(qdir, tmp_path / "ahead", progress=False)
+    quantize_lm_head(qdir, tmp_path / "ahead", progress=False)
+    block = tmp_path / "ahead" / PACKED_AHEAD_DIR / "BLOCK01"
+    mine = tmp_path / "mine"
+    block.rename(mine)
+    block.symlink_to(mine, target_is_directory=True)
+    before = digests(mine)
+    assert pack_hardware(tmp_path / "ahead", progress=False).details["packed_ahead"] == len(LINEARS)  # layer 0's
+    hw = "QWEN_BLOCK_write_data_port32"
+    assert digests(tmp_path / "ahead" / hw) == digests(tmp_path / "plain" / hw)
+    assert digests(mine) == before and block.is_symlink()

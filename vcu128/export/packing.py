@@ -242,8 +242,11 @@ class PackedAhead:
         return found
 
     def _whole(self, record: FileRecord) -> bool:
+        """Its file is here, a plain file of its size, inside the folder once links are resolved (a
+        folder linked to elsewhere in packed_ahead/ is never taken from)."""
         path = self.root / record.path
-        return not path.is_symlink() and path.is_file() and path.stat().st_size == record.bytes
+        inside = os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep)
+        return inside and not path.is_symlink() and path.is_file() and path.stat().st_size == record.bytes
 
     def adopt(self, found: dict[int, list[FileRecord]], stage: Path) -> dict[int, list[FileRecord]]:
         """Move the files of `found` (adoptable's) into `stage`: {index: records} of the jobs moved
