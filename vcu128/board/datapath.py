@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -252,6 +252,10 @@ class Numerics:
     def group_rounding(self) -> str | None:
         """None where a matrix product is one fp32 sum; the rounding of the grouped accumulation."""
         return self.variant.rounding if self.board and self.variant.accumulation == "grouped" else None
+
+    def with_variant(self, variant: BoardVariant, name: str | None = None) -> Numerics:
+        """The same numerics with another variant (and its own statistics)."""
+        return replace(self, name=name or self.name, variant=variant, stats=SiteStats())
 
     def fp16(self, x: torch.Tensor) -> torch.Tensor:
         """x as this model stores it, untracked."""
