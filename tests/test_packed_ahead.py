@@ -6,6 +6,7 @@ what hardware.py does not take stays where it was and is said; a linear that har
 is not packed ahead, and hardware.py refuses it as it does without."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -236,3 +237,18 @@ def test_a_folder_linked_to_elsewhere_is_not_taken_from(tmp_path):
     hw = "QWEN_BLOCK_write_data_port32"
     assert digests(tmp_path / "ahead" / hw) == digests(tmp_path / "plain" / hw)
     assert digests(mine) == before and block.is_symlink()
+
+
+def test_a_compile_sw_that_fails_leaves_nothing_and_no_thread_writing(tmp_path, monkeypatch):
+    """The linears' files are written on threads of their own: a failure after them (here: the
+    embedding) waits for those threads, then removes the stage; nothing is left, no thread runs on."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+
+    def failing(*args):
+        raise VCUError("the disk is full")
+
+    monkeypatch.setattr(compile_sw, "write_embedding", failing)
+    with pytest.raises(VCUError):
+        compile_software(qdir, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists() and staging_left(tmp_path) == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith("pack-ahead-finish")] == []

@@ -6,6 +6,7 @@ one row per output channel, and a linear without bias gets an all-zero bias file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -267,9 +268,11 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
     if packing and free_bytes(out) < need + packing:
         log.info(f"compile_sw: no room to pack the linears for the board as well (another {packing / 1e9:.1f} GB): hardware.py packs them from the files")
         packing = 0
-    with staged_dir(out, STEP, compile_folder_owns, inputs, force, need + packing, writes=[CONFIG, f"{STEP}.json"]) as stage:
+    with contextlib.ExitStack() as steps:
+        stage = steps.enter_context(staged_dir(out, STEP, compile_folder_owns, inputs, force, need + packing, writes=[CONFIG, f"{STEP}.json"]))
+        # its linears' files written, and listed in packed_ahead.json, before the stage takes the output's place
+        ahead = steps.enter_context(PackedAhead.writing(stage / PACKED_AHEAD_DIR, ports, int4.code if int4 else "twos")) if packing else None
         software = dims.family.software
-        ahead = PackedAhead(stage / PACKED_AHEAD_DIR, ports, int4.code if int4 else "twos") if packing else None
         for sub in sw_dirs(software):
             (stage / sub).mkdir()
         shutil.copyfile(ckpt.qdir / CONFIG, stage / CONFIG)
@@ -306,8 +309,7 @@ def compile_software(qdir: Path, out: Path | None = None, progress: bool = True,
                      f"{plan.out_of_normal_range} values pushed out of fp16's normal range")
         if stats is not None:  # what the SiLU fit and the fp16 rescaling need, beside the files they shape
             write_array(stage / STATS_FILE, np.frombuffer(dumps(stats).encode(), np.uint8))
-        if ahead is not None:  # listed in packed_ahead.json, not in compile_sw.json: hardware.py takes them away
-            ahead.save()
+        # packed_ahead/ is listed in packed_ahead.json, not in compile_sw.json: hardware.py takes its files away
         written = [rel for rel in files_under(stage) if not rel.startswith(f"{PACKED_AHEAD_DIR}/")]
         write_step_record(stage, STEP, made_from, written, fp16_rescale=plan.to_record() if plan else None,
                           **({INT4_KEY: int4.to_record()} if int4 else {}))

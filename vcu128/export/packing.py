@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -220,6 +221,38 @@ class PackedAhead:
     int4: str
     linears: dict[str, tuple[tuple, list[FileRecord]]] = field(default_factory=dict)  # name: (inputs, records)
     on_disk: bool = False  # loaded from packed_ahead.json: what hardware.py takes leaves its list
+    _finishing: list = field(default_factory=list, repr=False)  # LinearPacker.finish's work, on _pool
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    @contextlib.contextmanager
+    def writing(cls, root: Path, ports: int, int4: str) -> Iterator[PackedAhead]:
+        """A PackedAhead that LinearPackers fill (compile_sw.py); at the end of the block its linears'
+        files are written and packed_ahead.json lists them. Where the block fails, no thread writes
+        into `root` once it is left."""
+        ahead = cls(Path(root), ports, int4)
+        try:
+            yield ahead
+        except BaseException:
+            if ahead._pool is not None:
+                ahead._pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        try:
+            for future in ahead._finishing:
+                future.result()
+        finally:
+            if ahead._pool is not None:
+                ahead._pool.shutdown(wait=True, cancel_futures=True)
+        ahead.save()
+
+    def finish_later(self, fn, *args) -> None:
+        """fn(*args) on a thread of its own (two at the most): a linear's port files are written and
+        hashed while the next linears' ints flow."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(2, thread_name_prefix="pack-ahead-finish")
+            self._finishing.append(self._pool.submit(fn, *args))
 
     def pack(self, jobs: list[PackJob]) -> None:
         for job, records in zip(jobs, pack_jobs(jobs, self.root, self.ports, self.int4), strict=True):
@@ -382,10 +415,14 @@ class LinearPacker:
             self.failed = True
 
     def finish(self, qweight: Path) -> None:
-        """Its files written (port files and bias words) and listed with its inputs: `qweight`, now
-        whole, and the bytes of its scales and bias files (the arrays given)."""
-        if self.failed:
-            return
+        """Once `qweight` is whole: its files written (port files and bias words) and listed with its
+        inputs, on a thread of the PackedAhead's (PackedAhead.writing waits for it)."""
+        if not self.failed:
+            self.ahead.finish_later(self._finish, qweight)
+
+    def _finish(self, qweight: Path) -> None:
+        """Its files, and its entry: `qweight`'s identity and the bytes of its scales and bias files
+        (the arrays given)."""
         bias = np.zeros(self.scales.shape[0], "<f2") if self.bias is None else self.bias
         if not np.isfinite(bias).all():  # hardware.py refuses it (checked before any file is written: none is left unlisted)
             return
