@@ -239,6 +239,24 @@ def test_a_folder_linked_to_elsewhere_is_not_taken_from(tmp_path):
     assert digests(mine) == before and block.is_symlink()
 
 
+def test_packed_ahead_linked_to_elsewhere_is_left_alone(tmp_path):
+    """packed_ahead/ itself replaced by a link to a copy of it (the user's): nothing is taken from
+    there, nothing there is moved or removed, its list included."""
+    qdir = write_gptq_checkpoint(tmp_path / "q", SyntheticSpec(**TINY_QWEN, seed=3))
+    export(qdir, tmp_path / "plain", pack=False)
+    compile_software(qdir, tmp_path / "ahead", progress=False)
+    quantize_lm_head(qdir, tmp_path / "ahead", progress=False)
+    folder = tmp_path / "ahead" / PACKED_AHEAD_DIR
+    mine = tmp_path / "mine"
+    folder.rename(mine)
+    folder.symlink_to(mine, target_is_directory=True)
+    before = digests(mine)
+    assert pack_hardware(tmp_path / "ahead", progress=False).details["packed_ahead"] == 0
+    hw = "QWEN_BLOCK_write_data_port32"
+    assert digests(tmp_path / "ahead" / hw) == digests(tmp_path / "plain" / hw)
+    assert digests(mine) == before and folder.is_symlink()
+
+
 def test_a_compile_sw_that_fails_leaves_nothing_and_no_thread_writing(tmp_path, monkeypatch):
     """The linears' files are written on threads of their own: a failure after them (here: the
     embedding) waits for those threads, then removes the stage; nothing is left, no thread runs on."""

@@ -334,7 +334,7 @@ class PackedAhead:
         """The linears a step packed ahead into `root`, or None where it holds no list. A list that
         cannot be read is said in one warning and not used: hardware.py then packs everything."""
         path = Path(root) / PACKED_AHEAD_INDEX
-        if not path.is_file():
+        if Path(root).is_symlink() or not path.is_file():  # a link to elsewhere is never taken from, nor tidied
             return None
         try:
             doc = json.loads(path.read_bytes())
@@ -353,7 +353,9 @@ class PackedAhead:
     @staticmethod
     def files_listed(root: Path) -> set[str]:
         """The files packed_ahead.json in `root` lists, and itself (relative to `root`); none where
-        there is no such list."""
+        there is no such list (or `root` is a link: not this step's folder)."""
+        if Path(root).is_symlink():
+            return set()
         try:
             doc = json.loads((Path(root) / PACKED_AHEAD_INDEX).read_bytes())
             return {PACKED_AHEAD_INDEX} | {f["path"] for entry in doc["linears"].values() for f in entry["files"] if isinstance(f["path"], str)}
